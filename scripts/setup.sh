@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up moealign on a fresh machine: PyTorch (CPU build unless one is already installed), then
+# the package with its Hugging Face and test extras. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # An exact pin takes the local CPU wheel; a looser one would pull a multi-GB CUDA build.
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[hf,test]"
