@@ -71,7 +71,9 @@ class ByteTokenizer:
 
 class BPETokenizer:
     """A byte-level BPE ``tokenizers.Tokenizer`` with EOS and PAD special tokens; every byte is
-    in the base alphabet, so any text encodes and ``decode(encode(text)) == text``."""
+    in the base alphabet, so any text encodes and ``decode(encode(text)) == text`` (except that
+    a literal ``"<|endoftext|>"`` or ``"<|pad|>"`` in the text encodes to the special id, which
+    decode drops)."""
 
     def __init__(self, tokenizer: HFTokenizer) -> None:
         self._tokenizer = tokenizer
