@@ -8,9 +8,9 @@ import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
+from moealign.diagnostics import max_violation
 from moealign.metrics import (
     ExpertLoadAccumulator,
-    _max_violation,
     accuracy,
     bleu,
     exact_match,
@@ -84,10 +84,10 @@ def test_rouge_l_matches_rouge_score_mean_f1():
 
 
 def test_max_violation_hand_worked():
-    assert _max_violation(torch.tensor([4.0, 0.0, 0.0, 0.0])).item() == pytest.approx(3.0)
-    assert _max_violation(torch.tensor([5.0, 5.0, 5.0])).item() == 0.0
-    per_layer = _max_violation(torch.tensor([[4.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 3.0]]))
-    torch.testing.assert_close(per_layer, torch.tensor([3.0, 0.5]))
+    assert max_violation(torch.tensor([4.0, 0.0, 0.0, 0.0])).item() == pytest.approx(3.0)
+    assert max_violation(torch.tensor([5.0, 5.0, 5.0])).item() == 0.0
+    per_layer = max_violation(torch.tensor([[4.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 3.0]]))
+    torch.testing.assert_close(per_layer, torch.tensor([3.0, 0.5], dtype=torch.float64))
 
 
 def test_accumulator_global_vs_batch_on_opposite_imbalances():

@@ -16,6 +16,8 @@ import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
+from moealign.diagnostics import max_violation
+
 
 def perplexity(total_nll: float, n_tokens: int) -> float:
     """Perplexity = exp(total_nll / n_tokens), the exponential of the mean token NLL (nats).
@@ -104,15 +106,6 @@ def rouge_l(
     return float(np.mean(scores))
 
 
-def _max_violation(counts: torch.Tensor) -> torch.Tensor:
-    """MaxVio over the last (expert) dim: (max_e load_e − mean_e load_e) / mean_e load_e.
-
-    DESIGN.md §4; counts (E,) → scalar, (L, E) → (L,). Same formula as
-    ``moealign.diagnostics.max_violation``.
-    """
-    return (counts.amax(-1) - counts.mean(-1)) / counts.mean(-1)
-
-
 class ExpertLoadAccumulator:
     """Accumulates per-layer expert loads over batches and reports MaxVio (DESIGN.md §4).
 
@@ -150,7 +143,7 @@ class ExpertLoadAccumulator:
                 f"per-layer totals {counts_LE.sum(-1).tolist()} and minimum "
                 f"{counts_LE.min().item()}"
             )
-        batch_max_violation = _max_violation(counts_LE).mean()
+        batch_max_violation = max_violation(counts_LE).mean()
         if self._total_counts_LE is None:
             self._total_counts_LE = counts_LE.clone()
             self._batch_max_violation_sum = batch_max_violation
@@ -170,7 +163,7 @@ class ExpertLoadAccumulator:
 
     def max_violation_global(self) -> float:
         """Mean over layers of MaxVio of the accumulated counts (the whole evaluation set)."""
-        return float(_max_violation(self.total_counts_LE).mean())
+        return float(max_violation(self.total_counts_LE).mean())
 
     def max_violation_batch(self) -> float:
         """Mean over updates of the per-batch MaxVio (each already averaged over layers)."""
