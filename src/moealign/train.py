@@ -371,7 +371,7 @@ class Trainer:
                 loss = lm_sum * lm_scale + router_loss / len(micro_batches)
                 loss.backward()
             routing_stats.add(output.routing)
-            for name, value in {"lm_loss_sum": lm_sum, **terms}.items():
+            for name, value in {"lm_loss_sum": lm_sum, "aux_loss": router_loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
 
         grad_norm = self._clip_gradients()
@@ -387,15 +387,10 @@ class Trainer:
         n_micro = len(micro_batches) * self.dist.world_size
         metrics = {
             name: float(value) / (global_tokens if name == "lm_loss_sum" else n_micro)
-            for name, value in zip(names, reduced.tolist())
+            for name, value in zip(names, reduced.tolist(), strict=True)
         }
         metrics["lm_loss"] = metrics.pop("lm_loss_sum")
-        metrics["loss"] = (
-            metrics["lm_loss"]
-            + cfg.loss.balance_coef * metrics["balance_loss"]
-            + cfg.loss.z_coef * metrics["z_loss"]
-            + sum(v for k, v in metrics.items() if k not in ("lm_loss", "balance_loss", "z_loss"))
-        )
+        metrics["loss"] = metrics["lm_loss"] + metrics["aux_loss"]
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update(routing_stats.summary(self.dist, prefix="routing/"))
@@ -450,10 +445,13 @@ class Trainer:
         if self.run is not None:
             self.run.log_metrics(record)
 
-    def train(self) -> TrainResult:
-        """Run until ``train.steps`` optimizer steps (or a SIGINT/SIGTERM: then checkpoint the
-        finished step and return with ``interrupted=True``)."""
+    def train(self, stop_at: int | None = None) -> TrainResult:
+        """Run until ``train.steps`` optimizer steps. A SIGINT/SIGTERM, or reaching step
+        ``stop_at`` (to split a run into time slices), checkpoints the finished step and
+        returns with ``interrupted=True``; ``resume=True`` continues from there."""
         cfg = self.config.train
+        if stop_at is not None and not 0 < stop_at <= cfg.steps:
+            raise ValueError(f"stop_at: got {stop_at}; expected 1 <= stop_at <= {cfg.steps}")
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -482,7 +480,9 @@ class Trainer:
                         window_start, window_tokens = time.perf_counter(), 0
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                         self._log({"step": self.step, "split": "val", **self.evaluate()})
-                    stop = self.dist.any(self._stop_signal is not None)
+                    stop = self.dist.any(self._stop_signal is not None) or (
+                        self.step == stop_at and self.step < cfg.steps
+                    )
                     periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                     if periodic or stop or self.step == cfg.steps:
                         self.save_checkpoint()
@@ -490,7 +490,7 @@ class Trainer:
                         interrupted = True
                         log.warning(
                             "stopped by %s after step %d; checkpoint saved, continue with resume",
-                            self._stop_signal or "a signal on another rank",
+                            self._stop_signal or f"stop_at={stop_at} or another rank's signal",
                             self.step,
                         )
                         break
