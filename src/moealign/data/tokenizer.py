@@ -1,0 +1,170 @@
+"""Tokenizers behind one interface (DESIGN.md §7): raw bytes, or a byte-level BPE trained with
+Hugging Face ``tokenizers`` and cached on disk by a fingerprint of its training data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+_BYTE_TOKENIZER_KIND = "moealign-byte"
+# Bump when the BPE recipe below changes, so cached files of the old recipe are not reused.
+_BPE_RECIPE_VERSION = 1
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the batching, training and evaluation code rely on."""
+
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def save(self, path: str | os.PathLike) -> None: ...
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, then ``os.replace`` it into place, so a
+    reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then EOS = 256 and PAD = 257."""
+
+    def __init__(self) -> None:
+        self.eos_id = 256
+        self.pad_id = 257
+        self.vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        """Special ids are dropped; invalid UTF-8 (a truncated generation) becomes U+FFFD."""
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save(self, path: str | os.PathLike) -> None:
+        _write_atomically(Path(path), json.dumps({"kind": _BYTE_TOKENIZER_KIND}))
+
+
+class BPETokenizer:
+    """A byte-level BPE ``tokenizers.Tokenizer`` with EOS and PAD special tokens; every byte is
+    in the base alphabet, so any text encodes and ``decode(encode(text)) == text`` (except that
+    a literal ``"<|endoftext|>"`` or ``"<|pad|>"`` in the text encodes to the special id, which
+    decode drops)."""
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        self._tokenizer = tokenizer
+        ids = {t: tokenizer.token_to_id(t) for t in (EOS_TOKEN, PAD_TOKEN)}
+        if None in ids.values():
+            raise ValueError(
+                f"tokenizer lacks the special tokens {EOS_TOKEN!r} and {PAD_TOKEN!r}: {ids}"
+            )
+        self.eos_id = ids[EOS_TOKEN]
+        self.pad_id = ids[PAD_TOKEN]
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        _write_atomically(Path(path), self._tokenizer.to_str())
+
+
+def load_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
+    """Load what :meth:`ByteTokenizer.save` or :meth:`BPETokenizer.save` wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer path={str(path)!r} is not a file")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("kind") == _BYTE_TOKENIZER_KIND:
+        return ByteTokenizer()
+    return BPETokenizer(HFTokenizer.from_str(json.dumps(data)))
+
+
+def texts_fingerprint(texts: Iterable[str]) -> str:
+    """SHA-256 over the texts, each length-prefixed so that boundaries count."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, cache_dir: str | os.PathLike
+) -> BPETokenizer:
+    """Train a byte-level BPE of ``vocab_size`` tokens (256 byte tokens, EOS, PAD, merges) on
+    ``texts``, or load it from ``cache_dir`` when the same (texts, vocab_size) was trained
+    before. The cache file name carries a hash of both; it is written atomically."""
+    texts = list(texts)
+    minimum = 256 + 2
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size} must be at least {minimum} (bytes + specials)")
+    if not any(texts):
+        raise ValueError("texts is empty; the BPE tokenizer needs training text")
+    key = hashlib.sha256(
+        f"{_BPE_RECIPE_VERSION}:{vocab_size}:{texts_fingerprint(texts)}".encode()
+    ).hexdigest()[:20]
+    path = Path(cache_dir) / f"bpe-{vocab_size}-{key}.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    bpe = BPETokenizer(tokenizer)
+    bpe.save(path)
+    return bpe
+
+
+def build_tokenizer(
+    kind: str,
+    texts: Iterable[str] | None = None,
+    vocab_size: int = 4096,
+    cache_dir: str | os.PathLike | None = None,
+) -> ByteTokenizer | BPETokenizer:
+    """``"byte"``: :class:`ByteTokenizer`; ``"bpe"``: :func:`train_bpe_tokenizer` (needs
+    ``texts`` and ``cache_dir``)."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        if texts is None or cache_dir is None:
+            raise ValueError(
+                f"kind='bpe' needs texts and cache_dir (got texts={'set' if texts else None}, "
+                f"cache_dir={cache_dir!r})"
+            )
+        return train_bpe_tokenizer(texts, vocab_size, cache_dir)
+    raise ValueError(f"kind={kind!r} is not a tokenizer kind; accepted: 'byte', 'bpe'")

@@ -1,0 +1,158 @@
+"""The MoE layer: router + stacked SwiGLU experts (+ optional shared expert) (DESIGN.md §2).
+
+x (..., D) → router → (topk_weight, topk_idx) → experts → y (..., D), with a
+:class:`RoutingInfo` holding what the router decided and the layer's auxiliary loss terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moealign.losses import BALANCE_SCOPES, load_balance_loss, z_loss
+from moealign.nn.experts import SwiGLUExperts
+from moealign.nn.routers import MPIRouter, Router, SoftmaxTopKRouter, build_router
+
+
+@dataclass
+class RoutingInfo:
+    """One MoE layer's routing for T = prod(x.shape[:-1]) tokens.
+
+    ``logits`` (T, E) fp32 pre-softmax; ``probs`` (T, E) full softmax; ``topk_idx``/
+    ``topk_weight`` (T, K); ``keep`` (T, K) or None when dropless; ``expert_counts`` (E,) slots
+    each expert processed; ``load_balance_loss`` and ``z_loss`` (scalars, uncoefficiented).
+    """
+
+    logits: Tensor
+    probs: Tensor
+    topk_idx: Tensor
+    topk_weight: Tensor
+    keep: Tensor | None
+    expert_counts: Tensor
+    load_balance_loss: Tensor
+    z_loss: Tensor
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN y = W_down (silu(W_gate x) ⊙ W_up x): dense baseline and shared expert."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts SwiGLU layer.
+
+    ``MoELayer(d_model, d_ff, n_experts, top_k, router=kind, **router_options)``;
+    ``y, info = layer(x)`` for x of shape (..., d_model). Router kinds and options: see
+    :mod:`moealign.nn.routers`. ``balance_scope`` "batch" (per micro-batch) or "sequence" (per
+    row of a (B, S, D) input). ``shared_d_ff`` adds an always-on shared SwiGLU expert.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        n_experts: int,
+        top_k: int,
+        router: str = "softmax_topk",
+        *,
+        balance_scope: str = "batch",
+        experts_implementation: str = "auto",
+        shared_d_ff: int | None = None,
+        **router_options,
+    ):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ff", d_ff)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= 1")
+        if balance_scope not in BALANCE_SCOPES:
+            raise ValueError(
+                f"balance_scope={balance_scope!r} is not accepted; choose one of {BALANCE_SCOPES}"
+            )
+        self.d_model, self.n_experts = d_model, n_experts
+        self.balance_scope = balance_scope
+        self.router: Router = build_router(router, d_model, n_experts, top_k, **router_options)
+        self.top_k = self.router.top_k
+        self.experts = SwiGLUExperts(n_experts, d_model, d_ff, experts_implementation)
+        self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff else None
+
+    def router_drive_matrix(self) -> Tensor:
+        """The (E, F, D) matrix A whose AᵀA drives the MPI power step (DESIGN.md §3)."""
+        choice = getattr(self.router, "expert_matrix", "gate")
+        if choice == "gate":
+            return self.experts.w_gate
+        if choice == "up":
+            return self.experts.w_up
+        return self.experts.w_down.transpose(1, 2)  # W_oᵀW_o analogue: (E, D, F) → (E, F, D)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, RoutingInfo]:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"input width {x.shape[-1]} does not match d_model={self.d_model} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        x_TD = x.reshape(-1, self.d_model)
+        drive = self.router_drive_matrix() if isinstance(self.router, MPIRouter) else None
+        routed = self.router(x_TD, drive)
+        y_TD = self.experts(x_TD, routed.topk_idx, routed.topk_weight, routed.keep)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD)
+        info = RoutingInfo(
+            logits=routed.logits,
+            probs=routed.probs,
+            topk_idx=routed.topk_idx,
+            topk_weight=routed.topk_weight,
+            keep=routed.keep,
+            expert_counts=self._expert_counts(routed.topk_idx, routed.keep),
+            load_balance_loss=load_balance_loss(
+                routed.probs,
+                routed.topk_idx,
+                self.n_experts,
+                scope=self.balance_scope,
+                sequence_length=x.shape[-2] if x.dim() >= 3 else None,
+            ),
+            z_loss=z_loss(routed.logits),
+        )
+        return y_TD.view(x.shape).to(x.dtype), info
+
+    def _expert_counts(self, topk_idx_TK: Tensor, keep_TK: Tensor | None) -> Tensor:
+        chosen = topk_idx_TK if keep_TK is None else topk_idx_TK[keep_TK]
+        return torch.bincount(chosen.reshape(-1), minlength=self.n_experts)
+
+
+def precompute_routers(module: nn.Module) -> nn.Module:
+    """Replace every MPI router in ``module`` by a plain router holding R_eff (DESIGN.md §3).
+
+    R_eff = C · normalize(power(R)) is computed once from the current expert weights; routing
+    with it is identical to the MPI forward at zero extra cost. Temperature, expert bias and
+    the other shared options carry over. Returns the module (changed in place).
+    """
+    for layer in module.modules():
+        if isinstance(layer, MoELayer) and isinstance(layer.router, MPIRouter):
+            mpi = layer.router
+            shared_options = Router.options(mpi)  # the base-class options only, not MPI's own
+            plain = SoftmaxTopKRouter(mpi.d_model, mpi.n_experts, mpi.top_k, **shared_options)
+            with torch.no_grad():
+                plain.weight.copy_(mpi.effective_weight(layer.router_drive_matrix()))
+                if mpi.expert_bias is not None:
+                    plain.expert_bias.copy_(mpi.expert_bias)
+            layer.router = plain.to(device=mpi.weight.device).train(mpi.training)
+    return module
+
+
+@torch.no_grad()
+def update_expert_biases(module: nn.Module) -> None:
+    """Apply the aux-loss-free bias update to every router in ``module`` (after optimizer.step)."""
+    for router in module.modules():
+        if isinstance(router, Router):
+            router.update_expert_bias()

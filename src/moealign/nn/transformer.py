@@ -1,0 +1,228 @@
+"""Decoder-only language model whose FFNs are dense SwiGLU or :class:`MoELayer` (DESIGN.md §1–2).
+
+Pre-norm blocks: h = h + Attn(RMSNorm(h)); h = h + FFN(RMSNorm(h)), with rotary position
+embeddings and causal attention through ``scaled_dot_product_attention``. A dense baseline of
+matched *active* parameters is ``ModelConfig.dense_matched()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moealign.losses import BALANCE_SCOPES
+from moealign.nn.experts import EXPERT_IMPLEMENTATIONS
+from moealign.nn.moe import MoELayer, RoutingInfo, SwiGLU
+from moealign.nn.routers import ROUTER_KINDS
+
+FFN_KINDS = ("dense", "moe")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of :class:`MoETransformer`; ``validate()`` names any bad field."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    ffn: str = "moe"
+    d_ff: int = 512  # dense FFN hidden width (dense layers and the dense baseline)
+    n_experts: int = 8
+    top_k: int = 2
+    expert_d_ff: int = 128
+    moe_every: int = 1  # every n-th layer is MoE (1 = all)
+    shared_d_ff: int = 0  # width of an always-on shared expert; 0 = none
+    router: str = "softmax_topk"
+    router_options: dict = field(default_factory=dict)
+    balance_scope: str = "batch"
+    experts_implementation: str = "auto"
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def validate(self) -> ModelConfig:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(
+                    f"model.{name}={value!r} is not accepted; expected an integer >= 1"
+                )
+
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "max_seq_len",
+            "d_ff",
+            "n_experts",
+            "top_k",
+            "expert_d_ff",
+            "moe_every",
+        ):
+            positive(name)
+        choices = (
+            ("ffn", FFN_KINDS),
+            ("router", ROUTER_KINDS),
+            ("balance_scope", BALANCE_SCOPES),
+            ("experts_implementation", EXPERT_IMPLEMENTATIONS),
+        )
+        for name, accepted in choices:
+            value = getattr(self, name)
+            if value not in accepted:
+                raise ValueError(
+                    f"model.{name}={value!r} is not accepted; choose one of {accepted}"
+                )
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} is not accepted: d_model={self.d_model} must split "
+                "into heads of even width (rotary embeddings rotate pairs)"
+            )
+        if self.top_k > self.n_experts:
+            raise ValueError(
+                f"model.top_k={self.top_k} is not accepted; expected <= n_experts={self.n_experts}"
+            )
+        if self.shared_d_ff < 0:
+            raise ValueError(f"model.shared_d_ff={self.shared_d_ff} is not accepted; expected >= 0")
+        if not isinstance(self.router_options, dict):
+            raise ValueError(
+                f"model.router_options={self.router_options!r} is not accepted; expected a table"
+            )
+        return self
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.ffn == "moe" and index % self.moe_every == self.moe_every - 1
+
+    def dense_matched(self) -> ModelConfig:
+        """The dense baseline whose FFN matches this MoE's active FFN width: K·F (+ shared)."""
+        return replace(self, ffn="dense", d_ff=self.top_k * self.expert_d_ff + self.shared_d_ff)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TransformerOutput:
+    logits: Tensor  # (B, S, V)
+    routing: list[RoutingInfo]  # one per MoE layer, in depth order
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021): rotate each (even, odd) feature pair by angle s·θ^(−2i/d)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x_BHSd: Tensor) -> Tensor:
+        seq_len = x_BHSd.shape[-2]
+        cos, sin = self.cos[:seq_len].to(x_BHSd.dtype), self.sin[:seq_len].to(x_BHSd.dtype)
+        even, odd = x_BHSd[..., 0::2], x_BHSd[..., 1::2]
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.rotary = RotaryEmbedding(
+            config.d_model // config.n_heads, config.max_seq_len, config.rope_theta
+        )
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        batch, seq_len, width = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(batch, seq_len, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True)
+        return self.out(attended.transpose(1, 2).reshape(batch, seq_len, width))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        if config.is_moe_layer(index):
+            self.ffn: nn.Module = MoELayer(
+                config.d_model,
+                config.expert_d_ff,
+                config.n_experts,
+                config.top_k,
+                router=config.router,
+                balance_scope=config.balance_scope,
+                experts_implementation=config.experts_implementation,
+                shared_d_ff=config.shared_d_ff or None,
+                **config.router_options,
+            )
+        else:
+            self.ffn = SwiGLU(config.d_model, config.d_ff)
+
+    def forward(self, h_BSD: Tensor) -> tuple[Tensor, RoutingInfo | None]:
+        h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD))
+        if isinstance(self.ffn, MoELayer):
+            y_BSD, info = self.ffn(self.ffn_norm(h_BSD))
+            return h_BSD + y_BSD, info
+        return h_BSD + self.ffn(self.ffn_norm(h_BSD)), None
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only LM; ``model(input_ids_BS)`` → :class:`TransformerOutput`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            # Scale residual-branch outputs by depth (GPT-2) so deep stacks start stable.
+            nn.init.normal_(block.attn.out.weight, std=std / math.sqrt(2 * self.config.n_layers))
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+
+    def forward(self, input_ids_BS: Tensor) -> TransformerOutput:
+        if input_ids_BS.shape[-1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {input_ids_BS.shape[-1]} exceeds "
+                f"model.max_seq_len={self.config.max_seq_len}"
+            )
+        h_BSD = self.embed(input_ids_BS)
+        routing = []
+        for block in self.blocks:
+            h_BSD, info = block(h_BSD)
+            if info is not None:
+                routing.append(info)
+        return TransformerOutput(self.lm_head(self.norm(h_BSD)), routing)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters (tied weights once) and those active per token (K of E experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for layer in self.moe_layers:
+            expert_params = sum(p.numel() for p in layer.experts.parameters())
+            inactive += expert_params * (layer.n_experts - layer.top_k) // layer.n_experts
+        return {"total": total, "active": total - inactive}
