@@ -1,0 +1,137 @@
+"""The ``moealign`` command line.
+
+Each subcommand is a pair of small functions — one adds its arguments, one runs it and returns
+the exit status — registered in :data:`COMMANDS`. Errors in what the user asked for (config,
+run directory, checkpoint) print one line ``error: <message>`` to stderr and exit with status 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from moealign.checkpoint import CheckpointError
+from moealign.config import ConfigError, load_config
+from moealign.runs import RunExistsError
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+
+USAGE_ERRORS = (ConfigError, RunExistsError, CheckpointError)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` returns the
+    exit status."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.n_experts=16 (repeatable)",
+    )
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--out", metavar="DIR", help="run directory (default: out_dir/name)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _format_table(rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from moealign.train import Trainer  # torch and the model load only when training
+
+    config = load_config(args.config, args.overrides)
+    trainer = Trainer(
+        config,
+        run_dir=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    if not trainer.dist.is_main:
+        return 0
+    counts = trainer.model.parameter_counts()
+    train, final = result.last_train, result.final_eval
+    rows = [
+        ("run directory", str(result.run_dir)),
+        ("steps", f"{result.step} / {config.train.steps}"),
+        ("status", "interrupted (continue with --resume)" if result.interrupted else "finished"),
+        ("parameters (total / active)", f"{counts['total']:,} / {counts['active']:,}"),
+    ]
+    if train:
+        rows += [
+            ("train loss", f"{train['loss']:.4f}"),
+            ("train tokens/s", f"{train['tokens_per_s']:,.0f}"),
+        ]
+    if final:
+        rows += [
+            ("val loss", f"{final['val_loss']:.4f}"),
+            ("val perplexity", f"{final['val_ppl']:.2f}"),
+        ]
+        if "val_routing/max_vio" in final:
+            rows += [
+                ("val MaxVio (global)", f"{final['val_routing/max_vio']:.3f}"),
+                ("val dead experts / layer", f"{final['val_routing/dead_experts']:.2f}"),
+            ]
+    print(_format_table(rows))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        help="train a model from a config", add_arguments=_train_arguments, run=_run_train
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moealign", description="Train, adapt and analyse MoE routers."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``moealign``; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except USAGE_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

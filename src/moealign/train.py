@@ -1,0 +1,524 @@
+"""The training loop: loss, accumulation, schedule, evaluation, logging, checkpoints, resume.
+
+One optimizer step (DESIGN.md §4, §8) on a global batch of ``train.batch_size`` sequences,
+split into ``world_size × grad_accum`` micro-batches (rank r takes micro-batches
+r·grad_accum … r·grad_accum + grad_accum − 1):
+
+    L = L_lm + α · mean_l L_bal,l + β · mean_l L_z,l + Σ_j aux_j(batch, output, step)
+
+L_lm is the token cross-entropy summed over the whole global batch and divided by its number of
+target tokens (labels ≠ −100), so that accumulation and data parallelism give the same gradient
+as one big batch; the router terms are means over micro-batches (each micro-batch is one
+"batch" of the balance loss, DESIGN.md §4). α = ``loss.balance_coef``, β = ``loss.z_coef``.
+``aux_terms`` are callables ``(micro_batch, model_output, step) -> {name: tensor}`` whose
+tensors are added to the loss as given (e.g. λ(t)·L_align); a term with ``state_dict()``/
+``load_state_dict()`` is checkpointed with the run.
+
+After each optimizer step the aux-loss-free expert biases are updated from the expert counts,
+all-reduced over data-parallel ranks. A resumed run restores the model, optimizer, scheduler,
+RNG, data stream and aux-term states and ends with the same weights, bit for bit, as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from moealign import diagnostics
+from moealign.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_latest,
+    restore_rng_state,
+    save_checkpoint,
+)
+from moealign.config import ConfigError, RunConfig
+from moealign.distributed import DistributedContext
+from moealign.nn import update_expert_biases
+from moealign.nn.transformer import MoETransformer
+from moealign.optim import build_optimizer
+from moealign.runs import RunDirectory, utc_now
+from moealign.schedules import WarmupCosine
+from moealign.training_data import TrainingData, build_training_data
+
+__all__ = ["AuxTerm", "Trainer", "TrainResult"]
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+AuxTerm = Callable[[Batch, Any, int], Mapping[str, torch.Tensor]]
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` returns; ``final_eval`` is empty if the run was interrupted."""
+
+    step: int
+    interrupted: bool
+    run_dir: Path | None
+    last_train: dict[str, float] = field(default_factory=dict)
+    final_eval: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _RoutingAccumulator:
+    """Per-layer sums over the micro-batches of one step (or one evaluation)."""
+
+    counts_LE: torch.Tensor | None = None
+    balance_L: torch.Tensor | None = None
+    z_L: torch.Tensor | None = None
+    token_entropy_sum_L: torch.Tensor | None = None
+    tokens: int = 0
+    batches: int = 0
+
+    def add(self, routing: Sequence[Any]) -> None:
+        if not routing:
+            return
+        counts = torch.stack([r.expert_counts.detach().float() for r in routing])
+        balance = torch.stack([r.load_balance_loss.detach().float() for r in routing])
+        z = torch.stack([r.z_loss.detach().float() for r in routing])
+        tokens = routing[0].probs.shape[0]
+        # token_entropy is the mean over tokens; weight by T so that batches pool exactly.
+        entropy = torch.stack(
+            [diagnostics.token_entropy(r.probs.detach()) * tokens for r in routing]
+        ).float()
+        if self.counts_LE is None:
+            self.counts_LE, self.balance_L, self.z_L = counts, balance, z
+            self.token_entropy_sum_L = entropy
+        else:
+            self.counts_LE += counts
+            self.balance_L += balance
+            self.z_L += z
+            self.token_entropy_sum_L += entropy
+        self.tokens += tokens
+        self.batches += 1
+
+    def summary(self, dist_ctx: DistributedContext, prefix: str) -> dict[str, float]:
+        """Per-layer statistics of the accumulated routing, reduced over ranks."""
+        if self.counts_LE is None:
+            return {}
+        scalars = torch.stack(
+            [self.balance_L, self.z_L, self.token_entropy_sum_L]  # type: ignore[list-item]
+        )
+        dist_ctx.all_reduce_sum(self.counts_LE)
+        dist_ctx.all_reduce_sum(scalars)
+        totals = torch.tensor(
+            [self.tokens, self.batches], dtype=torch.float64, device=scalars.device
+        )
+        dist_ctx.all_reduce_sum(totals)
+        tokens, batches = totals.tolist()
+        balance_L, z_L = scalars[0] / batches, scalars[1] / batches
+        entropy_L = scalars[2] / tokens
+        stats: dict[str, list[float]] = {
+            "balance_loss": balance_L.tolist(),
+            "z_loss": z_L.tolist(),
+            "max_vio": diagnostics.max_violation(self.counts_LE).tolist(),
+            "dead_experts": diagnostics.dead_experts(self.counts_LE).float().tolist(),
+            "usage_entropy": diagnostics.usage_entropy(self.counts_LE).tolist(),
+            "token_entropy": entropy_L.tolist(),
+        }
+        out: dict[str, float] = {}
+        for name, per_layer in stats.items():
+            out[f"{prefix}{name}"] = sum(per_layer) / len(per_layer)
+            for layer, value in enumerate(per_layer):
+                out[f"{prefix}layer{layer}/{name}"] = value
+        return out
+
+
+class Trainer:
+    """Train ``model`` (default: ``MoETransformer(config.model)``) on ``data`` (default: built
+    from ``config.data``) as configured by ``config``; see the module docstring.
+
+    ``run_dir`` defaults to ``config.out_dir/config.name``. ``resume=True`` continues from the
+    newest good checkpoint there (falling back past a corrupt one); ``overwrite=True`` replaces
+    an existing run. Only rank 0 writes files.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        model: torch.nn.Module | None = None,
+        data: TrainingData | None = None,
+        *,
+        aux_terms: Sequence[AuxTerm] = (),
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        train_cfg = config.train
+        self.dist = DistributedContext.from_env(train_cfg.device)
+        self.device = self.dist.device
+        shards = self.dist.world_size * train_cfg.grad_accum
+        if train_cfg.batch_size % shards:
+            raise ConfigError(
+                "train.batch_size",
+                f"got {train_cfg.batch_size}; expected a multiple of world_size × grad_accum = "
+                f"{self.dist.world_size} × {train_cfg.grad_accum}",
+            )
+        self.autocast_dtype = self._autocast_dtype(train_cfg.precision)
+
+        torch.manual_seed(train_cfg.seed)
+        self.model = (model if model is not None else MoETransformer(config.model)).to(self.device)
+        self.data = data if data is not None else build_training_data(config)
+        self.optimizer = build_optimizer(
+            self.model,
+            name=config.optim.name,
+            lr=config.optim.lr,
+            weight_decay=config.optim.weight_decay,
+            betas=config.optim.betas,
+            matrix_lr=config.optim.matrix_lr,
+            **config.optim.options,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            WarmupCosine(
+                warmup_steps=config.optim.warmup_steps,
+                total_steps=train_cfg.steps,
+                min_lr_ratio=config.optim.min_lr_ratio,
+                schedule=config.optim.schedule,
+            ),
+        )
+        self.forward_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.aux_terms = list(aux_terms)
+        self.progress = progress
+        self.step = 0
+        self.tokens_seen = 0
+        self._stop_signal: str | None = None
+
+        run_path = Path(run_dir) if run_dir is not None else config.run_dir
+        self.run = (
+            RunDirectory.open(
+                run_path,
+                config.to_dict(),
+                seed=train_cfg.seed,
+                device=str(self.device),
+                resume=resume,
+                overwrite=overwrite,
+            )
+            if self.dist.is_main
+            else None
+        )
+        self.checkpoint_dir = run_path / "checkpoints"
+        if resume:
+            self._restore()
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
+        if precision == "fp32":
+            return None
+        if precision == "bf16":
+            return torch.bfloat16
+        cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "data": self.data.train.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "aux_terms": [
+                term.state_dict() if hasattr(term, "state_dict") else None
+                for term in self.aux_terms
+            ],
+        }
+
+    def _restore(self) -> None:
+        checkpoint = load_latest(self.checkpoint_dir, fallback=True)
+        if checkpoint is None:
+            log.warning("resume: no checkpoint in %s; starting from step 0", self.checkpoint_dir)
+            return
+        checkpoint.load_model(self.model)
+        checkpoint.load_optimizer(self.optimizer)
+        state = checkpoint.trainer_state
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.train.load_state_dict(state["data"])
+        if len(state["aux_terms"]) != len(self.aux_terms):
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} holds {len(state['aux_terms'])} aux-term states; "
+                f"this trainer has {len(self.aux_terms)} aux terms"
+            )
+        for term, term_state in zip(self.aux_terms, state["aux_terms"], strict=True):
+            if term_state is not None:
+                term.load_state_dict(term_state)
+        restore_rng_state(state["rng"])
+        self.tokens_seen = state["tokens_seen"]
+        self.step = checkpoint.step
+        if self.run is not None:
+            self.run.truncate_metrics(self.step)
+        log.info("resumed from %s at step %d", checkpoint.path, self.step)
+
+    def save_checkpoint(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes; returns the directory there)."""
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(
+            self.checkpoint_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self._trainer_state(),
+            keep=self.config.train.keep_checkpoints,
+        )
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask the loop to stop after the current step (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {
+            sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_batches(self, batch: Batch) -> list[dict[str, torch.Tensor]]:
+        """This rank's ``grad_accum`` micro-batches of a global batch, on the device."""
+        grad_accum = self.config.train.grad_accum
+        n_shards = self.dist.world_size * grad_accum
+        first = self.dist.rank * grad_accum
+        pieces = {key: value.chunk(n_shards) for key, value in batch.items()}
+        return [
+            {
+                key: chunks[first + m].to(self.device, non_blocking=True)
+                for key, chunks in pieces.items()
+            }
+            for m in range(grad_accum)
+        ]
+
+    def _router_losses(self, routing: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean over MoE layers of L_bal, mean of L_z); zeros for a model without MoE layers."""
+        if not routing:
+            zero = torch.zeros((), device=self.device)
+            return zero, zero
+        balance = torch.stack([r.load_balance_loss for r in routing]).float().mean()
+        z = torch.stack([r.z_loss for r in routing]).float().mean()
+        return balance, z
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on a global batch; returns the step's (rank-reduced) metrics."""
+        cfg = self.config
+        micro_batches = self._micro_batches(batch)
+        target_tokens = torch.tensor(
+            [sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        global_tokens = float(self.dist.all_reduce_sum(target_tokens).item())
+        lm_scale = self.dist.world_size / max(global_tokens, 1.0)
+
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        routing_stats = _RoutingAccumulator()
+        sums: dict[str, torch.Tensor] = {}
+        for index, micro in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            no_sync = self.dist.enabled and not last
+            with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():
+                with self._autocast():
+                    output = self.forward_model(micro["input_ids"])
+                logits_BSV = output.logits.float()
+                lm_sum = F.cross_entropy(
+                    logits_BSV.flatten(0, 1),
+                    micro["labels"].flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                balance, z = self._router_losses(output.routing)
+                terms = {"balance_loss": balance, "z_loss": z}
+                router_loss = cfg.loss.balance_coef * balance + cfg.loss.z_coef * z
+                for aux_term in self.aux_terms:
+                    extra = aux_term(micro, output, self.step)
+                    terms.update(extra)
+                    router_loss = router_loss + sum(extra.values())
+                loss = lm_sum * lm_scale + router_loss / len(micro_batches)
+                loss.backward()
+            routing_stats.add(output.routing)
+            for name, value in {"lm_loss_sum": lm_sum, "aux_loss": router_loss, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        # Counts are all-reduced over ranks inside Router.update_expert_bias (DESIGN.md §2).
+        update_expert_biases(self.model)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += batch["input_ids"].numel()
+
+        names = list(sums)
+        reduced = self.dist.all_reduce_sum(torch.stack([sums[n] for n in names]))
+        n_micro = len(micro_batches) * self.dist.world_size
+        metrics = {
+            name: float(value) / (global_tokens if name == "lm_loss_sum" else n_micro)
+            for name, value in zip(names, reduced.tolist(), strict=True)
+        }
+        metrics["lm_loss"] = metrics.pop("lm_loss_sum")
+        metrics["loss"] = metrics["lm_loss"] + metrics["aux_loss"]
+        metrics["grad_norm"] = grad_norm
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics.update(routing_stats.summary(self.dist, prefix="routing/"))
+        return metrics
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity over ``train.eval_batches`` validation batches, with
+        per-layer routing statistics (MaxVio here is over the whole evaluation set)."""
+        batches = list(self.data.validation)[: self.config.train.eval_batches]
+        self.model.eval()
+        routing_stats = _RoutingAccumulator()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for batch in batches:
+                rows = torch.arange(batch["input_ids"].shape[0]).tensor_split(self.dist.world_size)
+                mine = rows[self.dist.rank]
+                if mine.numel() == 0:
+                    continue
+                input_ids = batch["input_ids"][mine].to(self.device)
+                labels = batch["labels"][mine].to(self.device)
+                with self._autocast():
+                    output = self.model(input_ids)
+                totals[0] += F.cross_entropy(
+                    output.logits.float().flatten(0, 1),
+                    labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                ).double()
+                totals[1] += (labels != IGNORE_INDEX).sum()
+                routing_stats.add(output.routing)
+        self.model.train()
+        self.dist.all_reduce_sum(totals)
+        loss = float(totals[0] / totals[1].clamp_min(1))
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 700.0)),
+            "val_tokens": float(totals[1]),
+            **routing_stats.summary(self.dist, prefix="val_routing/"),
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log_metrics(record)
+
+    def train(self, stop_at: int | None = None) -> TrainResult:
+        """Run until ``train.steps`` optimizer steps. A SIGINT/SIGTERM, or reaching step
+        ``stop_at`` (to split a run into time slices), checkpoints the finished step and
+        returns with ``interrupted=True``; ``resume=True`` continues from there."""
+        cfg = self.config.train
+        if stop_at is not None and not 0 < stop_at <= cfg.steps:
+            raise ValueError(f"stop_at: got {stop_at}; expected 1 <= stop_at <= {cfg.steps}")
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (self.progress and self.dist.is_main),
+            unit="step",
+        )
+        last_train: dict[str, float] = {}
+        interrupted = False
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            with self._stop_on_signals():
+                while self.step < cfg.steps:
+                    batch = next(self.data.train)
+                    metrics = self.train_step(batch)
+                    window_tokens += batch["input_ids"].numel()
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        elapsed = time.perf_counter() - window_start
+                        metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                        metrics["tokens_seen"] = self.tokens_seen
+                        last_train = metrics
+                        self._log({"step": self.step, "split": "train", **metrics})
+                        bar.set_postfix(
+                            loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+                        )
+                        window_start, window_tokens = time.perf_counter(), 0
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        self._log({"step": self.step, "split": "val", **self.evaluate()})
+                    stop = self.dist.any(self._stop_signal is not None) or (
+                        self.step == stop_at and self.step < cfg.steps
+                    )
+                    periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                    if periodic or stop or self.step == cfg.steps:
+                        self.save_checkpoint()
+                    if stop:
+                        interrupted = True
+                        log.warning(
+                            "stopped by %s after step %d; checkpoint saved, continue with resume",
+                            self._stop_signal or f"stop_at={stop_at} or another rank's signal",
+                            self.step,
+                        )
+                        break
+        finally:
+            bar.close()
+        final_eval: dict[str, float] = {}
+        if not interrupted:
+            final_eval = self.evaluate()
+            self._log({"step": self.step, "split": "val", **final_eval})
+            if self.run is not None:
+                counts = self.model.parameter_counts()
+                self.run.write_final_eval(
+                    {
+                        "step": self.step,
+                        "params_total": counts["total"],
+                        "params_active": counts["active"],
+                        **final_eval,
+                    }
+                )
+                self.run.update_meta(end_time=utc_now(), steps=self.step)
+        return TrainResult(
+            step=self.step,
+            interrupted=interrupted,
+            run_dir=self.run.path if self.run is not None else None,
+            last_train=last_train,
+            final_eval=final_eval,
+        )
+
+    def close(self) -> None:
+        """Release the process group if this trainer created it."""
+        self.dist.close()
