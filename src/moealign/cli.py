@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from moealign.checkpoint import CheckpointError
 from moealign.config import ConfigError, load_config
@@ -103,9 +104,59 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `moealign train`")
+    parser.add_argument(
+        "--task-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="examples per task and evaluation set (default: the run's train.task_eval_examples)",
+    )
+    parser.add_argument(
+        "--eval-batches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="validation batches (default: the run's train.eval_batches)",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from moealign.run_eval import EVAL_FILE, evaluate_run, summary_rows
+
+    result = evaluate_run(args.run_dir, args.task_examples, args.eval_batches, args.device)
+    print(_format_table(summary_rows(result)))
+    print(f"written to {Path(args.run_dir) / EVAL_FILE}")
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from moealign import demo
+
+    demo.add_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from moealign import demo
+
+    return demo.run(args)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train a model from a config", add_arguments=_train_arguments, run=_run_train
+    ),
+    "eval": Command(
+        help="evaluate a run directory (validation loss, routing, task accuracy)",
+        add_arguments=_eval_arguments,
+        run=_run_eval,
+    ),
+    "demo": Command(
+        help="the main job: train and compare dense, softmax top-k MoE and MPI MoE models",
+        add_arguments=_demo_arguments,
+        run=_run_demo,
     ),
 }
 
