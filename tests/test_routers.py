@@ -163,3 +163,16 @@ def test_info_shapes_for_batched_input():
     assert info.topk_idx.shape == info.topk_weight.shape == (10, 2)
     assert int(info.expert_counts.sum()) == 20
     assert math.isfinite(info.load_balance_loss.item()) and math.isfinite(info.z_loss.item())
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "mpi"])
+def test_router_logits_stay_float32_under_bf16_autocast(kind):
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, 2, router=kind)
+    x = torch.randn(6, 16)
+    _, reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, info = layer(x)
+    assert info.logits.dtype == torch.float32
+    torch.testing.assert_close(info.logits, reference.logits)  # no bf16 rounding in the router
+    assert y.dtype == torch.float32  # the layer returns the input dtype

@@ -107,9 +107,11 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, expert_weight_EFD: Tensor | None = None) -> RouterOutput:
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
-        # fp32 at least (float64 stays float64, for references), whatever the activation dtype.
+        # fp32 at least (float64 stays float64, for references), whatever the activation dtype,
+        # and outside autocast, which would run the router matmuls in bf16.
         x_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
-        logits_TE = self.compute_logits(x_TD, expert_weight_EFD) / self.temperature
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = self.compute_logits(x_TD, expert_weight_EFD) / self.temperature
         if self.training and self.logit_dropout > 0:
             logits_TE = F.dropout(logits_TE, p=self.logit_dropout)
         probs_TE = self.compute_probs(logits_TE)
