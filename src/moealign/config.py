@@ -283,7 +283,8 @@ class TrainConfig(_Validated):
 
     ``batch_size`` is the global number of sequences per optimizer step; it is split into
     ``grad_accum`` micro-batches per data-parallel rank. ``eval_every``/``log_every``/
-    ``checkpoint_every`` are in optimizer steps (0 = only at the end).
+    ``checkpoint_every`` are in optimizer steps (0 = only at the end). ``tensorboard`` and
+    ``wandb`` mirror ``metrics.jsonl`` to TensorBoard / offline W&B (:mod:`moealign.loggers`).
     """
 
     steps: int = bounded(100, ge=1)
@@ -298,6 +299,8 @@ class TrainConfig(_Validated):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    tensorboard: bool = False
+    wandb: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,14 +29,22 @@ from typing import Any
 
 import moealign
 
-__all__ = ["RunDirectory", "RunExistsError", "environment_info", "git_commit", "utc_now"]
+__all__ = [
+    "RunDirectory",
+    "RunExistsError",
+    "environment_info",
+    "git_commit",
+    "peak_memory_bytes",
+    "utc_now",
+]
 
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 CHECKPOINT_DIR = "checkpoints"
-_RESUMABLE_CHANGES = {"train.steps"}
+# Changes that do not alter the result: the budget and the dashboards the metrics go to.
+_RESUMABLE_CHANGES = {"train.steps", "train.tensorboard", "train.wandb"}
 
 
 class RunExistsError(ValueError):
@@ -78,6 +86,19 @@ def environment_info() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "command": sys.argv,
     }
+
+
+def peak_memory_bytes(device_type: str) -> int:
+    """Peak memory of this process so far: ``torch.cuda.max_memory_allocated`` on CUDA, else
+    the peak resident set size from ``getrusage`` (kilobytes on Linux, bytes on macOS)."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def utc_now() -> str:
