@@ -14,13 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from moealign import experiments, report
 from moealign.checkpoint import CheckpointError
 from moealign.config import ConfigError, load_config
 from moealign.runs import RunExistsError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
-USAGE_ERRORS = (ConfigError, RunExistsError, CheckpointError)
+USAGE_ERRORS = (ConfigError, RunExistsError, CheckpointError, report.RunDataError)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,19 @@ def _run_train(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train a model from a config", add_arguments=_train_arguments, run=_run_train
+    ),
+    "ablate": Command(
+        help=experiments.ABLATE_HELP,
+        add_arguments=experiments.add_ablate_arguments,
+        run=experiments.run_ablate,
+    ),
+    "report": Command(
+        help=report.REPORT_HELP, add_arguments=report.add_report_arguments, run=report.run_report
+    ),
+    "compare": Command(
+        help=report.COMPARE_HELP,
+        add_arguments=report.add_compare_arguments,
+        run=report.run_compare,
     ),
 }
 

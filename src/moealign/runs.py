@@ -33,6 +33,7 @@ __all__ = [
     "RunDirectory",
     "RunExistsError",
     "environment_info",
+    "flatten_config",
     "git_commit",
     "peak_memory_bytes",
     "utc_now",
@@ -105,12 +106,13 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1e-3}}`` → ``{"optim.lr": 1e-3}`` (an empty table stays a value)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name))
+            flat.update(flatten_config(value, name))
         else:
             flat[name] = value
     return flat
@@ -169,7 +171,7 @@ class RunDirectory:
         return run
 
     def _check_same_config(self, old: dict[str, Any], new: dict[str, Any]) -> None:
-        old_flat, new_flat = _flatten(old), _flatten(new)
+        old_flat, new_flat = flatten_config(old), flatten_config(new)
         changed = sorted(
             key
             for key in old_flat.keys() | new_flat.keys()
