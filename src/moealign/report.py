@@ -157,8 +157,8 @@ def ablation_table(run_set: RunSet, metrics: Sequence[str]) -> Table:
     for column, metric in enumerate(metrics):
         direction = metric_direction(metric)
         column_means = [m[column] for m in means if math.isfinite(m[column])]
-        if direction is None or len(column_means) < 2:
-            continue
+        if direction is None or len(set(column_means)) < 2:
+            continue  # no direction, or nothing to choose between
         best = min(column_means) if direction == "lower" else max(column_means)
         bold |= {(r, column + 2) for r, m in enumerate(means) if m[column] == best}
     return Table(["variant", "seeds finished"] + [_with_arrow(m) for m in metrics], rows, bold)
