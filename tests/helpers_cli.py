@@ -9,7 +9,7 @@ from pathlib import Path
 
 import moealign
 
-SRC = Path(moealign.__file__).resolve().parent.parent
+SRC = Path(moealign.__file__).parent.parent
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -221,15 +221,18 @@ class DataConfig(_Validated):
     ``source``: ``tasks`` (the synthetic multi-task suite), ``text`` (the Python standard
     library's sources, at most ``text_max_bytes``), ``mixed`` (both, ``text_to_task_ratio``
     text batches per task batch) or ``files`` (local ``.txt``/``.jsonl`` ``paths``).
-    ``tasks`` restricts the suite (empty = all); ``loss_on`` takes the task loss on the answer
-    only or on every token. ``tokenizer``: ``byte`` (258 ids) or ``bpe`` (``vocab_size`` ids,
-    trained on the text and cached in ``cache_dir``).
+    ``tasks`` restricts the suite (empty = all); ``heldout_tasks``/``heldout_compositions``
+    are kept out of training (None = the suite's defaults); ``loss_on`` takes the task loss
+    on the answer only or on every token. ``tokenizer``: ``byte`` (258 ids) or ``bpe``
+    (``vocab_size`` ids, trained on the text and cached in ``cache_dir``).
     """
 
     source: Literal["tasks", "text", "mixed", "files"] = "mixed"
     tokenizer: Literal["byte", "bpe"] = "byte"
     vocab_size: int = bounded(4096, ge=258)
     tasks: tuple[str, ...] = ()
+    heldout_tasks: tuple[str, ...] | None = None
+    heldout_compositions: tuple[str, ...] | None = None
     examples_per_task: int = bounded(1000, ge=10)
     loss_on: Literal["answer", "all"] = "answer"
     text_max_bytes: int = bounded(2_000_000, ge=1000)
@@ -370,11 +373,16 @@ def build_config(cls: type, data: dict[str, Any], path: str = "") -> Any:
         for key, value in data.items()
     }
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        if callable(getattr(built, "validate", None)):  # e.g. ModelConfig.validate()
+            built.validate()
     except ConfigError as err:
         raise err.under(path) from None
     except (ValueError, TypeError) as err:
-        raise ConfigError(path, str(err)) from None
+        message = str(err)
+        # A section whose own checks already name the dotted field needs no second prefix.
+        raise ConfigError("" if message.startswith(f"{path}.") else path, message) from None
+    return built
 
 
 def _field_type(path: list[str]) -> Any:

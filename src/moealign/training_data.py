@@ -83,8 +83,18 @@ def _text_splits(
 
 def _task_splits(config: RunConfig, tokenizer: Tokenizer) -> tuple[Sequences, Sequences]:
     data = config.data
+    heldout = {
+        name: value
+        for name in ("heldout_tasks", "heldout_compositions")
+        if (value := getattr(data, name)) is not None
+    }
     suite = build_task_suite(
-        TaskSuiteConfig(seed=data.seed, examples_per_task=data.examples_per_task, tasks=data.tasks)
+        TaskSuiteConfig(
+            seed=data.seed,
+            examples_per_task=data.examples_per_task,
+            tasks=data.tasks,
+            **heldout,
+        )
     )
     return tuple(  # type: ignore[return-value]
         task_examples_to_sequences(

@@ -1,0 +1,95 @@
+"""Data parallel training: 2 CPU ranks with gloo give the losses, weights and expert biases of
+one process that accumulates the same two micro-batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from moealign.config import load_config
+from moealign.train import Trainer
+
+OVERRIDES = [
+    "data.source=tasks",
+    "data.examples_per_task=40",
+    "data.tasks=['copy', 'reverse', 'sort']",
+    "data.heldout_tasks=[]",
+    "data.heldout_compositions=[]",
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.vocab_size=258",
+    "model.max_seq_len=64",
+    "model.n_experts=4",
+    "model.expert_d_ff=32",
+    "model.router_options={expert_bias = true}",
+    "train.seq_len=48",
+    "train.batch_size=8",
+    "train.steps=3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "train.checkpoint_every=0",
+    "train.device=cpu",
+    "optim.warmup_steps=1",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train(out_dir: str, name: str, grad_accum: int) -> Trainer:
+    config = load_config(
+        None, [*OVERRIDES, f"out_dir={out_dir}", f"name={name}", f"train.grad_accum={grad_accum}"]
+    )
+    trainer = Trainer(config, progress=False)
+    trainer.train()
+    return trainer
+
+
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    trainer = _train(out_dir, "ddp", grad_accum=1)
+    state = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
+    with open(os.path.join(out_dir, f"state_rank{rank}.json"), "w") as handle:
+        json.dump(state, handle)
+    trainer.close()
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = _train(str(tmp_path), "single", grad_accum=2)
+
+    def losses(run: str) -> list[dict[str, float]]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
+
+    ddp_records, single_records = losses("ddp"), losses("single")
+    assert len(ddp_records) == len(single_records) == 3
+    for ddp, one in zip(ddp_records, single_records, strict=True):
+        for key in ("loss", "lm_loss", "balance_loss", "z_loss", "routing/max_vio"):
+            assert abs(ddp[key] - one[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, ddp, one)
+    ranks = [json.loads((tmp_path / f"state_rank{r}.json").read_text()) for r in (0, 1)]
+    expected = single.model.state_dict()
+    for name, value in expected.items():
+        for rank_state in ranks:
+            torch.testing.assert_close(
+                torch.tensor(rank_state[name], dtype=value.dtype), value, rtol=1e-4, atol=1e-5
+            )
+    biases = [k for k in expected if k.endswith("expert_bias")]
+    assert biases and any(expected[k].abs().sum() > 0 for k in biases)
+    assert json.loads((tmp_path / "ddp" / "final_eval.json").read_text())["step"] == 3
