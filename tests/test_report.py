@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import re
+import resource
 
 import numpy as np
 import pytest
@@ -268,7 +269,14 @@ def test_report_of_a_real_tiny_run_through_the_cli(tmp_path, capsys):
     run_dir = tmp_path / "real"
     Trainer(load_config(CONFIGS / "tiny.toml", overrides), run_dir=run_dir, progress=False).train()
     final = json.loads((run_dir / "final_eval.json").read_text())
-    assert final["peak_memory_bytes"] > 0 and np.asarray(final["expert_counts"]).shape == (2, 4)
+    assert (
+        0 < final["peak_memory_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    # The recorded expert loads are the ones the final MaxVio was computed from.
+    counts_LE = np.asarray(final["expert_counts"])
+    assert counts_LE.shape == (2, 4) and counts_LE.sum() > 0
+    max_vio_L = (counts_LE.max(1) - counts_LE.mean(1)) / counts_LE.mean(1)
+    assert final["val_routing/max_vio"] == pytest.approx(max_vio_L.mean(), rel=1e-6)
     assert main(["report", str(run_dir)]) == 0
     assert "1 model cards" in capsys.readouterr().out
     markdown = (run_dir / "report/report.md").read_text()

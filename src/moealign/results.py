@@ -123,7 +123,9 @@ def load_run(
     status: str | None = None,
     error: str = "",
 ) -> RunRecord:
-    """Read a run directory; ``status`` None classifies it from its files."""
+    """Read a run directory. A study's ``status`` is kept where it says the run did not end
+    (``failed``, ``interrupted``, ``pending``); otherwise the files decide
+    (:func:`moealign.experiments.classify_run`)."""
     path = Path(path)
     config = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).exists() else {}
     meta = _read_json(path / META_FILE) if (path / META_FILE).exists() else {}

@@ -89,13 +89,14 @@ def environment_info() -> dict[str, Any]:
     }
 
 
-def peak_memory_bytes(device_type: str) -> int:
-    """Peak memory of this process so far: ``torch.cuda.max_memory_allocated`` on CUDA, else
-    the peak resident set size from ``getrusage`` (kilobytes on Linux, bytes on macOS)."""
-    if device_type == "cuda":
-        import torch
+def peak_memory_bytes(device: Any) -> int:
+    """Peak memory of this process so far: ``torch.cuda.max_memory_allocated(device)`` on a
+    CUDA device, else the peak resident set size from ``getrusage`` (kilobytes on Linux, bytes
+    on macOS)."""
+    import torch
 
-        return int(torch.cuda.max_memory_allocated())
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

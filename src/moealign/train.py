@@ -540,7 +540,7 @@ class Trainer:
 
     def _resource_record(self) -> dict[str, Any]:
         """Peak memory and the final evaluation's expert loads (L, E) for the report."""
-        record: dict[str, Any] = {"peak_memory_bytes": peak_memory_bytes(self.device.type)}
+        record: dict[str, Any] = {"peak_memory_bytes": peak_memory_bytes(self.device)}
         if self.last_eval_expert_counts_LE is not None:
             record["expert_counts"] = self.last_eval_expert_counts_LE.tolist()
         return record
