@@ -22,6 +22,7 @@ from moealign import diagnostics
 from moealign.results import TASK_SPLITS, RunRecord
 
 __all__ = [
+    "variant_colors",
     "plot_curves",
     "plot_expert_utilisation",
     "plot_task_accuracy",
@@ -29,6 +30,11 @@ __all__ = [
 ]
 
 VariantRuns = Mapping[str, Sequence[RunRecord]]
+
+
+def variant_colors(variants: Sequence[str]) -> dict[str, str]:
+    """One colour per variant (matplotlib's cycle C0…C9), the same in every figure."""
+    return {variant: f"C{index % 10}" for index, variant in enumerate(variants)}
 
 
 def seed_curve(
@@ -65,6 +71,11 @@ def _band(ax: Axes, label: str, runs: Sequence[RunRecord], key: str, split: str,
     return True
 
 
+def _legend(ax: Axes) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def _save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
@@ -79,6 +90,7 @@ def plot_curves(
 ) -> Path | None:
     """One panel per (metric key, split, y label) with a seed band per variant; panels no run
     logged are dropped. Returns None when every panel is empty."""
+    colors = variant_colors(list(variants))
     drawn = [
         (key, split, ylabel)
         for key, split, ylabel in panels
@@ -90,12 +102,12 @@ def plot_curves(
     axes = figure.subplots(1, len(drawn), squeeze=False)[0]
     for ax, (key, split, ylabel) in zip(axes, drawn, strict=True):
         for variant, runs in variants.items():
-            _band(ax, variant, runs, key, split)
+            _band(ax, variant, runs, key, split, color=colors[variant])
+        _legend(ax)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{split}: {key}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
     figure.suptitle(title)
     return _save(figure, path)
 
@@ -133,11 +145,14 @@ def plot_expert_utilisation(variants: VariantRuns, path: Path) -> Path | None:
 
 
 def plot_task_accuracy(
-    accuracy: Mapping[str, Mapping[str, Mapping[str, tuple[float, float]]]], path: Path
+    accuracy: Mapping[str, Mapping[str, Mapping[str, tuple[float, float]]]],
+    path: Path,
+    colors: Mapping[str, str],
 ) -> Path | None:
     """Bars of per-task accuracy, seen and held-out tasks side by side.
 
-    ``accuracy[split][variant][task] = (mean, half width)`` over seeds (half width may be nan).
+    ``accuracy[split][variant][task] = (mean, half width)`` over seeds (half width may be nan);
+    ``colors`` maps each variant to its colour (:func:`variant_colors`).
     """
     splits = [s for s in TASK_SPLITS if any(accuracy.get(s, {}).values())]
     if not splits:
@@ -153,11 +168,19 @@ def plot_task_accuracy(
             means = [per_task.get(t, (math.nan, math.nan))[0] for t in tasks]
             errors = [per_task.get(t, (math.nan, math.nan))[1] for t in tasks]
             errors = [0.0 if math.isnan(e) else e for e in errors]
-            ax.bar(x + index * width, means, width, yerr=errors, capsize=2, label=variant)
+            ax.bar(
+                x + index * width,
+                means,
+                width,
+                yerr=errors,
+                capsize=2,
+                label=variant,
+                color=colors[variant],
+            )
         ax.set_xticks(x + width * (len(by_variant) - 1) / 2, tasks, rotation=45, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("accuracy")
         ax.set_title("held-out tasks" if split == "heldout" else "seen tasks")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+        _legend(ax)
     return _save(figure, path)

@@ -347,8 +347,8 @@ def _ctgi_table(accuracy: dict, baseline: str) -> Table | Note:
 
 
 def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> list[Section]:
+    # Every variant keeps its place (and colour) in every figure, finished runs or not.
     variants = {v: run_set.of_variant(v) for v in run_set.variants}
-    variants = {v: runs for v, runs in variants.items() if runs}
     sections = []
     curve_figures = [
         (
@@ -391,7 +391,8 @@ def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> li
         )
     )
     accuracy = _task_accuracy(run_set)
-    path = plots.plot_task_accuracy(accuracy, figures / "task_accuracy.png")
+    colors = plots.variant_colors(run_set.variants)
+    path = plots.plot_task_accuracy(accuracy, figures / "task_accuracy.png", colors)
     task_section = Section("Per-task accuracy")
     if path is None:
         task_section.blocks.append(Note("No final evaluation has task accuracies."))
