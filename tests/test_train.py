@@ -86,6 +86,8 @@ def test_loss_goes_down_and_run_directory_is_complete(tmp_path):
     assert final["task_accuracy_seen"] == pytest.approx(
         sum(r["accuracy"] for r in tasks.values()) / 4
     )
+    assert final["task_accuracy"]["seen"] == {t: r["accuracy"] for t, r in tasks.items()}
+    assert final["task_accuracy"]["heldout"] == {}
     alignment = final["projection_alignment"]
     assert len(alignment) == 2 and all(0.0 <= value <= 1.0 for value in alignment)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [

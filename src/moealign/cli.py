@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from moealign import experiments, report
 from moealign.checkpoint import CheckpointError
 from moealign.config import ConfigError, load_config
 from moealign.runs import RunExistsError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
-USAGE_ERRORS = (ConfigError, RunExistsError, CheckpointError)
+USAGE_ERRORS = (ConfigError, RunExistsError, CheckpointError, report.RunDataError)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,19 @@ COMMANDS: dict[str, Command] = {
         help="the main job: train and compare dense, softmax top-k MoE and MPI MoE models",
         add_arguments=_demo_arguments,
         run=_run_demo,
+    ),
+    "ablate": Command(
+        help=experiments.ABLATE_HELP,
+        add_arguments=experiments.add_ablate_arguments,
+        run=experiments.run_ablate,
+    ),
+    "report": Command(
+        help=report.REPORT_HELP, add_arguments=report.add_report_arguments, run=report.run_report
+    ),
+    "compare": Command(
+        help=report.COMPARE_HELP,
+        add_arguments=report.add_compare_arguments,
+        run=report.run_compare,
     ),
 }
 

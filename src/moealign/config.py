@@ -289,6 +289,8 @@ class TrainConfig(_Validated):
     ``checkpoint_every`` are in optimizer steps (0 = only at the end). ``task_eval_examples``:
     at the end, generate answers for at most this many examples per task of each evaluation set
     of the task suite (seen-task test, held-out tasks/compositions, long lengths; 0 = skip).
+    ``tensorboard`` and ``wandb`` mirror ``metrics.jsonl`` to TensorBoard / offline W&B
+    (:mod:`moealign.loggers`).
     """
 
     steps: int = bounded(100, ge=1)
@@ -304,6 +306,8 @@ class TrainConfig(_Validated):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    tensorboard: bool = False
+    wandb: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -428,6 +428,21 @@ def evaluate_suite(
     }
 
 
+def per_task_accuracy(suite_result: Mapping) -> dict[str, dict[str, float]]:
+    """``{"seen": {task: accuracy}, "heldout": {task: accuracy}}`` from an
+    :func:`evaluate_suite` result: the seen-task test split, and the held-out tasks and
+    compositions (what reports and CTGI compare)."""
+    sets = suite_result["sets"]
+    seen = {task: r["accuracy"] for task, r in sets.get("test", {"tasks": {}})["tasks"].items()}
+    heldout = {
+        task: r["accuracy"]
+        for name in HELDOUT_SETS
+        if name in sets
+        for task, r in sets[name]["tasks"].items()
+    }
+    return {"seen": seen, "heldout": heldout}
+
+
 def _first_per_task(examples: Sequence[TaskExample], limit: int | None) -> list[TaskExample]:
     if limit is None:
         return list(examples)

@@ -29,14 +29,23 @@ from typing import Any
 
 import moealign
 
-__all__ = ["RunDirectory", "RunExistsError", "environment_info", "git_commit", "utc_now"]
+__all__ = [
+    "RunDirectory",
+    "RunExistsError",
+    "environment_info",
+    "flatten_config",
+    "git_commit",
+    "peak_memory_bytes",
+    "utc_now",
+]
 
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 CHECKPOINT_DIR = "checkpoints"
-_RESUMABLE_CHANGES = {"train.steps"}
+# Changes that do not alter the result: the budget and the dashboards the metrics go to.
+_RESUMABLE_CHANGES = {"train.steps", "train.tensorboard", "train.wandb"}
 
 
 class RunExistsError(ValueError):
@@ -80,16 +89,31 @@ def environment_info() -> dict[str, Any]:
     }
 
 
+def peak_memory_bytes(device: Any) -> int:
+    """Peak memory of this process so far: ``torch.cuda.max_memory_allocated(device)`` on a
+    CUDA device, else the peak resident set size from ``getrusage`` (kilobytes on Linux, bytes
+    on macOS)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1e-3}}`` → ``{"optim.lr": 1e-3}`` (an empty table stays a value)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name))
+            flat.update(flatten_config(value, name))
         else:
             flat[name] = value
     return flat
@@ -148,7 +172,7 @@ class RunDirectory:
         return run
 
     def _check_same_config(self, old: dict[str, Any], new: dict[str, Any]) -> None:
-        old_flat, new_flat = _flatten(old), _flatten(new)
+        old_flat, new_flat = flatten_config(old), flatten_config(new)
         changed = sorted(
             key
             for key in old_flat.keys() | new_flat.keys()

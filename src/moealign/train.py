@@ -48,11 +48,16 @@ from moealign.checkpoint import (
 )
 from moealign.config import ConfigError, RunConfig
 from moealign.distributed import DistributedContext
-from moealign.evaluate import evaluate_suite, routing_projection_alignment
+from moealign.evaluate import (
+    evaluate_suite,
+    per_task_accuracy,
+    routing_projection_alignment,
+)
+from moealign.loggers import LoggerGroup, build_loggers
 from moealign.nn import update_expert_biases
 from moealign.nn.transformer import MoETransformer
 from moealign.optim import build_optimizer
-from moealign.runs import RunDirectory, utc_now
+from moealign.runs import RunDirectory, peak_memory_bytes, utc_now
 from moealign.schedules import WarmupCosine
 from moealign.training_data import TrainingData, build_training_data
 
@@ -223,6 +228,19 @@ class Trainer:
         self.checkpoint_dir = run_path / "checkpoints"
         if resume:
             self._restore()
+        # Optional dashboards next to metrics.jsonl (rank 0 only; DESIGN.md §8).
+        self.loggers = (
+            build_loggers(
+                train_cfg,
+                run_path,
+                run_name=config.name,
+                config=config.to_dict(),
+                resume_step=self.step,
+            )
+            if self.dist.is_main
+            else LoggerGroup()
+        )
+        self.last_eval_expert_counts_LE: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -432,12 +450,14 @@ class Trainer:
                 routing_stats.add(output.routing)
         self.model.train()
         self.dist.all_reduce_sum(totals)
+        summary = routing_stats.summary(self.dist, prefix="val_routing/")
+        self.last_eval_expert_counts_LE = routing_stats.counts_LE  # reduced over ranks
         loss = float(totals[0] / totals[1].clamp_min(1))
         return {
             "val_loss": loss,
             "val_ppl": math.exp(min(loss, 700.0)),
             "val_tokens": float(totals[1]),
-            **routing_stats.summary(self.dist, prefix="val_routing/"),
+            **summary,
         }
 
     # ------------------------------------------------------------------ the loop
@@ -445,6 +465,7 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.log_metrics(record)
+            self.loggers.log(record)
 
     def evaluate_model_extras(self) -> dict[str, Any]:
         """The end-of-run evaluation beyond the validation loss (rank 0 only): greedy answers on
@@ -460,6 +481,7 @@ class Trainer:
                     self.model, self.data.tokenizer, self.data.suite, max_examples_per_task=limit
                 )
             extras["tasks"] = tasks
+            extras["task_accuracy"] = per_task_accuracy(tasks)
             extras["task_accuracy_seen"] = tasks["seen_mean"]
             if tasks["heldout_mean"] is not None:
                 extras["task_accuracy_heldout"] = tasks["heldout_mean"]
@@ -529,9 +551,11 @@ class Trainer:
                         "params_total": counts["total"],
                         "params_active": counts["active"],
                         **final_eval,
+                        **self._resource_record(),
                     }
                 )
                 self.run.update_meta(end_time=utc_now(), steps=self.step)
+        self.loggers.flush()
         return TrainResult(
             step=self.step,
             interrupted=interrupted,
@@ -540,6 +564,14 @@ class Trainer:
             final_eval=final_eval,
         )
 
+    def _resource_record(self) -> dict[str, Any]:
+        """Peak memory and the final evaluation's expert loads (L, E) for the report."""
+        record: dict[str, Any] = {"peak_memory_bytes": peak_memory_bytes(self.device)}
+        if self.last_eval_expert_counts_LE is not None:
+            record["expert_counts"] = self.last_eval_expert_counts_LE.tolist()
+        return record
+
     def close(self) -> None:
-        """Release the process group if this trainer created it."""
+        """Close the dashboards and release the process group if this trainer created it."""
+        self.loggers.close()
         self.dist.close()
