@@ -363,3 +363,58 @@ def test_hf_routed_trains_only_the_gate_weights(family):
     assert changed == {f"model.layers.{b.layer}.mlp.gate.weight" for b in moe_blocks(model)}
     with pytest.raises(ValueError, match="layers contains 5"):
         routed.router_parameters([5])
+
+
+# --- moealign analyze ---------------------------------------------------------------------------
+
+
+def save_with_tokenizer(model, directory) -> None:
+    """Save ``model`` with a word-level tokenizer over the words w0..w49 (ids 1..50)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0} | {f"w{i}": i + 1 for i in range(50)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
+    model.save_pretrained(directory)
+
+
+def test_cli_analyze_writes_diagnostics_and_plots(tmp_path, capsys):
+    import json
+
+    from moealign.cli import main
+
+    model = tiny_model("qwen2_moe")
+    save_with_tokenizer(model, tmp_path / "model")
+    texts = [" ".join(f"w{(7 * i + j) % 50}" for j in range(5 + 3 * i)) for i in range(4)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": text}) for text in texts))
+    out = tmp_path / "report"
+    argv = ["analyze", str(tmp_path / "model"), "--data", str(data), "--out", str(out)]
+    assert main([*argv, "--seq-len", "8", "--batch-size", "3"]) == 0
+    assert "MoE layers" in capsys.readouterr().out
+    report = json.loads((out / "routing.json").read_text())
+    # Independent: each document alone (no padding, no windows) through capture_routing.
+    counts = np.zeros((2, 4), dtype=int)
+    for text in texts:
+        ids = torch.tensor([[int(word[1:]) + 1 for word in text.split()]])
+        with torch.no_grad():
+            windows = [ids[:, start : start + 8] for start in range(0, ids.shape[1], 8)]
+            for window in windows:
+                counts += capture_routing(model, window).expert_counts().numpy()
+    assert [layer["expert_counts"] for layer in report["layers"]] == counts.tolist()
+    assert report["layers"][0]["tokens"] == sum(len(text.split()) for text in texts)
+    for name in ("utilisation.png", "entropy_maxvio.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 0 | 4 |" in (out / "routing.md").read_text()
+
+
+def test_cli_analyze_reports_bad_input(tmp_path, capsys):
+    from moealign.cli import main
+
+    save_with_tokenizer(tiny_model("mixtral"), tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"body": "w1 w2"}\n')
+    assert main(["analyze", str(tmp_path / "model"), "--data", str(data)]) == 2
+    assert "lacks the field 'text'" in capsys.readouterr().err
