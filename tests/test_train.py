@@ -36,6 +36,7 @@ TINY = [
     "train.log_every=1",
     "train.eval_every=0",
     "train.eval_batches=2",
+    "train.task_eval_examples=2",
     "optim.warmup_steps=2",
 ]
 
@@ -77,6 +78,16 @@ def test_loss_goes_down_and_run_directory_is_complete(tmp_path):
     assert first["loss"] == pytest.approx(expected, rel=1e-6)
     final = json.loads((run / "final_eval.json").read_text())
     assert final["val_loss"] == after and final["params_active"] < final["params_total"]
+    # the end-of-run task evaluation: 2 examples per task of the seen-task test split
+    tasks = final["tasks"]["sets"]["test"]["tasks"]
+    assert sorted(tasks) == ["addition", "copy", "reverse", "sort"]
+    assert all(len(result["correct"]) == 2 for result in tasks.values())
+    assert 0.0 <= final["task_accuracy_seen"] <= 1.0
+    assert final["task_accuracy_seen"] == pytest.approx(
+        sum(r["accuracy"] for r in tasks.values()) / 4
+    )
+    alignment = final["projection_alignment"]
+    assert len(alignment) == 2 and all(0.0 <= value <= 1.0 for value in alignment)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_000020",
         "step_000040",

@@ -286,7 +286,9 @@ class TrainConfig(_Validated):
 
     ``batch_size`` is the global number of sequences per optimizer step; it is split into
     ``grad_accum`` micro-batches per data-parallel rank. ``eval_every``/``log_every``/
-    ``checkpoint_every`` are in optimizer steps (0 = only at the end).
+    ``checkpoint_every`` are in optimizer steps (0 = only at the end). ``task_eval_examples``:
+    at the end, generate answers for at most this many examples per task of each evaluation set
+    of the task suite (seen-task test, held-out tasks/compositions, long lengths; 0 = skip).
     """
 
     steps: int = bounded(100, ge=1)
@@ -298,6 +300,7 @@ class TrainConfig(_Validated):
     log_every: int = bounded(10, ge=1)
     checkpoint_every: int = bounded(50, ge=0)
     keep_checkpoints: int = bounded(3, ge=1)
+    task_eval_examples: int = bounded(50, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"

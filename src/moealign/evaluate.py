@@ -393,9 +393,11 @@ def evaluate_suite(
     suite: TaskSuite,
     max_new_tokens: int | None = None,
     batch_size: int = 32,
+    max_examples_per_task: int | None = None,
 ) -> dict:
     """:func:`evaluate_tasks` on every non-empty set of ``suite.evaluation_sets()`` (seen-task
-    test, held-out tasks, held-out compositions, long lengths).
+    test, held-out tasks, held-out compositions, long lengths), on at most
+    ``max_examples_per_task`` examples of each task per set (the first ones; None = all).
 
     Returns ``{"sets": {set: TaskEvaluation.to_dict()}, "seen_mean", "heldout_mean"}``:
     ``seen_mean`` is the macro accuracy on the seen-task test split, ``heldout_mean`` the mean
@@ -403,7 +405,13 @@ def evaluate_suite(
     suite holds none out).
     """
     evaluations = {
-        name: evaluate_tasks(model, tokenizer, examples, max_new_tokens, batch_size)
+        name: evaluate_tasks(
+            model,
+            tokenizer,
+            _first_per_task(examples, max_examples_per_task),
+            max_new_tokens,
+            batch_size,
+        )
         for name, examples in suite.evaluation_sets().items()
         if examples
     }
@@ -418,6 +426,12 @@ def evaluate_suite(
         "seen_mean": evaluations["test"].macro_accuracy,
         "heldout_mean": float(np.mean(heldout_accuracies)) if heldout_accuracies else None,
     }
+
+
+def _first_per_task(examples: Sequence[TaskExample], limit: int | None) -> list[TaskExample]:
+    if limit is None:
+        return list(examples)
+    return [ex for group in _group_by_task(examples).values() for ex in group[:limit]]
 
 
 # --- multiple choice ------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from moealign.checkpoint import (
 )
 from moealign.config import ConfigError, RunConfig
 from moealign.distributed import DistributedContext
+from moealign.evaluate import evaluate_suite, routing_projection_alignment
 from moealign.nn import update_expert_biases
 from moealign.nn.transformer import MoETransformer
 from moealign.optim import build_optimizer
@@ -72,7 +73,7 @@ class TrainResult:
     interrupted: bool
     run_dir: Path | None
     last_train: dict[str, float] = field(default_factory=dict)
-    final_eval: dict[str, float] = field(default_factory=dict)
+    final_eval: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -445,6 +446,25 @@ class Trainer:
         if self.run is not None:
             self.run.log_metrics(record)
 
+    def evaluate_model_extras(self) -> dict[str, Any]:
+        """The end-of-run evaluation beyond the validation loss (rank 0 only): greedy answers on
+        the task suite's evaluation sets (``train.task_eval_examples`` per task and set) and,
+        for MoE models, the projection alignment λ per layer (MPI paper Eq. 11)."""
+        extras: dict[str, Any] = {}
+        if self.model.moe_layers:
+            extras["projection_alignment"] = routing_projection_alignment(self.model)
+        limit = self.config.train.task_eval_examples
+        if self.data.suite is not None and limit > 0:
+            with self._autocast():
+                tasks = evaluate_suite(
+                    self.model, self.data.tokenizer, self.data.suite, max_examples_per_task=limit
+                )
+            extras["tasks"] = tasks
+            extras["task_accuracy_seen"] = tasks["seen_mean"]
+            if tasks["heldout_mean"] is not None:
+                extras["task_accuracy_heldout"] = tasks["heldout_mean"]
+        return extras
+
     def train(self, stop_at: int | None = None) -> TrainResult:
         """Run until ``train.steps`` optimizer steps. A SIGINT/SIGTERM, or reaching step
         ``stop_at`` (to split a run into time slices), checkpoints the finished step and
@@ -496,12 +516,13 @@ class Trainer:
                         break
         finally:
             bar.close()
-        final_eval: dict[str, float] = {}
+        final_eval: dict[str, Any] = {}
         if not interrupted:
             final_eval = self.evaluate()
             self._log({"step": self.step, "split": "val", **final_eval})
             if self.run is not None:
                 counts = self.model.parameter_counts()
+                final_eval |= self.evaluate_model_extras()
                 self.run.write_final_eval(
                     {
                         "step": self.step,

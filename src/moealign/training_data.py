@@ -19,6 +19,7 @@ from moealign.config import ConfigError, RunConfig
 from moealign.data import (
     BatchStream,
     Document,
+    TaskSuite,
     TaskSuiteConfig,
     Tokenizer,
     build_task_suite,
@@ -41,11 +42,13 @@ Sequences = dict[str, torch.Tensor]
 @dataclass
 class TrainingData:
     """The training stream (global batches of ``train.batch_size`` sequences), the fixed list of
-    validation batches and the tokenizer that produced them."""
+    validation batches, the tokenizer that produced them and, when the data holds the synthetic
+    tasks, their suite (for the final task evaluation)."""
 
     train: BatchStream
     validation: list[Sequences]
     tokenizer: Tokenizer
+    suite: TaskSuite | None = None
 
 
 def _documents(config: RunConfig) -> list[Document]:
@@ -81,14 +84,14 @@ def _text_splits(
     )
 
 
-def _task_splits(config: RunConfig, tokenizer: Tokenizer) -> tuple[Sequences, Sequences]:
+def _task_suite(config: RunConfig) -> TaskSuite:
     data = config.data
     heldout = {
         name: value
         for name in ("heldout_tasks", "heldout_compositions")
         if (value := getattr(data, name)) is not None
     }
-    suite = build_task_suite(
+    return build_task_suite(
         TaskSuiteConfig(
             seed=data.seed,
             examples_per_task=data.examples_per_task,
@@ -96,9 +99,14 @@ def _task_splits(config: RunConfig, tokenizer: Tokenizer) -> tuple[Sequences, Se
             **heldout,
         )
     )
+
+
+def _task_splits(
+    config: RunConfig, tokenizer: Tokenizer, suite: TaskSuite
+) -> tuple[Sequences, Sequences]:
     return tuple(  # type: ignore[return-value]
         task_examples_to_sequences(
-            examples, tokenizer, config.train.seq_len, task_id, loss_on=data.loss_on
+            examples, tokenizer, config.train.seq_len, task_id, loss_on=config.data.loss_on
         )
         for examples in (suite.train, suite.val)
     )
@@ -129,8 +137,10 @@ def build_training_data(config: RunConfig) -> TrainingData:
         val: dict[str, Sequences] = {}
         if data.source in ("text", "mixed", "files"):
             train["text"], val["text"] = _text_splits(config, tokenizer, documents)
+        suite = None
         if data.source in ("tasks", "mixed"):
-            train["tasks"], val["tasks"] = _task_splits(config, tokenizer)
+            suite = _task_suite(config)
+            train["tasks"], val["tasks"] = _task_splits(config, tokenizer, suite)
         weights = {"text": data.text_to_task_ratio, "tasks": 1.0}
         weights = {name: weights[name] for name in train}
         batch_size = config.train.batch_size
@@ -142,4 +152,4 @@ def build_training_data(config: RunConfig) -> TrainingData:
         raise
     except ValueError as err:
         raise ConfigError("data", str(err)) from None
-    return TrainingData(train=stream, validation=validation, tokenizer=tokenizer)
+    return TrainingData(train=stream, validation=validation, tokenizer=tokenizer, suite=suite)
