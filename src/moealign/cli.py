@@ -145,6 +145,27 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_PATH_OR_NAME", help="transformers MoE model")
+    parser.add_argument("--data", required=True, metavar="FILE", help="text file or .jsonl file")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument("--tokenizer", help="tokenizer path or name (default: the model's)")
+    parser.add_argument("--out", default="analysis", metavar="DIR", help="output directory")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--max-tokens", type=int, default=100_000, help="stop after this many")
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from moealign.analyze import run_analyze  # torch and transformers load only when analysing
+
+    try:
+        return run_analyze(args)
+    except ValueError as err:  # bad data, options or an unsupported model
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train a model from a config", add_arguments=_train_arguments, run=_run_train
@@ -171,6 +192,11 @@ COMMANDS: dict[str, Command] = {
         help=report.COMPARE_HELP,
         add_arguments=report.add_compare_arguments,
         run=report.run_compare,
+    ),
+    "analyze": Command(
+        help="routing diagnostics of a Hugging Face MoE model on a text/JSONL file",
+        add_arguments=_analyze_arguments,
+        run=_run_analyze,
     ),
 }
 

@@ -136,10 +136,14 @@ def precompute_routers(module: nn.Module) -> nn.Module:
     R_eff = C · normalize(power(R)) is computed once from the current expert weights; routing
     with it is identical to the MPI forward at zero extra cost. Temperature, expert bias and
     the other shared options carry over. Returns the module (changed in place).
+
+    A routed layer is any module with a ``router`` attribute and a ``router_drive_matrix()``
+    method: :class:`MoELayer`, and the gate that ``moealign.integrations.hf.swap_routers``
+    puts into a Hugging Face MoE block.
     """
     for layer in module.modules():
-        if isinstance(layer, MoELayer) and isinstance(layer.router, MPIRouter):
-            mpi = layer.router
+        mpi = getattr(layer, "router", None)
+        if isinstance(mpi, MPIRouter) and hasattr(layer, "router_drive_matrix"):
             shared_options = Router.options(mpi)  # the base-class options only, not MPI's own
             plain = SoftmaxTopKRouter(mpi.d_model, mpi.n_experts, mpi.top_k, **shared_options)
             with torch.no_grad():

@@ -1,0 +1,1 @@
+"""Integrations with other libraries' models (Hugging Face transformers: :mod:`.hf`)."""

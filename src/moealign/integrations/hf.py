@@ -1,0 +1,448 @@
+"""Hugging Face MoE models (transformers >= 5): capture routing, swap routers, diagnostics.
+
+Supported families, detected from ``model.config.model_type`` (:data:`FAMILIES`): Mixtral,
+OLMoE, Qwen2-MoE, Qwen3-MoE (softmax top-k routers) and DeepSeek-V3 (sigmoid scores, an
+``e_score_correction_bias`` for selection, group-limited top-k, ``routed_scaling_factor``, shared
+experts). Every family stores a MoE decoder layer's FFN as ``layer.mlp`` with a router
+``mlp.gate`` (weight E×D) and fused experts ``mlp.experts`` (``gate_up_proj`` (E, 2F, D) with the
+SwiGLU gate rows first, ``down_proj`` (E, D, F)), the layout of DESIGN.md §2.
+
+* :func:`capture_routing` records every router's output with forward hooks (no edit of
+  transformers' code) and returns per-layer (B, S, ·) tensors; :func:`routing_diagnostics` turns
+  them into utilisation, entropy, MaxVio and projection alignment per layer (DESIGN.md §3–4).
+* :func:`swap_routers` puts a moealign router (``softmax_topk`` or ``mpi``, DESIGN.md §2–3)
+  initialised from the existing rows into each ``mlp.gate``; ``precompute_routers`` works on
+  the result.
+* :class:`HFRouted` is the :class:`~moealign.routed.RoutedModel` view used by RoMA (§5).
+
+Shape letters: B batch, S sequence, T = B·S tokens, D width, F expert hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moealign import diagnostics
+from moealign.nn.routers import MPIRouter, Router, build_router
+from moealign.routed import RoutedOutput
+
+SOFTMAX, SIGMOID = "softmax", "sigmoid"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformers MoE family: how its router scores experts (``softmax`` or ``sigmoid``),
+    whether its router hands the experts fp32 top-k weights (Mixtral) or casts them to the
+    activation dtype, and a one-line description for messages."""
+
+    name: str
+    scoring: str
+    fp32_topk_weight: bool
+    description: str
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family("mixtral", SOFTMAX, True, "softmax top-k, weights renormalised over the top-k"),
+        Family("olmoe", SOFTMAX, False, "softmax top-k, renormalised if norm_topk_prob"),
+        Family(
+            "qwen2_moe",
+            SOFTMAX,
+            False,
+            "softmax top-k (norm_topk_prob) plus a sigmoid-gated shared expert",
+        ),
+        Family("qwen3_moe", SOFTMAX, False, "softmax top-k, renormalised if norm_topk_prob"),
+        Family(
+            "deepseek_v3",
+            SIGMOID,
+            False,
+            "sigmoid scores, e_score_correction_bias for selection, group-limited top-k "
+            "(n_group, topk_group), routed_scaling_factor, shared experts",
+        ),
+    )
+}
+SWAPPABLE_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.scoring == SOFTMAX)
+SWAP_KINDS = ("softmax_topk", "mpi")
+
+
+def _supported_list() -> str:
+    return "; ".join(f"{name} ({family.description})" for name, family in FAMILIES.items())
+
+
+def detect_family(model: nn.Module) -> Family:
+    """The :class:`Family` of a transformers model, from ``model.config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model={type(model).__name__} (model_type={model_type!r}) is not a supported "
+            f"Hugging Face MoE family; supported: {_supported_list()}"
+        )
+    return FAMILIES[model_type]
+
+
+@dataclass(frozen=True)
+class MoEBlock:
+    """One MoE FFN of a transformers model: its decoder-layer index and the ``mlp`` module."""
+
+    layer: int
+    mlp: nn.Module
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """The MoE blocks in depth order (dense layers, e.g. DeepSeek's first_k_dense, skipped)."""
+    detect_family(model)
+    blocks = [
+        MoEBlock(index, layer.mlp)
+        for index, layer in enumerate(model.base_model.layers)
+        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")
+    ]
+    if not blocks:
+        raise ValueError(f"model={type(model).__name__} has no MoE layer (no mlp.gate)")
+    return blocks
+
+
+def expert_matrix(experts: nn.Module, which: str = "gate") -> Tensor:
+    """An (E, F, D) expert matrix of fused transformers experts: the SwiGLU ``gate`` (the first F
+    rows of gate_up_proj), ``up`` (the last F rows), or ``down`` transposed (down_proj is E×D×F)."""
+    d_ff = experts.down_proj.shape[-1]
+    if which == "gate":
+        return experts.gate_up_proj[:, :d_ff]
+    if which == "up":
+        return experts.gate_up_proj[:, d_ff:]
+    if which == "down":
+        return experts.down_proj.transpose(1, 2)
+    raise ValueError(f"which={which!r} is not accepted; choose one of ('gate', 'up', 'down')")
+
+
+class MoealignGate(nn.Module):
+    """A moealign :class:`Router` in the place of a transformers block's ``mlp.gate``.
+
+    Called like the native router, ``gate(hidden_states)`` → (logits (T, E), top-k weights
+    (T, K), top-k indices (T, K)); ``logits`` are the moealign router's (after temperature), so
+    softmax(logits) is its ``probs``. The block's experts are referenced, not owned (the block
+    owns them): the MPI power step reads their gate rows every forward (DESIGN.md §3), and
+    ``precompute_routers`` finds this module through ``router`` and ``router_drive_matrix``.
+    """
+
+    def __init__(self, router: Router, experts: nn.Module, native_class: type, family: Family):
+        super().__init__()
+        self.router = router
+        self._experts = (experts,)  # a tuple keeps the experts out of this module's state_dict
+        self.native_class = native_class
+        self.family = family
+
+    def router_drive_matrix(self) -> Tensor:
+        """The (E, F, D) matrix A of the MPI power step u = Aᵀ(A r) (DESIGN.md §3)."""
+        return expert_matrix(self._experts[0], getattr(self.router, "expert_matrix", "gate"))
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x_TD = hidden_states.reshape(-1, self.router.d_model)
+        drive_EFD = self.router_drive_matrix() if isinstance(self.router, MPIRouter) else None
+        routed = self.router(x_TD, drive_EFD)
+        weight_TK = routed.topk_weight
+        if not self.family.fp32_topk_weight:
+            weight_TK = weight_TK.to(hidden_states.dtype)
+        return routed.logits, weight_TK, routed.topk_idx
+
+
+def _native_normalize_topk(gate: nn.Module) -> bool:
+    # Mixtral's router always renormalises; the others follow config.norm_topk_prob.
+    return bool(getattr(gate, "norm_topk_prob", True))
+
+
+def swap_routers(model: nn.Module, kind: str = "mpi", **options) -> nn.Module:
+    """Replace every ``mlp.gate`` by a :class:`MoealignGate` holding a moealign router of
+    ``kind`` whose rows R are the current router rows (DESIGN.md §2–3); returns ``model``.
+
+    ``softmax_topk`` reproduces the native softmax routing exactly (same logits, same top-k,
+    same renormalisation as the family's ``norm_topk_prob``), so the model is unchanged until
+    it is trained. ``mpi`` routes with C · normalize(W_gᵀW_g r) (§3), a new router to
+    fine-tune; ``precompute_routers(model)`` then folds it into a plain router. ``options`` are
+    moealign router options (``temperature``, ``c_prime``, ``power_steps``, ...). Only the
+    softmax families can be swapped: DeepSeek-V3's sigmoid, bias-corrected, group-limited
+    routing has no moealign equivalent, and swapping would silently change the model.
+    Note: swapped gates are not recorded by transformers' ``output_router_logits``; read the
+    routing with :func:`capture_routing` instead.
+    """
+    family = detect_family(model)
+    if family.scoring != SOFTMAX:
+        raise ValueError(
+            f"swap_routers does not support the {family.name} family ({family.description}): "
+            f"no moealign router reproduces that routing. Supported families: "
+            f"{', '.join(SWAPPABLE_FAMILIES)}"
+        )
+    if kind not in SWAP_KINDS:
+        raise ValueError(f"kind={kind!r} is not accepted; choose one of {SWAP_KINDS}")
+    for block in moe_blocks(model):
+        gate = block.mlp.gate
+        if isinstance(gate, MoealignGate):
+            raise ValueError(
+                f"layer {block.layer} already holds a moealign router ({gate.router.kind}); "
+                "swap_routers takes a model with its native routers"
+            )
+        n_experts, d_model = gate.weight.shape
+        router_options = {"normalize_topk": _native_normalize_topk(gate), **options}
+        router = build_router(kind, d_model, n_experts, gate.top_k, **router_options)
+        with torch.no_grad():
+            router.weight.copy_(gate.weight.float())
+        router = router.to(gate.weight.device).train(gate.training)
+        block.mlp.gate = MoealignGate(router, block.mlp.experts, type(gate), family)
+    return model
+
+
+def router_rows(gate: nn.Module) -> Tensor:
+    """The effective (E, D) router rows of a gate: R_eff for MPI (§3), the weight otherwise."""
+    if isinstance(gate, MoealignGate) and isinstance(gate.router, MPIRouter):
+        return gate.router.effective_weight(gate.router_drive_matrix())
+    if isinstance(gate, MoealignGate):
+        return gate.router.weight
+    return gate.weight
+
+
+# --- routing capture --------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRouting:
+    """One MoE layer's routing for a (B, S) batch.
+
+    ``logits`` (B, S, E): what the router computes before scoring (fp32 for moealign routers).
+    ``scores`` (B, S, E): the family's own scores: softmax(logits) for softmax families,
+    sigmoid(logits) for DeepSeek-V3 (without the selection bias).
+    ``probs`` (B, S, E): the routing distribution that diagnostics, losses and RoMA read:
+    softmax(logits), or for sigmoid scoring scores / Σ_e scores (a distribution over experts,
+    the analogue of the softmax).
+    ``topk_idx``/``topk_weight`` (B, S, K): the experts the router chose and the weights it
+    handed to them (DeepSeek-V3: after renormalisation and routed_scaling_factor).
+    """
+
+    layer: int
+    logits: Tensor
+    scores: Tensor
+    probs: Tensor
+    topk_idx: Tensor
+    topk_weight: Tensor
+
+
+@dataclass
+class RoutingCapture:
+    """Routing of every MoE layer (depth order), the model's output logits (B, S, V) (None for
+    a model without a language-model head) and the (B, S) bool mask of real tokens."""
+
+    logits: Tensor | None
+    layers: list[LayerRouting]
+    attention_mask: Tensor
+
+    def expert_counts(self) -> Tensor:
+        """(L, E) token slots each expert received, over real (unmasked) tokens."""
+        n_experts = self.layers[0].probs.shape[-1]
+        counts = []
+        for layer in self.layers:
+            chosen = layer.topk_idx[self.attention_mask]
+            counts.append(torch.bincount(chosen.reshape(-1), minlength=n_experts))
+        return torch.stack(counts)
+
+
+def _layer_routing(
+    family: Family, layer: int, output: tuple, batch_shape: torch.Size
+) -> LayerRouting:
+    logits, topk_weight, topk_idx = output
+    logits_BSE = logits.reshape(*batch_shape, -1)
+    if family.scoring == SOFTMAX:
+        scores_BSE = torch.softmax(logits_BSE.float(), dim=-1)
+        probs_BSE = scores_BSE
+    else:
+        scores_BSE = torch.sigmoid(logits_BSE.float())
+        probs_BSE = scores_BSE / scores_BSE.sum(-1, keepdim=True)
+    return LayerRouting(
+        layer=layer,
+        logits=logits_BSE,
+        scores=scores_BSE,
+        probs=probs_BSE,
+        topk_idx=topk_idx.reshape(*batch_shape, -1),
+        topk_weight=topk_weight.reshape(*batch_shape, -1),
+    )
+
+
+@contextmanager
+def _recording_gates(model: nn.Module) -> Iterator[list[list[tuple]]]:
+    """Forward hooks on every ``mlp.gate``: yields one list per MoE block of its outputs."""
+    records: list[list[tuple]] = []
+    handles = []
+    for block in moe_blocks(model):
+        outputs: list[tuple] = []
+        records.append(outputs)
+        handles.append(
+            block.mlp.gate.register_forward_hook(
+                lambda module, args, output, sink=outputs: sink.append(output)
+            )
+        )
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _as_batch(inputs: Tensor | Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    if isinstance(inputs, Tensor):
+        return inputs, None
+    if isinstance(inputs, Mapping) and "input_ids" in inputs:
+        return inputs["input_ids"], inputs.get("attention_mask")
+    raise ValueError(
+        f"inputs={type(inputs).__name__} is not accepted; expected input_ids (B, S) or a "
+        "mapping with 'input_ids' and optionally 'attention_mask' (a tokenizer's output)"
+    )
+
+
+def capture_routing(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> RoutingCapture:
+    """Run ``model`` on ``inputs`` and record every MoE router's output through forward hooks.
+
+    ``inputs``: input_ids (B, S) or a mapping with ``input_ids`` and ``attention_mask``. Runs
+    in the caller's grad mode (wrap in ``torch.no_grad()`` for analysis; with grad on, the
+    captured logits and probs are differentiable w.r.t. the router weights).
+    """
+    family = detect_family(model)
+    input_ids, attention_mask = _as_batch(inputs)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (B, S)")
+    with _recording_gates(model) as records:
+        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    layers = []
+    for block, outputs in zip(moe_blocks(model), records, strict=True):
+        if len(outputs) != 1:
+            raise ValueError(
+                f"the router of layer {block.layer} ran {len(outputs)} times in one forward; "
+                "expected once"
+            )
+        layers.append(_layer_routing(family, block.layer, outputs[0], input_ids.shape))
+    mask = (
+        torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.bool()
+    )
+    return RoutingCapture(getattr(output, "logits", None), layers, mask)
+
+
+# --- diagnostics --------------------------------------------------------------------------------
+
+
+def projection_alignments(model: nn.Module) -> list[float]:
+    """Per MoE layer the mean over experts of λ_e = ‖W_g[e] r_e‖ / (‖r_e‖ σ_max(W_g[e]))
+    (DESIGN.md §3, MPI paper Eq. 11) with r_e the effective router row."""
+    values = []
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            rows_ED = router_rows(block.mlp.gate)
+            w_gate_EFD = expert_matrix(block.mlp.experts, "gate")
+            values.append(float(diagnostics.projection_alignment(rows_ED, w_gate_EFD).mean()))
+    return values
+
+
+class RoutingStatistics:
+    """Routing statistics accumulated over batches of :class:`RoutingCapture` (real tokens only).
+
+    Per layer: expert counts (for utilisation, usage entropy, dead experts and the global MaxVio
+    of DESIGN.md §4) and the summed per-token router entropy of ``probs``.
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[int] = []
+        self.counts_LE: Tensor | None = None
+        self.entropy_sum_L: Tensor | None = None
+        self.tokens = 0
+
+    def update(self, capture: RoutingCapture) -> None:
+        mask = capture.attention_mask
+        counts_LE = capture.expert_counts().cpu().double()
+        entropy_L = torch.stack(
+            [
+                diagnostics.token_entropy(layer.probs[mask], normalized=True).cpu()
+                for layer in capture.layers
+            ]
+        )
+        n_tokens = int(mask.sum())
+        if self.counts_LE is None:
+            self.layers = [layer.layer for layer in capture.layers]
+            self.counts_LE = counts_LE
+            self.entropy_sum_L = entropy_L * n_tokens
+        else:
+            self.counts_LE += counts_LE
+            self.entropy_sum_L += entropy_L * n_tokens
+        self.tokens += n_tokens
+
+    def summary(self, model: nn.Module | None = None) -> list[dict]:
+        """One dict per MoE layer: ``layer``, ``tokens``, ``expert_counts``, ``utilisation``
+        (load_e / mean load), ``dead_experts``, ``usage_entropy`` and ``token_entropy``
+        (normalised by log E), ``max_vio``; and ``projection_alignment`` given ``model``."""
+        if self.counts_LE is None or self.tokens == 0:
+            raise ValueError("no tokens were recorded; give at least one non-empty batch")
+        alignments = projection_alignments(model) if model is not None else None
+        rows = []
+        for i, layer in enumerate(self.layers):
+            counts_E = self.counts_LE[i]
+            row = {
+                "layer": layer,
+                "tokens": self.tokens,
+                "expert_counts": counts_E.long().tolist(),
+                "utilisation": diagnostics.expert_utilisation(counts_E).tolist(),
+                "dead_experts": int(diagnostics.dead_experts(counts_E)),
+                "usage_entropy": float(diagnostics.usage_entropy(counts_E)),
+                "token_entropy": float(self.entropy_sum_L[i] / self.tokens),
+                "max_vio": float(diagnostics.max_violation(counts_E)),
+            }
+            if alignments is not None:
+                row["projection_alignment"] = alignments[i]
+            rows.append(row)
+        return rows
+
+
+def routing_diagnostics(model: nn.Module, capture: RoutingCapture) -> list[dict]:
+    """Per-layer routing diagnostics of one capture (see :meth:`RoutingStatistics.summary`)."""
+    statistics = RoutingStatistics()
+    statistics.update(capture)
+    return statistics.summary(model)
+
+
+# --- RoutedModel view -----------------------------------------------------------------------
+
+
+class HFRouted:
+    """:class:`~moealign.routed.RoutedModel` view of a transformers MoE causal LM.
+
+    ``forward`` returns the logits and each MoE layer's ``probs`` (B, S, E) (see
+    :class:`LayerRouting`; differentiable w.r.t. the routers); ``router_parameters`` are the
+    ``mlp.gate`` weights (the moealign router's parameters after :func:`swap_routers`).
+    """
+
+    def __init__(self, model: nn.Module):
+        detect_family(model)
+        self.model = model
+
+    def n_moe_layers(self) -> int:
+        return len(moe_blocks(self.model))
+
+    def router_parameters(self, layers: list[int]) -> list[nn.Parameter]:
+        blocks = moe_blocks(self.model)
+        parameters = []
+        for index in layers:
+            if not 0 <= index < len(blocks):
+                raise ValueError(
+                    f"layers contains {index}; MoE layer indices run 0..{len(blocks) - 1}"
+                )
+            gate = blocks[index].mlp.gate
+            owner = gate.router if isinstance(gate, MoealignGate) else gate
+            parameters += list(owner.parameters())
+        return parameters
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> RoutedOutput:
+        capture = capture_routing(
+            self.model, {"input_ids": input_ids, "attention_mask": attention_mask}
+        )
+        return RoutedOutput(capture.logits, [layer.probs for layer in capture.layers])

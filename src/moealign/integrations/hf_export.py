@@ -1,0 +1,309 @@
+"""Import and export between moealign and transformers checkpoints (safetensors only).
+
+* :func:`export_pretrained` saves a model so ``AutoModelForCausalLM.from_pretrained`` loads it
+  with identical logits: a :class:`MoETransformer` becomes a ``MixtralForCausalLM`` (softmax
+  top-k routers; MPI routers as their precomputed R_eff, DESIGN.md §3), and a transformers
+  model whose gates were swapped (:func:`~moealign.integrations.hf.swap_routers`) is saved with
+  native gates holding the effective rows.
+* :func:`import_pretrained` loads a Mixtral-architecture checkpoint into a
+  :class:`MoETransformer`.
+
+Layouts. Experts: transformers ``gate_up_proj`` (E, 2F, D) = [w_gate; w_up] along F, and
+``down_proj`` (E, D, F) = w_down. Attention: moealign's fused ``qkv`` rows are [q; k; v], and its
+rotary embedding rotates interleaved feature pairs (2i, 2i+1) of each head by angle s·θ^(−2i/d),
+while transformers' ``rotate_half`` pairs (i, i + d/2). Permuting each head's q and k rows by
+[0, 2, 4, …, 1, 3, 5, …] maps one onto the other; attention scores q·k are unchanged because q
+and k are permuted alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moealign.integrations.hf import MoealignGate, detect_family, moe_blocks
+from moealign.nn.moe import MoELayer
+from moealign.nn.routers import MPIRouter, Router, SoftmaxTopKRouter
+from moealign.nn.transformer import ModelConfig, MoETransformer
+
+EXPORTABLE_ROUTERS = (SoftmaxTopKRouter, MPIRouter)
+
+
+def linear_router_weight(router: Router, drive_EFD: Tensor | None, normalize_topk: bool) -> Tensor:
+    """The (E, D) weight W of a plain softmax top-k router that routes exactly like ``router``:
+    logits = x Wᵀ with W = R/τ (softmax top-k) or R_eff/τ (MPI, DESIGN.md §3).
+
+    Refuses (ValueError naming the option) what a native softmax top-k router cannot express:
+    other router kinds, a non-zero expert bias, a capacity factor, or a top-k renormalisation
+    other than ``normalize_topk`` (the target's)."""
+    if type(router) not in EXPORTABLE_ROUTERS:
+        raise ValueError(
+            f"router kind={router.kind!r} cannot be exported; exportable kinds: softmax_topk, mpi"
+        )
+    if router.expert_bias is not None and bool(router.expert_bias.any()):
+        raise ValueError(
+            "router expert_bias is non-zero: a transformers softmax router has no selection bias"
+        )
+    if router.capacity_factor is not None:
+        raise ValueError(
+            f"router capacity_factor={router.capacity_factor} cannot be exported: transformers "
+            "MoE layers are dropless (use capacity_factor=None)"
+        )
+    if router.normalize_topk != normalize_topk:
+        raise ValueError(
+            f"router normalize_topk={router.normalize_topk} does not match the target's top-k "
+            f"renormalisation ({normalize_topk})"
+        )
+    with torch.no_grad():
+        if isinstance(router, MPIRouter):
+            rows_ED = router.effective_weight(drive_EFD)
+        else:
+            rows_ED = router.weight
+        return (rows_ED / router.temperature).detach().clone()
+
+
+# --- transformers model with swapped gates → native checkpoint ----------------------------------
+
+
+@contextmanager
+def native_gates(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every :class:`MoealignGate` of a transformers model is replaced by its
+    family's native router holding the equivalent linear weight; restored on exit."""
+    swapped = []
+    try:
+        for block in moe_blocks(model):
+            gate = block.mlp.gate
+            if not isinstance(gate, MoealignGate):
+                continue
+            native = gate.native_class(model.config)
+            drive = gate.router_drive_matrix() if isinstance(gate.router, MPIRouter) else None
+            weight = linear_router_weight(
+                gate.router, drive, bool(getattr(native, "norm_topk_prob", True))
+            )
+            with torch.no_grad():
+                native.weight.copy_(weight)
+            dtype = block.mlp.experts.down_proj.dtype
+            native = native.to(device=gate.router.weight.device, dtype=dtype)
+            block.mlp.gate = native.train(gate.training)
+            swapped.append((block.mlp, gate))
+        yield model
+    finally:
+        for mlp, gate in swapped:
+            mlp.gate = gate
+
+
+# --- MoETransformer ↔ Mixtral -------------------------------------------------------------------
+
+
+def rotary_permutation(head_dim: int) -> Tensor:
+    """Index p with hf_rows = ours_rows[p] per head: interleaved pairs → rotate_half halves."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def _permute_heads(weight_OD: Tensor, n_heads: int, order: Tensor) -> Tensor:
+    width = weight_OD.shape[-1]
+    return weight_OD.view(n_heads, -1, width)[:, order].reshape(-1, width)
+
+
+def _check_exportable(config: ModelConfig) -> None:
+    problems = []
+    if config.ffn != "moe":
+        problems.append(f"ffn={config.ffn!r} (needs 'moe')")
+    if config.moe_every != 1:
+        problems.append(f"moe_every={config.moe_every} (Mixtral has MoE in every layer)")
+    if config.shared_d_ff:
+        problems.append(f"shared_d_ff={config.shared_d_ff} (Mixtral has no shared expert)")
+    if problems:
+        raise ValueError(
+            "this MoETransformer cannot be exported as Mixtral: " + "; ".join(problems)
+        )
+
+
+def mixtral_config(config: ModelConfig):
+    """The ``MixtralConfig`` of a :class:`MoETransformer`'s architecture."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.expert_d_ff,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads,
+        head_dim=config.d_model // config.n_heads,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings,
+        num_local_experts=config.n_experts,
+        num_experts_per_tok=config.top_k,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        initializer_range=config.init_std,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def to_mixtral(model: MoETransformer):
+    """A ``MixtralForCausalLM`` (float32, eval mode) computing the same logits as ``model``."""
+    from transformers import MixtralForCausalLM
+
+    config = model.config
+    _check_exportable(config)
+    order = rotary_permutation(config.d_model // config.n_heads)
+    state = {
+        "model.embed_tokens.weight": model.embed.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
+    width = config.d_model
+    for index, block in enumerate(model.blocks):
+        moe: MoELayer = block.ffn
+        drive = moe.router_drive_matrix() if isinstance(moe.router, MPIRouter) else None
+        q, k, v = block.attn.qkv.weight.split(width)
+        prefix = f"model.layers.{index}."
+        state |= {
+            prefix + "input_layernorm.weight": block.attn_norm.weight,
+            prefix + "post_attention_layernorm.weight": block.ffn_norm.weight,
+            prefix + "self_attn.q_proj.weight": _permute_heads(q, config.n_heads, order),
+            prefix + "self_attn.k_proj.weight": _permute_heads(k, config.n_heads, order),
+            prefix + "self_attn.v_proj.weight": v,
+            prefix + "self_attn.o_proj.weight": block.attn.out.weight,
+            prefix + "mlp.gate.weight": linear_router_weight(moe.router, drive, True),
+            prefix + "mlp.experts.gate_up_proj": torch.cat(
+                [moe.experts.w_gate, moe.experts.w_up], dim=1
+            ),
+            prefix + "mlp.experts.down_proj": moe.experts.w_down,
+        }
+    hf_model = MixtralForCausalLM(mixtral_config(config))
+    with torch.no_grad():
+        hf_model.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
+    return hf_model.eval()
+
+
+MIXTRAL_ONLY = (
+    "olmoe: q/k RMSNorm; qwen2_moe: q/k/v biases and a gated shared expert; qwen3_moe: per-head "
+    "q/k RMSNorm; deepseek_v3: latent attention and sigmoid group-limited routing"
+)
+
+
+def _check_importable(hf_model) -> None:
+    family = detect_family(hf_model)
+    if family.name != "mixtral":
+        raise ValueError(
+            f"model_type={family.name!r} cannot be imported into a MoETransformer: only "
+            f"Mixtral-architecture checkpoints map onto it ({MIXTRAL_ONLY}). Use "
+            "capture_routing, swap_routers and HFRouted on the transformers model instead."
+        )
+    config = hf_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = config.rope_parameters or {}
+    checks = (
+        ("num_key_value_heads", config.num_key_value_heads, config.num_attention_heads),
+        ("head_dim", head_dim, config.hidden_size // config.num_attention_heads),
+        ("sliding_window", config.sliding_window, None),
+        ("hidden_act", config.hidden_act, "silu"),
+        ("rope_parameters.rope_type", rope.get("rope_type", "default"), "default"),
+        ("router_jitter_noise", config.router_jitter_noise, 0.0),
+    )
+    for name, value, accepted in checks:
+        if value != accepted:
+            raise ValueError(
+                f"config.{name}={value!r} is not accepted for import into a MoETransformer; "
+                f"expected {accepted!r}"
+            )
+
+
+def from_mixtral(hf_model) -> MoETransformer:
+    """A float32 :class:`MoETransformer` computing the same logits as a transformers Mixtral."""
+    _check_importable(hf_model)
+    hf = hf_model.config
+    config = ModelConfig(
+        vocab_size=hf.vocab_size,
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        max_seq_len=hf.max_position_embeddings,
+        ffn="moe",
+        n_experts=hf.num_local_experts,
+        top_k=hf.num_experts_per_tok,
+        expert_d_ff=hf.intermediate_size,
+        router="softmax_topk",
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        rope_theta=float(hf.rope_parameters["rope_theta"]),
+        norm_eps=hf.rms_norm_eps,
+        init_std=hf.initializer_range,
+    )
+    model = MoETransformer(config)
+    source = {k: v.detach().float().cpu() for k, v in hf_model.state_dict().items()}
+    inverse = torch.argsort(rotary_permutation(config.d_model // config.n_heads))
+    with torch.no_grad():
+        model.embed.weight.copy_(source["model.embed_tokens.weight"])
+        model.norm.weight.copy_(source["model.norm.weight"])
+        if not config.tie_embeddings:
+            model.lm_head.weight.copy_(source["lm_head.weight"])
+        for index, block in enumerate(model.blocks):
+            prefix = f"model.layers.{index}."
+            q = _permute_heads(source[prefix + "self_attn.q_proj.weight"], config.n_heads, inverse)
+            k = _permute_heads(source[prefix + "self_attn.k_proj.weight"], config.n_heads, inverse)
+            v = source[prefix + "self_attn.v_proj.weight"]
+            block.attn.qkv.weight.copy_(torch.cat([q, k, v]))
+            block.attn.out.weight.copy_(source[prefix + "self_attn.o_proj.weight"])
+            block.attn_norm.weight.copy_(source[prefix + "input_layernorm.weight"])
+            block.ffn_norm.weight.copy_(source[prefix + "post_attention_layernorm.weight"])
+            block.ffn.router.weight.copy_(source[prefix + "mlp.gate.weight"])
+            gate_up = source[prefix + "mlp.experts.gate_up_proj"]
+            block.ffn.experts.w_gate.copy_(gate_up[:, : config.expert_d_ff])
+            block.ffn.experts.w_up.copy_(gate_up[:, config.expert_d_ff :])
+            block.ffn.experts.w_down.copy_(source[prefix + "mlp.experts.down_proj"])
+    return model.eval()
+
+
+# --- public entry points --------------------------------------------------------------------------
+
+
+def export_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save ``model`` as a transformers checkpoint (config.json + model.safetensors) in ``path``.
+
+    A :class:`MoETransformer` is written as Mixtral; a supported transformers MoE model is
+    written in its own family with native gates (swapped gates as their effective rows). Load
+    it with ``AutoModelForCausalLM.from_pretrained(path)``.
+    """
+    path = Path(path)
+    if isinstance(model, MoETransformer):
+        to_mixtral(model).save_pretrained(path)
+        return path
+    detect_family(model)
+    with native_gates(model):
+        model.save_pretrained(path)
+    return path
+
+
+def import_pretrained(source, **from_pretrained_options) -> MoETransformer:
+    """A :class:`MoETransformer` from a Mixtral-architecture transformers model, or from a local
+    directory / hub name loaded with ``AutoModelForCausalLM.from_pretrained(source,
+    dtype=torch.float32, **from_pretrained_options)``."""
+    if isinstance(source, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
+
+        source = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, **from_pretrained_options
+        )
+    return from_mixtral(source)
+
+
+__all__ = [
+    "export_pretrained",
+    "from_mixtral",
+    "import_pretrained",
+    "linear_router_weight",
+    "mixtral_config",
+    "native_gates",
+    "rotary_permutation",
+    "to_mixtral",
+]
