@@ -14,40 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from helpers_cli import CONFIGS, cli_env
+from helpers_train import tiny_config
 from moealign.checkpoint import load_latest
-from moealign.config import load_config
 from moealign.train import Trainer
-
-TINY = [
-    "data.source=tasks",
-    "data.examples_per_task=40",
-    "data.tasks=['copy', 'reverse', 'sort', 'addition']",
-    "data.heldout_tasks=[]",
-    "data.heldout_compositions=[]",
-    "model.n_layers=2",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.vocab_size=258",
-    "model.max_seq_len=64",
-    "model.n_experts=4",
-    "model.expert_d_ff=32",
-    "train.seq_len=48",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.eval_batches=2",
-    "train.task_eval_examples=2",
-    "optim.warmup_steps=2",
-]
-
-
-def tiny_config(tmp_path, *overrides: str):
-    return load_config(None, [*TINY, f"out_dir={tmp_path}", *overrides])
 
 
 def read_records(run_dir, split="train"):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
+    return [r for r in map(json.loads, lines) if r.get("split") == split]
 
 
 def test_loss_goes_down_and_run_directory_is_complete(tmp_path):
@@ -160,6 +134,15 @@ def _run(tmp_path, name, stop_at=None, resume=False):
         "train.checkpoint_every=2",
         "train.eval_every=2",
         "model.router_options={expert_bias = true, jitter = 0.1}",
+        # the routing alignment with its EMA prior and a guardrail that fires and acts
+        "alignment.schedule=warmup",
+        "alignment.prior=marginal",
+        "alignment.prior_decay=0.5",
+        "alignment.warmup_steps=4",
+        "guardrails.policy=reduce_lambda",
+        "guardrails.min_usage_entropy=0.999",
+        "guardrails.patience=1",
+        "guardrails.cooldown=2",
     )
     term = RoutingMeanPenalty(coef=5.0)
     trainer = Trainer(config, aux_terms=[term], resume=resume, progress=False)
@@ -181,6 +164,9 @@ def test_interrupted_and_resumed_run_ends_bit_for_bit_equal(tmp_path):
     biases = [k for k in straight.model.state_dict() if k.endswith("expert_bias")]
     assert biases and any(straight.model.state_dict()[k].abs().sum() > 0 for k in biases)
     assert torch.equal(straight_term.ema, resumed_term.ema)
+    assert torch.equal(straight.alignment.prior.value_LE, resumed.alignment.prior.value_LE)
+    assert straight.alignment.lambda_scale == resumed.alignment.lambda_scale < 1.0
+    assert straight.guardrail.state_dict() == resumed.guardrail.state_dict()
     assert final.final_eval["val_loss"] == result.final_eval["val_loss"]
 
     def comparable(run):
@@ -190,6 +176,9 @@ def test_interrupted_and_resumed_run_ends_bit_for_bit_equal(tmp_path):
         ]
 
     assert comparable("split") == comparable("straight")
+    events = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").open()]
+    events = [r for r in events if "event" in r]
+    assert [e["step"] for e in events] == [1, 3, 5]  # patience 1, cooldown 2
     assert "routing_penalty" in read_records(tmp_path / "split")[0]
 
 

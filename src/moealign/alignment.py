@@ -24,7 +24,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from moealign.losses import routing_alignment_loss
+from moealign.config import AlignmentConfig
+from moealign.losses import routing_alignment_loss, task_routing_distributions
+from moealign.schedules import LambdaSchedule
 
 PRIOR_KINDS = ("uniform", "marginal", "file")
 
@@ -70,7 +72,8 @@ class RoutingPrior:
                 f"expected ({n_layers}, {n_experts})"
             )
         prior = prior.double()
-        if (prior <= 0).any() or not torch.allclose(prior.sum(-1), torch.ones(n_layers)):
+        sums = prior.sum(-1)
+        if (prior <= 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
             raise ValueError(
                 f"alignment.prior_path={str(path)!r}: every row must be a distribution with "
                 "positive entries summing to 1"
@@ -105,11 +108,12 @@ class RoutingAlignment:
 
     ``term(batch, model_output, step)`` returns ``{"align_loss": λ(t)·L_align − γ·H}`` where
     H is the mean normalised per-token router entropy and γ = ``entropy_bonus`` (0 unless a
-    guardrail raised it). ``metrics`` holds the unweighted values of the last call for logging.
+    guardrail raised it). ``metrics`` holds, for the last call, λ, the unweighted KL and per
+    layer the mean normalised entropy of the per-task routing distributions H(p_l(·|τ))/log E.
     ``lambda_scale`` and ``warmup_scale`` are the guardrail's handles (reduce λ, slow warm-up).
     """
 
-    def __init__(self, prior: RoutingPrior, schedule):
+    def __init__(self, prior: RoutingPrior, schedule: LambdaSchedule):
         self.prior = prior
         self.schedule = schedule
         self.lambda_scale = 1.0
@@ -130,19 +134,21 @@ class RoutingAlignment:
         align = routing_alignment_loss(probs, task_ids_T, prior_LE)
         lam = self.weight(step)
         loss = lam * align
-        entropy = probs[0].new_zeros(())
+        log_e = math.log(probs[0].shape[-1])
         if self.entropy_bonus > 0:
-            n_experts = probs[0].shape[-1]
-            entropy = torch.stack(
-                [-(torch.special.xlogy(p, p).sum(-1)).mean() for p in probs]
-            ).mean() / math.log(n_experts)
+            entropy = torch.stack([_entropy(p).mean() for p in probs]).mean() / log_e
             loss = loss - self.entropy_bonus * entropy
         self.prior.update(probs, task_ids_T)
         self.metrics = {
-            "align/loss": float(align.detach()),
-            "align/lambda": lam,
-            "align/entropy_bonus": self.entropy_bonus,
+            "lambda": lam,
+            "align_kl": float(align.detach()),
+            "align_entropy_bonus": self.entropy_bonus,
         }
+        for layer, probs_TE in enumerate(probs, start=1):
+            tasks, p_NE = task_routing_distributions(probs_TE.detach().float(), task_ids_T)
+            if tasks.numel():
+                task_entropy = float(_entropy(p_NE).mean()) / log_e
+                self.metrics[f"align/layer{layer}/task_entropy"] = task_entropy
         return {"align_loss": loss}
 
     def state_dict(self) -> dict[str, Any]:
@@ -158,3 +164,32 @@ class RoutingAlignment:
         self.lambda_scale = float(state["lambda_scale"])
         self.warmup_scale = float(state["warmup_scale"])
         self.entropy_bonus = float(state["entropy_bonus"])
+
+
+def _entropy(probs: Tensor) -> Tensor:
+    """H(p) = −Σ_e p_e log p_e over the last dimension."""
+    return -torch.special.xlogy(probs, probs).sum(-1)
+
+
+def build_alignment(
+    config: AlignmentConfig, n_layers: int, n_experts: int
+) -> RoutingAlignment | None:
+    """The alignment aux term of a run config (None when ``schedule = "none"``)."""
+    if config.schedule == "none":
+        return None
+    prior = RoutingPrior(
+        config.prior,
+        n_layers,
+        n_experts,
+        decay=config.prior_decay,
+        path=config.prior_path or None,
+    )
+    schedule = LambdaSchedule(
+        kind=config.schedule,
+        target=config.lambda_target,
+        warmup_steps=config.warmup_steps,
+        final=config.lambda_final,
+        anneal_start=config.anneal_start,
+        anneal_steps=config.anneal_steps,
+    )
+    return RoutingAlignment(prior, schedule)

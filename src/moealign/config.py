@@ -281,6 +281,52 @@ class LossConfig(_Validated):
 
 
 @dataclass
+class AlignmentConfig(_Validated):
+    """Routing manifold alignment during training (DESIGN.md §4; :mod:`moealign.alignment`).
+
+    L_total += λ(t) · mean_τ Σ_l KL(p_l(·|τ) ‖ q_l). ``schedule``: ``none`` (off), ``fixed``,
+    ``warmup`` (λ_target·min(1, t/warmup_steps)) or ``warmup_anneal`` (then linear to
+    ``lambda_final`` over ``anneal_steps`` from ``anneal_start``). ``prior``: ``uniform``,
+    ``marginal`` (EMA of the all-task routing with decay ``prior_decay``) or ``file``
+    (safetensors ``prior_path`` holding an (L, E) tensor ``prior``).
+    """
+
+    schedule: Literal["none", "fixed", "warmup", "warmup_anneal"] = "none"
+    lambda_target: float = bounded(0.1, ge=0)
+    lambda_final: float = bounded(0.0, ge=0)
+    warmup_steps: int = bounded(0, ge=0)
+    anneal_start: int = bounded(0, ge=0)
+    anneal_steps: int = bounded(0, ge=0)
+    prior: Literal["uniform", "marginal", "file"] = "uniform"
+    prior_decay: float = bounded(0.99, ge=0, lt=1)
+    prior_path: str = ""
+
+
+@dataclass
+class GuardrailConfig(_Validated):
+    """Routing-collapse guardrails (DESIGN.md §4; the guide's Step 7; :mod:`moealign.guardrails`).
+
+    After every optimizer step, a layer whose normalised expert-usage entropy falls under
+    ``min_usage_entropy``, whose mean normalised per-token router entropy falls under
+    ``min_token_entropy`` or whose share of dead experts exceeds ``max_dead_fraction`` is
+    unhealthy; ``patience`` unhealthy steps in a row trigger ``policy``: ``reduce_lambda``
+    (λ ← ``factor``·λ), ``entropy_bonus`` (add ``entropy_bonus`` to the bonus weight γ of the
+    alignment term), ``slow_warmup`` (stretch the λ warm-up by 1/``factor``) or ``stop`` (end
+    training, then evaluate); ``off`` only watches. After an action the guardrail waits
+    ``cooldown`` steps. Every trigger is an ``event`` record in ``metrics.jsonl``.
+    """
+
+    policy: Literal["off", "reduce_lambda", "entropy_bonus", "slow_warmup", "stop"] = "off"
+    min_usage_entropy: float = bounded(0.5, ge=0, le=1)
+    min_token_entropy: float = bounded(0.0, ge=0, le=1)
+    max_dead_fraction: float = bounded(0.5, ge=0, le=1)
+    patience: int = bounded(3, ge=1)
+    cooldown: int = bounded(20, ge=0)
+    factor: float = bounded(0.5, gt=0, lt=1)
+    entropy_bonus: float = bounded(0.01, gt=0)
+
+
+@dataclass
 class TrainConfig(_Validated):
     """The training loop (DESIGN.md §8).
 
@@ -326,6 +372,8 @@ class RunConfig(_Validated):
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    guardrails: GuardrailConfig = field(default_factory=GuardrailConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str = "run"
     out_dir: str = "runs"
@@ -341,6 +389,13 @@ class RunConfig(_Validated):
             raise ConfigError(
                 "optim.warmup_steps",
                 f"got {self.optim.warmup_steps}; expected <= train.steps={self.train.steps}",
+            )
+
+        if self.alignment.schedule != "none" and self.model.ffn != "moe":
+            raise ConfigError(
+                "alignment.schedule",
+                f"got {self.alignment.schedule!r}; the routing alignment needs model.ffn='moe' "
+                "(use 'none' for a dense model)",
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (DESIGN.md §1 ``schedules.py``).
+"""Learning-rate and λ schedules (DESIGN.md §1 ``schedules.py``, §4).
 
 The learning rate at optimizer step t (0-based) is lr_base · m(t) with
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["WarmupCosine"]
+__all__ = ["LAMBDA_SCHEDULES", "LambdaSchedule", "WarmupCosine"]
 
 
 @dataclass(frozen=True)
@@ -50,3 +50,60 @@ class WarmupCosine:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (
             1.0 + math.cos(math.pi * progress)
         )
+
+
+LAMBDA_SCHEDULES = ("none", "fixed", "warmup", "warmup_anneal")
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """Weight λ(t) of the routing alignment loss (DESIGN.md §4; the guide's Steps 2–3).
+
+    * ``none``: λ = 0 (the baseline without L_align);
+    * ``fixed``: λ = λ_target from the first step;
+    * ``warmup``: λ(t) = λ_target · min(1, t / N_warm);
+    * ``warmup_anneal``: the warm-up, then held until ``anneal_start``, then linear to
+      λ_final over ``anneal_steps`` steps and constant after.
+
+    ``t`` may be fractional (the guardrails slow the warm-up by evaluating λ at t / s).
+    """
+
+    kind: str = "warmup"
+    target: float = 0.1
+    warmup_steps: int = 0
+    final: float = 0.0
+    anneal_start: int = 0
+    anneal_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAMBDA_SCHEDULES:
+            raise ValueError(
+                f"alignment.schedule={self.kind!r} is not accepted; "
+                f"choose one of {LAMBDA_SCHEDULES}"
+            )
+        if self.target < 0 or self.final < 0:
+            raise ValueError(
+                f"alignment.lambda_target={self.target!r}/lambda_final={self.final!r} are not "
+                "accepted; expected values >= 0"
+            )
+        if self.warmup_steps < 0 or self.anneal_steps < 0 or self.anneal_start < 0:
+            raise ValueError(
+                "alignment.warmup_steps/anneal_start/anneal_steps must be >= 0; got "
+                f"{self.warmup_steps}/{self.anneal_start}/{self.anneal_steps}"
+            )
+        if self.kind == "warmup_anneal" and self.anneal_start < self.warmup_steps:
+            raise ValueError(
+                f"alignment.anneal_start={self.anneal_start} is not accepted; expected >= "
+                f"warmup_steps={self.warmup_steps}"
+            )
+
+    def __call__(self, step: float) -> float:
+        if self.kind == "none":
+            return 0.0
+        if self.kind == "fixed":
+            return self.target
+        lam = self.target * min(1.0, step / self.warmup_steps) if self.warmup_steps else self.target
+        if self.kind == "warmup_anneal" and step >= self.anneal_start:
+            progress = min(1.0, (step - self.anneal_start) / max(1, self.anneal_steps))
+            lam = self.target + (self.final - self.target) * progress
+        return lam

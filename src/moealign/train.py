@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from moealign import diagnostics
+from moealign.alignment import build_alignment
 from moealign.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -53,6 +54,7 @@ from moealign.evaluate import (
     per_task_accuracy,
     routing_projection_alignment,
 )
+from moealign.guardrails import RoutingGuardrail
 from moealign.loggers import LoggerGroup, build_loggers
 from moealign.nn import update_expert_biases
 from moealign.nn.transformer import MoETransformer
@@ -206,7 +208,14 @@ class Trainer:
             self.forward_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.aux_terms = list(aux_terms)
+        moe_layers = getattr(self.model, "moe_layers", [])
+        n_experts = config.model.n_experts
+        self.alignment = build_alignment(config.alignment, len(moe_layers), n_experts)
+        self.aux_terms = list(aux_terms) + ([self.alignment] if self.alignment else [])
+        self.guardrail = (
+            RoutingGuardrail(config.guardrails, n_experts, self.alignment) if moe_layers else None
+        )
+        self.stopped_early_at: int | None = None
         self.progress = progress
         self.step = 0
         self.tokens_seen = 0
@@ -267,6 +276,7 @@ class Trainer:
                 term.state_dict() if hasattr(term, "state_dict") else None
                 for term in self.aux_terms
             ],
+            "guardrail": self.guardrail.state_dict() if self.guardrail else None,
         }
 
     def _restore(self) -> None:
@@ -287,6 +297,8 @@ class Trainer:
         for term, term_state in zip(self.aux_terms, state["aux_terms"], strict=True):
             if term_state is not None:
                 term.load_state_dict(term_state)
+        if self.guardrail is not None and state.get("guardrail") is not None:
+            self.guardrail.load_state_dict(state["guardrail"])
         restore_rng_state(state["rng"])
         self.tokens_seen = state["tokens_seen"]
         self.step = checkpoint.step
@@ -393,6 +405,7 @@ class Trainer:
             for name, value in {"lm_loss_sum": lm_sum, "aux_loss": router_loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
 
+        router_grad_norms = self._router_grad_norms()
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         # Counts are all-reduced over ranks inside Router.update_expert_bias (DESIGN.md §2).
@@ -413,7 +426,20 @@ class Trainer:
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update(routing_stats.summary(self.dist, prefix="routing/"))
+        metrics.update(router_grad_norms)
+        for term in self.aux_terms:
+            metrics.update(getattr(term, "metrics", {}))
         return metrics
+
+    def _router_grad_norms(self) -> dict[str, float]:
+        """‖∇ router‖₂ per MoE layer (guardrail monitoring, DESIGN.md §4), before clipping."""
+        norms = {}
+        for layer, moe in enumerate(getattr(self.model, "moe_layers", []), start=1):
+            grads = [p.grad for p in moe.router.parameters() if p.grad is not None]
+            if grads:
+                norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+                norms[f"routing/layer{layer}/router_grad_norm"] = float(norm)
+        return norms
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -466,6 +492,21 @@ class Trainer:
         if self.run is not None:
             self.run.log_metrics(record)
             self.loggers.log(record)
+
+    def _guard(self, metrics: dict[str, float], bar: tqdm) -> bool:
+        """Run the routing guardrail on this step's metrics; True when it ends training."""
+        if self.guardrail is None:
+            return False
+        event = self.guardrail.check(self.step, metrics)
+        if event is None:
+            return False
+        self._log(event)
+        if self.dist.is_main:
+            bar.write(f"guardrail at step {self.step}: {event['layers']} -> {event['action']}")
+        if self.guardrail.stop_requested:
+            self.stopped_early_at = self.step
+            return True
+        return False
 
     def evaluate_model_extras(self) -> dict[str, Any]:
         """The end-of-run evaluation beyond the validation loss (rank 0 only): greedy answers on
@@ -522,6 +563,9 @@ class Trainer:
                         window_start, window_tokens = time.perf_counter(), 0
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                         self._log({"step": self.step, "split": "val", **self.evaluate()})
+                    if self._guard(metrics, bar):
+                        self.save_checkpoint()
+                        break
                     stop = self.dist.any(self._stop_signal is not None) or (
                         self.step == stop_at and self.step < cfg.steps
                     )
@@ -545,6 +589,8 @@ class Trainer:
             if self.run is not None:
                 counts = self.model.parameter_counts()
                 final_eval |= self.evaluate_model_extras()
+                if self.stopped_early_at is not None:
+                    final_eval["stopped_early_at"] = self.stopped_early_at
                 self.run.write_final_eval(
                     {
                         "step": self.step,
