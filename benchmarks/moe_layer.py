@@ -147,10 +147,10 @@ def module_step(module: nn.Module, x: Tensor, grad_y: Tensor) -> Callable[[], No
     return step
 
 
-def median_seconds_round_robin(
+def seconds_round_robin(
     steps: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
-) -> dict[str, float]:
-    """Median wall time of each step; every round runs each step once, in turn."""
+) -> dict[str, list[float]]:
+    """Wall times of each step over ``repeats`` rounds; every round runs each step once."""
 
     def timed(step: Callable[[], None]) -> float:
         if device.type == "cuda":
@@ -168,7 +168,7 @@ def median_seconds_round_robin(
     for _ in range(repeats):
         for name, step in steps.items():
             times[name].append(timed(step))
-    return {name: statistics.median(samples) for name, samples in times.items()}
+    return times
 
 
 def check_against_transformers(layer: MoELayer, n_tokens: int) -> float:
@@ -200,7 +200,10 @@ def bench_shape(
     # Three (B, S, D) inputs with one shared upstream gradient; each variant owns its input.
     x = torch.randn(1, n_tokens, shape.d_model, device=device, dtype=dtype)
     grad_y = torch.randn_like(x)
-    fresh = lambda: x.detach().clone().requires_grad_()  # noqa: E731
+
+    def fresh() -> Tensor:
+        return x.detach().clone().requires_grad_()
+
     steps = {
         "moe_softmax_topk": moe_step(layer, fresh(), grad_y),
         "moe_mpi": moe_step(mpi_layer, fresh(), grad_y),
@@ -225,7 +228,8 @@ def bench_shape(
     steps["router_and_losses"] = router_step(layer, fresh())
     steps["mpi_router_and_losses"] = router_step(mpi_layer, fresh())
 
-    seconds = median_seconds_round_robin(steps, device, args.repeats, args.warmup)
+    samples = seconds_round_robin(steps, device, args.repeats, args.warmup)
+    seconds = {name: statistics.median(times) for name, times in samples.items()}
     flops = shape.step_flops(n_tokens)
     expert_variants = [name for name in seconds if "router" not in name]
     available = [name for name in seconds if name.startswith("transformers_")]
@@ -235,6 +239,7 @@ def bench_shape(
         **asdict(shape),
         "step_flops": flops,
         "step_ms": {name: 1e3 * s for name, s in seconds.items()},
+        "step_ms_samples": {name: [1e3 * s for s in times] for name, times in samples.items()},
         "tokens_per_s": {name: n_tokens / seconds[name] for name in expert_variants},
         "gflop_per_s": {name: flops / seconds[name] / 1e9 for name in expert_variants},
         "skipped": skipped,
@@ -296,15 +301,17 @@ def print_table(results: dict, header: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 5 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="3 repeats (about half the time)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds (10 on CUDA)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
     args = parser.parse_args()
-    if args.quick:
-        args.repeats = 3
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.repeats is None:
+        args.repeats = (
+            (10 if args.quick else 20) if device.type == "cuda" else (3 if args.quick else 5)
+        )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
