@@ -40,12 +40,15 @@ def load_balance_loss(
             "for balance_scope='sequence'"
         )
     n_sequences = n_tokens // sequence_length
-    counts_BE = torch.zeros(n_sequences, n_experts, device=probs_TE.device, dtype=probs_TE.dtype)
-    sequence_of_slot = torch.arange(n_tokens, device=probs_TE.device) // sequence_length
-    counts_BE.index_put_(
-        (sequence_of_slot.repeat_interleave(top_k), topk_idx_TK.reshape(-1)),
-        torch.ones((), device=probs_TE.device, dtype=probs_TE.dtype),
-        accumulate=True,
+    # Count (sequence, expert) pairs with one scatter-add into the flattened (B·E) table.
+    sequence_of_token_T1 = (
+        torch.arange(n_tokens, device=probs_TE.device).unsqueeze(1) // sequence_length
+    )
+    cell_S = (sequence_of_token_T1 * n_experts + topk_idx_TK).reshape(-1)
+    counts_BE = (
+        torch.zeros(n_sequences * n_experts, device=probs_TE.device, dtype=probs_TE.dtype)
+        .scatter_add_(0, cell_S, torch.ones_like(cell_S, dtype=probs_TE.dtype))
+        .view(n_sequences, n_experts)
     )
     fraction_BE = counts_BE / (sequence_length * top_k)
     mean_prob_BE = probs_TE.view(n_sequences, sequence_length, n_experts).mean(1)

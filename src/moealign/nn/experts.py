@@ -44,6 +44,17 @@ def grouped_mm_supported(x_SD: Tensor, *weights: Tensor) -> bool:
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
 
+def count_slots_per_expert(expert_of_slot_S: Tensor, n_experts: int) -> Tensor:
+    """c_e = #{s : expert_of_slot_s = e} for e < n_experts (int64; larger ids are not counted).
+
+    A scatter-add rather than ``torch.bincount``, which reads the maximum id back to the host
+    on CUDA (a device sync on every layer call).
+    """
+    ids_S = expert_of_slot_S.reshape(-1).clamp(max=n_experts)  # ids >= n_experts share a spare bin
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=ids_S.device)
+    return counts.scatter_add_(0, ids_S, torch.ones_like(ids_S))[:n_experts]
+
+
 def expert_forward_grouped(
     x_SD: Tensor, w_gate_EFD: Tensor, w_up_EFD: Tensor, w_down_EDF: Tensor, offsets_E: Tensor
 ) -> Tensor:
@@ -104,12 +115,14 @@ class SwiGLUExperts(nn.Module):
             # Dropped slots get the out-of-range expert id E: they sort last and no group owns them.
             expert_of_slot_S = expert_of_slot_S.masked_fill(~keep_TK.reshape(-1), self.n_experts)
         order_S = torch.argsort(expert_of_slot_S, stable=True)
-        counts_E = torch.bincount(expert_of_slot_S, minlength=self.n_experts + 1)[: self.n_experts]
+        counts_E = count_slots_per_expert(expert_of_slot_S, self.n_experts)
         n_routed = int(counts_E.sum()) if keep_TK is not None else n_tokens * top_k
         routed_slots = order_S[:n_routed]
 
         compute_dtype = _compute_dtype(x_TD)
-        x_SD = x_TD[routed_slots // top_k].to(compute_dtype)
+        # index_select's backward is an index_add_, cheaper than the accumulating index_put_
+        # behind x_TD[index]'s.
+        x_SD = x_TD.index_select(0, routed_slots // top_k).to(compute_dtype)
         weights = [w.to(compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
         if self._use_grouped(x_SD, weights):
             offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
@@ -117,7 +130,9 @@ class SwiGLUExperts(nn.Module):
         else:
             y_SD = expert_forward_loop(x_SD, *weights, counts_E.tolist())
 
-        y_slots = y_SD.new_zeros(n_tokens * top_k, self.d_model).index_copy(0, routed_slots, y_SD)
+        # Dropless, every slot is overwritten: no need to zero the buffer first.
+        buffer = y_SD.new_zeros if keep_TK is not None else y_SD.new_empty
+        y_slots = buffer(n_tokens * top_k, self.d_model).index_copy(0, routed_slots, y_SD)
         weight_T1K = topk_weight_TK.to(y_slots.dtype).unsqueeze(1)
         return torch.bmm(weight_T1K, y_slots.view(n_tokens, top_k, self.d_model)).squeeze(1)
 

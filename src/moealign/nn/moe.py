@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moealign.losses import BALANCE_SCOPES, load_balance_loss, z_loss
-from moealign.nn.experts import SwiGLUExperts
+from moealign.nn.experts import SwiGLUExperts, count_slots_per_expert
 from moealign.nn.routers import MPIRouter, Router, SoftmaxTopKRouter, build_router
 
 
@@ -126,8 +126,10 @@ class MoELayer(nn.Module):
         return y_TD.view(x.shape).to(x.dtype), info
 
     def _expert_counts(self, topk_idx_TK: Tensor, keep_TK: Tensor | None) -> Tensor:
-        chosen = topk_idx_TK if keep_TK is None else topk_idx_TK[keep_TK]
-        return torch.bincount(chosen.reshape(-1), minlength=self.n_experts)
+        chosen = (
+            topk_idx_TK if keep_TK is None else topk_idx_TK.masked_fill(~keep_TK, self.n_experts)
+        )
+        return count_slots_per_expert(chosen, self.n_experts)
 
 
 def precompute_routers(module: nn.Module) -> nn.Module:

@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moealign.nn.experts import count_slots_per_expert
+
 ROUTER_KINDS = ("softmax_topk", "switch", "hierarchical", "mpi")
 MPI_EXPERT_MATRICES = ("gate", "up", "down")
 
@@ -127,8 +129,12 @@ class Router(nn.Module):
             keep_TK = capacity_keep_mask(topk_idx_TK, self.n_experts, self.capacity_factor)
             topk_weight_TK = topk_weight_TK * keep_TK
         if self.expert_bias is not None and self.training and torch.is_grad_enabled():
-            counted = topk_idx_TK if keep_TK is None else topk_idx_TK[keep_TK]
-            self.tokens_per_expert += torch.bincount(counted.reshape(-1), minlength=self.n_experts)
+            counted = (
+                topk_idx_TK
+                if keep_TK is None
+                else topk_idx_TK.masked_fill(~keep_TK, self.n_experts)
+            )
+            self.tokens_per_expert += count_slots_per_expert(counted, self.n_experts)
         return RouterOutput(logits_TE, probs_TE, topk_idx_TK, topk_weight_TK, keep_TK)
 
     def compute_logits(self, x_TD: Tensor, expert_weight_EFD: Tensor | None) -> Tensor:
@@ -243,6 +249,36 @@ class HierarchicalRouter(Router):
         return masked_TGX.flatten(-2)
 
 
+class PowerStep(torch.autograd.Function):
+    """One MPI power step u_e = A_eᵀ (A_e r_e) for all experts (DESIGN.md §3), never forming AᵀA.
+
+    Forward: p_e = A_e r_e, u_e = A_eᵀ p_e (two batched matrix-vector products). Backward, for
+    g_e = ∂L/∂u_e: ∂L/∂r_e = A_eᵀ A_e g_e (AᵀA is symmetric) and
+    ∂L/∂A_e = p_e g_eᵀ + (A_e g_e) r_eᵀ, a rank-2 (F, D) update written by one batched matmul.
+    Autograd through the two products would write two (E, F, D) outer products, add them and
+    copy transposed operands: several passes over the expert weights instead of one.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix_EFD: Tensor, rows_ED: Tensor) -> Tensor:
+        projected_EF1 = torch.bmm(matrix_EFD, rows_ED.unsqueeze(-1))
+        ctx.save_for_backward(matrix_EFD, rows_ED, projected_EF1)
+        return torch.bmm(projected_EF1.transpose(1, 2), matrix_EFD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_ED: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        matrix_EFD, rows_ED, projected_EF1 = ctx.saved_tensors
+        grad_projected_EF1 = torch.bmm(matrix_EFD, grad_ED.unsqueeze(-1))
+        grad_matrix_EFD = grad_rows_ED = None
+        if ctx.needs_input_grad[0]:
+            left_EF2 = torch.cat([projected_EF1, grad_projected_EF1], dim=-1)
+            right_E2D = torch.stack([grad_ED, rows_ED], dim=1)
+            grad_matrix_EFD = torch.bmm(left_EF2, right_E2D)
+        if ctx.needs_input_grad[1]:
+            grad_rows_ED = torch.bmm(grad_projected_EF1.transpose(1, 2), matrix_EFD).squeeze(1)
+        return grad_matrix_EFD, grad_rows_ED
+
+
 class MPIRouter(Router):
     """``mpi``: Manifold Power Iteration router (DESIGN.md §3; arXiv 2606.12397, Eqs. 4–6).
 
@@ -318,8 +354,7 @@ class MPIRouter(Router):
             for step in range(self.power_steps):
                 if step > 0 and self.retract:
                     rows_ED = F.normalize(rows_ED, dim=-1)  # keeps long iterations finite
-                projected_EF = torch.einsum("efd,ed->ef", matrix_EFD, rows_ED)
-                rows_ED = torch.einsum("efd,ef->ed", matrix_EFD, projected_EF)
+                rows_ED = PowerStep.apply(matrix_EFD, rows_ED)
         if self.retract:
             rows_ED = F.normalize(rows_ED, dim=-1)
         return self.scale * rows_ED
