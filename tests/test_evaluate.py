@@ -228,6 +228,11 @@ def test_greedy_generate_matches_a_single_example_loop_and_stops_at_eos():
     assert any(len(e) == 6 for e in expected)  # some rows run to the budget
     assert greedy_generate(model, prompts, 6, eos_id, batch_size=4) == expected
     assert greedy_generate(model, prompts, 6, never, batch_size=32) == free_run
+    # one budget per prompt: each row stops at its own budget
+    budgets = [1, 6, 2, 4, 3, 5]
+    assert greedy_generate(model, prompts, budgets, never, batch_size=4) == [
+        run[:budget] for run, budget in zip(free_run, budgets, strict=True)
+    ]
     assert model.training
 
 
@@ -239,6 +244,8 @@ def test_greedy_generate_stops_at_the_model_context_and_rejects_bad_input():
         greedy_generate(model, [list(range(8))], 1, 0)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         greedy_generate(model, [[1]], 0, 0)
+    with pytest.raises(ValueError, match="2 budgets for 1 prompts"):
+        greedy_generate(model, [[1]], [1, 2], 0)
     with pytest.raises(ValueError, match="prompt_ids\\[1\\] is empty"):
         greedy_generate(model, [[1], []], 2, 0)
 

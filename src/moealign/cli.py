@@ -35,16 +35,20 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults)")
+def _add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.n_experts=16 (repeatable)",
+        help=f"{help}, e.g. --set model.n_experts=16 (repeatable)",
     )
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults)")
+    _add_override_argument(parser, "override a config value")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,9 +138,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from moealign import demo
+    from moealign.demo import PRESETS
 
-    demo.add_arguments(parser)
+    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    _add_override_argument(parser, "override a config value of all three models")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run_demo(args: argparse.Namespace) -> int:

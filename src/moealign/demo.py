@@ -210,20 +210,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value of all three models (repeatable)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     summaries = run_demo(out, args.preset, args.overrides, progress=not args.no_progress)

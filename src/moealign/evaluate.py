@@ -184,14 +184,14 @@ def evaluate_lm(
 def _greedy_batch(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
+    budgets: Sequence[int],
     eos_id: int,
     max_length: int | None,
     device: torch.device,
 ) -> list[list[int]]:
     """Greedy decoding of one right-padded batch; finished rows leave the batch."""
     prompt_lengths = [len(p) for p in prompts]
-    width = max(prompt_lengths) + max_new_tokens
+    width = max(length + budget for length, budget in zip(prompt_lengths, budgets, strict=True))
     if max_length is not None:
         width = min(width, max_length)
     # Positions past a row's length are never read by its own logits (causal attention).
@@ -199,8 +199,9 @@ def _greedy_batch(
     for row, prompt in enumerate(prompts):
         tokens_BS[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     lengths_B = torch.tensor(prompt_lengths, dtype=torch.long, device=device)
+    stop_at_B = lengths_B + torch.tensor(budgets, dtype=torch.long, device=device)
     active_A = torch.arange(len(prompts), device=device)
-    for _ in range(max_new_tokens):
+    for _ in range(max(budgets)):
         if active_A.numel() == 0:
             break
         lengths_A = lengths_B[active_A]
@@ -209,7 +210,7 @@ def _greedy_batch(
         next_A = logits_ASV[rows_A, lengths_A - 1].argmax(-1)
         tokens_BS[active_A, lengths_A] = next_A
         lengths_B[active_A] = lengths_A + 1
-        finished_A = next_A == eos_id
+        finished_A = (next_A == eos_id) | (lengths_A + 1 >= stop_at_B[active_A])
         if max_length is not None:
             finished_A |= lengths_A + 1 >= max_length
         active_A = active_A[~finished_A]
@@ -222,7 +223,7 @@ def _greedy_batch(
 def greedy_generate(
     model: nn.Module,
     prompt_ids: Sequence[Sequence[int]],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     eos_id: int,
     batch_size: int = 32,
 ) -> list[list[int]]:
@@ -230,11 +231,20 @@ def greedy_generate(
 
     For each prompt returns the generated ids, stopping after EOS (returned as the last id, so a
     caller can tell a finished generation from a truncated one), after ``max_new_tokens``
-    tokens, or when the sequence reaches ``model.config.max_seq_len``. No KV
+    tokens (one budget for all prompts, or one per prompt), or when the sequence reaches
+    ``model.config.max_seq_len``. No KV
     cache: every step recomputes the full prefix. Prompts are sorted by length into batches of
     ``batch_size`` right-padded rows (exact for causal models; see the module docstring).
     """
-    _check_positive_int("max_new_tokens", max_new_tokens)
+    budgets = (
+        [max_new_tokens] * len(prompt_ids)
+        if isinstance(max_new_tokens, int)
+        else list(max_new_tokens)
+    )
+    if len(budgets) != len(prompt_ids):
+        raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(prompt_ids)} prompts")
+    for budget in budgets:
+        _check_positive_int("max_new_tokens", budget)
     _check_positive_int("batch_size", batch_size)
     max_length = _max_sequence_length(model)
     for index, prompt in enumerate(prompt_ids):
@@ -252,7 +262,12 @@ def greedy_generate(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = _greedy_batch(
-                model, [prompt_ids[i] for i in rows], max_new_tokens, eos_id, max_length, device
+                model,
+                [prompt_ids[i] for i in rows],
+                [budgets[i] for i in rows],
+                eos_id,
+                max_length,
+                device,
             )
             for row, ids in zip(rows, batch, strict=True):
                 generated[row] = ids
@@ -369,21 +384,25 @@ def evaluate_tasks(
     """
     if max_new_tokens is not None:
         _check_positive_int("max_new_tokens", max_new_tokens)
-    results = {}
-    for task, task_examples in _group_by_task(examples).items():
-        kind = _task_kind(task)
+    groups = _group_by_task(examples)
+    # One generation call for every task (longer batches), each task with its own budget.
+    prompts, budgets = [], []
+    for task_examples in groups.values():
         encoded = [encode_example(example, tokenizer) for example in task_examples]
         budget = max_new_tokens or max(len(answer_ids) for _, answer_ids in encoded)
-        generated = greedy_generate(
-            model, [prompt for prompt, _ in encoded], budget, tokenizer.eos_id, batch_size
-        )
-        complete = [bool(ids) and ids[-1] == tokenizer.eos_id for ids in generated]
+        prompts += [prompt for prompt, _ in encoded]
+        budgets += [budget] * len(encoded)
+    generated = iter(greedy_generate(model, prompts, budgets, tokenizer.eos_id, batch_size))
+    results = {}
+    for task, task_examples in groups.items():
+        task_generated = [next(generated) for _ in task_examples]
+        complete = [bool(ids) and ids[-1] == tokenizer.eos_id for ids in task_generated]
         predictions = [
             tokenizer.decode(ids[:-1] if done else ids).removeprefix(ANSWER_SEPARATOR)
-            for ids, done in zip(generated, complete, strict=True)
+            for ids, done in zip(task_generated, complete, strict=True)
         ]
         references = [example.answer for example in task_examples]
-        results[task] = _score_answers(task, kind, predictions, references, complete)
+        results[task] = _score_answers(task, _task_kind(task), predictions, references, complete)
     return TaskEvaluation(results)
 
 
