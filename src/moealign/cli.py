@@ -103,9 +103,29 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _roma_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", metavar="RUN_DIR", required=True, help="pretrained run")
+    _add_config_arguments(parser)
+    parser.add_argument("--out", metavar="DIR", required=True, help="results directory")
+
+
+def _run_roma(args: argparse.Namespace) -> int:
+    from moealign.roma.config import load_roma_config
+    from moealign.roma.study import Study, markdown_tables
+
+    study = Study(args.base, load_roma_config(args.config, args.overrides))
+    print(markdown_tables(study.run(args.out)))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train a model from a config", add_arguments=_train_arguments, run=_run_train
+    ),
+    "roma": Command(
+        help="RoMA study: router tuning, RoMA, C3PO and oracle routing on a pretrained run",
+        add_arguments=_roma_arguments,
+        run=_run_roma,
     ),
 }
 
