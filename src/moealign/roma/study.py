@@ -323,6 +323,44 @@ class Study:
         }
 
 
+# Oracle-gap closure and CTGI need the oracle to beat the base model by at least this much
+# (1 point of accuracy); below it the ratio is undefined or unstable and is reported as None.
+MIN_HEADROOM = 0.01
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _gap_closure(accuracy: float, base: float, oracle: float) -> float | None:
+    """(A_m − A_base)/(A_oracle − A_base); None when the headroom is under MIN_HEADROOM."""
+    if oracle - base < MIN_HEADROOM:
+        return None
+    return float(normalized_gain(accuracy, base, oracle))
+
+
+def _ctgi_entry(method, base, oracle, seed: str) -> dict[str, Any]:
+    try:
+        estimate = ctgi(
+            method["heldout"].correct_by_task(),
+            base["heldout"].correct_by_task(),
+            upper_bound=oracle["heldout"].correct_by_task(),
+            min_headroom=MIN_HEADROOM,
+            n_resamples=1000,
+            seed=int(seed),
+        )
+    except ValueError as err:  # no held-out task with headroom
+        return {"value": None, "ci_low": None, "ci_high": None, "reason": str(err)}
+    return {
+        "value": estimate.value,
+        "ci_low": estimate.ci_low,
+        "ci_high": estimate.ci_high,
+        "per_task_gain": estimate.per_task_gain,
+        "excluded_tasks": estimate.excluded_tasks,
+    }
+
+
 def summarise(
     per_seed: dict[str, dict[str, dict[str, TaskEvaluation]]], seeds: Sequence[int]
 ) -> dict[str, Any]:
@@ -349,39 +387,20 @@ def summarise(
                 for task in tasks
             }
             gaps = [
-                float(
-                    normalized_gain(
-                        by_seed[k][name].macro_accuracy,
-                        per_seed["base"][k][name].macro_accuracy,
-                        per_seed["oracle"][k][name].macro_accuracy,
-                    )
+                _gap_closure(
+                    by_seed[k][name].macro_accuracy,
+                    per_seed["base"][k][name].macro_accuracy,
+                    per_seed["oracle"][k][name].macro_accuracy,
                 )
                 for k in keys
             ]
-            summary["gap_closure"][method][name] = {"per_seed": gaps, "mean": float(np.mean(gaps))}
+            summary["gap_closure"][method][name] = {"per_seed": gaps, "mean": _mean(gaps)}
         estimates = [
-            ctgi(
-                by_seed[k]["heldout"].correct_by_task(),
-                per_seed["base"][k]["heldout"].correct_by_task(),
-                upper_bound=per_seed["oracle"][k]["heldout"].correct_by_task(),
-                min_headroom=0.01,
-                n_resamples=1000,
-                seed=int(k),
-            )
-            for k in keys
+            _ctgi_entry(by_seed[k], per_seed["base"][k], per_seed["oracle"][k], k) for k in keys
         ]
         summary["ctgi"][method] = {
-            "per_seed": [
-                {
-                    "value": e.value,
-                    "ci_low": e.ci_low,
-                    "ci_high": e.ci_high,
-                    "per_task_gain": e.per_task_gain,
-                    "excluded_tasks": e.excluded_tasks,
-                }
-                for e in estimates
-            ],
-            "mean": float(np.mean([e.value for e in estimates])),
+            "per_seed": estimates,
+            "mean": _mean([e["value"] for e in estimates]),
         }
     if len(keys) >= 2:
         summary["roma_minus_router_tuning"] = {}
@@ -418,6 +437,10 @@ def _cell(entry: dict[str, Any]) -> str:
     return f"{100 * entry['mean']:.1f}" + (f" ± {100 * half:.1f}" if half is not None else "")
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
     """The main table (method × set accuracy, gap closure, CTGI) and the per-task table."""
     summary = results["summary"]
@@ -436,12 +459,15 @@ def markdown_tables(results: dict[str, Any]) -> str:
         accuracy = summary["accuracy"][method]
         gaps = summary["gap_closure"][method]
         ctgi_entry = summary["ctgi"][method]
-        low = np.mean([e["ci_low"] for e in ctgi_entry["per_seed"]])
-        high = np.mean([e["ci_high"] for e in ctgi_entry["per_seed"]])
+        low = _mean([e["ci_low"] for e in ctgi_entry["per_seed"]])
+        high = _mean([e["ci_high"] for e in ctgi_entry["per_seed"]])
+        ctgi_cell = _number(ctgi_entry["mean"])
+        if low is not None:
+            ctgi_cell += f" [{low:.3f}, {high:.3f}]"
         lines.append(
             f"| {method} | {_cell(accuracy['seen'])} | {_cell(accuracy['heldout'])} | "
-            f"{gaps['seen']['mean']:.3f} | {gaps['heldout']['mean']:.3f} | "
-            f"{ctgi_entry['mean']:.3f} [{low:.3f}, {high:.3f}] |"
+            f"{_number(gaps['seen']['mean'])} | {_number(gaps['heldout']['mean'])} | "
+            f"{ctgi_cell} |"
         )
     if "roma_minus_router_tuning" in summary:
         lines += ["", "RoMA − router tuning (paired t-test over seeds):", ""]
