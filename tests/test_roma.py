@@ -14,6 +14,7 @@ import torch
 from moealign.config import ConfigError
 from moealign.data.tasks import TaskSuiteConfig, build_task_suite, multiple_choice_view
 from moealign.data.tokenizer import ByteTokenizer
+from moealign.evaluate import option_log_likelihoods
 from moealign.nn.transformer import ModelConfig, MoETransformer
 from moealign.roma import (
     HashedTrigramEncoder,
@@ -121,12 +122,12 @@ def test_override_routing_context_validates_and_restores():
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def test_option_scores_match_one_question_at_a_time(questions):
+def test_letter_scores_match_one_question_at_a_time(questions):
     routed = MoealignRouted(tiny_model())
     encoded = [encode_question(q, TOKENIZER) for q in questions[:6]]
     batch = collate(encoded, TOKENIZER.pad_id)
     with torch.no_grad():
-        scores_BO = option_scores(routed.forward(batch.input_ids_BS), batch)
+        scores_BO = option_scores(routed.forward(batch.input_ids_RS), batch)
         for b, question in enumerate(questions[:6]):
             # The prompt, then " " (shared by " A", " B", ...): the next token is the letter.
             ids = torch.tensor([TOKENIZER.encode(question.prompt + " ")])
@@ -136,6 +137,28 @@ def test_option_scores_match_one_question_at_a_time(questions):
             assert torch.allclose(scores_BO[b, : len(letters)], expected, atol=1e-5)
             assert torch.isinf(scores_BO[b, len(letters) :]).all()
             assert batch.routed_position_B[b] == len(TOKENIZER.encode(question.prompt)) - 1
+
+
+def test_text_scores_match_option_log_likelihoods(questions):
+    model = tiny_model()
+    routed = MoealignRouted(model)
+    chosen = questions[:5] + questions[-3:]  # 4-option and 2-option (brackets) questions
+    batch = collate(
+        [encode_question(q, TOKENIZER, continuation="text") for q in chosen], TOKENIZER.pad_id
+    )
+    with torch.no_grad():
+        scores_BO = option_scores(routed.forward(batch.input_ids_RS), batch)
+    expected = option_log_likelihoods(model, TOKENIZER, chosen, continuation="text")
+    for b, row in enumerate(expected):
+        assert torch.allclose(scores_BO[b, : len(row)], torch.tensor(row).float(), atol=1e-4)
+        assert torch.isinf(scores_BO[b, len(row) :]).all()
+    # every row of a question starts with its prompt, so their routing agrees at the prompt
+    with torch.no_grad():
+        output = routed.forward(batch.input_ids_RS)
+    for layer in LAYERS:
+        at_R = output.probs[layer][torch.arange(len(batch.question_R)), batch.routed_position_R]
+        first_R = at_R[batch.first_row_B][batch.question_R]
+        assert torch.allclose(at_R, first_R, atol=1e-6)
 
 
 # --- neighbours ------------------------------------------------------------------------------
@@ -262,8 +285,8 @@ def test_manifold_gradient_matches_float64_finite_difference(questions):
     router = model.moe_layers[1].router.weight
 
     def loss() -> torch.Tensor:
-        output = routed.forward(batch.input_ids_BS)
-        routing_BP = routing_vector(output, LAYERS, batch.routed_position_B)
+        output = routed.forward(batch.input_ids_RS)
+        routing_BP = routing_vector(output, LAYERS, batch)
         return manifold_loss(routing_BP, targets_BKP, weight_BK)
 
     (gradient,) = torch.autograd.grad(loss(), [router])
@@ -395,3 +418,13 @@ def test_config_loads_and_names_bad_fields(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=fragment):
             load_roma_config(None, [override])
+
+
+def test_minilm_encoder_loads_offline_and_embeds(questions):
+    from moealign.roma import MiniLMEncoder
+
+    e = MiniLMEncoder(device="cpu").encode([q.prompt for q in questions[:4]] + ["a cat sat"])
+    assert e.shape == (5, 384) and e.dtype == torch.float32
+    assert torch.allclose(e.norm(dim=-1), torch.ones(5), atol=1e-5)
+    # two addition questions are closer to each other than to an unrelated sentence
+    assert e[0] @ e[1] > e[0] @ e[4]

@@ -59,6 +59,7 @@ def c3po_capture(
     references_NP: Tensor,
     alpha: float,
     token: str = "last",
+    continuation: str = "letter",
     batch_size: int = 64,
 ) -> Capture:
     """Evaluate ``examples`` with C3PO re-mixing (module docstring); ``neighbourhood`` rows are
@@ -76,26 +77,31 @@ def c3po_capture(
 
     def overrides_for(rows: range, batch: ChoiceBatch) -> dict:
         device = batch.gold_B.device
-        mixture_BLE = mixture_QLE[rows.start : rows.stop].to(device)
-        has_B1 = has_neighbours_Q[rows.start : rows.stop].to(device).unsqueeze(-1)
+        question_R = batch.question_R
+        mixture_RLE = mixture_QLE[rows.start : rows.stop].to(device)[question_R]
+        has_R1 = has_neighbours_Q[rows.start : rows.stop].to(device)[question_R].unsqueeze(-1)
 
         def remix(slot: int):
-            def new_probs(current_BE: Tensor) -> Tensor:
-                mixed_BE = alpha * current_BE + (1.0 - alpha) * mixture_BLE[:, slot].to(current_BE)
-                return torch.where(has_B1, mixed_BE, current_BE)
+            def new_probs(current_RE: Tensor) -> Tensor:
+                mixed_RE = alpha * current_RE + (1.0 - alpha) * mixture_RLE[:, slot].to(current_RE)
+                return torch.where(has_R1, mixed_RE, current_RE)
 
-            return replace_at_positions(batch.routed_position_B, new_probs)
+            return replace_at_positions(batch, new_probs)
 
         return {layer: remix(slot) for slot, layer in enumerate(layers)}
 
-    return capture(routed, tokenizer, examples, layers, token, batch_size, overrides_for)
+    return capture(
+        routed, tokenizer, examples, layers, token, continuation, batch_size, overrides_for
+    )
 
 
 def _softmax_overrides(
-    layers: Sequence[int], position_B: Tensor, logits_BLE: Tensor
+    layers: Sequence[int], batch: ChoiceBatch, logits_BLE: Tensor
 ) -> dict[int, object]:
+    logits_RLE = logits_BLE[batch.question_R]
+
     def fixed(slot: int):
-        return replace_at_positions(position_B, lambda _: logits_BLE[:, slot].softmax(-1))
+        return replace_at_positions(batch, lambda _: logits_RLE[:, slot].softmax(-1))
 
     return {layer: fixed(slot) for slot, layer in enumerate(layers)}
 
@@ -108,6 +114,7 @@ def oracle_capture(
     steps: int,
     lr: float,
     token: str = "last",
+    continuation: str = "letter",
     batch_size: int = 64,
 ) -> Capture:
     """Oracle routing (module docstring): ``steps`` Adam steps of learning rate ``lr`` per
@@ -120,25 +127,24 @@ def oracle_capture(
         raise ValueError(f"steps={steps!r} is not accepted; expected an integer >= 1")
     if not lr > 0:
         raise ValueError(f"lr={lr!r} is not accepted; expected a float > 0")
-    questions = encode_questions(examples, tokenizer, token)
+    questions = encode_questions(examples, tokenizer, token, continuation)
     device = model_device(routed)
     result = CaptureBuilder()
     with frozen_eval(routed), only_trainable(routed, []):
         for _, batch in batches(questions, batch_size, tokenizer.pad_id, device):
-            position_B = batch.routed_position_B
             with torch.no_grad():
-                own_BLE = routing_per_layer(routed.forward(batch.input_ids_BS), layers, position_B)
+                own_BLE = routing_per_layer(routed.forward(batch.input_ids_RS), layers, batch)
             logits_BLE = own_BLE.clamp_min(_LOG_FLOOR).log().detach().requires_grad_(True)
             optimizer = torch.optim.Adam([logits_BLE], lr=lr)
             for _ in range(steps):
-                with routed.override_routing(_softmax_overrides(layers, position_B, logits_BLE)):
-                    output = routed.forward(batch.input_ids_BS)
-                loss = choice_loss(option_scores(output, batch), batch.gold_B) * len(position_B)
+                with routed.override_routing(_softmax_overrides(layers, batch, logits_BLE)):
+                    output = routed.forward(batch.input_ids_RS)
+                loss = choice_loss(option_scores(output, batch), batch.gold_B) * len(batch.gold_B)
                 (logits_BLE.grad,) = torch.autograd.grad(loss, [logits_BLE])
                 optimizer.step()
             with (
                 torch.no_grad(),
-                routed.override_routing(_softmax_overrides(layers, position_B, logits_BLE)),
+                routed.override_routing(_softmax_overrides(layers, batch, logits_BLE)),
             ):
-                result.add(routed.forward(batch.input_ids_BS), batch, layers)
+                result.add(routed.forward(batch.input_ids_RS), batch, layers)
     return result.build()

@@ -1,18 +1,22 @@
 """Multiple-choice scoring and routing capture through :class:`moealign.routed.RoutedModel`.
 
-One row per question: the prompt ids followed by the part the answer continuations
-``ANSWER_SEPARATOR + letter + EOS`` (as :func:`moealign.data.encode_example` encodes them)
-share; the option score is the log-probability of the option's first distinguishing token at
-the row's last position, s_o = log p(c_o | prompt, shared prefix). This is the released RoMA
-code's task loss (a CE over the next-token logits of the option letters), at one forward pass
-per question instead of one per option.
+An option's answer continuation is ``ANSWER_SEPARATOR + answer + EOS`` as
+:func:`moealign.data.encode_example` encodes it. Two scorings (``continuation``):
 
-The routed token is the last prompt token (``token="last"``, RoMA's Last1: the ":" of
-"answer:") or the first one; its routing vector is r = concat over the chosen MoE layers of the
-full routing softmax, shape (L·E,).
+* ``"letter"`` (the released RoMA code's task loss, a CE over the next-token logits of the
+  option letters): one row per question, the prompt followed by the part the letter
+  continuations share; s_o = log p(c_o | prompt, shared part), c_o the first token where the
+  letters differ;
+* ``"text"`` (lm-evaluation-harness's log-likelihood scoring): one row per option,
+  s_o = Σ_t log p(c_o,t | prompt, c_o,<t) over the option text's continuation.
 
-Shape letters: B questions, S positions, V vocabulary, O options, L layers, E experts,
-P = L·E routing-vector width.
+The routed token is the last prompt token (``token="last"``, RoMA's Last1) or the first one; as
+every row of a question starts with the prompt, its routing there is the same in all of them
+(causal attention). The routing vector is r = concat over the chosen MoE layers of the full
+routing softmax at that token, shape (L·E,).
+
+Shape letters: B questions, R rows, S positions, V vocabulary, O options, T scored tokens,
+L layers, E experts, P = L·E routing-vector width.
 """
 
 from __future__ import annotations
@@ -32,26 +36,41 @@ from moealign.evaluate import TaskEvaluation, TaskResult
 from moealign.routed import RoutedModel, RoutedOutput
 
 TOKENS = ("last", "first")
+CONTINUATIONS = ("letter", "text")
 
 
 @dataclass
 class EncodedQuestion:
-    input_ids: list[int]
+    """A question's rows (input ids), its routed position, its scored tokens
+    ``(row, position, token id, option)`` and its gold option."""
+
+    rows: list[list[int]]
     routed_position: int
-    option_ids: list[int]
+    scored: list[tuple[int, int, int, int]]
+    n_options: int
     gold: int
 
 
 @dataclass
 class ChoiceBatch:
-    """Right-padded questions: ``input_ids_BS``, ``routed_position_B`` (the routed token),
-    ``score_position_B`` (last real position), ``option_ids_BO`` with ``option_mask_BO``
-    (questions may have fewer options), ``gold_B``."""
+    """Right-padded rows of several questions.
 
-    input_ids_BS: Tensor
+    ``input_ids_RS``; ``question_R`` (each row's question) and ``routed_position_R``;
+    ``first_row_B`` (a row of each question, where its routing is read) and
+    ``routed_position_B``; the scored tokens ``score_row_T``, ``score_position_T``,
+    ``score_token_T`` adding into option slot ``score_slot_T`` = question · O + option;
+    ``option_mask_BO`` (questions may have fewer options) and ``gold_B``.
+    """
+
+    input_ids_RS: Tensor
+    question_R: Tensor
+    routed_position_R: Tensor
+    first_row_B: Tensor
     routed_position_B: Tensor
-    score_position_B: Tensor
-    option_ids_BO: Tensor
+    score_row_T: Tensor
+    score_position_T: Tensor
+    score_token_T: Tensor
+    score_slot_T: Tensor
     option_mask_BO: Tensor
     gold_B: Tensor
 
@@ -59,12 +78,7 @@ class ChoiceBatch:
         return ChoiceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
-def encode_question(
-    example: TaskExample, tokenizer: Tokenizer, token: str = "last", index: int = 0
-) -> EncodedQuestion:
-    """The scored row of one multiple-choice example (see the module docstring)."""
-    if token not in TOKENS:
-        raise ValueError(f"token={token!r} is not accepted; choose one of {TOKENS}")
+def _check_example(example: TaskExample, index: int) -> str:
     letters = OPTION_LETTERS[: len(example.options)]
     if len(example.options) < 2 or example.answer not in letters:
         raise ValueError(
@@ -72,8 +86,39 @@ def encode_question(
             f"options={example.options!r}, answer={example.answer!r}; expected >= 2 options and "
             "an answer among their letters (see moealign.data.multiple_choice_view)"
         )
+    return letters
+
+
+def encode_question(
+    example: TaskExample,
+    tokenizer: Tokenizer,
+    token: str = "last",
+    continuation: str = "letter",
+    index: int = 0,
+) -> EncodedQuestion:
+    """The scored rows of one multiple-choice example (see the module docstring)."""
+    if token not in TOKENS:
+        raise ValueError(f"token={token!r} is not accepted; choose one of {TOKENS}")
+    if continuation not in CONTINUATIONS:
+        raise ValueError(
+            f"continuation={continuation!r} is not accepted; choose one of {CONTINUATIONS}"
+        )
+    letters = _check_example(example, index)
     prompt_ids, _ = encode_example(example, tokenizer)
-    continuations = [encode_example(replace(example, answer=c), tokenizer)[1] for c in letters]
+    routed_position = len(prompt_ids) - 1 if token == "last" else 0
+    answers = letters if continuation == "letter" else example.options
+    continuations = [encode_example(replace(example, answer=a), tokenizer)[1] for a in answers]
+    gold = letters.index(example.answer)
+    if continuation == "text":
+        rows, scored = [], []
+        for option, ids in enumerate(continuations):
+            sequence = prompt_ids + ids
+            rows.append(sequence[:-1])
+            # Position s predicts token s + 1; the continuation starts at token len(prompt).
+            scored += [
+                (option, s - 1, sequence[s], option) for s in range(len(prompt_ids), len(sequence))
+            ]
+        return EncodedQuestion(rows, routed_position, scored, len(answers), gold)
     shared = 0
     while all(len(c) > shared + 1 for c in continuations) and (
         len({c[shared] for c in continuations}) == 1
@@ -84,41 +129,54 @@ def encode_question(
         raise ValueError(
             f"examples[{index}]: the option letters {list(letters)} do not start with distinct "
             f"tokens after their shared prefix (ids {option_ids}); this tokenizer cannot score "
-            "them by one next-token distribution"
+            "them by one next-token distribution; use continuation='text'"
         )
-    return EncodedQuestion(
-        input_ids=prompt_ids + continuations[0][:shared],
-        routed_position=len(prompt_ids) - 1 if token == "last" else 0,
-        option_ids=option_ids,
-        gold=letters.index(example.answer),
-    )
+    row = prompt_ids + continuations[0][:shared]
+    scored = [(0, len(row) - 1, token_id, o) for o, token_id in enumerate(option_ids)]
+    return EncodedQuestion([row], routed_position, scored, len(answers), gold)
 
 
 def collate(questions: Sequence[EncodedQuestion], pad_id: int) -> ChoiceBatch:
-    width = max(len(q.input_ids) for q in questions)
-    n_options = max(len(q.option_ids) for q in questions)
-    input_ids_BS = torch.full((len(questions), width), pad_id, dtype=torch.long)
-    option_ids_BO = torch.zeros(len(questions), n_options, dtype=torch.long)
+    rows = [row for q in questions for row in q.rows]
+    width = max(len(row) for row in rows)
+    n_options = max(q.n_options for q in questions)
+    input_ids_RS = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids_RS[r, : len(row)] = torch.tensor(row)
+    question_R, routed_position_R, first_row_B, scored = [], [], [], []
     option_mask_BO = torch.zeros(len(questions), n_options, dtype=torch.bool)
     for b, question in enumerate(questions):
-        input_ids_BS[b, : len(question.input_ids)] = torch.tensor(question.input_ids)
-        option_ids_BO[b, : len(question.option_ids)] = torch.tensor(question.option_ids)
-        option_mask_BO[b, : len(question.option_ids)] = True
+        first_row_B.append(len(question_R))
+        scored += [
+            (first_row_B[-1] + row, position, token, b * n_options + option)
+            for row, position, token, option in question.scored
+        ]
+        question_R += [b] * len(question.rows)
+        routed_position_R += [question.routed_position] * len(question.rows)
+        option_mask_BO[b, : question.n_options] = True
+    score_row_T, score_position_T, score_token_T, score_slot_T = torch.tensor(scored).T
     return ChoiceBatch(
-        input_ids_BS=input_ids_BS,
+        input_ids_RS=input_ids_RS,
+        question_R=torch.tensor(question_R),
+        routed_position_R=torch.tensor(routed_position_R),
+        first_row_B=torch.tensor(first_row_B),
         routed_position_B=torch.tensor([q.routed_position for q in questions]),
-        score_position_B=torch.tensor([len(q.input_ids) - 1 for q in questions]),
-        option_ids_BO=option_ids_BO,
+        score_row_T=score_row_T,
+        score_position_T=score_position_T,
+        score_token_T=score_token_T,
+        score_slot_T=score_slot_T,
         option_mask_BO=option_mask_BO,
         gold_B=torch.tensor([q.gold for q in questions]),
     )
 
 
 def option_scores(output: RoutedOutput, batch: ChoiceBatch) -> Tensor:
-    """s_bo = log_softmax(logits at the row's last position)[option token], −inf on padding."""
-    rows_B = torch.arange(batch.gold_B.shape[0], device=output.logits.device)
-    log_probs_BV = output.logits[rows_B, batch.score_position_B].float().log_softmax(-1)
-    scores_BO = log_probs_BV.gather(-1, batch.option_ids_BO)
+    """s_bo = Σ over the option's scored tokens of log_softmax(logits)[token]; −inf on padding."""
+    log_probs_TV = output.logits[batch.score_row_T, batch.score_position_T].float().log_softmax(-1)
+    token_log_probs_T = log_probs_TV.gather(-1, batch.score_token_T.unsqueeze(-1)).squeeze(-1)
+    n_questions, n_options = batch.option_mask_BO.shape
+    scores = token_log_probs_T.new_zeros(n_questions * n_options)
+    scores_BO = scores.index_add(0, batch.score_slot_T, token_log_probs_T).view(n_questions, -1)
     return scores_BO.masked_fill(~batch.option_mask_BO, -torch.inf)
 
 
@@ -127,29 +185,33 @@ def choice_loss(scores_BO: Tensor, gold_B: Tensor) -> Tensor:
     return F.cross_entropy(scores_BO, gold_B)
 
 
-def routing_vector(output: RoutedOutput, layers: Sequence[int], position_B: Tensor) -> Tensor:
-    """r_b = concat over ``layers`` of the full routing softmax at ``position_B[b]``: (B, L·E)."""
-    return routing_per_layer(output, layers, position_B).flatten(1)
+def routing_per_layer(output: RoutedOutput, layers: Sequence[int], batch: ChoiceBatch) -> Tensor:
+    """Each question's full routing softmax at its routed token, per chosen layer: (B, L, E)."""
+    return torch.stack(
+        [output.probs[layer][batch.first_row_B, batch.routed_position_B] for layer in layers],
+        dim=1,
+    )
 
 
-def routing_per_layer(output: RoutedOutput, layers: Sequence[int], position_B: Tensor) -> Tensor:
-    """The same routing as (B, L, E)."""
-    rows_B = torch.arange(position_B.shape[0], device=position_B.device)
-    return torch.stack([output.probs[layer][rows_B, position_B] for layer in layers], dim=1)
+def routing_vector(output: RoutedOutput, layers: Sequence[int], batch: ChoiceBatch) -> Tensor:
+    """r_b = concat over ``layers`` of the routing at question b's routed token: (B, L·E)."""
+    return routing_per_layer(output, layers, batch).flatten(1)
 
 
 def replace_at_positions(
-    position_B: Tensor, new_probs: Callable[[Tensor], Tensor]
+    batch: ChoiceBatch, new_probs: Callable[[Tensor], Tensor]
 ) -> Callable[[Tensor], Tensor]:
-    """A :data:`moealign.routed.ProbsOverride` replacing row b's routing at ``position_B[b]`` by
-    ``new_probs(probs_BE)`` (probs_BE: the layer's own routing there) and leaving every other
-    position untouched; differentiable in what ``new_probs`` returns."""
+    """A :data:`moealign.routed.ProbsOverride` replacing every row's routing at its routed
+    position by ``new_probs(probs_RE)`` (probs_RE: the layer's own routing there; row r belongs
+    to question ``batch.question_R[r]``) and leaving every other position untouched;
+    differentiable in what ``new_probs`` returns."""
+    position_R = batch.routed_position_R
 
-    def override(probs_BSE: Tensor) -> Tensor:
-        rows_B = torch.arange(probs_BSE.shape[0], device=probs_BSE.device)
-        current_BE = probs_BSE[rows_B, position_B]
-        at_BS1 = F.one_hot(position_B, probs_BSE.shape[1]).bool().unsqueeze(-1)
-        return torch.where(at_BS1, new_probs(current_BE).to(probs_BSE.dtype)[:, None], probs_BSE)
+    def override(probs_RSE: Tensor) -> Tensor:
+        rows_R = torch.arange(probs_RSE.shape[0], device=probs_RSE.device)
+        current_RE = probs_RSE[rows_R, position_R]
+        at_RS1 = F.one_hot(position_R, probs_RSE.shape[1]).bool().unsqueeze(-1)
+        return torch.where(at_RS1, new_probs(current_RE).to(probs_RSE.dtype)[:, None], probs_RSE)
 
     return override
 
@@ -185,11 +247,11 @@ def model_device(routed: RoutedModel) -> torch.device:
 
 
 def encode_questions(
-    examples: Sequence[TaskExample], tokenizer: Tokenizer, token: str
+    examples: Sequence[TaskExample], tokenizer: Tokenizer, token: str, continuation: str
 ) -> list[EncodedQuestion]:
     if not examples:
         raise ValueError("examples is empty; give at least one multiple-choice TaskExample")
-    return [encode_question(e, tokenizer, token, i) for i, e in enumerate(examples)]
+    return [encode_question(e, tokenizer, token, continuation, i) for i, e in enumerate(examples)]
 
 
 def batches(
@@ -224,7 +286,7 @@ class CaptureBuilder:
         gold_B = batch.gold_B
         rows_B = torch.arange(gold_B.shape[0], device=gold_B.device)
         gold_log_prob_B = scores_BO.log_softmax(-1)[rows_B, gold_B]
-        routing_BP = routing_vector(output, layers, batch.routed_position_B).detach()
+        routing_BP = routing_vector(output, layers, batch).detach()
         prediction_B = scores_BO.argmax(-1)
         self.parts.append(
             tuple(
@@ -244,19 +306,20 @@ def capture(
     examples: Sequence[TaskExample],
     layers: Sequence[int],
     token: str = "last",
+    continuation: str = "letter",
     batch_size: int = 64,
     overrides_for: Callable[[range, ChoiceBatch], dict] | None = None,
 ) -> Capture:
     """Run the model over ``examples``: routing vectors at the routed token, predictions and
     correctness. ``overrides_for(rows, batch)`` may return per-batch routing overrides
     (:meth:`RoutedModel.override_routing`), e.g. C3PO's re-mixing."""
-    questions = encode_questions(examples, tokenizer, token)
+    questions = encode_questions(examples, tokenizer, token, continuation)
     result = CaptureBuilder()
     with frozen_eval(routed):
         for rows, batch in batches(questions, batch_size, tokenizer.pad_id, model_device(routed)):
             overrides = overrides_for(rows, batch) if overrides_for is not None else {}
             with routed.override_routing(overrides):
-                result.add(routed.forward(batch.input_ids_BS), batch, layers)
+                result.add(routed.forward(batch.input_ids_RS), batch, layers)
     return result.build()
 
 

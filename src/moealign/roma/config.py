@@ -35,11 +35,14 @@ class RomaConfig(_Validated):
     tuning; "l1"/"l2"/"entropy" = ablations). C3PO mixes with weight ``c3po_alpha`` on the
     sample's own routing; the oracle takes ``oracle_steps`` Adam steps of ``oracle_lr`` on the
     routing logits. Evaluation uses at most ``eval_examples_per_task`` examples per task.
-    ``seeds``: one router-tuning/RoMA/C3PO run per seed.
+    ``continuation``: options scored by their text's log-likelihood ("text") or by the
+    next-token logit of their letter ("letter"; :mod:`moealign.roma.choices`). ``seeds``: one
+    router-tuning/RoMA/C3PO run per seed.
     """
 
     layers: int | Literal["all"] = 5
     token: Literal["last", "first"] = "last"
+    continuation: Literal["text", "letter"] = "text"
     neighbours: Literal["knn", "epsilon", "random"] = "knn"
     k: int = bounded(3, ge=1)
     epsilon: float = bounded(0.5, gt=0, le=1)

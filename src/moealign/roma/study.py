@@ -11,6 +11,10 @@ in multiple-choice form:
   with its extra inference time measured;
 * ``oracle``: per-question routing optimised with the label (the upper bound).
 
+Questions are the suite's multiple-choice view (:func:`multiple_choice_questions`), in the
+form the base model was trained on (``data.format``): lettered options in the prompt, or the
+plain prompt with the options scored as continuations (cloze form, ``continuation="text"``).
+
 Per seed, the training examples (``train_examples_per_task`` per seen task) are drawn afresh;
 the base model's routing on them gives the targets r_j and the successful set S, which also
 serves as C3PO's reference set. ``base`` and ``oracle`` do not depend on the seed. Results go
@@ -27,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +84,18 @@ def load_base_model(run_dir: Path, device: torch.device) -> tuple[RunConfig, MoE
     return run_config, model.to(device)
 
 
+def multiple_choice_questions(
+    examples: Sequence[TaskExample], form: str, n_options: int, seed: int
+) -> list[TaskExample]:
+    """The multiple-choice view of ``examples`` (options, gold letter) in the form the base
+    model was trained on: ``"multiple_choice"`` keeps the lettered prompt; ``"plain"`` keeps
+    the plain prompt (cloze form: the options are scored as continuations, not listed)."""
+    questions = multiple_choice_view(examples, n_options, seed=seed)
+    if form == "plain":
+        return [replace(q, prompt=e.prompt) for q, e in zip(questions, examples, strict=True)]
+    return questions
+
+
 def _first_per_task(examples: Sequence[TaskExample], count: int) -> list[TaskExample]:
     taken: dict[str, int] = {}
     out = []
@@ -129,7 +145,7 @@ class Study:
         suite = build_data_suite(data)
 
         def view(examples: list[TaskExample]) -> list[TaskExample]:
-            return multiple_choice_view(examples, data.n_options, seed=data.seed)
+            return multiple_choice_questions(examples, data.format, data.n_options, data.seed)
 
         self.train_pool = view(suite.train)
         heldout = suite.heldout_tasks + suite.heldout_compositions
@@ -152,7 +168,13 @@ class Study:
     def _capture(self, examples: Sequence[TaskExample]) -> Capture:
         c = self.config
         return capture(
-            self.routed, self.tokenizer, examples, self.layers, c.token, c.eval_batch_size
+            self.routed,
+            self.tokenizer,
+            examples,
+            self.layers,
+            c.token,
+            c.continuation,
+            c.eval_batch_size,
         )
 
     def _neighbours(self, query, reference, seed: int, query_ids=None, reference_ids=None):
@@ -188,6 +210,7 @@ class Study:
             self.layers,
             training,
             token=c.token,
+            continuation=c.continuation,
             targets_NP=targets,
             neighbourhood=neighbourhood,
             seed=seed,
@@ -229,6 +252,7 @@ class Study:
                 c.oracle_steps,
                 c.oracle_lr,
                 c.token,
+                c.continuation,
                 c.eval_batch_size,
             )
             fixed["oracle"][name] = _evaluation(examples, oracle)
@@ -274,6 +298,7 @@ class Study:
                     references_SP,
                     c.c3po_alpha,
                     c.token,
+                    c.continuation,
                     c.eval_batch_size,
                 )
                 elapsed = time.perf_counter() - start + timings[f"c3po_embed_{name}_s"]

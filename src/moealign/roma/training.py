@@ -117,6 +117,7 @@ def train_routers(
     config: RouterTrainingConfig,
     *,
     token: str = "last",
+    continuation: str = "letter",
     targets_NP: Tensor | None = None,
     neighbourhood: Neighbourhood | None = None,
     seed: int = 0,
@@ -125,7 +126,8 @@ def train_routers(
 
     For ``regularizer="manifold"``, ``neighbourhood`` gives N(i) and W_ij per training example
     (rows of ``examples``) as indices into the rows of ``targets_NP``, the fixed routing vectors
-    r_j of the references. ``seed`` fixes the batch order. Returns the per-step log.
+    r_j of the references. ``token`` and ``continuation``: see :mod:`moealign.roma.choices`.
+    ``seed`` fixes the batch order. Returns the per-step log.
     """
     if config.regularizer not in REGULARIZERS:
         raise ValueError(
@@ -142,7 +144,7 @@ def train_routers(
     parameters = routed.router_parameters(list(layers))
     if not parameters:
         raise ValueError(f"layers={list(layers)} hold no router parameters")
-    questions = encode_questions(examples, tokenizer, token)
+    questions = encode_questions(examples, tokenizer, token, continuation)
     if targets_NP is not None:
         targets_NP = targets_NP.to(device)
     if neighbourhood is not None:
@@ -162,9 +164,9 @@ def train_routers(
                 batch: ChoiceBatch = collate(
                     [questions[i] for i in rows.tolist()], tokenizer.pad_id
                 ).to(device)
-                output = routed.forward(batch.input_ids_BS)
+                output = routed.forward(batch.input_ids_RS)
                 ce = choice_loss(option_scores(output, batch), batch.gold_B)
-                routing_BLE = routing_per_layer(output, layers, batch.routed_position_B)
+                routing_BLE = routing_per_layer(output, layers, batch)
                 penalty = _regularizer(
                     config.regularizer,
                     routing_BLE,
