@@ -365,6 +365,11 @@ def _gap_closure(accuracy: float, base: float, oracle: float) -> float | None:
     return float(normalized_gain(accuracy, base, oracle))
 
 
+def _finite_or_none(value: float) -> float | None:
+    """A bootstrap bound, or None where resamples left a task without headroom (0/0)."""
+    return float(value) if np.isfinite(value) else None
+
+
 def _ctgi_entry(method, base, oracle, seed: str) -> dict[str, Any]:
     try:
         estimate = ctgi(
@@ -379,8 +384,8 @@ def _ctgi_entry(method, base, oracle, seed: str) -> dict[str, Any]:
         return {"value": None, "ci_low": None, "ci_high": None, "reason": str(err)}
     return {
         "value": estimate.value,
-        "ci_low": estimate.ci_low,
-        "ci_high": estimate.ci_high,
+        "ci_low": _finite_or_none(estimate.ci_low),
+        "ci_high": _finite_or_none(estimate.ci_high),
         "per_task_gain": estimate.per_task_gain,
         "excluded_tasks": estimate.excluded_tasks,
     }
@@ -475,7 +480,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
         "",
         f"Accuracy (%) mean ± 95% t half width over seeds {list(seeds)}; gap closure ="
         " (A − A_base)/(A_oracle − A_base) on the macro accuracy; CTGI on the held-out tasks"
-        " (oracle upper bound; mean over seeds of the value and of its 95% bootstrap bounds).",
+        " (oracle upper bound; mean over seeds of the value and of its 95% bootstrap bounds;"
+        " n/a where bootstrap resamples left a task with no oracle headroom).",
         "",
         "| method | seen | held-out | gap closure seen | gap closure held-out | CTGI held-out |",
         "|---|---|---|---|---|---|",
@@ -484,11 +490,13 @@ def markdown_tables(results: dict[str, Any]) -> str:
         accuracy = summary["accuracy"][method]
         gaps = summary["gap_closure"][method]
         ctgi_entry = summary["ctgi"][method]
-        low = _mean([e["ci_low"] for e in ctgi_entry["per_seed"]])
-        high = _mean([e["ci_high"] for e in ctgi_entry["per_seed"]])
+        bounds = [(e["ci_low"], e["ci_high"]) for e in ctgi_entry["per_seed"]]
         ctgi_cell = _number(ctgi_entry["mean"])
-        if low is not None:
+        if all(low is not None and high is not None for low, high in bounds):
+            low, high = np.mean(bounds, axis=0)
             ctgi_cell += f" [{low:.3f}, {high:.3f}]"
+        else:
+            ctgi_cell += " [interval n/a]"
         lines.append(
             f"| {method} | {_cell(accuracy['seen'])} | {_cell(accuracy['heldout'])} | "
             f"{_number(gaps['seen']['mean'])} | {_number(gaps['heldout']['mean'])} | "
