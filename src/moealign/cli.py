@@ -173,6 +173,21 @@ def _run_analyze(args: argparse.Namespace) -> int:
         return 2
 
 
+def _roma_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", metavar="RUN_DIR", required=True, help="pretrained run")
+    _add_config_arguments(parser)
+    parser.add_argument("--out", metavar="DIR", required=True, help="results directory")
+
+
+def _run_roma(args: argparse.Namespace) -> int:
+    from moealign.roma.config import load_roma_config
+    from moealign.roma.study import Study, markdown_tables
+
+    study = Study(args.base, load_roma_config(args.config, args.overrides))
+    print(markdown_tables(study.run(args.out)))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train a model from a config", add_arguments=_train_arguments, run=_run_train
@@ -204,6 +219,11 @@ COMMANDS: dict[str, Command] = {
         help="routing diagnostics of a Hugging Face MoE model on a text/JSONL file",
         add_arguments=_analyze_arguments,
         run=_run_analyze,
+    ),
+    "roma": Command(
+        help="RoMA study: router tuning, RoMA, C3PO and oracle routing on a pretrained run",
+        add_arguments=_roma_arguments,
+        run=_run_roma,
     ),
 }
 

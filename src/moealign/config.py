@@ -223,8 +223,11 @@ class DataConfig(_Validated):
     text batches per task batch) or ``files`` (local ``.txt``/``.jsonl`` ``paths``).
     ``tasks`` restricts the suite (empty = all); ``heldout_tasks``/``heldout_compositions``
     are kept out of training (None = the suite's defaults); ``loss_on`` takes the task loss
-    on the answer only or on every token. ``tokenizer``: ``byte`` (258 ids) or ``bpe``
-    (``vocab_size`` ids, trained on the text and cached in ``cache_dir``).
+    on the answer only or on every token. ``format``: ``plain`` task prompts, or
+    ``multiple_choice`` (:func:`moealign.data.multiple_choice_view` with ``n_options`` options,
+    seeded by ``seed``: the prompt lists lettered options and the answer is the gold letter).
+    ``tokenizer``: ``byte`` (258 ids) or ``bpe`` (``vocab_size`` ids, trained on the text and
+    cached in ``cache_dir``).
     """
 
     source: Literal["tasks", "text", "mixed", "files"] = "mixed"
@@ -235,6 +238,8 @@ class DataConfig(_Validated):
     heldout_compositions: tuple[str, ...] | None = None
     examples_per_task: int = bounded(1000, ge=10)
     loss_on: Literal["answer", "all"] = "answer"
+    format: Literal["plain", "multiple_choice"] = "plain"
+    n_options: int = bounded(4, ge=2, le=26)
     text_max_bytes: int = bounded(2_000_000, ge=1000)
     text_to_task_ratio: float = bounded(1.0, gt=0)
     paths: tuple[str, ...] = ()
@@ -444,9 +449,10 @@ def build_config(cls: type, data: dict[str, Any], path: str = "") -> Any:
     return built
 
 
-def _field_type(path: list[str]) -> Any:
-    """Type of the dotted field ``path`` in :class:`RunConfig` (Any inside free-form dicts)."""
-    tp: Any = RunConfig
+def _field_type(path: list[str], cls: type | None = None) -> Any:
+    """Type of the dotted field ``path`` in ``cls`` (default :class:`RunConfig`; Any inside
+    free-form dicts)."""
+    tp: Any = RunConfig if cls is None else cls
     for depth, key in enumerate(path):
         if dataclasses.is_dataclass(tp):
             hints = typing.get_type_hints(tp)
@@ -475,11 +481,11 @@ def _is_string_field(tp: Any) -> bool:
     return False
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str, cls: type | None = None) -> tuple[list[str], Any]:
     """Parse ``section.key=value`` into (path, value); the value is a TOML literal.
 
-    A bare word for a string-typed field is taken verbatim, so ``optim.schedule=constant``
-    and ``optim.schedule="constant"`` mean the same.
+    A bare word for a string-typed field (of ``cls``, default :class:`RunConfig`) is taken
+    verbatim, so ``optim.schedule=constant`` and ``optim.schedule="constant"`` mean the same.
     """
     if "=" not in text:
         raise ConfigError("", f"override {text!r} is not of the form section.key=value")
@@ -487,7 +493,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.split(".")
     if not all(path):
         raise ConfigError("", f"override {text!r} has an empty key")
-    tp = _field_type(path)
+    tp = _field_type(path, cls)
     try:
         return path, tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -507,11 +513,15 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Load a :class:`RunConfig` from a TOML file (None = all defaults) plus overrides.
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), cls: type | None = None
+) -> Any:
+    """Load a :class:`RunConfig` (or another validated config dataclass ``cls``, e.g.
+    :class:`moealign.roma.RomaConfig`) from a TOML file (None = all defaults) plus overrides.
 
     ``overrides`` are ``"section.key=value"`` strings applied in order after the file.
     """
+    cls = RunConfig if cls is None else cls
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -522,6 +532,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         except tomllib.TOMLDecodeError as err:
             raise ConfigError("", f"config file {str(path)!r} is not valid TOML: {err}") from None
     for text in overrides:
-        key_path, value = parse_override(text)
+        key_path, value = parse_override(text, cls)
         _set_path(data, key_path, value)
-    return build_config(RunConfig, data)
+    return build_config(cls, data)

@@ -2,19 +2,26 @@
 
 Router post-training (RoMA, DESIGN.md §5), routing diagnostics and test-time re-mixing need
 three things from a model, whatever its origin (ours or Hugging Face): the routing softmax of
-every MoE layer for every token, the logits, and the router parameters. :class:`RoutedModel`
-names them; :class:`MoealignRouted` provides them for :class:`MoETransformer`, and
-``moealign.integrations.hf`` for transformers MoE models.
+every MoE layer for every token, the logits, and the router parameters; test-time re-mixing
+(C3PO) and oracle routing need a fourth, a way to replace the routing softmax of chosen layers
+(:meth:`RoutedModel.override_routing`). :class:`RoutedModel` names them; :class:`MoealignRouted`
+provides them for :class:`MoETransformer`, and ``moealign.integrations.hf`` for transformers MoE
+models.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor, nn
 
 from moealign.nn.transformer import MoETransformer
+
+# probs (B, S, E) of one MoE layer -> the probabilities to route with instead (B, S, E).
+ProbsOverride = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -38,6 +45,21 @@ class RoutedModel(Protocol):
         """Logits and per-layer routing probabilities, differentiable w.r.t. the routers."""
         ...
 
+    def override_routing(
+        self, overrides: Mapping[int, ProbsOverride]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Within the context, MoE layer l (depth-order index) routes with
+        ``overrides[l](probs_BSE)`` instead of its own softmax ``probs_BSE``.
+
+        Contract: a token whose row the function leaves equal keeps the router's decision bit
+        for bit; for a changed token the top-K experts are re-selected from the new
+        probabilities and weighted by them (renormalised over the K as the model's router
+        does), gradients flow from the expert weights into the returned tensor, and
+        :attr:`RoutedOutput.probs` reports the new probabilities. Layers not in ``overrides``
+        are untouched; leaving the context restores normal routing, also on error.
+        """
+        ...
+
 
 class MoealignRouted:
     """:class:`RoutedModel` view of a :class:`MoETransformer` (right padding needs no mask)."""
@@ -57,3 +79,22 @@ class MoealignRouted:
         batch, seq_len = input_ids.shape
         probs = [info.probs.view(batch, seq_len, -1) for info in output.routing]
         return RoutedOutput(output.logits, probs)
+
+    @contextlib.contextmanager
+    def override_routing(self, overrides: Mapping[int, ProbsOverride]) -> Iterator[None]:
+        """See :meth:`RoutedModel.override_routing`; implemented by
+        :attr:`MoELayer.probs_override` and :meth:`moealign.nn.routers.Router.reroute`."""
+        moe_layers = self.model.moe_layers
+        for index in overrides:
+            if not (isinstance(index, int) and 0 <= index < len(moe_layers)):
+                raise ValueError(
+                    f"overrides has layer {index!r}; accepted: MoE layer indices "
+                    f"0..{len(moe_layers) - 1}"
+                )
+        try:
+            for index, override in overrides.items():
+                moe_layers[index].probs_override = override
+            yield
+        finally:
+            for index in overrides:
+                moe_layers[index].probs_override = None

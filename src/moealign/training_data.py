@@ -2,7 +2,8 @@
 
 Sources: ``tasks`` (the synthetic multi-task suite), ``text`` (the Python standard library's
 sources, packed into blocks), ``mixed`` (both, ``text_to_task_ratio`` text batches per task
-batch) and ``files`` (local ``.txt`` files, or ``.jsonl`` files with a ``text`` field). The
+batch) and ``files`` (local ``.txt`` files, or ``.jsonl`` files with a ``text`` field); task
+examples are plain or in their multiple-choice view (``data.format``). The
 training stream is a resumable :class:`moealign.data.BatchStream` over the train splits; the
 validation batches are the first ``train.eval_batches`` batches of a stream over the
 validation splits with the same mixture.
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from moealign.config import ConfigError, RunConfig
+from moealign.config import ConfigError, DataConfig, RunConfig
 from moealign.data import (
     BatchStream,
     Document,
+    TaskExample,
     TaskSuite,
     TaskSuiteConfig,
     Tokenizer,
@@ -27,6 +29,7 @@ from moealign.data import (
     lm_sequences,
     load_jsonl,
     load_text_files,
+    multiple_choice_view,
     pack_lm_blocks,
     split_documents,
     stdlib_documents,
@@ -34,7 +37,13 @@ from moealign.data import (
     task_id,
 )
 
-__all__ = ["TrainingData", "build_training_data"]
+__all__ = [
+    "TrainingData",
+    "build_data_suite",
+    "build_data_tokenizer",
+    "build_training_data",
+    "formatted_examples",
+]
 
 Sequences = dict[str, torch.Tensor]
 
@@ -51,8 +60,7 @@ class TrainingData:
     suite: TaskSuite | None = None
 
 
-def _documents(config: RunConfig) -> list[Document]:
-    data = config.data
+def _documents(data: DataConfig) -> list[Document]:
     if data.source == "files":
         documents: list[Document] = []
         for path in data.paths:
@@ -84,8 +92,9 @@ def _text_splits(
     )
 
 
-def _task_suite(config: RunConfig) -> TaskSuite:
-    data = config.data
+def build_data_suite(data: DataConfig) -> TaskSuite:
+    """The task suite that ``data`` describes (seed, size, tasks, held-out sets), in its plain
+    form; :func:`formatted_examples` gives the form the model is trained on."""
     heldout = {
         name: value
         for name in ("heldout_tasks", "heldout_compositions")
@@ -101,14 +110,40 @@ def _task_suite(config: RunConfig) -> TaskSuite:
     )
 
 
+def formatted_examples(data: DataConfig, examples: list[TaskExample]) -> list[TaskExample]:
+    """``examples`` in ``data.format``: unchanged (``plain``) or their multiple-choice view with
+    ``data.n_options`` options seeded by ``data.seed``."""
+    if data.format == "multiple_choice":
+        return multiple_choice_view(examples, data.n_options, seed=data.seed)
+    return examples
+
+
 def _task_splits(
     config: RunConfig, tokenizer: Tokenizer, suite: TaskSuite
 ) -> tuple[Sequences, Sequences]:
+    data = config.data
     return tuple(  # type: ignore[return-value]
         task_examples_to_sequences(
-            examples, tokenizer, config.train.seq_len, task_id, loss_on=config.data.loss_on
+            formatted_examples(data, examples),
+            tokenizer,
+            config.train.seq_len,
+            task_id,
+            loss_on=data.loss_on,
         )
         for examples in (suite.train, suite.val)
+    )
+
+
+def build_data_tokenizer(data: DataConfig, documents: list[Document] | None = None) -> Tokenizer:
+    """The tokenizer ``data`` trains with (a BPE one is trained on, or loaded from the cache
+    for, the text ``documents``; None = read them as :func:`build_training_data` does)."""
+    if documents is None:
+        documents = _documents(data) if data.source != "tasks" else []
+    return build_tokenizer(
+        data.tokenizer,
+        texts=[d.text for d in documents] if data.tokenizer == "bpe" else None,
+        vocab_size=data.vocab_size,
+        cache_dir=data.cache_dir,
     )
 
 
@@ -120,13 +155,8 @@ def build_training_data(config: RunConfig) -> TrainingData:
     """
     data = config.data
     try:
-        documents = _documents(config) if data.source != "tasks" else []
-        tokenizer = build_tokenizer(
-            data.tokenizer,
-            texts=[d.text for d in documents] if data.tokenizer == "bpe" else None,
-            vocab_size=data.vocab_size,
-            cache_dir=data.cache_dir,
-        )
+        documents = _documents(data) if data.source != "tasks" else []
+        tokenizer = build_data_tokenizer(data, documents)
         if tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(
                 "model.vocab_size",
@@ -139,8 +169,11 @@ def build_training_data(config: RunConfig) -> TrainingData:
             train["text"], val["text"] = _text_splits(config, tokenizer, documents)
         suite = None
         if data.source in ("tasks", "mixed"):
-            suite = _task_suite(config)
-            train["tasks"], val["tasks"] = _task_splits(config, tokenizer, suite)
+            task_suite = build_data_suite(config.data)
+            train["tasks"], val["tasks"] = _task_splits(config, tokenizer, task_suite)
+            # The end-of-run answer generation scores plain prompts; a multiple-choice run is
+            # scored by option likelihood instead (moealign.evaluate.score_multiple_choice).
+            suite = task_suite if data.format == "plain" else None
         weights = {"text": data.text_to_task_ratio, "tasks": 1.0}
         weights = {name: weights[name] for name in train}
         batch_size = config.train.batch_size

@@ -6,6 +6,7 @@ x (..., D) → router → (topk_weight, topk_idx) → experts → y (..., D), wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,9 @@ class MoELayer(nn.Module):
     ``y, info = layer(x)`` for x of shape (..., d_model). Router kinds and options: see
     :mod:`moealign.nn.routers`. ``balance_scope`` "batch" (per micro-batch) or "sequence" (per
     row of a (B, S, D) input). ``shared_d_ff`` adds an always-on shared SwiGLU expert.
+    ``probs_override`` (None by default) replaces the routing softmax before the experts run
+    (:meth:`Router.reroute`); set it through
+    :meth:`moealign.routed.MoealignRouted.override_routing`.
     """
 
     def __init__(
@@ -85,6 +89,9 @@ class MoELayer(nn.Module):
         self.top_k = self.router.top_k
         self.experts = SwiGLUExperts(n_experts, d_model, d_ff, experts_implementation)
         self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff else None
+        # Set by moealign.routed.MoealignRouted.override_routing: probs (..., E) -> new probs
+        # (..., E), applied through Router.reroute (test-time re-mixing, oracle routing).
+        self.probs_override: Callable[[Tensor], Tensor] | None = None
 
     def router_drive_matrix(self) -> Tensor:
         """The (E, F, D) matrix A whose AᵀA drives the MPI power step (DESIGN.md §3)."""
@@ -104,6 +111,11 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.d_model)
         drive = self.router_drive_matrix() if isinstance(self.router, MPIRouter) else None
         routed = self.router(x_TD, drive)
+        if self.probs_override is not None:
+            probs_NE = routed.probs.view(*x.shape[:-1], self.n_experts)
+            routed = self.router.reroute(
+                routed, self.probs_override(probs_NE).view_as(routed.probs)
+            )
         y_TD = self.experts(x_TD, routed.topk_idx, routed.topk_weight, routed.keep)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)

@@ -120,10 +120,7 @@ class Router(nn.Module):
         selection_TE = self.selection_scores(logits_TE, probs_TE)
         if self.expert_bias is not None:
             selection_TE = selection_TE + self.expert_bias
-        topk_idx_TK = torch.topk(selection_TE, self.top_k, dim=-1).indices
-        topk_weight_TK = probs_TE.gather(-1, topk_idx_TK)
-        if self.normalize_topk:
-            topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(-1, keepdim=True)
+        topk_idx_TK, topk_weight_TK = self.select_topk(selection_TE, probs_TE)
         keep_TK = None
         if self.capacity_factor is not None:
             keep_TK = capacity_keep_mask(topk_idx_TK, self.n_experts, self.capacity_factor)
@@ -136,6 +133,37 @@ class Router(nn.Module):
             )
             self.tokens_per_expert += count_slots_per_expert(counted, self.n_experts)
         return RouterOutput(logits_TE, probs_TE, topk_idx_TK, topk_weight_TK, keep_TK)
+
+    def select_topk(self, selection_TE: Tensor, probs_TE: Tensor) -> tuple[Tensor, Tensor]:
+        """The K experts with the largest ``selection_TE`` and their weights gathered from
+        ``probs_TE`` (renormalised over the K when ``normalize_topk``)."""
+        topk_idx_TK = torch.topk(selection_TE, self.top_k, dim=-1).indices
+        topk_weight_TK = probs_TE.gather(-1, topk_idx_TK)
+        if self.normalize_topk:
+            topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(-1, keepdim=True)
+        return topk_idx_TK, topk_weight_TK
+
+    def reroute(self, routed: RouterOutput, probs_TE: Tensor) -> RouterOutput:
+        """Route the tokens whose routing softmax is replaced by ``probs_TE`` (rows equal to
+        ``routed.probs`` keep the router's own decision bit for bit).
+
+        For a changed token t: the top-K experts are re-selected from the new probabilities
+        (no expert bias, no group restriction), their weights are the new probabilities
+        gathered at those K (renormalised when ``normalize_topk``), ``logits`` = log p (so
+        softmax(logits) = p still holds) and the token is never dropped by a capacity factor.
+        Gradients flow from the weights into ``probs_TE``. Used by test-time re-mixing (C3PO)
+        and oracle routing (DESIGN.md §5) through :mod:`moealign.routed`.
+        """
+        changed_T = (probs_TE != routed.probs).any(-1)
+        changed_TK = changed_T.unsqueeze(-1)
+        new_idx_TK, new_weight_TK = self.select_topk(probs_TE, probs_TE)
+        return RouterOutput(
+            logits=torch.where(changed_TK, probs_TE.log(), routed.logits),
+            probs=probs_TE,
+            topk_idx=torch.where(changed_TK, new_idx_TK, routed.topk_idx),
+            topk_weight=torch.where(changed_TK, new_weight_TK, routed.topk_weight),
+            keep=None if routed.keep is None else routed.keep | changed_TK,
+        )
 
     def compute_logits(self, x_TD: Tensor, expert_weight_EFD: Tensor | None) -> Tensor:
         return x_TD @ self.weight.to(x_TD.dtype).T

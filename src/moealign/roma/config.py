@@ -1,0 +1,86 @@
+"""The RoMA study configuration (DESIGN.md §5), loaded from TOML like a run config.
+
+``load_roma_config("configs/roma.toml", ["k=5"])`` validates every field up front and raises
+:class:`moealign.config.ConfigError` naming the field, the value given and what is accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from moealign.config import ConfigError, _Validated, bounded, load_config
+
+REGULARIZERS = ("manifold", "l1", "l2", "entropy", "none")
+NEIGHBOUR_MODES = ("knn", "epsilon", "random")
+ENCODERS = ("minilm", "builtin")
+
+
+@dataclass
+class RomaConfig(_Validated):
+    """What ``moealign roma`` trains and evaluates.
+
+    Routing vector r_i: the full routing softmax at ``token`` ("last" prompt token, or the
+    "first") of the last ``layers`` MoE layers (clipped to the model's depth; "all" = every
+    MoE layer), concatenated. Neighbours N(i) among the successful training samples, never i
+    itself: the ``k`` nearest (``neighbours = "knn"``), those with kernel similarity
+    exp(−‖e_i − e_j‖² / 2σ²) >= ``epsilon`` ("epsilon"), or ``k`` random ones ("random", an
+    ablation); ``sigma`` is σ of the Gaussian kernel on the ``encoder``'s unit-norm embeddings.
+
+    Router training: AdamW (``lr``, ``weight_decay``) for ``epochs`` over
+    ``train_examples_per_task`` training examples per seen task (drawn per seed), batches of
+    ``batch_size``; loss CE + λ(t)·R with λ(t) = ``lambda_max`` · min(1, t /
+    ``lambda_warmup_steps``) and R the ``regularizer`` ("manifold" = RoMA; "none" = router
+    tuning; "l1"/"l2"/"entropy" = ablations). C3PO mixes with weight ``c3po_alpha`` on the
+    sample's own routing; the oracle takes ``oracle_steps`` Adam steps of ``oracle_lr`` on the
+    routing logits. Evaluation uses at most ``eval_examples_per_task`` examples per task.
+    ``continuation``: options scored by their text's log-likelihood ("text") or by the
+    next-token logit of their letter ("letter"; :mod:`moealign.roma.choices`). ``seeds``: one
+    router-tuning/RoMA/C3PO run per seed.
+    """
+
+    layers: int | Literal["all"] = 5
+    token: Literal["last", "first"] = "last"
+    continuation: Literal["text", "letter"] = "text"
+    neighbours: Literal["knn", "epsilon", "random"] = "knn"
+    k: int = bounded(3, ge=1)
+    epsilon: float = bounded(0.5, gt=0, le=1)
+    sigma: float = bounded(0.5, gt=0)
+    encoder: Literal["minilm", "builtin"] = "minilm"
+    regularizer: Literal["manifold", "l1", "l2", "entropy", "none"] = "manifold"
+    lambda_max: float = bounded(1.0, ge=0)
+    lambda_warmup_steps: int = bounded(20, ge=0)
+    lr: float = bounded(1e-3, gt=0)
+    weight_decay: float = bounded(0.01, ge=0)
+    epochs: int = bounded(3, ge=1)
+    batch_size: int = bounded(16, ge=1)
+    train_examples_per_task: int = bounded(100, ge=1)
+    eval_examples_per_task: int = bounded(100, ge=1)
+    eval_batch_size: int = bounded(64, ge=1)
+    c3po_alpha: float = bounded(0.5, ge=0, le=1)
+    oracle_steps: int = bounded(20, ge=1)
+    oracle_lr: float = bounded(0.2, gt=0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers != "all" and self.layers < 1:
+            raise ConfigError("layers", f"got {self.layers!r}; expected an integer >= 1 or 'all'")
+        if not self.seeds:
+            raise ConfigError("seeds", "got (); expected at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds", f"got {self.seeds!r}; expected distinct seeds")
+
+    def layer_indices(self, n_moe_layers: int) -> list[int]:
+        """The MoE layers (depth-order indices) whose routers RoMA reads and trains."""
+        if n_moe_layers < 1:
+            raise ValueError(f"n_moe_layers={n_moe_layers}; the model has no MoE layer")
+        count = n_moe_layers if self.layers == "all" else min(self.layers, n_moe_layers)
+        return list(range(n_moe_layers - count, n_moe_layers))
+
+
+def load_roma_config(path: str | Path | None = None, overrides: list[str] = ()) -> RomaConfig:
+    """A :class:`RomaConfig` from a TOML file (None = defaults) plus ``key=value`` overrides."""
+    return load_config(path, overrides, cls=RomaConfig)
