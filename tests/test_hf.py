@@ -10,6 +10,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from helpers_hf import COMMON, FAMILIES, SOFTMAX_FAMILIES, VOCAB, batch, gate_inputs, tiny_model
 from moealign.integrations.hf import (
     HFRouted,
     MoealignGate,
@@ -22,89 +23,6 @@ from moealign.integrations.hf import (
 from moealign.integrations.hf_export import export_pretrained, import_pretrained, to_mixtral
 from moealign.nn import precompute_routers
 from moealign.nn.transformer import ModelConfig, MoETransformer
-
-VOCAB = 64
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-    initializer_range=0.3,  # routers far from uniform, so routing mistakes show
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
-FAMILY_CONFIGS = {
-    "mixtral": lambda: transformers.MixtralConfig(
-        **COMMON, num_local_experts=4, num_experts_per_tok=2
-    ),
-    "olmoe": lambda: transformers.OlmoeConfig(
-        **COMMON, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False
-    ),
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **COMMON,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=24,
-    ),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **COMMON,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        norm_topk_prob=True,
-    ),
-    "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        **COMMON,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        n_group=4,
-        topk_group=2,
-        first_k_dense_replace=1,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-    ),
-}
-FAMILIES = list(FAMILY_CONFIGS)
-SOFTMAX_FAMILIES = [name for name in FAMILIES if name != "deepseek_v3"]
-
-
-def tiny_model(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family]()).eval()
-    if family == "deepseek_v3":  # a non-zero selection bias, so the test sees it act
-        for block in moe_blocks(model):
-            block.mlp.gate.e_score_correction_bias.normal_(std=0.3)
-    return model
-
-
-def batch(seed: int = 1, shape: tuple[int, int] = (2, 7)) -> torch.Tensor:
-    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def gate_inputs(model, input_ids) -> list[torch.Tensor]:
-    """The hidden states each mlp.gate received (the test's own hooks)."""
-    seen = []
-    handles = [
-        block.mlp.gate.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        for block in moe_blocks(model)
-    ]
-    with torch.no_grad():
-        model(input_ids)
-    for handle in handles:
-        handle.remove()
-    return seen
-
 
 # --- capture --------------------------------------------------------------------------------
 

@@ -61,6 +61,15 @@ class RoutedModel(Protocol):
         ...
 
 
+def check_override_layers(overrides: Mapping[int, ProbsOverride], n_layers: int) -> None:
+    """ValueError unless every key of ``overrides`` is a MoE layer index 0..n_layers−1."""
+    for index in overrides:
+        if not (isinstance(index, int) and 0 <= index < n_layers):
+            raise ValueError(
+                f"overrides has layer {index!r}; accepted: MoE layer indices 0..{n_layers - 1}"
+            )
+
+
 class MoealignRouted:
     """:class:`RoutedModel` view of a :class:`MoETransformer` (right padding needs no mask)."""
 
@@ -85,12 +94,7 @@ class MoealignRouted:
         """See :meth:`RoutedModel.override_routing`; implemented by
         :attr:`MoELayer.probs_override` and :meth:`moealign.nn.routers.Router.reroute`."""
         moe_layers = self.model.moe_layers
-        for index in overrides:
-            if not (isinstance(index, int) and 0 <= index < len(moe_layers)):
-                raise ValueError(
-                    f"overrides has layer {index!r}; accepted: MoE layer indices "
-                    f"0..{len(moe_layers) - 1}"
-                )
+        check_override_layers(overrides, len(moe_layers))
         try:
             for index, override in overrides.items():
                 moe_layers[index].probs_override = override

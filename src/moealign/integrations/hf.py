@@ -13,23 +13,26 @@ SwiGLU gate rows first, ``down_proj`` (E, D, F)), the layout of DESIGN.md §2.
 * :func:`swap_routers` puts a moealign router (``softmax_topk`` or ``mpi``, DESIGN.md §2–3)
   initialised from the existing rows into each ``mlp.gate``; ``precompute_routers`` works on
   the result.
-* :class:`HFRouted` is the :class:`~moealign.routed.RoutedModel` view used by RoMA (§5).
+* :class:`HFRouted` is the :class:`~moealign.routed.RoutedModel` view used by RoMA (§5); its
+  ``override_routing`` replaces chosen layers' routing distribution with forward hooks (C3PO,
+  oracle routing).
 
 Shape letters: B batch, S sequence, T = B·S tokens, D width, F expert hidden, E experts, K top-k.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from moealign import diagnostics
 from moealign.nn.routers import MPIRouter, Router, build_router
-from moealign.routed import RoutedOutput
+from moealign.routed import ProbsOverride, RoutedOutput, check_override_layers
 
 SOFTMAX, SIGMOID = "softmax", "sigmoid"
 
@@ -120,6 +123,20 @@ def expert_matrix(experts: nn.Module, which: str = "gate") -> Tensor:
     raise ValueError(f"which={which!r} is not accepted; choose one of ('gate', 'up', 'down')")
 
 
+class GateOutput(tuple):
+    """A gate's (logits (T, E), top-k weights (T, K), top-k indices (T, K)), unpacked by the
+    transformers block like the native router's tuple, with the routing distribution the
+    experts were chosen from attached as ``probs`` (T, E): a moealign router's probs, or the
+    distribution a routing override put in place of the router's own."""
+
+    probs: Tensor
+
+    def __new__(cls, logits: Tensor, weight: Tensor, index: Tensor, probs: Tensor) -> GateOutput:
+        output = super().__new__(cls, (logits, weight, index))
+        output.probs = probs
+        return output
+
+
 class MoealignGate(nn.Module):
     """A moealign :class:`Router` in the place of a transformers block's ``mlp.gate``.
 
@@ -128,6 +145,8 @@ class MoealignGate(nn.Module):
     softmax(logits) is its ``probs``. The block's experts are referenced, not owned (the block
     owns them): the MPI power step reads their gate rows every forward (DESIGN.md §3), and
     ``precompute_routers`` finds this module through ``router`` and ``router_drive_matrix``.
+    ``probs_override`` (None by default; set by :meth:`HFRouted.override_routing`) maps the
+    (T, E) routing softmax to the one to route with, applied by :meth:`Router.reroute`.
     """
 
     def __init__(self, router: Router, experts: nn.Module, native_class: type, family: Family):
@@ -136,19 +155,22 @@ class MoealignGate(nn.Module):
         self._experts = (experts,)  # a tuple keeps the experts out of this module's state_dict
         self.native_class = native_class
         self.family = family
+        self.probs_override: Callable[[Tensor], Tensor] | None = None
 
     def router_drive_matrix(self) -> Tensor:
         """The (E, F, D) matrix A of the MPI power step u = Aᵀ(A r) (DESIGN.md §3)."""
         return expert_matrix(self._experts[0], getattr(self.router, "expert_matrix", "gate"))
 
-    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, hidden_states: Tensor) -> GateOutput:
         x_TD = hidden_states.reshape(-1, self.router.d_model)
         drive_EFD = self.router_drive_matrix() if isinstance(self.router, MPIRouter) else None
         routed = self.router(x_TD, drive_EFD)
+        if self.probs_override is not None:
+            routed = self.router.reroute(routed, self.probs_override(routed.probs))
         weight_TK = routed.topk_weight
         if not self.family.fp32_topk_weight:
             weight_TK = weight_TK.to(hidden_states.dtype)
-        return routed.logits, weight_TK, routed.topk_idx
+        return GateOutput(routed.logits, weight_TK, routed.topk_idx, routed.probs)
 
 
 def _native_normalize_topk(gate: nn.Module) -> bool:
@@ -217,7 +239,9 @@ class LayerRouting:
     sigmoid(logits) for DeepSeek-V3 (without the selection bias).
     ``probs`` (B, S, E): the routing distribution that diagnostics, losses and RoMA read:
     softmax(logits), or for sigmoid scoring scores / Σ_e scores (a distribution over experts,
-    the analogue of the softmax).
+    the analogue of the softmax); under :meth:`HFRouted.override_routing`, the distribution
+    the override put in place (then ``logits`` = log probs at the changed tokens of softmax
+    families, while DeepSeek-V3's ``logits`` and ``scores`` stay the router's own).
     ``topk_idx``/``topk_weight`` (B, S, K): the experts the router chose and the weights it
     handed to them (DeepSeek-V3: after renormalisation and routed_scaling_factor).
     """
@@ -249,17 +273,25 @@ class RoutingCapture:
         return torch.stack(counts)
 
 
+def _scores_and_probs(family: Family, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The family's scores and routing distribution from router logits (..., E), in fp32 or
+    wider: softmax (both), or sigmoid s and s / Σ_e s."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if family.scoring == SOFTMAX:
+        scores = torch.softmax(logits, dim=-1)
+        return scores, scores
+    scores = torch.sigmoid(logits)
+    return scores, scores / scores.sum(-1, keepdim=True)
+
+
 def _layer_routing(
     family: Family, layer: int, output: tuple, batch_shape: torch.Size
 ) -> LayerRouting:
     logits, topk_weight, topk_idx = output
     logits_BSE = logits.reshape(*batch_shape, -1)
-    if family.scoring == SOFTMAX:
-        scores_BSE = torch.softmax(logits_BSE.float(), dim=-1)
-        probs_BSE = scores_BSE
-    else:
-        scores_BSE = torch.sigmoid(logits_BSE.float())
-        probs_BSE = scores_BSE / scores_BSE.sum(-1, keepdim=True)
+    scores_BSE, probs_BSE = _scores_and_probs(family, logits_BSE)
+    if isinstance(output, GateOutput):
+        probs_BSE = output.probs.reshape(*batch_shape, -1)
     return LayerRouting(
         layer=layer,
         logits=logits_BSE,
@@ -413,12 +445,81 @@ def routing_diagnostics(model: nn.Module, capture: RoutingCapture) -> list[dict]
 # --- RoutedModel view -----------------------------------------------------------------------
 
 
+class _LayerOverride:
+    """One MoE block's :data:`~moealign.routed.ProbsOverride`, applied to its router's (T, E)
+    routing distribution: a forward pre-hook on the block records the (B, S) of its input, so
+    that the override sees (B, S, E) as the protocol says."""
+
+    def __init__(self, index: int, override: ProbsOverride):
+        self.index = index
+        self.override = override
+        self.batch_shape: torch.Size | None = None
+
+    def record_batch_shape(self, module: nn.Module, args: tuple) -> None:
+        self.batch_shape = args[0].shape[:-1]
+
+    def __call__(self, probs_TE: Tensor) -> Tensor:
+        probs_BSE = probs_TE.view(*self.batch_shape, probs_TE.shape[-1])
+        new_BSE = self.override(probs_BSE)
+        if not isinstance(new_BSE, Tensor) or new_BSE.shape != probs_BSE.shape:
+            shape = tuple(new_BSE.shape) if isinstance(new_BSE, Tensor) else type(new_BSE).__name__
+            raise ValueError(
+                f"overrides[{self.index}] returned {shape}; expected a tensor of the routing "
+                f"probabilities' shape {tuple(probs_BSE.shape)}"
+            )
+        return new_BSE.to(probs_TE.dtype).reshape(probs_TE.shape)
+
+
+def _native_topk_weight(
+    family: Family, gate: nn.Module, logits_TE: Tensor, probs_TE: Tensor, index_TK: Tensor
+) -> Tensor:
+    """The weights a native router hands to the experts ``index_TK`` when its routing
+    distribution is ``probs_TE``: w = p_K, over Σ_K p when the router renormalises (Mixtral
+    always, the others if ``norm_topk_prob``). DeepSeek-V3 (p = s / Σ_e s of its sigmoid scores
+    s): w = γ · p_K / (Σ_K p + 1e-20) with norm_topk_prob (its router's own formula, which
+    p = s/Σs leaves unchanged), else w = γ · (Σ_e s) · p_K (p redistributes the token's total
+    sigmoid score), γ = routed_scaling_factor. At p = the router's own distribution both give
+    its own weights for the same experts."""
+    weight_TK = probs_TE.gather(-1, index_TK)
+    if family.scoring == SOFTMAX:
+        if _native_normalize_topk(gate):
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+        return weight_TK
+    if gate.norm_topk_prob:
+        weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
+    else:
+        weight_TK = weight_TK * torch.sigmoid(logits_TE.to(probs_TE.dtype)).sum(-1, keepdim=True)
+    return weight_TK * gate.routed_scaling_factor
+
+
+def _reroute_native_gate(
+    family: Family, layer_override: _LayerOverride, gate: nn.Module, args: tuple, output: tuple
+) -> GateOutput:
+    """Forward hook on a native ``mlp.gate``: routes with ``layer_override(probs)`` instead of
+    the router's distribution probs (see :meth:`HFRouted.override_routing`)."""
+    logits_TE, weight_TK, index_TK = output
+    _, probs_TE = _scores_and_probs(family, logits_TE)
+    new_TE = layer_override(probs_TE)
+    changed_T1 = (new_TE != probs_TE).any(-1, keepdim=True)
+    new_index_TK = torch.topk(new_TE, index_TK.shape[-1], dim=-1).indices
+    new_weight_TK = _native_topk_weight(family, gate, logits_TE, new_TE, new_index_TK)
+    if family.scoring == SOFTMAX:  # softmax(logits) = the new distribution, as Router.reroute
+        logits_TE = torch.where(changed_T1, new_TE.log().to(logits_TE.dtype), logits_TE)
+    return GateOutput(
+        logits_TE,
+        torch.where(changed_T1, new_weight_TK.to(weight_TK.dtype), weight_TK),
+        torch.where(changed_T1, new_index_TK.to(index_TK.dtype), index_TK),
+        new_TE,
+    )
+
+
 class HFRouted:
     """:class:`~moealign.routed.RoutedModel` view of a transformers MoE causal LM.
 
     ``forward`` returns the logits and each MoE layer's ``probs`` (B, S, E) (see
     :class:`LayerRouting`; differentiable w.r.t. the routers); ``router_parameters`` are the
-    ``mlp.gate`` weights (the moealign router's parameters after :func:`swap_routers`).
+    ``mlp.gate`` weights (the moealign router's parameters after :func:`swap_routers`);
+    ``override_routing`` replaces chosen layers' routing distribution (C3PO, oracle routing).
     """
 
     def __init__(self, model: nn.Module):
@@ -446,3 +547,44 @@ class HFRouted:
             self.model, {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         return RoutedOutput(capture.logits, [layer.probs for layer in capture.layers])
+
+    @contextmanager
+    def override_routing(self, overrides: Mapping[int, ProbsOverride]) -> Iterator[None]:
+        """Within the context, MoE layer l routes with p' = ``overrides[l](p)`` (B, S, E) instead
+        of its own distribution p (``probs``, :class:`LayerRouting`), to the contract of
+        :meth:`moealign.routed.RoutedModel.override_routing` (DESIGN.md §5: C3PO re-mixing and
+        oracle routing change the routing distribution at the routed token).
+
+        A token whose row p' leaves equal keeps the router's logits, top-k and weights bit for
+        bit. A changed token t routes to K_t = top-K of p'_t (no selection bias, no group limit:
+        the override decides) with the weights its family's router would derive from p'_t
+        (:func:`_native_topk_weight`: p'_K renormalised over the K where the router
+        renormalises; DeepSeek-V3 adds its routed_scaling_factor). The weights are
+        differentiable in p', and ``forward`` reports p' as ``probs``. Native gates are
+        rerouted by forward hooks (transformers' code is not touched); gates from
+        :func:`swap_routers` by :meth:`Router.reroute`. Hooks and overrides are removed on
+        leaving the context, also on error.
+        """
+        blocks = moe_blocks(self.model)
+        check_override_layers(overrides, len(blocks))
+        family = detect_family(self.model)
+        handles, swapped = [], []
+        try:
+            for index, override in overrides.items():
+                block = blocks[index]
+                layer_override = _LayerOverride(index, override)
+                handles.append(
+                    block.mlp.register_forward_pre_hook(layer_override.record_batch_shape)
+                )
+                if isinstance(block.mlp.gate, MoealignGate):
+                    block.mlp.gate.probs_override = layer_override
+                    swapped.append(block.mlp.gate)
+                else:
+                    hook = partial(_reroute_native_gate, family, layer_override)
+                    handles.append(block.mlp.gate.register_forward_hook(hook, prepend=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for gate in swapped:
+                gate.probs_override = None
