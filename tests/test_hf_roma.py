@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from helpers_hf import FAMILIES, batch, tiny_model
-from moealign.data.tasks import TaskSuiteConfig, build_task_suite, multiple_choice_view
+from moealign.data.tasks import TaskExample, TaskSuiteConfig, build_task_suite, multiple_choice_view
 from moealign.data.tokenizer import ByteTokenizer
 from moealign.integrations.hf import (
     HFRouted,
@@ -19,12 +21,14 @@ from moealign.integrations.hf import (
     router_rows,
     swap_routers,
 )
+from moealign.integrations.hf_tokenizer import TransformersTokenizer
 from moealign.roma import (
     HashedTrigramEncoder,
     Neighbourhood,
     RouterTrainingConfig,
     c3po_capture,
     capture,
+    encode_question,
     find_neighbours,
     neighbour_mixture,
     train_routers,
@@ -302,3 +306,23 @@ def test_c3po_on_a_hf_model_alpha_one_is_the_base_and_half_mixes(questions):
     expected = 0.5 * base.routing_NP[:, :4] + 0.5 * mixture[:, :4]
     torch.testing.assert_close(remixed.routing_NP[:, :4], expected, rtol=0, atol=1e-6)
     assert (remixed.gold_log_prob_N - base.gold_log_prob_N).abs().max() > 1e-4
+
+
+def test_transformers_tokenizer_encodes_questions_for_roma():
+    words = ["[UNK]", "<eos>", "A", "B", "C", *(f"w{i}" for i in range(10))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>")
+    tokenizer = TransformersTokenizer(hf)
+    assert (tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size) == (1, 1, 15)
+    assert tokenizer.encode("w3 w1 B") == [8, 6, 3] == hf("w3 w1 B").input_ids
+    assert tokenizer.decode([8, 1, 3]) == "w3 B"
+    example = TaskExample("t", "w3 w1", "B", options=("w2", "w4", "w5"))
+    question = encode_question(example, tokenizer)
+    # one row, the prompt; the letters A, B, C are scored at its last position; gold B
+    assert question.rows == [[8, 6]] and question.gold == 1 and question.routed_position == 1
+    assert question.scored == [(0, 1, 2, 0), (0, 1, 3, 1), (0, 1, 4, 2)]
+    hf.pad_token = "[UNK]"
+    assert TransformersTokenizer(hf).pad_id == 0
+    with pytest.raises(ValueError, match="eos_token_id=None"):
+        TransformersTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend))
