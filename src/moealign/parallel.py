@@ -12,11 +12,12 @@ checkpoints, so every world size reads and writes the same safetensors files.
   reduce-scattered (averaged). Only AdamW: Muon and Hyperball need whole matrices.
 * ``ep``: a (dp, ep) device mesh, dp · ep = world size. Every rank reads its own slice of the
   global batch. Each MoE layer keeps E/ep experts per rank (expert dim 0: rank j of an ep group
-  holds experts j·E/ep … (j+1)·E/ep − 1); tokens reach their experts through
-  the functional collectives' ``all_to_all_single_autograd`` (counts first, then tokens, and
-  back; torchtitan's call), which carries gradients. After the backward pass the gradient of a parameter held by
-  every rank is summed over the world, that of an expert over its dp replicas (the ranks with
-  the same ep coordinate) only; both are divided by the world size, the DDP average.
+  holds experts j·E/ep … (j+1)·E/ep − 1); tokens reach their experts through the functional
+  collectives' ``all_to_all_single_autograd`` (counts first, then tokens, and back;
+  torchtitan's call), which carries gradients. After the backward pass the gradient of a
+  parameter held by every rank is summed over the world, that of an expert over its dp
+  replicas (the ranks with the same ep coordinate) only; both are divided by the world size,
+  the DDP average.
 
 Why the ``ep`` average is right: rank r's loss is W · (its share of the global loss) (the
 trainer scales so), so the all-to-all backward leaves on the rank holding expert e the sum over
@@ -25,8 +26,8 @@ its ep group of W · ∂share/∂w_e; the sum over the dp replicas divided by W 
 MPI with ``ep`` (DESIGN.md §3): each rank computes r'_e = C · retract(W_g[e]ᵀW_g[e] r_e) for its
 own experts from its shard of W_g and the matching rows of the replicated R, then all-gathers
 the E × D R' with the functional ``all_gather_single_autograd``, whose backward sums every
-rank's gradient into the rows it computed (a reduce-scatter). Rank (d, j) therefore holds ∂/∂R only in its own
-rows; the world sum over all ranks divided by W gives the full gradient of R.
+rank's gradient into the rows it computed (a reduce-scatter). Rank (d, j) therefore holds ∂/∂R
+only in its own rows; the world sum over all ranks divided by W gives the full gradient of R.
 
 Statistics that must be global (DESIGN.md §2, §4): the aux-loss-free bias counts are over all
 E experts on every rank (the router is replicated) and are summed over the whole world in
