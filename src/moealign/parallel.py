@@ -168,7 +168,10 @@ class ExpertParallelMPIRouter(MPIRouter):
 
 def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup) -> set[str]:
     """Shard the experts of every :class:`MoELayer` of ``model`` over ``ep_group`` (in place)
-    and give MPI routers the sharded power step. Returns the names of the expert parameters."""
+    and give MPI routers the sharded power step. Returns the names of the expert parameters.
+    An ep group of one rank leaves the model as it is (every rank holds every expert)."""
+    if dist.get_world_size(ep_group) == 1:
+        return set()
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
             continue
