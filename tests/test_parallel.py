@@ -150,6 +150,16 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
     )
     resumed.train()
     results["one-to-two"] = resumed.parallel.full_model_state(resumed.model)
+    # A validation batch of one row: rank 1 has none but must join the sharded forward.
+    one_row = {k: v[:1] for k, v in resumed.data.validation[0].items()}
+    resumed.data.validation = [one_row]
+    whole = resumed.whole_model()
+    expected = None
+    if whole is not None:
+        with torch.no_grad():
+            logits = whole.eval()(one_row["input_ids"]).logits
+        expected = float(torch.nn.functional.cross_entropy(logits[0], one_row["labels"][0]))
+    results["one-row-eval"] = (resumed.evaluate()["val_loss"], expected)
     results["dispatch"] = _empty_expert_dispatch()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -215,6 +225,11 @@ def test_checkpoint_written_by_one_process_resumes_on_two_expert_parallel_ranks(
         _assert_state_close(
             rank_results["one-to-two"], runs["references"]["softmax_topk"]["weights"]
         )
+
+
+def test_evaluation_with_a_rank_that_has_no_rows(runs):
+    (loss_0, expected), (loss_1, _) = (r["one-row-eval"] for r in runs["ranks"])
+    assert loss_0 == loss_1 == pytest.approx(expected, rel=1e-5)
 
 
 def test_all_to_all_dispatch_with_experts_that_receive_no_tokens(runs):

@@ -119,10 +119,18 @@ class _RoutingAccumulator:
         self.tokens += tokens
         self.batches += 1
 
-    def summary(self, dist_ctx: DistributedContext, prefix: str) -> dict[str, float]:
-        """Per-layer statistics of the accumulated routing, reduced over ranks."""
+    def summary(
+        self, dist_ctx: DistributedContext, prefix: str, shape_LE: tuple[int, int]
+    ) -> dict[str, float]:
+        """Per-layer statistics of the accumulated routing, reduced over ranks. A rank that saw
+        no batch joins the reductions with zeros of ``shape_LE`` (L MoE layers, E experts)."""
         if self.counts_LE is None:
-            return {}
+            if not dist_ctx.enabled or shape_LE[0] == 0:
+                return {}
+            self.counts_LE = torch.zeros(shape_LE, device=dist_ctx.device)
+            self.balance_L, self.z_L, self.token_entropy_sum_L = torch.zeros(
+                3, shape_LE[0], device=dist_ctx.device
+            )
         scalars = torch.stack(
             [self.balance_L, self.z_L, self.token_entropy_sum_L]  # type: ignore[list-item]
         )
@@ -194,6 +202,8 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.model = (model if model is not None else MoETransformer(config.model)).to(self.device)
         self.data = data if data is not None else build_training_data(config)
+        # Counted before sharding, so they are the whole model's on every rank.
+        self.parameter_counts: dict[str, int] = self.model.parameter_counts()
         # Shard before the optimizer is built: FSDP2 replaces the parameters by DTensors.
         self.forward_model: torch.nn.Module = self.parallel.apply(self.model)
         self.optimizer = build_optimizer(
@@ -465,11 +475,15 @@ class Trainer:
         metrics["loss"] = metrics["lm_loss"] + metrics["aux_loss"]
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(routing_stats.summary(self.dist, prefix="routing/"))
+        metrics.update(routing_stats.summary(self.dist, "routing/", self._routing_shape()))
         metrics.update(router_grad_norms)
         for term in self.aux_terms:
             metrics.update(getattr(term, "metrics", {}))
         return metrics
+
+    def _routing_shape(self) -> tuple[int, int]:
+        """(MoE layers, experts) of the routing statistics."""
+        return len(getattr(self.model, "moe_layers", [])), self.config.model.n_experts
 
     def _router_grad_norms(self) -> dict[str, float]:
         """‖∇ router‖₂ per MoE layer (guardrail monitoring, DESIGN.md §4), before clipping."""
@@ -499,15 +513,17 @@ class Trainer:
             for batch in batches:
                 rows = torch.arange(batch["input_ids"].shape[0]).tensor_split(self.dist.world_size)
                 mine = rows[self.dist.rank]
-                # A sharded model's forward is a collective: a rank without rows still joins.
-                if mine.numel() == 0 and not self.parallel.shards:
+                if mine.numel() == 0:
+                    if self.parallel.shards:
+                        # A sharded forward is a collective: join it on a stand-in row whose
+                        # results are discarded.
+                        with self._autocast():
+                            self.model(batch["input_ids"][:1].to(self.device))
                     continue
                 input_ids = batch["input_ids"][mine].to(self.device)
                 labels = batch["labels"][mine].to(self.device)
                 with self._autocast():
                     output = self.model(input_ids)
-                if mine.numel() == 0:
-                    continue
                 totals[0] += F.cross_entropy(
                     output.logits.float().flatten(0, 1),
                     labels.flatten(),
@@ -518,7 +534,7 @@ class Trainer:
                 routing_stats.add(output.routing)
         self.model.train()
         self.dist.all_reduce_sum(totals)
-        summary = routing_stats.summary(self.dist, prefix="val_routing/")
+        summary = routing_stats.summary(self.dist, "val_routing/", self._routing_shape())
         self.last_eval_expert_counts_LE = routing_stats.counts_LE  # reduced over ranks
         loss = float(totals[0] / totals[1].clamp_min(1))
         return {
@@ -632,7 +648,7 @@ class Trainer:
             self._log({"step": self.step, "split": "val", **final_eval})
             whole = self.whole_model()
             if self.run is not None:
-                counts = whole.parameter_counts()
+                counts = self.parameter_counts
                 final_eval |= self.evaluate_model_extras(whole)
                 if self.stopped_early_at is not None:
                     final_eval["stopped_early_at"] = self.stopped_early_at
