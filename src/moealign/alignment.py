@@ -6,17 +6,24 @@ and a fixed prior q_l per MoE layer:
 
 * ``uniform``: q_l = 1/E;
 * ``marginal``: an exponential moving average of the all-task routing distribution
-  q_l ← d·q_l + (1 − d)·mean_t p_l(·|x_t) over the task tokens of each training batch, held
-  without gradient (aligns every task to the shared routing); saved in checkpoints;
+  q_l ← d·q_l + (1 − d)·mean_t p_l(·|x_t) over the task tokens of each global training batch
+  (once per optimizer step, pooling every micro-batch of every data-parallel rank: the sums and
+  the token count are all-reduced, so every rank holds the same prior at any world size or
+  accumulation), held without gradient (aligns every task to the shared routing); saved in
+  checkpoints;
 * ``file``: an (L, E) tensor read from a safetensors file (key ``prior``).
 
 Task ids travel with the batch (``batch["task_ids"]``), never through the model.
+
+With several ranks the loss's p_l(·|τ) stays per micro-batch, like the balance loss (DESIGN.md
+§4: the "batch" is the micro-batch), so data parallelism and gradient accumulation give the
+same gradient as one process accumulating the same micro-batches.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +60,7 @@ class RoutingPrior:
             )
         self.kind, self.decay = kind, decay
         self.value_LE = torch.full((n_layers, n_experts), 1.0 / n_experts, dtype=torch.float64)
+        self._pending_sums: Tensor | None = None  # (L·E + 1,): Σ probs over task tokens, count
         if kind == "file":
             self.value_LE = self._read(path, n_layers, n_experts)
 
@@ -84,15 +92,38 @@ class RoutingPrior:
         return self.value_LE.to(device=device, dtype=torch.float32)
 
     @torch.no_grad()
-    def update(self, probs_per_layer: Sequence[Tensor], task_ids_T: Tensor) -> None:
-        """Marginal prior only: q_l ← d·q_l + (1 − d)·(mean over task tokens of p_l)."""
+    def accumulate(self, probs_per_layer: Sequence[Tensor], task_ids_T: Tensor) -> None:
+        """Marginal prior only: add one micro-batch's Σ_t p_l(·|x_t) over task tokens and their
+        number to the sums that :meth:`step` turns into the EMA update."""
         if self.kind != "marginal":
             return
         labelled = task_ids_T.reshape(-1).to(probs_per_layer[0].device) >= 0
-        if not labelled.any():
+        sums_LE = torch.stack([p[labelled].double().sum(0) for p in probs_per_layer])
+        sums = torch.cat([sums_LE.flatten(), labelled.sum().double().reshape(1)])
+        self._pending_sums = sums if self._pending_sums is None else self._pending_sums + sums
+
+    @torch.no_grad()
+    def step(self, reduce_sum: Callable[[Tensor], Tensor] | None = None) -> None:
+        """q_l ← d·q_l + (1 − d)·(Σ p_l / #task tokens) over what was accumulated since the last
+        step (no change without task tokens). ``reduce_sum`` sums a tensor over data-parallel
+        ranks in place; every rank must call it (a collective), with or without sums."""
+        if self.kind != "marginal":
             return
-        batch_LE = torch.stack([p[labelled].double().mean(0) for p in probs_per_layer]).cpu()
-        self.value_LE = self.decay * self.value_LE + (1.0 - self.decay) * batch_LE
+        sums = self._pending_sums
+        if sums is None:
+            sums = torch.zeros(self.value_LE.numel() + 1, dtype=torch.float64)
+        if reduce_sum is not None:
+            sums = reduce_sum(sums)
+        self._pending_sums = None
+        sums = sums.cpu()
+        if sums[-1] > 0:
+            batch_LE = (sums[:-1] / sums[-1]).view_as(self.value_LE)
+            self.value_LE = self.decay * self.value_LE + (1.0 - self.decay) * batch_LE
+
+    def update(self, probs_per_layer: Sequence[Tensor], task_ids_T: Tensor) -> None:
+        """One process, one batch: :meth:`accumulate` then :meth:`step`."""
+        self.accumulate(probs_per_layer, task_ids_T)
+        self.step()
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "value": self.value_LE.clone()}
@@ -138,7 +169,7 @@ class RoutingAlignment:
         if self.entropy_bonus > 0:
             entropy = torch.stack([_entropy(p).mean() for p in probs]).mean() / log_e
             loss = loss - self.entropy_bonus * entropy
-        self.prior.update(probs, task_ids_T)
+        self.prior.accumulate(probs, task_ids_T)
         self.metrics = {
             "lambda": lam,
             "align_kl": float(align.detach()),
@@ -150,6 +181,11 @@ class RoutingAlignment:
                 task_entropy = float(_entropy(p_NE).mean()) / log_e
                 self.metrics[f"align/layer{layer}/task_entropy"] = task_entropy
         return {"align_loss": loss}
+
+    def end_step(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
+        """After the optimizer step: the marginal prior's EMA update over the global batch
+        (``reduce_sum`` sums over data-parallel ranks; see :meth:`RoutingPrior.step`)."""
+        self.prior.step(reduce_sum)
 
     def state_dict(self) -> dict[str, Any]:
         return {

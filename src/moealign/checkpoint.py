@@ -26,7 +26,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,11 +193,14 @@ def save_checkpoint(
     directory: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any],
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
     """Write ``directory/step_{step:06d}`` atomically and delete all but the newest ``keep``.
+
+    ``optimizer`` is an optimizer or a state dict of one (the whole-tensor state that
+    :class:`moealign.parallel.Parallel` gathers from sharded ranks).
 
     ``trainer_state`` is any nested state :func:`encode_state` accepts (scheduler, RNG, data
     stream, extra state); tensors in it are stored inline in ``state.json``.
@@ -214,7 +217,9 @@ def save_checkpoint(
 
     save_model(model, str(tmp / MODEL_FILE))
     optimizer_tensors: dict[str, torch.Tensor] = {}
-    index = encode_state(optimizer.state_dict(), optimizer_tensors)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.state_dict()
+    index = encode_state(dict(optimizer), optimizer_tensors)
     save_file(
         optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata={_INDEX_KEY: json.dumps(index)}
     )
@@ -250,10 +255,14 @@ class Checkpoint:
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Load the optimizer state (moved to the parameters' device by torch)."""
+        optimizer.load_state_dict(self.optimizer_state())
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The saved ``optimizer.state_dict()`` (tensors on the CPU)."""
         file = self.path / OPTIMIZER_FILE
         with safe_open(str(file), framework="pt") as handle:
             index = json.loads(handle.metadata()[_INDEX_KEY])
-        optimizer.load_state_dict(decode_state(index, load_file(str(file))))
+        return decode_state(index, load_file(str(file)))
 
 
 def _device_of(model: torch.nn.Module) -> str:

@@ -82,7 +82,7 @@ def _run_train(args: argparse.Namespace) -> int:
         trainer.close()
     if not trainer.dist.is_main:
         return 0
-    counts = trainer.model.parameter_counts()
+    counts = trainer.parameter_counts
     train, final = result.last_train, result.final_eval
     rows = [
         ("run directory", str(result.run_dir)),

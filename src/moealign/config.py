@@ -341,7 +341,10 @@ class TrainConfig(_Validated):
     at the end, generate answers for at most this many examples per task of each evaluation set
     of the task suite (seen-task test, held-out tasks/compositions, long lengths; 0 = skip).
     ``tensorboard`` and ``wandb`` mirror ``metrics.jsonl`` to TensorBoard / offline W&B
-    (:mod:`moealign.loggers`).
+    (:mod:`moealign.loggers`). ``parallel`` picks how several ranks (torchrun) share the work
+    (:mod:`moealign.parallel`, DESIGN.md §9): ``ddp`` replicates the model, ``fsdp`` shards
+    every block and the root with FSDP2 (AdamW only), ``ep`` shards the experts over ``ep_size``
+    ranks of a (dp, ep) device mesh; one process ignores it.
     """
 
     steps: int = bounded(100, ge=1)
@@ -359,9 +362,16 @@ class TrainConfig(_Validated):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     tensorboard: bool = False
     wandb: bool = False
+    parallel: Literal["ddp", "fsdp", "ep"] = "ddp"
+    ep_size: int = bounded(1, ge=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.ep_size > 1 and self.parallel != "ep":
+            raise ConfigError(
+                "ep_size",
+                f"got {self.ep_size}; expected 1 unless parallel='ep' (got {self.parallel!r})",
+            )
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 "batch_size",
@@ -402,6 +412,24 @@ class RunConfig(_Validated):
                 f"got {self.alignment.schedule!r}; the routing alignment needs model.ffn='moe' "
                 "(use 'none' for a dense model)",
             )
+        if self.train.parallel == "fsdp" and self.optim.name != "adamw":
+            raise ConfigError(
+                "optim.name",
+                f"got {self.optim.name!r} with train.parallel='fsdp'; FSDP2 shards each matrix "
+                "by rows, and Muon/Hyperball need whole matrices: use 'adamw', or "
+                "train.parallel='ddp'/'ep' (which keep whole matrices, experts per expert)",
+            )
+        if self.train.parallel == "ep":
+            if self.model.ffn != "moe":
+                raise ConfigError(
+                    "train.parallel", "got 'ep'; expert parallelism needs model.ffn='moe'"
+                )
+            if self.model.n_experts % self.train.ep_size:
+                raise ConfigError(
+                    "train.ep_size",
+                    f"got {self.train.ep_size}; expected a divisor of "
+                    f"model.n_experts={self.model.n_experts}",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested dict (tuples as lists) that :func:`build_config` reads back."""

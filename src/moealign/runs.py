@@ -44,8 +44,17 @@ META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 CHECKPOINT_DIR = "checkpoints"
-# Changes that do not alter the result: the budget and the dashboards the metrics go to.
-_RESUMABLE_CHANGES = {"train.steps", "train.tensorboard", "train.wandb"}
+# Changes that do not alter the result: the budget, the dashboards the metrics go to, and the
+# parallel layout (a resume on another number of ranks keeps world size × grad_accum, so the
+# global batch and its micro-batches stay the same; checkpoints hold whole tensors).
+_RESUMABLE_CHANGES = {
+    "train.steps",
+    "train.tensorboard",
+    "train.wandb",
+    "train.grad_accum",
+    "train.parallel",
+    "train.ep_size",
+}
 
 
 class RunExistsError(ValueError):

@@ -12,10 +12,13 @@ as one big batch; the router terms are means over micro-batches (each micro-batc
 "batch" of the balance loss, DESIGN.md §4). α = ``loss.balance_coef``, β = ``loss.z_coef``.
 ``aux_terms`` are callables ``(micro_batch, model_output, step) -> {name: tensor}`` whose
 tensors are added to the loss as given (e.g. λ(t)·L_align); a term with ``state_dict()``/
-``load_state_dict()`` is checkpointed with the run.
+``load_state_dict()`` is checkpointed with the run, and one with ``end_step(reduce_sum)`` is
+called on every rank after each optimizer step (``reduce_sum`` sums a tensor over ranks).
 
 After each optimizer step the aux-loss-free expert biases are updated from the expert counts,
-all-reduced over data-parallel ranks. A resumed run restores the model, optimizer, scheduler,
+all-reduced over data-parallel ranks. ``train.parallel`` picks DDP, FSDP2 or expert parallelism
+(:mod:`moealign.parallel`); checkpoints always hold whole tensors, so a run resumes at any
+world size. A resumed run restores the model, optimizer, scheduler,
 RNG, data stream and aux-term states and ends with the same weights, bit for bit, as an
 uninterrupted run.
 """
@@ -35,7 +38,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from moealign import diagnostics
@@ -59,6 +61,7 @@ from moealign.loggers import LoggerGroup, build_loggers
 from moealign.nn import update_expert_biases
 from moealign.nn.transformer import MoETransformer
 from moealign.optim import build_optimizer
+from moealign.parallel import Parallel, full_tensor
 from moealign.runs import RunDirectory, peak_memory_bytes, utc_now
 from moealign.schedules import WarmupCosine
 from moealign.training_data import TrainingData, build_training_data
@@ -116,10 +119,18 @@ class _RoutingAccumulator:
         self.tokens += tokens
         self.batches += 1
 
-    def summary(self, dist_ctx: DistributedContext, prefix: str) -> dict[str, float]:
-        """Per-layer statistics of the accumulated routing, reduced over ranks."""
+    def summary(
+        self, dist_ctx: DistributedContext, prefix: str, shape_LE: tuple[int, int]
+    ) -> dict[str, float]:
+        """Per-layer statistics of the accumulated routing, reduced over ranks. A rank that saw
+        no batch joins the reductions with zeros of ``shape_LE`` (L MoE layers, E experts)."""
         if self.counts_LE is None:
-            return {}
+            if not dist_ctx.enabled or shape_LE[0] == 0:
+                return {}
+            self.counts_LE = torch.zeros(shape_LE, device=dist_ctx.device)
+            self.balance_L, self.z_L, self.token_entropy_sum_L = torch.zeros(
+                3, shape_LE[0], device=dist_ctx.device
+            )
         scalars = torch.stack(
             [self.balance_L, self.z_L, self.token_entropy_sum_L]  # type: ignore[list-item]
         )
@@ -181,10 +192,20 @@ class Trainer:
                 f"{self.dist.world_size} × {train_cfg.grad_accum}",
             )
         self.autocast_dtype = self._autocast_dtype(train_cfg.precision)
+        self.parallel = Parallel(train_cfg.parallel, self.dist, train_cfg.ep_size)
+        if self.parallel.shards and model is not None and not isinstance(model, MoETransformer):
+            raise ValueError(
+                f"train.parallel={train_cfg.parallel!r} needs a MoETransformer model (its blocks "
+                f"are sharded); got {type(model).__name__}: use train.parallel='ddp'"
+            )
 
         torch.manual_seed(train_cfg.seed)
         self.model = (model if model is not None else MoETransformer(config.model)).to(self.device)
         self.data = data if data is not None else build_training_data(config)
+        # Counted before sharding, so they are the whole model's on every rank.
+        self.parameter_counts: dict[str, int] = self.model.parameter_counts()
+        # Shard before the optimizer is built: FSDP2 replaces the parameters by DTensors.
+        self.forward_model: torch.nn.Module = self.parallel.apply(self.model)
         self.optimizer = build_optimizer(
             self.model,
             name=config.optim.name,
@@ -203,11 +224,6 @@ class Trainer:
                 schedule=config.optim.schedule,
             ),
         )
-        self.forward_model: torch.nn.Module = self.model
-        if self.dist.enabled:
-            self.forward_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
         moe_layers = getattr(self.model, "moe_layers", [])
         n_experts = config.model.n_experts
         self.alignment = build_alignment(config.alignment, len(moe_layers), n_experts)
@@ -284,8 +300,16 @@ class Trainer:
         if checkpoint is None:
             log.warning("resume: no checkpoint in %s; starting from step 0", self.checkpoint_dir)
             return
-        checkpoint.load_model(self.model)
-        checkpoint.load_optimizer(self.optimizer)
+        if self.parallel.shards:
+            whole = self._whole_model_copy()
+            checkpoint.load_model(whole)
+            self.parallel.load_full_model_state(self.model, whole.state_dict())
+            self.parallel.load_full_optimizer_state(
+                self.model, self.optimizer, checkpoint.optimizer_state()
+            )
+        else:
+            checkpoint.load_model(self.model)
+            checkpoint.load_optimizer(self.optimizer)
         state = checkpoint.trainer_state
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.train.load_state_dict(state["data"])
@@ -306,15 +330,38 @@ class Trainer:
             self.run.truncate_metrics(self.step)
         log.info("resumed from %s at step %d", checkpoint.path, self.step)
 
+    def _whole_model_copy(self) -> MoETransformer:
+        """A fresh unsharded model of the run's architecture (its RNG draws do not count)."""
+        with torch.random.fork_rng(devices=[]):
+            return MoETransformer(self.config.model).to(self.device)
+
+    def whole_model(self) -> torch.nn.Module | None:
+        """The model with whole tensors: itself, or, when sharded, a copy gathered on rank 0
+        (None on the other ranks). A collective when sharded: call it on every rank."""
+        if not self.parallel.shards:
+            return self.model
+        state = self.parallel.full_model_state(self.model)
+        if not self.dist.is_main:
+            return None
+        whole = self._whole_model_copy()
+        whole.load_state_dict(state)
+        return whole.train(self.model.training)
+
     def save_checkpoint(self) -> Path | None:
-        """Checkpoint the current step (rank 0 writes; returns the directory there)."""
+        """Checkpoint the current step (rank 0 writes; returns the directory there). Sharded
+        runs gather whole tensors first, so every rank must call it."""
+        model: torch.nn.Module | None = self.model
+        optimizer: Any = self.optimizer
+        if self.parallel.shards:
+            model = self.whole_model()
+            optimizer = self.parallel.full_optimizer_state(self.model, self.optimizer)
         if not self.dist.is_main:
             return None
         return save_checkpoint(
             self.checkpoint_dir,
             self.step,
-            self.model,
-            self.optimizer,
+            model,
+            optimizer,
             self._trainer_state(),
             keep=self.config.train.keep_checkpoints,
         )
@@ -381,8 +428,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            no_sync = self.dist.enabled and not last
-            with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():
+            with self.parallel.accumulating(self.forward_model, sync=last):
                 with self._autocast():
                     output = self.forward_model(micro["input_ids"])
                 logits_BSV = output.logits.float()
@@ -405,11 +451,15 @@ class Trainer:
             for name, value in {"lm_loss_sum": lm_sum, "aux_loss": router_loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
 
+        self.parallel.reduce_gradients(self.model)
         router_grad_norms = self._router_grad_norms()
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         # Counts are all-reduced over ranks inside Router.update_expert_bias (DESIGN.md §2).
         update_expert_biases(self.model)
+        for term in self.aux_terms:
+            if hasattr(term, "end_step"):
+                term.end_step(self.dist.all_reduce_sum)
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += batch["input_ids"].numel()
@@ -425,26 +475,29 @@ class Trainer:
         metrics["loss"] = metrics["lm_loss"] + metrics["aux_loss"]
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(routing_stats.summary(self.dist, prefix="routing/"))
+        metrics.update(routing_stats.summary(self.dist, "routing/", self._routing_shape()))
         metrics.update(router_grad_norms)
         for term in self.aux_terms:
             metrics.update(getattr(term, "metrics", {}))
         return metrics
 
+    def _routing_shape(self) -> tuple[int, int]:
+        """(MoE layers, experts) of the routing statistics."""
+        return len(getattr(self.model, "moe_layers", [])), self.config.model.n_experts
+
     def _router_grad_norms(self) -> dict[str, float]:
         """‖∇ router‖₂ per MoE layer (guardrail monitoring, DESIGN.md §4), before clipping."""
         norms = {}
         for layer, moe in enumerate(getattr(self.model, "moe_layers", []), start=1):
-            grads = [p.grad for p in moe.router.parameters() if p.grad is not None]
+            grads = [full_tensor(p.grad) for p in moe.router.parameters() if p.grad is not None]
             if grads:
                 norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
                 norms[f"routing/layer{layer}/router_grad_norm"] = float(norm)
         return norms
 
     def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return self.parallel.clip_grad_norm_(self.model, max_norm)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -461,6 +514,11 @@ class Trainer:
                 rows = torch.arange(batch["input_ids"].shape[0]).tensor_split(self.dist.world_size)
                 mine = rows[self.dist.rank]
                 if mine.numel() == 0:
+                    if self.parallel.shards:
+                        # A sharded forward is a collective: join it on a stand-in row whose
+                        # results are discarded.
+                        with self._autocast():
+                            self.model(batch["input_ids"][:1].to(self.device))
                     continue
                 input_ids = batch["input_ids"][mine].to(self.device)
                 labels = batch["labels"][mine].to(self.device)
@@ -476,7 +534,7 @@ class Trainer:
                 routing_stats.add(output.routing)
         self.model.train()
         self.dist.all_reduce_sum(totals)
-        summary = routing_stats.summary(self.dist, prefix="val_routing/")
+        summary = routing_stats.summary(self.dist, "val_routing/", self._routing_shape())
         self.last_eval_expert_counts_LE = routing_stats.counts_LE  # reduced over ranks
         loss = float(totals[0] / totals[1].clamp_min(1))
         return {
@@ -508,18 +566,20 @@ class Trainer:
             return True
         return False
 
-    def evaluate_model_extras(self) -> dict[str, Any]:
-        """The end-of-run evaluation beyond the validation loss (rank 0 only): greedy answers on
-        the task suite's evaluation sets (``train.task_eval_examples`` per task and set) and,
-        for MoE models, the projection alignment λ per layer (MPI paper Eq. 11)."""
+    def evaluate_model_extras(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """The end-of-run evaluation beyond the validation loss (rank 0 only) of ``model``
+        (default: the trained model; a sharded run passes :meth:`whole_model`): greedy answers
+        on the task suite's evaluation sets (``train.task_eval_examples`` per task and set)
+        and, for MoE models, the projection alignment λ per layer (MPI paper Eq. 11)."""
+        model = self.model if model is None else model
         extras: dict[str, Any] = {}
-        if self.model.moe_layers:
-            extras["projection_alignment"] = routing_projection_alignment(self.model)
+        if model.moe_layers:
+            extras["projection_alignment"] = routing_projection_alignment(model)
         limit = self.config.train.task_eval_examples
         if self.data.suite is not None and limit > 0:
             with self._autocast():
                 tasks = evaluate_suite(
-                    self.model, self.data.tokenizer, self.data.suite, max_examples_per_task=limit
+                    model, self.data.tokenizer, self.data.suite, max_examples_per_task=limit
                 )
             extras["tasks"] = tasks
             extras["task_accuracy"] = per_task_accuracy(tasks)
@@ -586,9 +646,10 @@ class Trainer:
         if not interrupted:
             final_eval = self.evaluate()
             self._log({"step": self.step, "split": "val", **final_eval})
+            whole = self.whole_model()
             if self.run is not None:
-                counts = self.model.parameter_counts()
-                final_eval |= self.evaluate_model_extras()
+                counts = self.parameter_counts
+                final_eval |= self.evaluate_model_extras(whole)
                 if self.stopped_early_at is not None:
                     final_eval["stopped_early_at"] = self.stopped_early_at
                 self.run.write_final_eval(

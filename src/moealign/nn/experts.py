@@ -119,22 +119,28 @@ class SwiGLUExperts(nn.Module):
         n_routed = int(counts_E.sum()) if keep_TK is not None else n_tokens * top_k
         routed_slots = order_S[:n_routed]
 
-        compute_dtype = _compute_dtype(x_TD)
         # index_select's backward is an index_add_, cheaper than the accumulating index_put_
         # behind x_TD[index]'s.
-        x_SD = x_TD.index_select(0, routed_slots // top_k).to(compute_dtype)
-        weights = [w.to(compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
-        if self._use_grouped(x_SD, weights):
-            offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            y_SD = expert_forward_grouped(x_SD, *weights, offsets)
-        else:
-            y_SD = expert_forward_loop(x_SD, *weights, counts_E.tolist())
+        x_SD = x_TD.index_select(0, routed_slots // top_k).to(_compute_dtype(x_TD))
+        y_SD = self.run_experts(x_SD, counts_E)
 
         # Dropless, every slot is overwritten: no need to zero the buffer first.
         buffer = y_SD.new_zeros if keep_TK is not None else y_SD.new_empty
         y_slots = buffer(n_tokens * top_k, self.d_model).index_copy(0, routed_slots, y_SD)
         weight_T1K = topk_weight_TK.to(y_slots.dtype).unsqueeze(1)
         return torch.bmm(weight_T1K, y_slots.view(n_tokens, top_k, self.d_model)).squeeze(1)
+
+    def run_experts(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+        """The experts on expert-sorted slots (``counts_E[e]`` consecutive rows for expert e).
+
+        The seam that expert parallelism replaces (:mod:`moealign.parallel`): there the slots
+        travel to the rank that holds their expert and back.
+        """
+        weights = [w.to(x_SD.dtype) for w in (self.w_gate, self.w_up, self.w_down)]
+        if self._use_grouped(x_SD, weights):
+            offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
+            return expert_forward_grouped(x_SD, *weights, offsets)
+        return expert_forward_loop(x_SD, *weights, counts_E.tolist())
 
     def _use_grouped(self, x_SD: Tensor, weights: list[Tensor]) -> bool:
         if self.implementation == "loop":

@@ -373,8 +373,13 @@ class MPIRouter(Router):
 
     def effective_weight(self, expert_weight_EFD: Tensor) -> Tensor:
         """R_eff = C · retract(power(R)), shape (E, D), fp32 (or wider); logits = x R_effᵀ / τ."""
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        rows_ED = self.weight.to(dtype)
+        return self.effective_rows(self.weight, expert_weight_EFD)
+
+    def effective_rows(self, rows_ED: Tensor, expert_weight_EFD: Tensor) -> Tensor:
+        """C · retract(power(r_e)) for any subset of rows with their experts' drive matrices
+        (all E here; an expert-parallel rank's own experts in :mod:`moealign.parallel`)."""
+        dtype = torch.promote_types(rows_ED.dtype, torch.float32)
+        rows_ED = rows_ED.to(dtype)
         if self.power:
             matrix_EFD = expert_weight_EFD.to(dtype)
             if self.detach_experts:
