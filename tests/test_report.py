@@ -178,6 +178,9 @@ def test_time_to_target_and_efficiency_from_hand_computed_numbers(tmp_path):
     assert results["wall_time_s"] == 12.0 and results["peak_memory_mib"] == 50.0
     assert results["task_accuracy/heldout/mean"] == pytest.approx(0.3)
     assert results["task_accuracy/seen/copy"] == 0.9
+    # means over the 4 logged training steps; z_loss was never logged, so it is absent
+    assert results["train_mean/routing/max_vio"] == pytest.approx(0.3)
+    assert "train_mean/z_loss" not in results and "train_mean/balance_loss" not in results
 
 
 def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_path):
