@@ -39,6 +39,7 @@ __all__ = [
     "load_run",
     "load_runs",
     "run_results",
+    "steps_to_reference_loss",
     "time_to_target",
     "training_clock",
 ]
@@ -223,6 +224,28 @@ def time_to_target(run: RunRecord, target_loss: float) -> tuple[int, float] | No
             step = int(record["step"])
             return step, float(np.interp(step, steps, seconds)) if len(steps) > 1 else math.nan
     return None
+
+
+def steps_to_reference_loss(
+    run_set: RunSet, variant: str, reference: str
+) -> tuple[float, dict[int, int | None]]:
+    """Steps each seed of ``variant`` needs to reach ``reference``'s final validation loss.
+
+    The target is the mean final ``val_loss`` over the reference variant's finished seeds (the
+    report's default target, but per pair of variants, e.g. each MPI cell against the softmax
+    cell of the same optimizer). Returns (target, {seed: first evaluated step with val_loss ≤
+    target, or None if never reached}) over ``variant``'s finished seeds.
+    """
+    losses = [run.final_eval.get("val_loss") for run in run_set.of_variant(reference)]
+    finite = [v for v in losses if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        raise RunDataError(f"reference variant {reference!r} has no finished run with a val_loss")
+    target = float(np.mean(finite))
+    steps = {}
+    for run in run_set.of_variant(variant):
+        reached = time_to_target(run, target)
+        steps[run.seed] = reached[0] if reached else None
+    return target, steps
 
 
 def _wall_time(meta: dict[str, Any]) -> float:
