@@ -16,7 +16,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from moealign.results import RunRecord, RunSet, load_runs, run_results, steps_to_reference_loss
+from moealign.results import (
+    RunDataError,
+    RunRecord,
+    RunSet,
+    load_runs,
+    run_results,
+    steps_to_reference_loss,
+)
 from moealign.stats import mean_confidence_interval, paired_t_test
 
 OPTIMIZERS = ("adamw", "adamh", "muon", "muonh")
@@ -70,7 +77,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def steps_text(run_set: RunSet, variant: str, reference: str) -> str:
-    target, steps = steps_to_reference_loss(run_set, variant, reference)
+    try:
+        target, steps = steps_to_reference_loss(run_set, variant, reference)
+    except RunDataError:
+        return "–"  # the reference has no finished run yet
     reached = [s for s in steps.values() if s is not None]
     text = f"{len(reached)}/{len(steps)} seeds"
     if reached:
@@ -222,6 +232,38 @@ def ablation_section(run_set: RunSet) -> str:
     return "\n".join(out)
 
 
+NO_RETRACTION_PAIRS = {
+    "mpi_no_retract": "adamw",
+    "mpi_no_retract_muon": "muon",
+    "mpi_no_retract_muonh": "muonh",
+}
+
+
+def no_retraction_section(run_set: RunSet) -> str:
+    """Each no-retraction variant against the MPI cell of its own optimizer (same seeds)."""
+    rows = []
+    for variant, optimizer in NO_RETRACTION_PAIRS.items():
+        reference = grid_variant(optimizer, "mpi")
+        row = [optimizer, paired_delta(run_set, variant, reference, "val_loss")]
+        for metric in (final("val_routing/max_vio"), max_over_training("grad_norm")):
+            row += [
+                interval(per_seed(run_set, reference, metric), 2),
+                interval(per_seed(run_set, variant, metric), 2),
+            ]
+        rows.append(row)
+    header = [
+        "optimizer",
+        "Δ val loss (no retraction − MPI)",
+        "MaxVio global MPI",
+        "MaxVio global no retraction",
+        "max grad norm MPI",
+        "max grad norm no retraction",
+    ]
+    return "\n".join(
+        ["### No retraction against MPI with the same optimizer", "", table(header, rows), ""]
+    )
+
+
 def main(argv: Sequence[str]) -> None:
     study = Path(argv[0]) if argv else Path("runs/mpi_study")
     ablations = Path(argv[1]) if len(argv) > 1 else Path("runs/mpi_ablations")
@@ -229,6 +271,8 @@ def main(argv: Sequence[str]) -> None:
         print(grid_section(load_runs([study])))
     if ablations.exists():
         print(ablation_section(load_runs([ablations])))
+    if study.exists() and ablations.exists():
+        print(no_retraction_section(load_runs([study, ablations])))
 
 
 if __name__ == "__main__":
