@@ -70,6 +70,8 @@ DEFAULT_METRICS = (
     "val_loss",
     "val_ppl",
     "val_routing/max_vio",
+    "train_mean/routing/max_vio",
+    "val_routing/projection_alignment",
     "val_routing/dead_experts",
     "val_routing/usage_entropy",
     "task_accuracy/seen/mean",
