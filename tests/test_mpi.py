@@ -158,3 +158,15 @@ def test_projection_alignment_is_one_for_principal_direction_and_higher_under_mp
     # one power step can only move a row toward the principal direction
     stepped = torch.einsum("efd,ef->ed", w, torch.einsum("efd,ed->ef", w, random_rows))
     assert torch.all(projection_alignment(stepped, w) >= alignment)
+
+
+def test_projection_alignment_of_a_diverged_expert_is_nan_not_an_error():
+    torch.manual_seed(0)
+    w = torch.randn(3, 10, 6, dtype=torch.float64)
+    rows = torch.randn(3, 6, dtype=torch.float64)
+    healthy = projection_alignment(rows, w)
+    w[1, 2, 3] = torch.nan
+    rows[2, 0] = torch.inf
+    alignment = projection_alignment(rows, w)
+    assert torch.isnan(alignment[1:]).all()
+    assert alignment[0] == healthy[0]  # the finite expert is unaffected

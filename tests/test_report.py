@@ -23,7 +23,14 @@ from moealign.report import (
     compare_runs,
     metric_direction,
 )
-from moealign.results import RunDataError, load_run, load_runs, run_results, time_to_target
+from moealign.results import (
+    RunDataError,
+    load_run,
+    load_runs,
+    run_results,
+    steps_to_reference_loss,
+    time_to_target,
+)
 from moealign.train import Trainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -178,6 +185,22 @@ def test_time_to_target_and_efficiency_from_hand_computed_numbers(tmp_path):
     assert results["wall_time_s"] == 12.0 and results["peak_memory_mib"] == 50.0
     assert results["task_accuracy/heldout/mean"] == pytest.approx(0.3)
     assert results["task_accuracy/seen/copy"] == 0.9
+    # means over the 4 logged training steps; z_loss was never logged, so it is absent
+    assert results["train_mean/routing/max_vio"] == pytest.approx(0.3)
+    assert "train_mean/z_loss" not in results and "train_mean/balance_loss" not in results
+
+
+def test_steps_to_reference_loss_pairs_variants_by_hand(study_dir):
+    run_set = load_runs([study_dir])
+    # base's final losses 2.0, 2.2, 2.1 → target 2.1; better logs loss + 0.5 at step 2 (above
+    # the target for every seed) and its final loss ≤ 2.1 at step 4.
+    target, steps = steps_to_reference_loss(run_set, "better", "base")
+    assert target == pytest.approx(2.1) and steps == {0: 4, 1: 4, 2: 4}
+    # better's mean final loss 1.8833 is below every base loss: never reached
+    target, steps = steps_to_reference_loss(run_set, "base", "better")
+    assert target == pytest.approx((1.8 + 1.95 + 1.9) / 3) and steps == {0: None, 1: None, 2: None}
+    with pytest.raises(RunDataError, match="'unstable'"):
+        steps_to_reference_loss(run_set, "base", "unstable")
 
 
 def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_path):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,11 @@ def test_loss_goes_down_and_run_directory_is_complete(tmp_path):
     assert final["task_accuracy"]["heldout"] == {}
     alignment = final["projection_alignment"]
     assert len(alignment) == 2 and all(0.0 <= value <= 1.0 for value in alignment)
+    # λ per layer is part of every evaluation record (here the final one: eval_every=0)
+    assert [final[f"val_routing/layer{layer}/projection_alignment"] for layer in (0, 1)] == (
+        alignment
+    )
+    assert final["val_routing/projection_alignment"] == pytest.approx(sum(alignment) / 2)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_000020",
         "step_000040",
@@ -87,6 +93,18 @@ def test_step_losses_match_an_independent_float64_computation(tmp_path):
     assert metrics["lm_loss"] == pytest.approx(lm.item(), rel=1e-5)
     assert metrics["balance_loss"] == pytest.approx(balance.item(), rel=1e-5)
     assert metrics["z_loss"] == pytest.approx(z.item(), rel=1e-5)
+    # MaxVio (max − mean)/mean of the expert loads, by hand with numpy, per layer:
+    # max_vio from the step's pooled loads, max_vio_batch the mean over the two micro-batches.
+    loads = [[np.bincount(r.topk_idx.flatten().numpy(), minlength=4) for r in h] for h in halves]
+
+    def max_vio(load):
+        return (load.max() - load.mean()) / load.mean()
+
+    for layer in range(2):
+        pooled = max_vio(loads[0][layer] + loads[1][layer])
+        per_batch = (max_vio(loads[0][layer]) + max_vio(loads[1][layer])) / 2
+        assert metrics[f"routing/layer{layer}/max_vio"] == pytest.approx(pooled)
+        assert metrics[f"routing/layer{layer}/max_vio_batch"] == pytest.approx(per_batch)
 
 
 def test_accumulated_micro_batches_give_the_whole_batch_gradient(tmp_path):
@@ -180,6 +198,32 @@ def test_interrupted_and_resumed_run_ends_bit_for_bit_equal(tmp_path):
     events = [r for r in events if "event" in r]
     assert [e["step"] for e in events] == [1, 3, 5]  # patience 1, cooldown 2
     assert "routing_penalty" in read_records(tmp_path / "split")[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "adamh", "muonh"])
+def test_every_optimizer_resumes_bit_for_bit_through_the_checkpoint(tmp_path, optimizer):
+    # The optimizer state (moments, momentum buffers, steps) travels through the trainer's
+    # safetensors checkpoint; a run stopped at step 2 and resumed equals a straight run.
+    def run(name, **kwargs):
+        overrides = (f"name={name}", "train.steps=4", "train.checkpoint_every=2")
+        config = tiny_config(tmp_path, f"optim.name={optimizer}", *overrides)
+        trainer = Trainer(config, resume=kwargs.pop("resume", False), progress=False)
+        return trainer, trainer.train(**kwargs)
+
+    straight, _ = run("straight")
+    assert run("split", stop_at=2)[1].interrupted
+    resumed, result = run("split", resume=True)
+    assert result.step == 4 and not result.interrupted
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    straight_state = straight.optimizer.state_dict()["state"]
+    resumed_state = resumed.optimizer.state_dict()["state"]
+    assert straight_state.keys() == resumed_state.keys() and straight_state
+    for index, state in straight_state.items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed_state[index][key]))
 
 
 def test_resume_needs_the_same_config_and_refuses_overwrite(tmp_path):

@@ -175,7 +175,7 @@ class RoutingAlignment:
             "align_kl": float(align.detach()),
             "align_entropy_bonus": self.entropy_bonus,
         }
-        for layer, probs_TE in enumerate(probs, start=1):
+        for layer, probs_TE in enumerate(probs):
             tasks, p_NE = task_routing_distributions(probs_TE.detach().float(), task_ids_T)
             if tasks.numel():
                 task_entropy = float(_entropy(p_NE).mean()) / log_e

@@ -52,9 +52,14 @@ def projection_alignment(router_rows_ED: Tensor, w_gate_EFD: Tensor) -> Tensor:
     λ_e = ‖W_g[e] r_e‖₂ / (‖r_e‖₂ · σ_max(W_g[e])) ∈ [0, 1]; 1 when r_e is the principal right
     singular direction of W_g[e] (stored F×D). Pass the effective router rows (r'_e for MPI).
     The paper reports the mean over experts per layer (0.22–0.37 plain, 0.62–0.70 MPI).
+    An expert whose router row or matrix holds a non-finite value (a diverged run) gets NaN
+    instead of an SVD error.
     """
     rows = router_rows_ED.detach().double()
     matrices = w_gate_EFD.detach().double()
+    finite_E = torch.isfinite(matrices).all(dim=(-2, -1)) & torch.isfinite(rows).all(dim=-1)
+    matrices = torch.where(finite_E[:, None, None], matrices, 0.0)
     projected = torch.linalg.vector_norm(torch.einsum("efd,ed->ef", matrices, rows), dim=-1)
     sigma_max = torch.linalg.matrix_norm(matrices, ord=2)
-    return projected / (torch.linalg.vector_norm(rows, dim=-1) * sigma_max)
+    alignment = projected / (torch.linalg.vector_norm(rows, dim=-1) * sigma_max)
+    return torch.where(finite_E, alignment, torch.nan)

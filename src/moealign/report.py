@@ -13,9 +13,10 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
 * **Efficiency** (guide Step 6) — tokens/s, training and wall time, peak memory, and the steps
   and training time to reach a target validation loss (default: the baseline's mean final
   validation loss).
-* **Figures** — loss curves, routing entropy and MaxVio over training, the learning-rate and λ
-  schedules (seed bands), expert-utilisation heatmaps, per-task accuracy (seen vs held-out) and
-  the CTGI of each variant against the baseline (DESIGN.md §7, upper bound 1).
+* **Figures** — loss curves, routing entropy, MaxVio and the projection alignment λ (MPI paper
+  Eq. 11, at each evaluation) over training, the learning-rate and λ schedules (seed bands),
+  expert-utilisation heatmaps, per-task accuracy (seen vs held-out) and the CTGI of each
+  variant against the baseline (DESIGN.md §7, upper bound 1).
 * **Model cards** and a **reproducibility appendix** per run.
 
 A section whose data no run has is replaced by a one-line note.
@@ -69,6 +70,8 @@ DEFAULT_METRICS = (
     "val_loss",
     "val_ppl",
     "val_routing/max_vio",
+    "train_mean/routing/max_vio",
+    "val_routing/projection_alignment",
     "val_routing/dead_experts",
     "val_routing/usage_entropy",
     "task_accuracy/seen/mean",
@@ -363,6 +366,7 @@ def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> li
                 ("routing/token_entropy", "train", "token routing entropy (normalised)"),
                 ("routing/usage_entropy", "train", "expert-usage entropy (normalised)"),
                 ("routing/max_vio", "train", "MaxVio (batch)"),
+                ("val_routing/projection_alignment", "val", "projection alignment λ"),
             ],
         ),
         (

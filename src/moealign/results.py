@@ -11,7 +11,9 @@ Per-run results (:func:`run_results`) are the scalars of ``final_eval.json`` plu
   = ``{"seen": {task: accuracy}, "heldout": {task: accuracy}}`` (fractions in [0, 1]);
 * ``tokens_per_s``: mean over the logged training windows; ``train_time_s``: the training clock
   (:func:`training_clock`) at the last step; ``wall_time_s``: ``end_time − start_time`` in
-  meta.json; ``peak_memory_mib``: ``peak_memory_bytes`` / 2²⁰; ``tokens_seen``.
+  meta.json; ``peak_memory_mib``: ``peak_memory_bytes`` / 2²⁰; ``tokens_seen``;
+* ``train_mean/<key>`` for each key of ``TRAIN_MEAN_METRICS``: the mean over the logged training
+  records (``train_mean/routing/max_vio`` is MaxVio_batch over training, DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ __all__ = [
     "RunDataError",
     "RunRecord",
     "RunSet",
+    "TRAIN_MEAN_METRICS",
     "load_run",
     "load_runs",
     "run_results",
+    "steps_to_reference_loss",
     "time_to_target",
     "training_clock",
 ]
 
 TASK_SPLITS = ("seen", "heldout")
+# Training-record metrics that run_results averages over the logged steps.
+TRAIN_MEAN_METRICS = ("routing/max_vio", "balance_loss", "z_loss")
 
 
 class RunDataError(ValueError):
@@ -220,6 +226,28 @@ def time_to_target(run: RunRecord, target_loss: float) -> tuple[int, float] | No
     return None
 
 
+def steps_to_reference_loss(
+    run_set: RunSet, variant: str, reference: str
+) -> tuple[float, dict[int, int | None]]:
+    """Steps each seed of ``variant`` needs to reach ``reference``'s final validation loss.
+
+    The target is the mean final ``val_loss`` over the reference variant's finished seeds (the
+    report's default target, but per pair of variants, e.g. each MPI cell against the softmax
+    cell of the same optimizer). Returns (target, {seed: first evaluated step with val_loss ≤
+    target, or None if never reached}) over ``variant``'s finished seeds.
+    """
+    losses = [run.final_eval.get("val_loss") for run in run_set.of_variant(reference)]
+    finite = [v for v in losses if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        raise RunDataError(f"reference variant {reference!r} has no finished run with a val_loss")
+    target = float(np.mean(finite))
+    steps = {}
+    for run in run_set.of_variant(variant):
+        reached = time_to_target(run, target)
+        steps[run.seed] = reached[0] if reached else None
+    return target, steps
+
+
 def _wall_time(meta: dict[str, Any]) -> float:
     try:
         start = datetime.fromisoformat(meta["start_time"])
@@ -249,6 +277,8 @@ def run_results(run: RunRecord) -> dict[str, float]:
         results["tokens_per_s"] = _finite_mean([r.get("tokens_per_s", math.nan) for r in train])
         results["tokens_seen"] = float(train[-1].get("tokens_seen", math.nan))
         results["train_time_s"] = float(training_clock(run)[1][-1])
+        for key in TRAIN_MEAN_METRICS:
+            results[f"train_mean/{key}"] = _finite_mean([r.get(key, math.nan) for r in train])
     results["wall_time_s"] = _wall_time(run.meta)
     if "peak_memory_bytes" in run.final_eval:
         results["peak_memory_mib"] = float(run.final_eval["peak_memory_bytes"]) / 2**20

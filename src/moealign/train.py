@@ -88,12 +88,17 @@ class TrainResult:
 
 @dataclass
 class _RoutingAccumulator:
-    """Per-layer sums over the micro-batches of one step (or one evaluation)."""
+    """Per-layer sums over the micro-batches of one step (or one evaluation).
+
+    ``max_vio`` is computed from the pooled expert loads (the step's whole batch, or the whole
+    evaluation set: MaxVio_global); ``max_vio_batch`` is the mean over micro-batches of each
+    micro-batch's own MaxVio (DESIGN.md §4: MaxVio_batch)."""
 
     counts_LE: torch.Tensor | None = None
     balance_L: torch.Tensor | None = None
     z_L: torch.Tensor | None = None
     token_entropy_sum_L: torch.Tensor | None = None
+    max_vio_batch_sum_L: torch.Tensor | None = None
     tokens: int = 0
     batches: int = 0
 
@@ -108,14 +113,16 @@ class _RoutingAccumulator:
         entropy = torch.stack(
             [diagnostics.token_entropy(r.probs.detach()) * tokens for r in routing]
         ).float()
+        max_vio = diagnostics.max_violation(counts).float()
         if self.counts_LE is None:
             self.counts_LE, self.balance_L, self.z_L = counts, balance, z
-            self.token_entropy_sum_L = entropy
+            self.token_entropy_sum_L, self.max_vio_batch_sum_L = entropy, max_vio
         else:
             self.counts_LE += counts
             self.balance_L += balance
             self.z_L += z
             self.token_entropy_sum_L += entropy
+            self.max_vio_batch_sum_L += max_vio
         self.tokens += tokens
         self.batches += 1
 
@@ -128,12 +135,11 @@ class _RoutingAccumulator:
             if not dist_ctx.enabled or shape_LE[0] == 0:
                 return {}
             self.counts_LE = torch.zeros(shape_LE, device=dist_ctx.device)
-            self.balance_L, self.z_L, self.token_entropy_sum_L = torch.zeros(
-                3, shape_LE[0], device=dist_ctx.device
+            self.balance_L, self.z_L, self.token_entropy_sum_L, self.max_vio_batch_sum_L = (
+                torch.zeros(4, shape_LE[0], device=dist_ctx.device)
             )
-        scalars = torch.stack(
-            [self.balance_L, self.z_L, self.token_entropy_sum_L]  # type: ignore[list-item]
-        )
+        per_batch_sums = [self.balance_L, self.z_L, self.token_entropy_sum_L]
+        scalars = torch.stack([*per_batch_sums, self.max_vio_batch_sum_L])  # type: ignore[list-item]
         dist_ctx.all_reduce_sum(self.counts_LE)
         dist_ctx.all_reduce_sum(scalars)
         totals = torch.tensor(
@@ -147,6 +153,7 @@ class _RoutingAccumulator:
             "balance_loss": balance_L.tolist(),
             "z_loss": z_L.tolist(),
             "max_vio": diagnostics.max_violation(self.counts_LE).tolist(),
+            "max_vio_batch": (scalars[3] / batches).tolist(),
             "dead_experts": diagnostics.dead_experts(self.counts_LE).float().tolist(),
             "usage_entropy": diagnostics.usage_entropy(self.counts_LE).tolist(),
             "token_entropy": entropy_L.tolist(),
@@ -488,7 +495,7 @@ class Trainer:
     def _router_grad_norms(self) -> dict[str, float]:
         """‖∇ router‖₂ per MoE layer (guardrail monitoring, DESIGN.md §4), before clipping."""
         norms = {}
-        for layer, moe in enumerate(getattr(self.model, "moe_layers", []), start=1):
+        for layer, moe in enumerate(getattr(self.model, "moe_layers", [])):
             grads = [full_tensor(p.grad) for p in moe.router.parameters() if p.grad is not None]
             if grads:
                 norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
@@ -504,7 +511,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss and perplexity over ``train.eval_batches`` validation batches, with
-        per-layer routing statistics (MaxVio here is over the whole evaluation set)."""
+        per-layer routing statistics (``max_vio`` over the whole evaluation set, MaxVio_global;
+        ``max_vio_batch`` the mean over validation batches) and the projection alignment λ
+        per layer."""
         batches = list(self.data.validation)[: self.config.train.eval_batches]
         self.model.eval()
         routing_stats = _RoutingAccumulator()
@@ -535,6 +544,7 @@ class Trainer:
         self.model.train()
         self.dist.all_reduce_sum(totals)
         summary = routing_stats.summary(self.dist, "val_routing/", self._routing_shape())
+        summary |= self._projection_alignment_record()
         self.last_eval_expert_counts_LE = routing_stats.counts_LE  # reduced over ranks
         loss = float(totals[0] / totals[1].clamp_min(1))
         return {
@@ -543,6 +553,21 @@ class Trainer:
             "val_tokens": float(totals[1]),
             **summary,
         }
+
+    def _projection_alignment_record(self) -> dict[str, float]:
+        """λ per MoE layer (MPI paper Eq. 11, DESIGN.md §3) and its mean over layers, keyed as
+        the other evaluation routing statistics (``val_routing/layer{l}/projection_alignment``);
+        empty for a model without MoE layers."""
+        if not getattr(self.model, "moe_layers", []):
+            return {}
+        model = self.whole_model()  # a collective when sharded; None off rank 0 then
+        if model is None:
+            return {}
+        per_layer = routing_projection_alignment(model)
+        record = {"val_routing/projection_alignment": sum(per_layer) / len(per_layer)}
+        for layer, value in enumerate(per_layer):
+            record[f"val_routing/layer{layer}/projection_alignment"] = value
+        return record
 
     # ------------------------------------------------------------------ the loop
 
