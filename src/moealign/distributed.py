@@ -56,6 +56,11 @@ class DistributedContext:
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
         device = resolve_device(device_preference, local_rank)
         owns_group = False
+        if world_size > 1 and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Ranks on one machine share its cores: more threads than cores make OpenMP spin
+            # (steps several times slower). torchrun sets OMP_NUM_THREADS=1 itself.
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
         if world_size > 1 and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
