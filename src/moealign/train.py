@@ -48,6 +48,7 @@ from moealign.checkpoint import (
     save_checkpoint,
 )
 from moealign.config import ConfigError, RunConfig
+from moealign.data.tasks import TASK_IDS
 from moealign.distributed import DistributedContext
 from moealign.evaluate import (
     evaluate_suite,
@@ -83,18 +84,29 @@ class TrainResult:
     final_eval: dict[str, Any] = field(default_factory=dict)
 
 
+_TASK_NAMES = sorted(TASK_IDS, key=TASK_IDS.__getitem__)
+
+
 @dataclass
 class _RoutingAccumulator:
-    """Per-layer sums over the micro-batches of one step (or one evaluation)."""
+    """Per-layer sums over the micro-batches of one step (or one evaluation).
+
+    With the batch's ``task_ids`` it also sums each task's routing probabilities, so that the
+    summary holds per layer and task the normalised entropy of the task's routing distribution
+    H(p_l(·|τ))/log E, p_l(e|τ) = mean of probs_te over τ's tokens (DESIGN.md §4 guardrails).
+    The table has one row per known task id (``TASK_IDS``) so ranks all-reduce equal shapes.
+    """
 
     counts_LE: torch.Tensor | None = None
     balance_L: torch.Tensor | None = None
     z_L: torch.Tensor | None = None
     token_entropy_sum_L: torch.Tensor | None = None
+    task_probs_sum_LNE: torch.Tensor | None = None
+    task_tokens_N: torch.Tensor | None = None
     tokens: int = 0
     batches: int = 0
 
-    def add(self, routing: Sequence[Any]) -> None:
+    def add(self, routing: Sequence[Any], task_ids: torch.Tensor | None = None) -> None:
         if not routing:
             return
         counts = torch.stack([r.expert_counts.detach().float() for r in routing])
@@ -108,13 +120,42 @@ class _RoutingAccumulator:
         if self.counts_LE is None:
             self.counts_LE, self.balance_L, self.z_L = counts, balance, z
             self.token_entropy_sum_L = entropy
+            self.task_probs_sum_LNE = counts.new_zeros(len(routing), len(TASK_IDS), counts.shape[1])
+            self.task_tokens_N = counts.new_zeros(len(TASK_IDS))
         else:
             self.counts_LE += counts
             self.balance_L += balance
             self.z_L += z
             self.token_entropy_sum_L += entropy
+        if task_ids is not None:
+            self._add_tasks(routing, task_ids)
         self.tokens += tokens
         self.batches += 1
+
+    def _add_tasks(self, routing: Sequence[Any], task_ids: torch.Tensor) -> None:
+        task_ids_T = task_ids.reshape(-1).to(self.task_tokens_N.device)
+        labelled_T = task_ids_T >= 0
+        ids = task_ids_T[labelled_T]
+        self.task_tokens_N += torch.bincount(ids, minlength=len(TASK_IDS)).float()
+        for layer, info in enumerate(routing):
+            probs_TE = info.probs.detach().float()[labelled_T]
+            self.task_probs_sum_LNE[layer].index_add_(0, ids, probs_TE)
+
+    def _task_entropy(self, dist_ctx: DistributedContext, prefix: str) -> dict[str, float]:
+        dist_ctx.all_reduce_sum(self.task_probs_sum_LNE)
+        dist_ctx.all_reduce_sum(self.task_tokens_N)
+        present_N = self.task_tokens_N > 0
+        if not present_N.any():
+            return {}
+        p_LNE = self.task_probs_sum_LNE[:, present_N] / self.task_tokens_N[present_N, None]
+        entropy_LN = diagnostics.entropy(p_LNE)
+        names = [_TASK_NAMES[int(i)] for i in present_N.nonzero().flatten()]
+        out = {f"{prefix}task_entropy": float(entropy_LN.mean())}
+        for layer, entropy_N in enumerate(entropy_LN.tolist()):
+            out[f"{prefix}layer{layer}/task_entropy"] = sum(entropy_N) / len(entropy_N)
+            for name, value in zip(names, entropy_N, strict=True):
+                out[f"{prefix}layer{layer}/task_entropy/{name}"] = value
+        return out
 
     def summary(self, dist_ctx: DistributedContext, prefix: str) -> dict[str, float]:
         """Per-layer statistics of the accumulated routing, reduced over ranks."""
@@ -145,7 +186,7 @@ class _RoutingAccumulator:
             out[f"{prefix}{name}"] = sum(per_layer) / len(per_layer)
             for layer, value in enumerate(per_layer):
                 out[f"{prefix}layer{layer}/{name}"] = value
-        return out
+        return out | self._task_entropy(dist_ctx, prefix)
 
 
 class Trainer:
@@ -401,7 +442,7 @@ class Trainer:
                     router_loss = router_loss + sum(extra.values())
                 loss = lm_sum * lm_scale + router_loss / len(micro_batches)
                 loss.backward()
-            routing_stats.add(output.routing)
+            routing_stats.add(output.routing, micro.get("task_ids"))
             for name, value in {"lm_loss_sum": lm_sum, "aux_loss": router_loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
 
@@ -473,7 +514,8 @@ class Trainer:
                     reduction="sum",
                 ).double()
                 totals[1] += (labels != IGNORE_INDEX).sum()
-                routing_stats.add(output.routing)
+                task_ids = batch["task_ids"][mine] if "task_ids" in batch else None
+                routing_stats.add(output.routing, task_ids)
         self.model.train()
         self.dist.all_reduce_sum(totals)
         summary = routing_stats.summary(self.dist, prefix="val_routing/")
