@@ -65,6 +65,7 @@ def test_step_metrics_hold_each_tasks_routing_entropy_per_layer(tmp_path):
             key = f"routing/layer{layer}/task_entropy/{names[task]}"
             assert metrics[key] == pytest.approx(expected, rel=1e-5), key
             entropies.append(expected)
+        assert metrics[f"routing/layer{layer}/router_grad_norm"] > 0  # same 0-based layers
         mean_key = f"routing/layer{layer}/task_entropy"
         assert metrics[mean_key] == pytest.approx(sum(entropies) / len(entropies), rel=1e-5)
     logged = {k for k in metrics if k.startswith("routing/layer") and "/task_entropy/" in k}

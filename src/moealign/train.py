@@ -475,7 +475,7 @@ class Trainer:
     def _router_grad_norms(self) -> dict[str, float]:
         """‖∇ router‖₂ per MoE layer (guardrail monitoring, DESIGN.md §4), before clipping."""
         norms = {}
-        for layer, moe in enumerate(getattr(self.model, "moe_layers", []), start=1):
+        for layer, moe in enumerate(getattr(self.model, "moe_layers", [])):
             grads = [p.grad for p in moe.router.parameters() if p.grad is not None]
             if grads:
                 norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
