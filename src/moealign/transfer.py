@@ -125,7 +125,7 @@ def variant_transfer(
     seen_m, seen_b, _ = paired_task_answers(model_runs, base_runs, (SEEN_SET,))
     heldout_gain, indomain_gain = _mean_gain(heldout_m, heldout_b), _mean_gain(seen_m, seen_b)
     ratio = (
-        transfer_ratio(heldout_gain, indomain_gain)
+        transfer_ratio(heldout_gain, indomain_gain) + 0.0  # + 0.0: no "-0" for a zero gain
         if math.isfinite(indomain_gain) and indomain_gain != 0.0
         else math.nan
     )
