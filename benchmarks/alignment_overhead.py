@@ -2,13 +2,17 @@
 
 Runs full training steps (forward, backward, clip, optimizer) of one config on its own task
 data with the alignment off (``alignment.schedule = "none"``), and on with a fixed λ and the
-uniform or the marginal (EMA) prior, everything else identical. Each measurement is a fresh
-child process (so that its peak memory is its own: ``torch.cuda.max_memory_allocated`` on
-CUDA, the peak resident set size on CPU) that runs ``--warmup`` steps and then ``--steps``
-timed steps; the variants' children alternate (none, uniform, marginal, none, ...) for
-``--repeats`` rounds so that drifting machine load hits them alike. The table gives the
-median tokens/s and peak memory over the rounds and the overhead against "none"
-(goal ≤ 2%). Prints the table and writes benchmarks/results/alignment_overhead.json.
+uniform or the marginal (EMA) prior, everything else identical (same seed, same batches).
+
+* Time: one child process builds the three trainers and, after ``--warmup`` steps each,
+  interleaves them step by step (none, uniform, marginal, none, ...) for ``--steps`` timed
+  steps each, so that drifting machine load hits them alike; the step time is the median.
+* Memory: a fresh child process per variant and round (so that its peak is its own:
+  ``torch.cuda.max_memory_allocated`` on CUDA, the peak resident set size on CPU).
+
+Both are repeated ``--repeats`` times; the table gives medians over the repeats and the
+overhead against "none" (goal ≤ 2%). Prints the table and writes
+benchmarks/results/alignment_overhead.json.
 
     PYTHONPATH=src python3 benchmarks/alignment_overhead.py [--config configs/rma_base.toml]
         [--set model.d_model=256 ...] [--repeats 3 --warmup 3 --steps 20]
@@ -36,50 +40,68 @@ VARIANTS = {
 COMMON = ["guardrails.policy=off", "train.log_every=1000000", "optim.warmup_steps=0"]
 
 
-def measure(config_path: str, overrides: list[str], warmup: int, steps: int) -> dict:
-    """One child's measurement: median step time over ``steps`` steps, and peak memory."""
-    import torch
-
+def _trainer(config_path: str, overrides: list[str], out_dir: str):
     from moealign.config import load_config
-    from moealign.runs import peak_memory_bytes
     from moealign.train import Trainer
 
     config = load_config(config_path, overrides)
+    return Trainer(config, run_dir=Path(out_dir) / config.alignment.prior, progress=False)
+
+
+def measure_time(config_path: str, overrides: list[str], warmup: int, steps: int) -> dict:
+    """Median step time per variant, the variants' steps interleaved in one process."""
+    import torch
+
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = Trainer(config, run_dir=Path(out_dir) / "run", progress=False)
-        synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
-        batches = [next(trainer.data.train) for _ in range(warmup + steps)]
-        for batch in batches[:warmup]:
-            trainer.train_step(batch)
-        seconds = []
-        for batch in batches[warmup:]:
-            synchronize()
-            start = time.perf_counter()
-            trainer.train_step(batch)
-            synchronize()
-            seconds.append(time.perf_counter() - start)
-        step_s = statistics.median(seconds)
+        trainers = {
+            name: _trainer(config_path, [*overrides, *extra], f"{out_dir}/{name}")
+            for name, extra in VARIANTS.items()
+        }
+        device = next(iter(trainers.values())).device
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        first = next(iter(trainers.values()))
+        batches = [next(first.data.train) for _ in range(warmup + steps)]
+        seconds: dict[str, list[float]] = {name: [] for name in trainers}
+        for index, batch in enumerate(batches):
+            for name, trainer in trainers.items():
+                synchronize()
+                start = time.perf_counter()
+                trainer.train_step(batch)
+                synchronize()
+                if index >= warmup:
+                    seconds[name].append(time.perf_counter() - start)
         tokens = batches[0]["input_ids"].numel()
         return {
-            "step_ms": 1e3 * step_s,
-            "tokens_per_s": tokens / step_s,
-            "peak_memory_mib": peak_memory_bytes(trainer.device) / 2**20,
-            "device": str(trainer.device),
-        }
+            name: {
+                "step_ms": 1e3 * statistics.median(s),
+                "tokens_per_s": tokens / statistics.median(s),
+            }
+            for name, s in seconds.items()
+        } | {"device": str(device)}
 
 
-def run_child(args: argparse.Namespace, variant: str) -> dict:
-    overrides = [*args.set, *COMMON, *VARIANTS[variant]]
-    command = [sys.executable, __file__, "--child", "--config", args.config]
+def measure_memory(config_path: str, overrides: list[str], warmup: int, steps: int) -> dict:
+    """Peak memory of ``warmup + steps`` training steps of one variant in this process."""
+    from moealign.runs import peak_memory_bytes
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = _trainer(config_path, overrides, out_dir)
+        for _ in range(warmup + steps):
+            trainer.train_step(next(trainer.data.train))
+        return {"peak_memory_mib": peak_memory_bytes(trainer.device) / 2**20}
+
+
+def run_child(args: argparse.Namespace, mode: str, variant: str = "none") -> dict:
+    overrides = [*args.set, *COMMON, *(VARIANTS[variant] if mode == "memory" else [])]
+    command = [sys.executable, __file__, "--child", mode, "--config", args.config]
     command += [f"--set={o}" for o in overrides]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"variant {variant!r} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{mode} child ({variant}) failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -90,19 +112,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     for name in ("warmup", "steps", "repeats"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             parser.error(f"--{name}: got {getattr(args, name)}; expected a positive count")
     if args.child:
+        measure = measure_time if args.child == "time" else measure_memory
         print(json.dumps(measure(args.config, args.set, args.warmup, args.steps)))
         return
 
     rounds: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
+        timed = run_child(args, "time")
         for name in VARIANTS:
-            rounds[name].append(run_child(args, name))
+            memory = run_child(args, "memory", name)
+            rounds[name].append({**timed[name], **memory, "device": timed["device"]})
     results = {
         name: {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
@@ -121,7 +146,7 @@ def main() -> None:
     device = base["rounds"][0]["device"]
     print(
         f"device {device}, config {args.config} {' '.join(args.set)}; median of "
-        f"{args.repeats} alternating rounds × {args.steps} steps"
+        f"{args.repeats} repeats of {args.steps} interleaved steps"
     )
     header = f"{'alignment':<10}{'step ms':>10}{'tokens/s':>12}{'time +%':>9}"
     print(header + f"{'peak MiB':>10}{'memory +%':>11}")

@@ -30,6 +30,7 @@ from moealign.results import RunRecord, RunSet
 __all__ = ["VariantTransfer", "paired_task_answers", "variant_transfer"]
 
 SEEN_SET = "test"
+_ZERO_GAIN = 1e-12
 
 
 def _task_answers(run: RunRecord, sets: Sequence[str]) -> dict[str, dict]:
@@ -102,9 +103,12 @@ class VariantTransfer:
 
 
 def _mean_gain(model: dict[str, np.ndarray], baseline: dict[str, np.ndarray]) -> float:
+    """Mean over tasks of A_m(t) − A_b(t); a rounding residue (|gain| < 1e-12) is 0, so that
+    equal accuracies give a zero gain and no spurious transfer ratio."""
     if not model:
         return math.nan
-    return float(np.mean([model[t].mean() - baseline[t].mean() for t in model]))
+    gain = float(np.mean([model[t].mean() - baseline[t].mean() for t in model]))
+    return 0.0 if abs(gain) < _ZERO_GAIN else gain
 
 
 def variant_transfer(
