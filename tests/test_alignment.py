@@ -103,7 +103,6 @@ def test_term_is_lambda_times_the_kl_and_reaches_routers_only_through_probs():
     assert term.metrics["lambda"] == 0.5 and term.metrics["align_kl"] == pytest.approx(
         expected.item()
     )
-    assert 0 < term.metrics["align/layer0/task_entropy"] <= 1
     loss.backward()
     for layer in model.moe_layers:
         assert layer.router.weight.grad.abs().sum() > 0

@@ -71,12 +71,16 @@ baseline = "router=softmax_topk,lr=0.003"
 [axes]
 "model.router" = ["softmax_topk", "mpi"]
 "optim.lr" = [3e-3, 1e-2]
+[baselines]
+"router=mpi,lr=0.01" = "router=softmax_topk,lr=0.01"
 [[variants]]
 name = "no_balance"
 overrides = { "loss.balance_coef" = 0.0 }
 """,
     )
     study = load_study(path, out_dir=tmp_path / "out")
+    assert study.baselines == {"router=mpi,lr=0.01": "router=softmax_topk,lr=0.01"}
+    assert study.to_dict()["baselines"] == study.baselines
     grid = [f"router={r},lr={lr}" for r in ("softmax_topk", "mpi") for lr in ("0.003", "0.01")]
     assert list(study.variants) == [*grid, "no_balance"]
     assert [c.name for c in study.cells] == [
@@ -111,6 +115,11 @@ def test_axes_sharing_a_last_key_part_use_the_whole_key():
         ('[axes]\n"optim.lr" = []', ["axes.optim.lr", "non-empty"]),
         ('[[variants]]\nname = "a/b"', ["variants[0].name", "'a/b'"]),
         ("sedes = [1]", ["study", "sedes"]),
+        ('[axes]\n"optim.lr" = [0.1]\n[baselines]\nnope = "lr=0.1"', ["baselines", "'nope'"]),
+        (
+            '[axes]\n"optim.lr" = [0.1, 0.2]\n[baselines]\n"lr=0.1" = "lr=0.1"',
+            ["baselines.lr=0.1", "another variant"],
+        ),
     ],
 )
 def test_bad_study_gives_one_error_naming_the_cell_and_field(tmp_path, body, fragments):

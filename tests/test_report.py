@@ -16,12 +16,14 @@ from scipy import stats as scipy_stats
 from helpers_cli import CONFIGS
 from moealign.cli import main
 from moealign.config import load_config
+from moealign.ctgi import ctgi
 from moealign.report import (
     ablation_table,
     baseline_table,
     build_report,
     compare_runs,
     metric_direction,
+    transfer_table,
 )
 from moealign.results import (
     RunDataError,
@@ -37,6 +39,26 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VAL_LOSS = {"base": [2.0, 2.2, 2.1], "better": [1.8, 1.95, 1.9]}
 HELDOUT = {"base": {"subtraction": 0.2, "min": 0.4}, "better": {"subtraction": 0.6, "min": 0.55}}
 SEEN = {"base": {"copy": 0.9, "reverse": 0.7}, "better": {"copy": 0.95, "reverse": 0.75}}
+N_EXAMPLES = 20
+
+
+def correct_array(accuracy, seed):
+    """N_EXAMPLES 0/1 answers with the given accuracy, the ones placed differently per seed."""
+    ones = round(accuracy * N_EXAMPLES)
+    return np.roll([1] * ones + [0] * (N_EXAMPLES - ones), 3 * seed).tolist()
+
+
+def answers(per_task, seed):
+    return {
+        "tasks": {
+            task: {
+                "accuracy": accuracy,
+                "correct": correct_array(accuracy, seed),
+                "references": [f"{task}-{seed}-{i}" for i in range(N_EXAMPLES)],
+            }
+            for task, accuracy in per_task.items()
+        }
+    }
 
 
 def write_run(path, *, seed, val_loss, variant="base", diverge_at=None, events=(), dead=False):
@@ -95,6 +117,12 @@ def write_run(path, *, seed, val_loss, variant="base", diverge_at=None, events=(
         "peak_memory_bytes": 50 * 2**20,
         "expert_counts": counts,
         "task_accuracy": {"seen": SEEN[variant], "heldout": HELDOUT[variant]},
+        "tasks": {
+            "sets": {
+                "test": answers(SEEN[variant], seed),
+                "heldout_tasks": answers(HELDOUT[variant], seed),
+            }
+        },
     }
     (path / "final_eval.json").write_text(json.dumps(final))
 
@@ -166,12 +194,13 @@ def test_ablation_interval_and_paired_test_match_scipy(study_dir):
     deltas = {row[0]: row for row in baseline_table(run_set, "base", ["val_loss"]).rows}
     reference = scipy_stats.ttest_rel(VAL_LOSS["better"], VAL_LOSS["base"])
     difference = np.subtract(VAL_LOSS["better"], VAL_LOSS["base"])
-    delta, half_width, p_value, n = _numbers(deltas["better"][1])
+    assert deltas["better"][1] == "base"
+    delta, half_width, p_value, n = _numbers(deltas["better"][2])
     assert delta == pytest.approx(difference.mean(), rel=1e-3)
     t_critical = scipy_stats.t.ppf(0.975, 2)
     assert half_width == pytest.approx(t_critical * scipy_stats.sem(difference), rel=1e-3)
     assert p_value == pytest.approx(reference.pvalue, abs=1e-3) and n == 3
-    assert deltas["unstable"][1] == "–"
+    assert deltas["unstable"][2] == "–"
 
 
 def test_time_to_target_and_efficiency_from_hand_computed_numbers(tmp_path):
@@ -244,9 +273,17 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
 
     # Target loss defaults to the baseline's mean final validation loss (2.1).
     assert "Target validation loss 2.1." in markdown
-    # CTGI of 'better' vs 'base' on held-out tasks with U = 1 (DESIGN.md §7):
+    # CTGI of 'better' vs 'base' on held-out tasks with U = 1 (DESIGN.md §7), its paired
+    # interval over the (seed, example) pairs, and TR = mean held-out / mean in-domain gain.
     gains = [(0.6 - 0.2) / (1 - 0.2), (0.55 - 0.4) / (1 - 0.4)]
-    assert f"| better | {np.mean(gains):+.3f} |" in markdown
+    expected = _pooled_ctgi("better", "base")
+    assert expected.value == pytest.approx(np.mean(gains))
+    heldout_gain, indomain_gain = (0.4 + 0.15) / 2, (0.05 + 0.05) / 2
+    assert (
+        f"| better | base | 0,1,2 | {heldout_gain:+.3f} | {indomain_gain:+.3f} | "
+        f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}] | "
+        f"{heldout_gain / indomain_gain:.4g} | none |"
+    ) in markdown
     # Model cards: one per run with a config; failure modes found in the logs.
     assert {p.name for p in files.model_cards} == {
         f"{v}__seed{s}.md" for v in VAL_LOSS for s in range(3)
@@ -258,6 +295,49 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
     assert "first at step 3" in dead_card and "(1, 3)" in dead_card
     assert "diverged: non-finite loss first logged at step 3" in markdown
     assert "ValueError: bad data" in markdown
+
+
+def _pooled_ctgi(variant, baseline):
+    """ctgi() on each held-out task's answers concatenated over seeds 0–2, paired by seed."""
+    pooled = {
+        name: {
+            task: np.concatenate([correct_array(HELDOUT[name][task], seed) for seed in range(3)])
+            for task in HELDOUT[name]
+        }
+        for name in (variant, baseline)
+    }
+    return ctgi(pooled[variant], pooled[baseline], upper_bound=1.0, min_headroom=0.01)
+
+
+def test_per_variant_baselines_drive_the_paired_table_and_ctgi(study_dir, tmp_path):
+    study = json.loads((study_dir / "study.json").read_text())
+    study |= {"baseline": "better", "baselines": {"better": "base"}}
+    (study_dir / "study.json").write_text(json.dumps(study))
+    run_set = load_runs([study_dir])
+    assert run_set.baseline_of("better", "better") == "base"
+    assert run_set.baseline_of("base", "better") == "better"
+    rows = {row[0]: row for row in transfer_table(run_set, "better").rows}
+    assert set(rows) == {"base", "better"}  # unstable/broken have no answers
+    for variant, baseline in (("better", "base"), ("base", "better")):
+        expected = _pooled_ctgi(variant, baseline)
+        assert rows[variant][1] == baseline and rows[variant][2] == "0,1,2"
+        assert rows[variant][5] == (
+            f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}]"
+        )
+    # base vs better: gains (0.2 − 0.6)/(1 − 0.6) and (0.4 − 0.55)/(1 − 0.55).
+    assert _numbers(rows["base"][5])[0] == pytest.approx(np.mean([-1.0, -0.15 / 0.45]), abs=5e-4)
+    deltas = {row[0]: row for row in baseline_table(run_set, "better", ["val_loss"]).rows}
+    assert deltas["better"][1] == "base" and deltas["base"][1] == "better"
+    assert _numbers(deltas["base"][2])[0] == pytest.approx(2.1 - 1.8833333, abs=1e-3)
+
+
+def test_mismatched_examples_are_reported_not_paired(study_dir):
+    run_dir = study_dir / "better__seed0"
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    final["tasks"]["sets"]["heldout_tasks"]["tasks"]["min"]["references"][0] = "other"
+    (run_dir / "final_eval.json").write_text(json.dumps(final))
+    rows = {row[0]: row for row in transfer_table(load_runs([study_dir]), "base").rows}
+    assert "seed 0, task 'min'" in rows["better"][-1] and rows["better"][5] == "–"
 
 
 def test_missing_data_leaves_sections_out_with_a_note(tmp_path):

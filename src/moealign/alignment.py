@@ -22,7 +22,6 @@ same gradient as one process accumulating the same micro-batches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from moealign import diagnostics
 from moealign.config import AlignmentConfig
-from moealign.losses import routing_alignment_loss, task_routing_distributions
+from moealign.losses import routing_alignment_loss
 from moealign.schedules import LambdaSchedule
 
 PRIOR_KINDS = ("uniform", "marginal", "file")
@@ -139,8 +139,8 @@ class RoutingAlignment:
 
     ``term(batch, model_output, step)`` returns ``{"align_loss": λ(t)·L_align − γ·H}`` where
     H is the mean normalised per-token router entropy and γ = ``entropy_bonus`` (0 unless a
-    guardrail raised it). ``metrics`` holds, for the last call, λ, the unweighted KL and per
-    layer the mean normalised entropy of the per-task routing distributions H(p_l(·|τ))/log E.
+    guardrail raised it). ``metrics`` holds, for the last call, λ, the unweighted KL and γ (the
+    trainer logs the per-task routing entropies H(p_l(·|τ))/log E of every run itself).
     ``lambda_scale`` and ``warmup_scale`` are the guardrail's handles (reduce λ, slow warm-up).
     """
 
@@ -165,9 +165,8 @@ class RoutingAlignment:
         align = routing_alignment_loss(probs, task_ids_T, prior_LE)
         lam = self.weight(step)
         loss = lam * align
-        log_e = math.log(probs[0].shape[-1])
         if self.entropy_bonus > 0:
-            entropy = torch.stack([_entropy(p).mean() for p in probs]).mean() / log_e
+            entropy = torch.stack([diagnostics.token_entropy(p) for p in probs]).mean().float()
             loss = loss - self.entropy_bonus * entropy
         self.prior.accumulate(probs, task_ids_T)
         self.metrics = {
@@ -175,11 +174,6 @@ class RoutingAlignment:
             "align_kl": float(align.detach()),
             "align_entropy_bonus": self.entropy_bonus,
         }
-        for layer, probs_TE in enumerate(probs):
-            tasks, p_NE = task_routing_distributions(probs_TE.detach().float(), task_ids_T)
-            if tasks.numel():
-                task_entropy = float(_entropy(p_NE).mean()) / log_e
-                self.metrics[f"align/layer{layer}/task_entropy"] = task_entropy
         return {"align_loss": loss}
 
     def end_step(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
@@ -200,11 +194,6 @@ class RoutingAlignment:
         self.lambda_scale = float(state["lambda_scale"])
         self.warmup_scale = float(state["warmup_scale"])
         self.entropy_bonus = float(state["entropy_bonus"])
-
-
-def _entropy(probs: Tensor) -> Tensor:
-    """H(p) = −Σ_e p_e log p_e over the last dimension."""
-    return -torch.special.xlogy(probs, probs).sum(-1)
 
 
 def build_alignment(

@@ -39,11 +39,17 @@ def usage_entropy(counts: Tensor, normalized: bool = True) -> Tensor:
     return entropy / torch.log(torch.tensor(float(counts.shape[-1]))) if normalized else entropy
 
 
+def entropy(probs: Tensor, normalized: bool = True) -> Tensor:
+    """H(p) = −Σ_e p_e log p_e of each distribution over the last dimension (E experts),
+    divided by log E when ``normalized`` (1 = uniform routing, 0 = one expert)."""
+    p = probs.double()
+    value = -torch.special.xlogy(p, p).sum(-1)
+    return value / torch.log(torch.tensor(float(probs.shape[-1]))) if normalized else value
+
+
 def token_entropy(probs_TE: Tensor, normalized: bool = True) -> Tensor:
     """Mean per-token router entropy (1/T) Σ_t H(p_t·); divided by log E when ``normalized``."""
-    p = probs_TE.double()
-    entropy = -torch.special.xlogy(p, p).sum(-1).mean()
-    return entropy / torch.log(torch.tensor(float(probs_TE.shape[-1]))) if normalized else entropy
+    return entropy(probs_TE, normalized).mean()
 
 
 def projection_alignment(router_rows_ED: Tensor, w_gate_EFD: Tensor) -> Tensor:

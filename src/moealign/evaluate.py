@@ -15,6 +15,10 @@ Batching relies on causal attention: a row's logits at position s depend only on
 with a capacity factor, whose token dropping is decided over the whole batch; there results
 depend on the batch composition (as they do in training).
 
+The cross-task generalisation index lives in :mod:`moealign.ctgi`; ``ctgi``, ``CTGIResult``
+and ``transfer_ratio`` are re-exported here as ``moealign.evaluate.ctgi`` etc. (the path
+DESIGN.md §1 names).
+
 Shape letters: B rows, S positions, V vocabulary, L MoE layers, E experts, T tokens.
 """
 
@@ -32,6 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moealign import diagnostics
+from moealign.ctgi import CTGIResult as CTGIResult  # re-exported (DESIGN.md §1)
+from moealign.ctgi import ctgi as ctgi
+from moealign.ctgi import transfer_ratio as transfer_ratio
 from moealign.data.batching import ANSWER_SEPARATOR, IGNORE_INDEX, encode_example
 from moealign.data.tasks import OPTION_LETTERS, TASK_FAMILIES, TaskExample, TaskSuite
 from moealign.data.tokenizer import Tokenizer

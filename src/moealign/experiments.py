@@ -9,6 +9,9 @@ guide Steps 4–5: baselines and ablations over seeds)::
     baseline = "router=softmax_topk"     # optional: the variant the others are compared with
     out_dir = "runs/router_study"        # optional (default runs/<study file stem>)
 
+    [baselines]                          # optional: a variant's own baseline (else baseline)
+    "router=mpi,lr=0.001" = "router=softmax_topk,lr=0.001"
+
     [overrides]                          # optional: fixed for every cell
     "train.steps" = 200
 
@@ -81,7 +84,17 @@ __all__ = [
 ABLATE_HELP = "run an ablation study: config variants × seeds, resumable"
 STUDY_FILE = "study.json"
 CELLS_LOG = "cells.jsonl"
-_STUDY_KEYS = {"base", "seeds", "seed_keys", "baseline", "out_dir", "overrides", "axes", "variants"}
+_STUDY_KEYS = {
+    "base",
+    "seeds",
+    "seed_keys",
+    "baseline",
+    "baselines",
+    "out_dir",
+    "overrides",
+    "axes",
+    "variants",
+}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
 
 
@@ -175,6 +188,7 @@ class Study:
     axes: dict[str, list[Any]]
     baseline: str | None
     cells: tuple[Cell, ...]
+    baselines: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -187,6 +201,7 @@ class Study:
             "axes": self.axes,
             "variants": self.variants,
             "baseline": self.baseline,
+            "baselines": self.baselines,
         }
 
 
@@ -223,6 +238,21 @@ def _named_variants(entries: Any) -> dict[str, dict[str, Any]]:
         _expect(name not in variants, f"{where}.name", name, "a name used by no other variant")
         variants[name] = _overrides_table(entry.get("overrides", {}), f"{where}.overrides")
     return variants
+
+
+def _variant_baselines(value: Any, variants: Mapping[str, Any]) -> dict[str, str]:
+    """``[baselines]``: variant → the variant it is compared with (instead of ``baseline``)."""
+    _expect(isinstance(value, dict), "baselines", value, "a table of variant = baseline variant")
+    for variant, baseline in value.items():
+        names = sorted(variants)
+        _expect(variant in variants, "baselines", variant, f"a variant name, one of {names}")
+        _expect(
+            isinstance(baseline, str) and baseline in variants and baseline != variant,
+            f"baselines.{variant}",
+            baseline,
+            f"another variant, one of {names}",
+        )
+    return dict(value)
 
 
 def _cell_overrides(
@@ -286,6 +316,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
         baseline,
         f"one of the variants {sorted(variants)}",
     )
+    baselines = _variant_baselines(spec.get("baselines", {}), variants)
     fixed = _overrides_table(spec.get("overrides", {}), "overrides")
     root = Path(out_dir) if out_dir is not None else Path(spec.get("out_dir", f"runs/{path.stem}"))
     root = root.resolve()
@@ -310,6 +341,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> Study:
         axes=axes,
         baseline=baseline,
         cells=tuple(cells),
+        baselines=baselines,
     )
 
 

@@ -7,16 +7,17 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
 * **Ablation table** — per variant and metric, mean ± 95% Student-t half width over the
   finished seeds, t_{0.975, n−1} · s/√n (:func:`moealign.stats.mean_confidence_interval`); the
   best mean per column is emphasised where the metric has a direction (:func:`metric_direction`).
-* **Against the baseline** — per variant, the paired difference variant − baseline over the
-  seeds both finished, with its t interval and two-sided paired t-test p-value
-  (:func:`moealign.stats.paired_t_test`).
+* **Against the baseline** — per variant, the paired difference variant − baseline (the
+  study's per-variant ``baselines``, else its ``baseline``) over the seeds both finished, with
+  its t interval and two-sided paired t-test p-value (:func:`moealign.stats.paired_t_test`).
 * **Efficiency** (guide Step 6) — tokens/s, training and wall time, peak memory, and the steps
   and training time to reach a target validation loss (default: the baseline's mean final
   validation loss).
 * **Figures** — loss curves, routing entropy, MaxVio and the projection alignment λ (MPI paper
   Eq. 11, at each evaluation) over training, the learning-rate and λ schedules (seed bands),
-  expert-utilisation heatmaps, per-task accuracy (seen vs held-out) and the CTGI of each
-  variant against the baseline (DESIGN.md §7, upper bound 1).
+  expert-utilisation heatmaps, per-task accuracy (seen vs held-out) and the CTGI of each variant
+  against its baseline with a paired bootstrap interval over the per-example answers, and the
+  transfer ratio (DESIGN.md §7, upper bound 1; :mod:`moealign.transfer`).
 * **Model cards** and a **reproducibility appendix** per run.
 
 A section whose data no run has is replaced by a one-line note.
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moealign import plots
-from moealign.ctgi import ctgi_from_accuracies
 from moealign.document import Code, Image, Note, Paragraph, Section, Table, to_html, to_markdown
 from moealign.results import (
     TASK_SPLITS,
@@ -48,6 +48,7 @@ from moealign.results import (
 )
 from moealign.runs import flatten_config, utc_now
 from moealign.stats import mean_confidence_interval, paired_t_test
+from moealign.transfer import variant_transfer
 
 __all__ = [
     "COMPARE_HELP",
@@ -62,6 +63,7 @@ __all__ = [
     "metric_direction",
     "run_compare",
     "run_report",
+    "transfer_table",
 ]
 
 REPORT_HELP = "write a markdown/HTML report (tables, plots, model cards) from runs or studies"
@@ -168,14 +170,16 @@ def ablation_table(run_set: RunSet, metrics: Sequence[str]) -> Table:
 
 
 def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Table:
-    """Per variant and metric: paired difference to the baseline over shared seeds,
-    "Δ ± half width (p)"; with one shared seed only Δ; with none "–"."""
-    base_runs = run_set.of_variant(baseline)
+    """Per variant and metric: paired difference to the variant's baseline (the study's
+    per-variant baseline, else ``baseline``) over shared seeds, "Δ ± half width (p)"; with one
+    shared seed only Δ; with none "–"."""
     rows = []
     for variant in run_set.variants:
-        if variant == baseline:
+        base = run_set.baseline_of(variant, baseline)
+        if variant == base:
             continue
-        row = [variant]
+        base_runs = run_set.of_variant(base)
+        row = [variant, base]
         for metric in metrics:
             ours = _values_by_seed(run_set.of_variant(variant), metric)
             theirs = _values_by_seed(base_runs, metric)
@@ -192,7 +196,7 @@ def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Ta
                     f"{delta:+.4g} ± {_format(half_width)} (p={_format_p(p)}, n={len(seeds)})"
                 )
         rows.append(row)
-    return Table(["variant"] + [f"Δ {m}" for m in metrics], rows)
+    return Table(["variant", "baseline"] + [f"Δ {m}" for m in metrics], rows)
 
 
 # ---------------------------------------------------------------------- sections
@@ -236,8 +240,9 @@ def _ablation_sections(
     elif shown and len(run_set.variants) > 1:
         against.blocks += [
             Paragraph(
-                f"Paired differences variant − {baseline} over the seeds both finished: mean "
-                "± 95% t half width, two-sided paired t-test p-value."
+                "Paired differences variant − its baseline (the study's per-variant baseline, "
+                f"else {baseline}) over the seeds both finished: mean ± 95% t half width, "
+                "two-sided paired t-test p-value."
             ),
             baseline_table(run_set, baseline, shown),
         ]
@@ -324,29 +329,62 @@ def _task_accuracy(run_set: RunSet) -> dict[str, dict[str, dict[str, tuple[float
     return table
 
 
-def _ctgi_table(accuracy: dict, baseline: str) -> Table | Note:
-    heldout = accuracy.get("heldout", {})
-    if baseline not in heldout:
-        return Note(f"No held-out task accuracy for the baseline {baseline!r}: no CTGI.")
+def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
+    """Per variant, against its baseline (the study's per-variant baseline, else ``baseline``):
+    mean held-out and in-domain accuracy gains, CTGI with its paired bootstrap 95% interval over
+    (seed, example) pairs and the transfer ratio (:func:`moealign.transfer.variant_transfer`)."""
     rows = []
-    for variant, per_task in heldout.items():
-        if variant == baseline or set(per_task) != set(heldout[baseline]):
+    for variant in run_set.variants:
+        base = run_set.baseline_of(variant, baseline)
+        if base is None or base == variant:
             continue
         try:
-            estimate = ctgi_from_accuracies(
-                {t: m for t, (m, _) in per_task.items()},
-                {t: m for t, (m, _) in heldout[baseline].items()},
-                upper_bound=1.0,
-                min_headroom=0.01,
-            )
+            found = variant_transfer(run_set, variant, base)
         except ValueError as err:
-            rows.append([variant, "–", str(err)])
+            rows.append([variant, base, "–", "–", "–", "–", "–", str(err)])
             continue
-        excluded = ", ".join(sorted(estimate.excluded_tasks)) or "none"
-        rows.append([variant, f"{estimate.value:+.3f}", f"excluded (no headroom): {excluded}"])
+        if found is None:
+            continue
+        estimate = found.ctgi
+        ctgi_text = (
+            f"{estimate.value:+.3f} [{estimate.ci_low:+.3f}, {estimate.ci_high:+.3f}]"
+            if estimate is not None
+            else "–"
+        )
+        excluded = (
+            ", ".join(sorted(estimate.excluded_tasks)) or "none"
+            if estimate is not None
+            else found.note
+        )
+        rows.append(
+            [
+                variant,
+                base,
+                ",".join(map(str, found.seeds)),
+                f"{found.heldout_gain:+.3f}",
+                f"{found.indomain_gain:+.3f}",
+                ctgi_text,
+                _format(found.transfer_ratio),
+                excluded,
+            ]
+        )
     if not rows:
-        return Note("No other variant has the baseline's held-out tasks: no CTGI.")
-    return Table(["variant", "CTGI vs " + baseline, "note"], rows)
+        return Note(
+            "No variant shares a seed with per-example held-out answers with its baseline: no CTGI."
+        )
+    return Table(
+        [
+            "variant",
+            "baseline",
+            "seeds",
+            "Δ held-out acc",
+            "Δ in-domain acc",
+            "CTGI [95% CI]",
+            "transfer ratio",
+            "excluded (headroom < 1 pt)",
+        ],
+        rows,
+    )
 
 
 def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> list[Section]:
@@ -405,7 +443,16 @@ def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> li
             Image(path, "Accuracy per task, seen vs held-out (error bars: 95% t interval)")
         )
         if baseline is not None:
-            task_section.blocks.append(_ctgi_table(accuracy, baseline))
+            task_section.blocks += [
+                Paragraph(
+                    "CTGI (DESIGN.md §7) against each variant's baseline, upper bound 1: mean "
+                    "over held-out tasks of (A_m − A_b)/(1 − A_b), tasks with headroom under 1 "
+                    "point excluded; 95% paired percentile bootstrap over (seed, example) pairs "
+                    "(runs of one seed answer the same examples). Transfer ratio: mean held-out "
+                    "gain / mean in-domain (seen-task test) gain."
+                ),
+                transfer_table(run_set, baseline),
+            ]
     sections.append(task_section)
     return sections
 

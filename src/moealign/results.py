@@ -101,10 +101,17 @@ class RunRecord:
 
 @dataclass
 class RunSet:
-    """Runs to report on, in order; ``baseline`` is the study's baseline variant (if any)."""
+    """Runs to report on, in order; ``baseline`` is the study's baseline variant (if any) and
+    ``baselines`` the study's per-variant baselines (variant → the variant it is compared
+    with, in place of ``baseline``)."""
 
     runs: list[RunRecord]
     baseline: str | None = None
+    baselines: dict[str, str] = field(default_factory=dict)
+
+    def baseline_of(self, variant: str, default: str | None = None) -> str | None:
+        """The variant ``variant`` is compared with: its own baseline, else ``default``."""
+        return self.baselines.get(variant, default)
 
     @property
     def variants(self) -> list[str]:
@@ -169,18 +176,20 @@ def _load_study(path: Path) -> RunSet:
                 error=cell.get("error", ""),
             )
         )
-    return RunSet(runs, study.get("baseline"))
+    return RunSet(runs, study.get("baseline"), dict(study.get("baselines") or {}))
 
 
 def load_runs(paths: Iterable[str | Path]) -> RunSet:
     """Runs of the given run and study directories (a study's baseline is kept)."""
     runs: list[RunRecord] = []
     baseline = None
+    baselines: dict[str, str] = {}
     for path in map(Path, paths):
         if (path / STUDY_FILE).exists():
             study = _load_study(path)
             runs += study.runs
             baseline = baseline or study.baseline
+            baselines = {**study.baselines, **baselines}
         elif (path / CONFIG_FILE).exists():
             runs.append(load_run(path))
         else:
@@ -190,7 +199,7 @@ def load_runs(paths: Iterable[str | Path]) -> RunSet:
             )
     if not runs:
         raise RunDataError("no runs found in the given directories")
-    return RunSet(runs, baseline)
+    return RunSet(runs, baseline, baselines)
 
 
 def _finite_mean(values: Sequence[float]) -> float:

@@ -50,6 +50,7 @@ from moealign.checkpoint import (
     save_checkpoint,
 )
 from moealign.config import ConfigError, RunConfig
+from moealign.data.tasks import TASK_IDS
 from moealign.distributed import DistributedContext
 from moealign.evaluate import (
     evaluate_suite,
@@ -86,23 +87,33 @@ class TrainResult:
     final_eval: dict[str, Any] = field(default_factory=dict)
 
 
+_TASK_NAMES = sorted(TASK_IDS, key=TASK_IDS.__getitem__)
+
+
 @dataclass
 class _RoutingAccumulator:
     """Per-layer sums over the micro-batches of one step (or one evaluation).
 
     ``max_vio`` is computed from the pooled expert loads (the step's whole batch, or the whole
     evaluation set: MaxVio_global); ``max_vio_batch`` is the mean over micro-batches of each
-    micro-batch's own MaxVio (DESIGN.md §4: MaxVio_batch)."""
+    micro-batch's own MaxVio (DESIGN.md §4: MaxVio_batch). With the batch's ``task_ids`` it also
+    sums each task's routing probabilities, so that the summary holds per layer and task the
+    normalised entropy of the task's routing distribution H(p_l(·|τ))/log E, p_l(e|τ) = mean of
+    probs_te over τ's tokens (DESIGN.md §4 guardrails). The task table has one row per known
+    task id (``TASK_IDS``) so ranks all-reduce equal shapes.
+    """
 
     counts_LE: torch.Tensor | None = None
     balance_L: torch.Tensor | None = None
     z_L: torch.Tensor | None = None
     token_entropy_sum_L: torch.Tensor | None = None
     max_vio_batch_sum_L: torch.Tensor | None = None
+    task_probs_sum_LNE: torch.Tensor | None = None
+    task_tokens_N: torch.Tensor | None = None
     tokens: int = 0
     batches: int = 0
 
-    def add(self, routing: Sequence[Any]) -> None:
+    def add(self, routing: Sequence[Any], task_ids: torch.Tensor | None = None) -> None:
         if not routing:
             return
         counts = torch.stack([r.expert_counts.detach().float() for r in routing])
@@ -115,16 +126,50 @@ class _RoutingAccumulator:
         ).float()
         max_vio = diagnostics.max_violation(counts).float()
         if self.counts_LE is None:
-            self.counts_LE, self.balance_L, self.z_L = counts, balance, z
-            self.token_entropy_sum_L, self.max_vio_batch_sum_L = entropy, max_vio
-        else:
-            self.counts_LE += counts
-            self.balance_L += balance
-            self.z_L += z
-            self.token_entropy_sum_L += entropy
-            self.max_vio_batch_sum_L += max_vio
+            self._zeros(tuple(counts.shape), counts.device)
+        self.counts_LE += counts
+        self.balance_L += balance
+        self.z_L += z
+        self.token_entropy_sum_L += entropy
+        self.max_vio_batch_sum_L += max_vio
+        if task_ids is not None:
+            self._add_tasks(routing, task_ids)
         self.tokens += tokens
         self.batches += 1
+
+    def _zeros(self, shape_LE: tuple[int, int], device: torch.device) -> None:
+        n_layers, n_experts = shape_LE
+        self.counts_LE = torch.zeros(shape_LE, device=device)
+        self.balance_L, self.z_L, self.token_entropy_sum_L, self.max_vio_batch_sum_L = torch.zeros(
+            4, n_layers, device=device
+        )
+        self.task_probs_sum_LNE = torch.zeros(n_layers, len(TASK_IDS), n_experts, device=device)
+        self.task_tokens_N = torch.zeros(len(TASK_IDS), device=device)
+
+    def _add_tasks(self, routing: Sequence[Any], task_ids: torch.Tensor) -> None:
+        task_ids_T = task_ids.reshape(-1).to(self.task_tokens_N.device)
+        labelled_T = task_ids_T >= 0
+        ids = task_ids_T[labelled_T]
+        self.task_tokens_N += torch.bincount(ids, minlength=len(TASK_IDS)).float()
+        for layer, info in enumerate(routing):
+            probs_TE = info.probs.detach().float()[labelled_T]
+            self.task_probs_sum_LNE[layer].index_add_(0, ids, probs_TE)
+
+    def _task_entropy(self, dist_ctx: DistributedContext, prefix: str) -> dict[str, float]:
+        dist_ctx.all_reduce_sum(self.task_probs_sum_LNE)
+        dist_ctx.all_reduce_sum(self.task_tokens_N)
+        present_N = self.task_tokens_N > 0
+        if not present_N.any():
+            return {}
+        p_LNE = self.task_probs_sum_LNE[:, present_N] / self.task_tokens_N[present_N, None]
+        entropy_LN = diagnostics.entropy(p_LNE)
+        names = [_TASK_NAMES[int(i)] for i in present_N.nonzero().flatten()]
+        out = {f"{prefix}task_entropy": float(entropy_LN.mean())}
+        for layer, entropy_N in enumerate(entropy_LN.tolist()):
+            out[f"{prefix}layer{layer}/task_entropy"] = sum(entropy_N) / len(entropy_N)
+            for name, value in zip(names, entropy_N, strict=True):
+                out[f"{prefix}layer{layer}/task_entropy/{name}"] = value
+        return out
 
     def summary(
         self, dist_ctx: DistributedContext, prefix: str, shape_LE: tuple[int, int]
@@ -134,10 +179,7 @@ class _RoutingAccumulator:
         if self.counts_LE is None:
             if not dist_ctx.enabled or shape_LE[0] == 0:
                 return {}
-            self.counts_LE = torch.zeros(shape_LE, device=dist_ctx.device)
-            self.balance_L, self.z_L, self.token_entropy_sum_L, self.max_vio_batch_sum_L = (
-                torch.zeros(4, shape_LE[0], device=dist_ctx.device)
-            )
+            self._zeros(shape_LE, dist_ctx.device)
         per_batch_sums = [self.balance_L, self.z_L, self.token_entropy_sum_L]
         scalars = torch.stack([*per_batch_sums, self.max_vio_batch_sum_L])  # type: ignore[list-item]
         dist_ctx.all_reduce_sum(self.counts_LE)
@@ -163,7 +205,7 @@ class _RoutingAccumulator:
             out[f"{prefix}{name}"] = sum(per_layer) / len(per_layer)
             for layer, value in enumerate(per_layer):
                 out[f"{prefix}layer{layer}/{name}"] = value
-        return out
+        return out | self._task_entropy(dist_ctx, prefix)
 
 
 class Trainer:
@@ -454,7 +496,7 @@ class Trainer:
                     router_loss = router_loss + sum(extra.values())
                 loss = lm_sum * lm_scale + router_loss / len(micro_batches)
                 loss.backward()
-            routing_stats.add(output.routing)
+            routing_stats.add(output.routing, micro.get("task_ids"))
             for name, value in {"lm_loss_sum": lm_sum, "aux_loss": router_loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
 
@@ -540,7 +582,8 @@ class Trainer:
                     reduction="sum",
                 ).double()
                 totals[1] += (labels != IGNORE_INDEX).sum()
-                routing_stats.add(output.routing)
+                task_ids = batch["task_ids"][mine] if "task_ids" in batch else None
+                routing_stats.add(output.routing, task_ids)
         self.model.train()
         self.dist.all_reduce_sum(totals)
         summary = routing_stats.summary(self.dist, "val_routing/", self._routing_shape())
