@@ -24,20 +24,26 @@ import os
 import socket
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import (
+    RESULTS_DIR,
+    model_overrides,
+    run_record,
+    wall_seconds,
+    write_results,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import random_data
 
 from moealign.config import load_config
 from moealign.train import Trainer
 
-RESULTS_PATH = Path(__file__).parent / "results" / "scale_out.json"
+RESULTS_PATH = RESULTS_DIR / "scale_out.json"
 # Which argument of each c10d op holds the payload a rank sends (ops writing into an output
 # buffer take it first); bookkeeping ops (wait_tensor, ...) carry none.
 PAYLOAD_ARGUMENT = {
@@ -79,24 +85,25 @@ class CommunicationCounter(TorchDispatchMode):
 
 
 def _config(args, name: str, parallel: str, ep_size: int, grad_accum: int):
+    shape = argparse.Namespace(
+        d_model=args.d_model,
+        layers=2,
+        heads=4,
+        experts=args.experts,
+        top_k=2,
+        expert_d_ff=args.d_model,
+        vocab=args.vocab,
+        seq_len=args.seq_len,
+        batch=args.batch,
+    )
     return load_config(
         None,
         [
-            f"model.d_model={args.d_model}",
-            "model.n_layers=2",
-            "model.n_heads=4",
-            f"model.n_experts={args.experts}",
-            "model.top_k=2",
-            f"model.expert_d_ff={args.d_model}",
-            f"model.vocab_size={args.vocab}",
-            f"model.max_seq_len={args.seq_len}",
+            *model_overrides(shape),
             f"model.router={args.router}",
-            f"train.seq_len={args.seq_len}",
-            f"train.batch_size={args.batch}",
             f"train.grad_accum={grad_accum}",
             f"train.parallel={parallel}",
             f"train.ep_size={ep_size}",
-            "optim.warmup_steps=0",
             f"name={name}",
         ],
     )
@@ -107,7 +114,6 @@ def measure(args, name: str, parallel: str, ep_size: int, out_dir: str) -> dict:
     config = _config(args, name, parallel, ep_size, grad_accum=1)
     data = random_data(config.model.vocab_size, args.batch, args.seq_len, rows=4 * args.batch)
     trainer = Trainer(config, data=data, run_dir=Path(out_dir) / name, progress=False)
-    synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
     trainer.train_step(next(data.train))  # warm-up
     counter = CommunicationCounter()
     with counter:
@@ -116,11 +122,7 @@ def measure(args, name: str, parallel: str, ep_size: int, out_dir: str) -> dict:
     for _ in range(args.steps):
         if trainer.dist.enabled:
             dist.barrier()
-        synchronize()
-        start = time.perf_counter()
-        trainer.train_step(next(data.train))
-        synchronize()
-        seconds.append(time.perf_counter() - start)
+        seconds.append(wall_seconds(lambda: trainer.train_step(next(data.train)), trainer.device))
     return {
         "step_ms": 1e3 * statistics.median(seconds),
         "bytes_per_rank": dict(counter.bytes),
@@ -190,16 +192,7 @@ def main() -> None:
             f"{name:<8}{r['total_bytes_per_rank'] / 1e6:>14.2f}{r['step_ms']:>10.1f}"
             f"{r['step_time_ratio']:>7.2f}  {detail}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "device": single["device"],
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": results,
-    }
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, run_record(single["device"], args, results))
 
 
 if __name__ == "__main__":
