@@ -10,30 +10,17 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
+from helpers_train import TINY
 from moealign.config import load_config
 from moealign.train import Trainer
 
 OVERRIDES = [
-    "data.source=tasks",
-    "data.examples_per_task=40",
+    *TINY,
     "data.tasks=['copy', 'reverse', 'sort']",
-    "data.heldout_tasks=[]",
-    "data.heldout_compositions=[]",
-    "model.n_layers=2",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.vocab_size=258",
-    "model.max_seq_len=64",
-    "model.n_experts=4",
-    "model.expert_d_ff=32",
     "model.router_options={expert_bias = true}",
-    "train.seq_len=48",
-    "train.batch_size=8",
     "train.steps=3",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.eval_batches=2",
     "train.checkpoint_every=0",
+    "train.task_eval_examples=50",
     "train.device=cpu",
     "optim.warmup_steps=1",
 ]
