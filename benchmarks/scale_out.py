@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import tempfile
 from collections import defaultdict
@@ -41,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import random_data
 
 from moealign.config import load_config
+from moealign.distributed import free_port, set_local_rank_environment
 from moealign.train import Trainer
 
 RESULTS_PATH = RESULTS_DIR / "scale_out.json"
@@ -132,13 +131,7 @@ def measure(args, name: str, parallel: str, ep_size: int, out_dir: str) -> dict:
 
 
 def _rank_main(rank: int, world: int, port: int, args, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_local_rank_environment(rank, world, port)
     torch.set_num_threads(args.threads)
     results = {}
     for name, (parallel, ep_size) in VARIANTS.items():
@@ -146,12 +139,6 @@ def _rank_main(rank: int, world: int, port: int, args, out_dir: str) -> None:
     if rank == 0:
         Path(out_dir, "ranks.json").write_text(json.dumps(results))
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -175,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out_dir:
         single = measure(args, "single", "ddp", 1, out_dir)
-        mp.spawn(_rank_main, args=(args.world, _free_port(), args, out_dir), nprocs=args.world)
+        mp.spawn(_rank_main, args=(args.world, free_port(), args, out_dir), nprocs=args.world)
         results = {"single": single, **json.loads(Path(out_dir, "ranks.json").read_text())}
     for result in results.values():
         result["step_time_ratio"] = result["step_ms"] / single["step_ms"]

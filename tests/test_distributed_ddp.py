@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from helpers_train import TINY
 from moealign.config import load_config
+from moealign.distributed import free_port, set_local_rank_environment
 from moealign.train import Trainer
 
 OVERRIDES = [
@@ -26,12 +27,6 @@ OVERRIDES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _train(out_dir: str, name: str, grad_accum: int) -> Trainer:
     config = load_config(
         None, [*OVERRIDES, f"out_dir={out_dir}", f"name={name}", f"train.grad_accum={grad_accum}"]
@@ -42,13 +37,7 @@ def _train(out_dir: str, name: str, grad_accum: int) -> Trainer:
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_local_rank_environment(rank, world_size, port)
     torch.set_num_threads(1)
     trainer = _train(out_dir, "ddp", grad_accum=1)
     state = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
@@ -58,7 +47,7 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = _train(str(tmp_path), "single", grad_accum=2)
 
     def losses(run: str) -> list[dict[str, float]]:
@@ -80,3 +69,14 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     biases = [k for k in expected if k.endswith("expert_bias")]
     assert biases and any(expected[k].abs().sum() > 0 for k in biases)
     assert json.loads((tmp_path / "ddp" / "final_eval.json").read_text())["step"] == 3
+
+
+def test_local_rank_environment_is_what_torchrun_sets_and_the_port_is_bindable(monkeypatch):
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for name in names:
+        monkeypatch.setenv(name, "unset")  # restored after the test
+    port = free_port()
+    set_local_rank_environment(1, 2, port)
+    assert [os.environ[name] for name in names] == ["1", "1", "2", "127.0.0.1", str(port)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
