@@ -27,11 +27,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
+from common import RESULTS_DIR, wall_seconds, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_PATH = Path(__file__).parent / "results" / "alignment_overhead.json"
+RESULTS_PATH = RESULTS_DIR / "alignment_overhead.json"
 VARIANTS = {
     "none": ["alignment.schedule=none"],
     "uniform": ["alignment.schedule=fixed", "alignment.prior=uniform"],
@@ -50,26 +52,20 @@ def _trainer(config_path: str, overrides: list[str], out_dir: str):
 
 def measure_time(config_path: str, overrides: list[str], warmup: int, steps: int) -> dict:
     """Median step time per variant, the variants' steps interleaved in one process."""
-    import torch
-
     with tempfile.TemporaryDirectory() as out_dir:
         trainers = {
             name: _trainer(config_path, [*overrides, *extra], f"{out_dir}/{name}")
             for name, extra in VARIANTS.items()
         }
         device = next(iter(trainers.values())).device
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
         first = next(iter(trainers.values()))
         batches = [next(first.data.train) for _ in range(warmup + steps)]
         seconds: dict[str, list[float]] = {name: [] for name in trainers}
         for index, batch in enumerate(batches):
             for name, trainer in trainers.items():
-                synchronize()
-                start = time.perf_counter()
-                trainer.train_step(batch)
-                synchronize()
+                elapsed = wall_seconds(partial(trainer.train_step, batch), device)
                 if index >= warmup:
-                    seconds[name].append(time.perf_counter() - start)
+                    seconds[name].append(elapsed)
         tokens = batches[0]["input_ids"].numel()
         return {
             name: {
@@ -156,15 +152,10 @@ def main() -> None:
             f"{r['time_overhead_pct']:>+9.2f}{r['peak_memory_mib']:>10.1f}"
             f"{r['memory_overhead_pct']:>+11.2f}"
         )
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(
-        json.dumps(
-            {"device": device, "config": args.config, "args": vars(args), "results": results},
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        RESULTS_PATH,
+        {"device": device, "config": args.config, "args": vars(args), "results": results},
     )
-    print(f"wrote {RESULTS_PATH}")
 
 
 if __name__ == "__main__":

@@ -22,16 +22,15 @@ is reported. Prints a table and writes benchmarks/results/moe_layer.json (or ``-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from common import RESULTS_DIR, device_name, wall_seconds, write_results
 from torch import Tensor, nn
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -40,7 +39,7 @@ from moealign.losses import load_balance_loss, z_loss
 from moealign.nn import MoELayer, SwiGLU
 from moealign.nn.routers import MPIRouter
 
-RESULTS_PATH = Path(__file__).parent / "results" / "moe_layer.json"
+RESULTS_PATH = RESULTS_DIR / "moe_layer.json"
 FLOP_FORMULA = "expert matmuls only: 3 matmuls x 2*T*K*D*F forward, x3 for forward+backward"
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 TARGETS = {
@@ -152,22 +151,13 @@ def seconds_round_robin(
 ) -> dict[str, list[float]]:
     """Wall times of each step over ``repeats`` rounds; every round runs each step once."""
 
-    def timed(step: Callable[[], None]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            times[name].append(timed(step))
+            times[name].append(wall_seconds(step, device))
     return times
 
 
@@ -313,7 +303,7 @@ def main() -> None:
             (10 if args.quick else 20) if device.type == "cuda" else (3 if args.quick else 5)
         )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name_of_device = device_name(device)
 
     results = {
         name: bench_shape(SHAPES[name], args.tokens, device, dtype, args) for name in args.shapes
@@ -322,7 +312,7 @@ def main() -> None:
     report = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "device": device_name,
+        "device": name_of_device,
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "tokens": args.tokens,
@@ -335,16 +325,15 @@ def main() -> None:
         "shapes": results,
     }
     header = (
-        f"MoE layer forward+backward, T={args.tokens}, {device_name}, {report['dtype']}, "
+        f"MoE layer forward+backward, T={args.tokens}, {name_of_device}, {report['dtype']}, "
         f"{report['threads']} threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, median of {args.repeats}"
     )
     print_table(results, header)
     for verdict, met in verdicts.items():
         print(f"  [{'met' if met else 'MISSED'}] {verdict}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print()
+    write_results(args.out, report)
 
 
 if __name__ == "__main__":

@@ -16,20 +16,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import (
+    RESULTS_DIR,
+    add_model_arguments,
+    add_timing_arguments,
+    model_overrides,
+    run_record,
+    synchronizer,
+    wall_seconds,
+    write_results,
+)
 from train_step import random_data
 
 from moealign.config import load_config
 from moealign.optim import OPTIMIZER_NAMES
 from moealign.train import Trainer
 
-RESULTS_PATH = Path(__file__).parent / "results" / "optimizer_share.json"
+RESULTS_PATH = RESULTS_DIR / "optimizer_share.json"
 ROUTERS = ("softmax_topk", "mpi")
 
 
@@ -37,7 +45,7 @@ def time_optimizer_share(config, args, out_dir: str) -> dict[str, float]:
     """Median full-step and optimizer-step milliseconds of ``config`` and their ratio."""
     data = random_data(config.model.vocab_size, args.batch, args.seq_len, rows=4 * args.batch)
     trainer = Trainer(config, data=data, run_dir=Path(out_dir) / config.name, progress=False)
-    synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
+    synchronize = synchronizer(trainer.device)
     optimizer_seconds: list[float] = []
     started: list[float] = []
 
@@ -51,17 +59,17 @@ def time_optimizer_share(config, args, out_dir: str) -> dict[str, float]:
 
     trainer.optimizer.register_step_pre_hook(before)
     trainer.optimizer.register_step_post_hook(after)
+
+    def run_steps() -> None:
+        for _ in range(args.steps):
+            trainer.train_step(next(data.train))
+
     for _ in range(args.warmup):
         trainer.train_step(next(data.train))
     step_seconds, share_seconds = [], []
     for _ in range(args.repeats):
         optimizer_seconds.clear()
-        synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step(next(data.train))
-        synchronize()
-        step_seconds.append((time.perf_counter() - start) / args.steps)
+        step_seconds.append(wall_seconds(run_steps, trainer.device) / args.steps)
         share_seconds.append(sum(optimizer_seconds) / args.steps)
     step_s, optimizer_s = statistics.median(step_seconds), statistics.median(share_seconds)
     return {
@@ -74,36 +82,11 @@ def time_optimizer_share(config, args, out_dir: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--expert-d-ff", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_model_arguments(parser)
+    add_timing_arguments(parser)
     args = parser.parse_args()
 
-    base = load_config(
-        None,
-        [
-            f"model.d_model={args.d_model}",
-            f"model.n_layers={args.layers}",
-            f"model.n_heads={args.heads}",
-            f"model.n_experts={args.experts}",
-            f"model.top_k={args.top_k}",
-            f"model.expert_d_ff={args.expert_d_ff}",
-            f"model.vocab_size={args.vocab}",
-            f"model.max_seq_len={args.seq_len}",
-            f"train.seq_len={args.seq_len}",
-            f"train.batch_size={args.batch}",
-            "optim.warmup_steps=0",
-        ],
-    )
+    base = load_config(None, model_overrides(args))
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for name in OPTIMIZER_NAMES:
@@ -129,21 +112,7 @@ def main() -> None:
                 f"{name:<10}{router:<14}{r['step_ms']:>10.1f}{r['optimizer_ms']:>10.1f}"
                 f"{r['optimizer_share']:>8.1%}"
             )
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(
-        json.dumps(
-            {
-                "device": device,
-                "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                "torch": torch.__version__,
-                "args": vars(args),
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {RESULTS_PATH}")
+    write_results(RESULTS_PATH, run_record(device, args, results))
 
 
 if __name__ == "__main__":

@@ -10,18 +10,16 @@ Prints a table and writes benchmarks/results/optimizer_step.json. Runs on CUDA w
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from common import RESULTS_DIR, device_name, wall_seconds, write_results
 from torch import nn
 
 from moealign.optim import OPTIMIZER_NAMES, build_optimizer, newton_schulz_orthogonalize
 
-RESULTS_PATH = Path(__file__).parent / "results" / "optimizer_step.json"
+RESULTS_PATH = RESULTS_DIR / "optimizer_step.json"
 
 
 class ExpertBlock(nn.Module):
@@ -40,16 +38,7 @@ class ExpertBlock(nn.Module):
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     fn()  # warm-up: state allocation, kernel selection
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(wall_seconds(fn, device) for _ in range(repeats))
 
 
 def main() -> None:
@@ -94,10 +83,9 @@ def main() -> None:
         f"{loop_ms / batched_ms:.2f}x"
     )
 
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": device_name(device),
         "torch": torch.__version__,
         "shape": {
             "experts": args.experts,
@@ -110,8 +98,7 @@ def main() -> None:
         "newton_schulz_ms": {"batched": batched_ms, "per_expert_loop": loop_ms},
         "loop_over_batched": loop_ms / batched_ms,
     }
-    RESULTS_PATH.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS_PATH}")
+    write_results(RESULTS_PATH, result)
 
 
 if __name__ == "__main__":

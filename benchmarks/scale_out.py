@@ -20,24 +20,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import (
+    RESULTS_DIR,
+    model_overrides,
+    run_record,
+    wall_seconds,
+    write_results,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import random_data
 
 from moealign.config import load_config
+from moealign.distributed import free_port, set_local_rank_environment
 from moealign.train import Trainer
 
-RESULTS_PATH = Path(__file__).parent / "results" / "scale_out.json"
+RESULTS_PATH = RESULTS_DIR / "scale_out.json"
 # Which argument of each c10d op holds the payload a rank sends (ops writing into an output
 # buffer take it first); bookkeeping ops (wait_tensor, ...) carry none.
 PAYLOAD_ARGUMENT = {
@@ -79,24 +84,25 @@ class CommunicationCounter(TorchDispatchMode):
 
 
 def _config(args, name: str, parallel: str, ep_size: int, grad_accum: int):
+    shape = argparse.Namespace(
+        d_model=args.d_model,
+        layers=2,
+        heads=4,
+        experts=args.experts,
+        top_k=2,
+        expert_d_ff=args.d_model,
+        vocab=args.vocab,
+        seq_len=args.seq_len,
+        batch=args.batch,
+    )
     return load_config(
         None,
         [
-            f"model.d_model={args.d_model}",
-            "model.n_layers=2",
-            "model.n_heads=4",
-            f"model.n_experts={args.experts}",
-            "model.top_k=2",
-            f"model.expert_d_ff={args.d_model}",
-            f"model.vocab_size={args.vocab}",
-            f"model.max_seq_len={args.seq_len}",
+            *model_overrides(shape),
             f"model.router={args.router}",
-            f"train.seq_len={args.seq_len}",
-            f"train.batch_size={args.batch}",
             f"train.grad_accum={grad_accum}",
             f"train.parallel={parallel}",
             f"train.ep_size={ep_size}",
-            "optim.warmup_steps=0",
             f"name={name}",
         ],
     )
@@ -107,7 +113,6 @@ def measure(args, name: str, parallel: str, ep_size: int, out_dir: str) -> dict:
     config = _config(args, name, parallel, ep_size, grad_accum=1)
     data = random_data(config.model.vocab_size, args.batch, args.seq_len, rows=4 * args.batch)
     trainer = Trainer(config, data=data, run_dir=Path(out_dir) / name, progress=False)
-    synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
     trainer.train_step(next(data.train))  # warm-up
     counter = CommunicationCounter()
     with counter:
@@ -116,11 +121,7 @@ def measure(args, name: str, parallel: str, ep_size: int, out_dir: str) -> dict:
     for _ in range(args.steps):
         if trainer.dist.enabled:
             dist.barrier()
-        synchronize()
-        start = time.perf_counter()
-        trainer.train_step(next(data.train))
-        synchronize()
-        seconds.append(time.perf_counter() - start)
+        seconds.append(wall_seconds(lambda: trainer.train_step(next(data.train)), trainer.device))
     return {
         "step_ms": 1e3 * statistics.median(seconds),
         "bytes_per_rank": dict(counter.bytes),
@@ -130,13 +131,7 @@ def measure(args, name: str, parallel: str, ep_size: int, out_dir: str) -> dict:
 
 
 def _rank_main(rank: int, world: int, port: int, args, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_local_rank_environment(rank, world, port)
     torch.set_num_threads(args.threads)
     results = {}
     for name, (parallel, ep_size) in VARIANTS.items():
@@ -144,12 +139,6 @@ def _rank_main(rank: int, world: int, port: int, args, out_dir: str) -> None:
     if rank == 0:
         Path(out_dir, "ranks.json").write_text(json.dumps(results))
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -173,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out_dir:
         single = measure(args, "single", "ddp", 1, out_dir)
-        mp.spawn(_rank_main, args=(args.world, _free_port(), args, out_dir), nprocs=args.world)
+        mp.spawn(_rank_main, args=(args.world, free_port(), args, out_dir), nprocs=args.world)
         results = {"single": single, **json.loads(Path(out_dir, "ranks.json").read_text())}
     for result in results.values():
         result["step_time_ratio"] = result["step_ms"] / single["step_ms"]
@@ -190,16 +179,7 @@ def main() -> None:
             f"{name:<8}{r['total_bytes_per_rank'] / 1e6:>14.2f}{r['step_ms']:>10.1f}"
             f"{r['step_time_ratio']:>7.2f}  {detail}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "device": single["device"],
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": results,
-    }
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, run_record(single["device"], args, results))
 
 
 if __name__ == "__main__":

@@ -13,20 +13,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import (
+    RESULTS_DIR,
+    add_model_arguments,
+    add_timing_arguments,
+    model_overrides,
+    run_record,
+    wall_seconds,
+    write_results,
+)
 
 from moealign.config import load_config
 from moealign.data import BatchStream, ByteTokenizer
 from moealign.train import Trainer
 from moealign.training_data import TrainingData
 
-RESULTS_PATH = Path(__file__).parent / "results" / "train_step.json"
+RESULTS_PATH = RESULTS_DIR / "train_step.json"
 
 
 def random_data(vocab: int, batch: int, seq_len: int, rows: int) -> TrainingData:
@@ -44,17 +51,14 @@ def random_data(vocab: int, batch: int, seq_len: int, rows: int) -> TrainingData
 def time_variant(config, args, out_dir: str) -> dict[str, float]:
     data = random_data(config.model.vocab_size, args.batch, args.seq_len, rows=4 * args.batch)
     trainer = Trainer(config, data=data, run_dir=Path(out_dir) / config.name, progress=False)
-    synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
-    for _ in range(args.warmup):
-        trainer.train_step(next(data.train))
-    seconds = []
-    for _ in range(args.repeats):
-        synchronize()
-        start = time.perf_counter()
+
+    def run_steps() -> None:
         for _ in range(args.steps):
             trainer.train_step(next(data.train))
-        synchronize()
-        seconds.append((time.perf_counter() - start) / args.steps)
+
+    for _ in range(args.warmup):
+        trainer.train_step(next(data.train))
+    seconds = [wall_seconds(run_steps, trainer.device) / args.steps for _ in range(args.repeats)]
     step_s = statistics.median(seconds)
     counts = trainer.model.parameter_counts()
     return {
@@ -68,38 +72,12 @@ def time_variant(config, args, out_dir: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--expert-d-ff", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    add_model_arguments(parser)
     parser.add_argument("--optimizer", default="adamw")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_timing_arguments(parser)
     args = parser.parse_args()
 
-    base = load_config(
-        None,
-        [
-            f"model.d_model={args.d_model}",
-            f"model.n_layers={args.layers}",
-            f"model.n_heads={args.heads}",
-            f"model.n_experts={args.experts}",
-            f"model.top_k={args.top_k}",
-            f"model.expert_d_ff={args.expert_d_ff}",
-            f"model.vocab_size={args.vocab}",
-            f"model.max_seq_len={args.seq_len}",
-            f"train.seq_len={args.seq_len}",
-            f"train.batch_size={args.batch}",
-            f"optim.name={args.optimizer}",
-            "optim.warmup_steps=0",
-        ],
-    )
+    base = load_config(None, [*model_overrides(args), f"optim.name={args.optimizer}"])
     variants = {
         "moe_softmax_topk": dataclasses.replace(base, name="moe_softmax_topk"),
         "moe_mpi": dataclasses.replace(
@@ -123,21 +101,7 @@ def main() -> None:
             f"{name:<18}{r['params_active']:>12,}{r['params_total']:>12,}"
             f"{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
         )
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(
-        json.dumps(
-            {
-                "device": device,
-                "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                "torch": torch.__version__,
-                "args": vars(args),
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {RESULTS_PATH}")
+    write_results(RESULTS_PATH, run_record(device, args, results))
 
 
 if __name__ == "__main__":

@@ -10,39 +10,21 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
+from helpers_train import TINY
 from moealign.config import load_config
+from moealign.distributed import free_port, set_local_rank_environment
 from moealign.train import Trainer
 
 OVERRIDES = [
-    "data.source=tasks",
-    "data.examples_per_task=40",
+    *TINY,
     "data.tasks=['copy', 'reverse', 'sort']",
-    "data.heldout_tasks=[]",
-    "data.heldout_compositions=[]",
-    "model.n_layers=2",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.vocab_size=258",
-    "model.max_seq_len=64",
-    "model.n_experts=4",
-    "model.expert_d_ff=32",
     "model.router_options={expert_bias = true}",
-    "train.seq_len=48",
-    "train.batch_size=8",
     "train.steps=3",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.eval_batches=2",
     "train.checkpoint_every=0",
+    "train.task_eval_examples=50",
     "train.device=cpu",
     "optim.warmup_steps=1",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train(out_dir: str, name: str, grad_accum: int) -> Trainer:
@@ -55,13 +37,7 @@ def _train(out_dir: str, name: str, grad_accum: int) -> Trainer:
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_local_rank_environment(rank, world_size, port)
     torch.set_num_threads(1)
     trainer = _train(out_dir, "ddp", grad_accum=1)
     state = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
@@ -71,7 +47,7 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = _train(str(tmp_path), "single", grad_accum=2)
 
     def losses(run: str) -> list[dict[str, float]]:
@@ -93,3 +69,14 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     biases = [k for k in expected if k.endswith("expert_bias")]
     assert biases and any(expected[k].abs().sum() > 0 for k in biases)
     assert json.loads((tmp_path / "ddp" / "final_eval.json").read_text())["step"] == 3
+
+
+def test_local_rank_environment_is_what_torchrun_sets_and_the_port_is_bindable(monkeypatch):
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for name in names:
+        monkeypatch.setenv(name, "unset")  # restored after the test
+    port = free_port()
+    set_local_rank_environment(1, 2, port)
+    assert [os.environ[name] for name in names] == ["1", "1", "2", "127.0.0.1", str(port)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))

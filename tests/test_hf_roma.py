@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from helpers_hf import FAMILIES, batch, tiny_model
-from moealign.data.tasks import TaskExample, TaskSuiteConfig, build_task_suite, multiple_choice_view
+from helpers_questions import task_questions
+from moealign.data.tasks import TaskExample
 from moealign.data.tokenizer import ByteTokenizer
 from moealign.integrations.hf import (
     HFRouted,
@@ -235,15 +236,7 @@ LAYERS = [1]  # of the two MoE layers: layer 0's router must stay as it is
 
 @pytest.fixture(scope="module")
 def questions():
-    suite = build_task_suite(
-        TaskSuiteConfig(
-            examples_per_task=20,
-            tasks=("addition", "max", "brackets"),
-            heldout_tasks=(),
-            heldout_compositions=(),
-        )
-    )
-    return multiple_choice_view(suite.train[:10] + suite.train[-6:], n_options=4, seed=0)
+    return task_questions(10)
 
 
 def hf_routed_for_bytes() -> HFRouted:

@@ -12,40 +12,27 @@ receive no token.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers_train import TINY
 from moealign.config import ConfigError, load_config
+from moealign.distributed import free_port, set_local_rank_environment
 from moealign.nn.experts import SwiGLUExperts
 from moealign.parallel import ExpertParallelExperts
 from moealign.train import Trainer
 
 OVERRIDES = [
-    "data.source=tasks",
-    "data.examples_per_task=40",
+    *TINY,
     "data.tasks=['copy', 'reverse', 'sort']",
-    "data.heldout_tasks=[]",
-    "data.heldout_compositions=[]",
-    "model.n_layers=2",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.vocab_size=258",
-    "model.max_seq_len=64",
-    "model.n_experts=4",
-    "model.expert_d_ff=32",
     "alignment.schedule=fixed",
     "alignment.lambda_target=0.1",
     "alignment.prior=marginal",
     "alignment.prior_decay=0.5",
-    "train.seq_len=48",
-    "train.batch_size=8",
     "train.steps=3",
-    "train.log_every=1",
-    "train.eval_every=0",
     "train.eval_batches=1",
     "train.checkpoint_every=0",
     "train.task_eval_examples=0",
@@ -129,13 +116,7 @@ def _empty_expert_dispatch() -> dict:
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_local_rank_environment(rank, world_size, port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     results: dict = {
@@ -165,18 +146,12 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     single_stop = _config(str(out), "one-to-two", "softmax_topk", "ep", "train.grad_accum=2")
     Trainer(single_stop, progress=False).train(stop_at=2)
-    mp.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(out)), nprocs=2, join=True)
     references = {
         router: _record_steps(
             Trainer(_config(str(out), f"single-{router}", router, "ddp", "train.grad_accum=2"))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_questions import task_questions
 from moealign.config import ConfigError
-from moealign.data.tasks import TaskSuiteConfig, build_task_suite, multiple_choice_view
 from moealign.data.tokenizer import ByteTokenizer
 from moealign.evaluate import option_log_likelihoods
 from moealign.nn.transformer import ModelConfig, MoETransformer
@@ -57,15 +57,7 @@ def tiny_model(dtype=torch.float32, seed=0) -> MoETransformer:
 
 @pytest.fixture(scope="module")
 def questions():
-    suite = build_task_suite(
-        TaskSuiteConfig(
-            examples_per_task=20,
-            tasks=("addition", "max", "brackets"),
-            heldout_tasks=(),
-            heldout_compositions=(),
-        )
-    )
-    return multiple_choice_view(suite.train[:14] + suite.train[-6:], n_options=4, seed=0)
+    return task_questions(14)
 
 
 # --- the routing override hook ---------------------------------------------------------------

@@ -9,12 +9,13 @@ environment (torchrun, or a test that spawns ranks and sets ``RANK``/``WORLD_SIZ
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "resolve_device"]
+__all__ = ["DistributedContext", "free_port", "resolve_device", "set_local_rank_environment"]
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -27,6 +28,27 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError("device: got 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the operating system reports free (bound to port 0, then
+    released), for the rendezvous of ranks spawned on this machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_local_rank_environment(rank: int, world_size: int, port: int) -> None:
+    """Set the variables torchrun would give rank ``rank`` of ``world_size`` processes on this
+    machine (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` = 127.0.0.1,
+    ``MASTER_PORT`` = ``port``), for ranks started with ``torch.multiprocessing.spawn``."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 @dataclass
