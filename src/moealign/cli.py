@@ -244,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``moealign``; returns the process exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call INFO lines
     try:
         return args.run(args)
     except USAGE_ERRORS as err:

@@ -21,7 +21,7 @@ from typing import Any
 from moealign.config import RunConfig, load_config
 
 PRESETS = {
-    # about ten minutes on two CPU cores
+    # about seven minutes on two CPU cores
     "quick": [],
     # a longer, wider run for a GPU or a patient CPU
     "full": [
