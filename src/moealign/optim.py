@@ -13,6 +13,7 @@ normalised and projected on its own, in one batched call (no Python loop over ex
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -201,7 +202,7 @@ def _validate_group(group: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- optimizers
 
 
-class MatrixOptimizerWithAdamW(torch.optim.Optimizer):
+class MatrixOptimizerWithAdamW(torch.optim.Optimizer, abc.ABC):
     """One optimizer holding matrix groups and AdamW groups (``group["algorithm"]``).
 
     AdamW groups are stepped by torch's own functional Adam with decoupled weight decay, i.e. the
@@ -296,9 +297,9 @@ class MatrixOptimizerWithAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
 
+    @abc.abstractmethod
     def _matrix_step(self, param: Tensor, group: dict[str, Any]) -> None:
         """Update one matrix parameter in place; each subclass defines its rule."""
-        raise NotImplementedError
 
 
 class Muon(MatrixOptimizerWithAdamW):
@@ -401,9 +402,9 @@ class HyperballOptimizer(MatrixOptimizerWithAdamW):
         direction = self._direction(param, group)
         hyperball_step_(param, direction, group["lr"], group["update_constant"])
 
+    @abc.abstractmethod
     def _direction(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """The base optimizer's direction U for ``param``; each subclass defines it."""
-        raise NotImplementedError
 
 
 class AdamH(HyperballOptimizer):
