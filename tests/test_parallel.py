@@ -6,7 +6,10 @@ and (whole, clipped) gradients of one process that accumulates the same 2 micro-
 the softmax top-k and MPI routers, with the aux-loss-free bias and the marginal alignment prior
 (both reduced over ranks). Checkpoints move between world sizes (2 → 1 with FSDP2, 1 → 2 with
 expert parallelism), and the all-to-all dispatch copes with experts (and a whole rank) that
-receive no token.
+receive no token. A second spawn of 4 ranks runs expert parallelism on a (dp = 2, ep = 2) mesh
+against one process accumulating 4 micro-batches: expert gradients are then reduced over an
+expert's 2 data-parallel replicas and the clipping norm over an ep group, which 2 ranks
+(dp = 1) cannot tell apart from the whole world.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from helpers_train import TINY
 from moealign.config import ConfigError, load_config
 from moealign.distributed import free_port, set_local_rank_environment
 from moealign.nn.experts import SwiGLUExperts
+from moealign.nn.moe import MoELayer
 from moealign.parallel import ExpertParallelExperts
 from moealign.train import Trainer
 
@@ -115,10 +119,46 @@ def _empty_expert_dispatch() -> dict:
     }
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _start_rank(rank: int, world_size: int, port: int) -> None:
+    """Join a gloo group of ``world_size`` spawned ranks, one thread each (they share 2 cores)."""
     set_local_rank_environment(rank, world_size, port)
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def _finish_rank(results: dict, out_dir: str) -> None:
+    torch.save(results, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(rank_main, world_size: int, out) -> list[dict]:
+    """Run ``rank_main(rank, world_size, port, out_dir)`` on ``world_size`` ranks; their
+    results, by rank."""
+    mp.spawn(rank_main, args=(world_size, free_port(), str(out)), nprocs=world_size, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _single_process_references(out, grad_accum: int) -> dict:
+    """Per router: one process accumulating ``grad_accum`` micro-batches of the global batch."""
+    return {
+        router: _record_steps(
+            Trainer(
+                _config(
+                    str(out),
+                    f"single{grad_accum}-{router}",
+                    router,
+                    "ddp",
+                    f"train.grad_accum={grad_accum}",
+                )
+            )
+        )
+        for router in ROUTERS
+    }
+
+
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    _start_rank(rank, world_size, port)
     results: dict = {
         (mode, router): _record_steps(
             Trainer(_config(out_dir, f"{mode}-{router}", router, mode), progress=False)
@@ -142,8 +182,7 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
         expected = float(torch.nn.functional.cross_entropy(logits[0], one_row["labels"][0]))
     results["one-row-eval"] = (resumed.evaluate()["val_loss"], expected)
     results["dispatch"] = _empty_expert_dispatch()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _finish_rank(results, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +190,12 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     single_stop = _config(str(out), "one-to-two", "softmax_topk", "ep", "train.grad_accum=2")
     Trainer(single_stop, progress=False).train(stop_at=2)
-    mp.spawn(_rank_main, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    references = {
-        router: _record_steps(
-            Trainer(_config(str(out), f"single-{router}", router, "ddp", "train.grad_accum=2"))
-        )
-        for router in ROUTERS
-    }
+    ranks = _spawn(_rank_main, 2, out)
+    references = _single_process_references(out, grad_accum=2)
     resumed = Trainer(
         _config(str(out), "two-to-one", "mpi", "fsdp", "train.grad_accum=2"), resume=True
     )
     resumed.train()
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     return {"references": references, "ranks": ranks, "two-to-one": resumed.model.state_dict()}
 
 
@@ -172,23 +205,72 @@ def _assert_state_close(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize(("mode", "router"), CASES)
-def test_two_ranks_match_one_process_step_by_step(runs, mode, router):
-    reference = runs["references"][router]
-    for rank_results in runs["ranks"]:
-        run = rank_results[(mode, router)]
-        for step, (got, want) in enumerate(zip(run["steps"], reference["steps"], strict=True)):
-            assert got["metrics"].keys() == want["metrics"].keys()
-            for key, value in want["metrics"].items():
-                assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
-            _assert_state_close(got["grads"], want["grads"])
-        _assert_state_close(run["weights"], reference["weights"])
-        torch.testing.assert_close(run["prior"], reference["prior"])
+def _assert_run_matches(run: dict, reference: dict) -> None:
+    """Step by step: metrics and whole clipped gradients; then weights (expert biases included)
+    and the marginal alignment prior."""
+    for step, (got, want) in enumerate(zip(run["steps"], reference["steps"], strict=True)):
+        assert got["metrics"].keys() == want["metrics"].keys()
+        for key, value in want["metrics"].items():
+            assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+        _assert_state_close(got["grads"], want["grads"])
+    _assert_state_close(run["weights"], reference["weights"])
+    torch.testing.assert_close(run["prior"], reference["prior"])
+
+
+def _assert_reference_exercises_statistics(reference: dict) -> None:
+    """The reference moved the expert biases and the prior, and its experts are unbalanced, so
+    matching it checks the reductions over ranks."""
     biases = [k for k in reference["weights"] if k.endswith("expert_bias")]
     assert biases and all(reference["weights"][k].abs().sum() > 0 for k in biases)
     assert not torch.allclose(reference["prior"], torch.full_like(reference["prior"], 0.25))
     # Routing statistics over all ranks: MaxVio of the global counts, not a rank's own.
     assert reference["steps"][0]["metrics"]["routing/max_vio"] > 0
+
+
+@pytest.mark.parametrize(("mode", "router"), CASES)
+def test_two_ranks_match_one_process_step_by_step(runs, mode, router):
+    reference = runs["references"][router]
+    for rank_results in runs["ranks"]:
+        _assert_run_matches(rank_results[(mode, router)], reference)
+    _assert_reference_exercises_statistics(reference)
+
+
+def _rank_main_dp2_ep2(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    _start_rank(rank, world_size, port)
+    results = {}
+    for router in ROUTERS:
+        trainer = Trainer(_config(out_dir, f"dp2-ep2-{router}", router, "ep"), progress=False)
+        results[router] = _record_steps(trainer)
+        results[router]["mesh"] = tuple(trainer.parallel.mesh.shape)
+        results[router]["local_experts"] = {
+            layer.experts.w_gate.shape[0]
+            for layer in trainer.model.modules()
+            if isinstance(layer, MoELayer)
+        }
+    _finish_rank(results, out_dir)
+
+
+@pytest.fixture(scope="module")
+def dp2_ep2_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_dp2_ep2")
+    return {
+        "ranks": _spawn(_rank_main_dp2_ep2, 4, out),
+        "references": _single_process_references(out, grad_accum=4),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ROUTERS)
+def test_four_expert_parallel_ranks_with_two_replicas_match_one_process(dp2_ep2_runs, router):
+    """dp = 2 × ep = 2: expert gradients are reduced over an expert's 2 data-parallel replicas
+    only, shared ones over all 4 ranks; every rank sees the one-process run's numbers."""
+    reference = dp2_ep2_runs["references"][router]
+    for rank_results in dp2_ep2_runs["ranks"]:
+        run = rank_results[router]
+        assert run["mesh"] == (2, 2)
+        assert run["local_experts"] == {2}  # of n_experts = 4: the experts really are sharded
+        _assert_run_matches(run, reference)
+    _assert_reference_exercises_statistics(reference)
 
 
 def test_checkpoint_written_by_two_fsdp_ranks_resumes_in_one_process(runs):
