@@ -102,3 +102,12 @@ def test_layer_sequence_scope_uses_rows_of_batched_input():
         for b in range(3)
     ]
     torch.testing.assert_close(info.load_balance_loss, torch.stack(per_sequence).mean())
+
+
+def test_global_scope_without_a_process_group_is_the_batch_loss():
+    torch.manual_seed(4)
+    probs = torch.softmax(torch.randn(12, 4), -1)
+    idx = probs.topk(2, -1).indices
+    torch.testing.assert_close(
+        load_balance_loss(probs, idx, 4, scope="global"), load_balance_loss(probs, idx, 4)
+    )

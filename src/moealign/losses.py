@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-BALANCE_SCOPES = ("batch", "sequence")
+BALANCE_SCOPES = ("batch", "sequence", "global")
 
 
 def load_balance_loss(
@@ -25,14 +26,19 @@ def load_balance_loss(
 
     f_e = (1/(T·K)) Σ_t 1[e ∈ topk(t)] (no gradient), P_e = (1/T) Σ_t p_te (full softmax).
     ``scope="sequence"`` computes f and P per sequence of ``sequence_length`` consecutive tokens
-    and averages the per-sequence losses (the MPI code's form).
+    and averages the per-sequence losses (the MPI code's form). ``scope="global"`` takes f from
+    the counts of every data-parallel rank (summed over the default process group, when one is
+    running; else this micro-batch) and P from this rank's tokens: averaged over ranks, as DDP
+    averages gradients, the loss and its gradient equal the batch-scope loss of the whole global
+    batch (ranks of equal token counts; Megatron's ``global_aux_loss`` without the running
+    average over accumulation steps).
     """
     if scope not in BALANCE_SCOPES:
         raise ValueError(f"balance_scope={scope!r} is not accepted; choose one of {BALANCE_SCOPES}")
     if probs_TE.shape[-1] != n_experts:
         raise ValueError(f"probs has {probs_TE.shape[-1]} experts but n_experts={n_experts}")
     n_tokens, top_k = topk_idx_TK.shape
-    if scope == "batch":
+    if scope in ("batch", "global"):
         sequence_length = n_tokens
     elif sequence_length is None or sequence_length < 1 or n_tokens % sequence_length:
         raise ValueError(
@@ -50,7 +56,12 @@ def load_balance_loss(
         .scatter_add_(0, cell_S, torch.ones_like(cell_S, dtype=probs_TE.dtype))
         .view(n_sequences, n_experts)
     )
-    fraction_BE = counts_BE / (sequence_length * top_k)
+    slots = torch.tensor(float(sequence_length * top_k), device=probs_TE.device)
+    if scope == "global" and dist.is_available() and dist.is_initialized():
+        counts_BE = counts_BE.detach().clone()
+        dist.all_reduce(counts_BE)
+        dist.all_reduce(slots)
+    fraction_BE = counts_BE / slots.to(probs_TE.dtype)
     mean_prob_BE = probs_TE.view(n_sequences, sequence_length, n_experts).mean(1)
     return n_experts * (fraction_BE * mean_prob_BE).sum(-1).mean()
 

@@ -55,8 +55,9 @@ class MoELayer(nn.Module):
 
     ``MoELayer(d_model, d_ff, n_experts, top_k, router=kind, **router_options)``;
     ``y, info = layer(x)`` for x of shape (..., d_model). Router kinds and options: see
-    :mod:`moealign.nn.routers`. ``balance_scope`` "batch" (per micro-batch) or "sequence" (per
-    row of a (B, S, D) input). ``shared_d_ff`` adds an always-on shared SwiGLU expert.
+    :mod:`moealign.nn.routers`. ``balance_scope`` "batch" (per micro-batch), "global" (expert
+    fractions summed over data-parallel ranks) or "sequence" (per row of a (B, S, D) input).
+    ``shared_d_ff`` adds an always-on shared SwiGLU expert.
     ``probs_override`` (None by default) replaces the routing softmax before the experts run
     (:meth:`Router.reroute`); set it through
     :meth:`moealign.routed.MoealignRouted.override_routing`.
@@ -130,12 +131,20 @@ class MoELayer(nn.Module):
                 routed.probs,
                 routed.topk_idx,
                 self.n_experts,
-                scope=self.balance_scope,
+                scope=self._balance_scope(),
                 sequence_length=x.shape[-2] if x.dim() >= 3 else None,
             ),
             z_loss=z_loss(routed.logits),
         )
         return y_TD.view(x.shape).to(x.dtype), info
+
+    def _balance_scope(self) -> str:
+        """The ``global`` scope all-reduces counts inside the forward, which every rank then
+        must run: only training forwards do (evaluation and generation may run on one rank),
+        so other forwards report the per-micro-batch (``batch``) loss."""
+        if self.balance_scope == "global" and not (self.training and torch.is_grad_enabled()):
+            return "batch"
+        return self.balance_scope
 
     def _expert_counts(self, topk_idx_TK: Tensor, keep_TK: Tensor | None) -> Tensor:
         chosen = (
