@@ -400,6 +400,8 @@ def test_config_loads_and_names_bad_fields(tmp_path):
     assert RomaConfig(layers=2).layer_indices(4) == [2, 3]
     assert RomaConfig(layers="all").layer_indices(4) == [0, 1, 2, 3]
     assert load_roma_config(None, ['layers="all"', "k=5"]).k == 5
+    assert config.methods == ("router_tuning", "roma", "c3po", "oracle")
+    assert load_roma_config(None, ['methods=["oracle", "roma"]']).methods == ("oracle", "roma")
     for override, fragment in [
         ("k=0", "k"),
         ("layers=0", "layers"),
@@ -407,6 +409,9 @@ def test_config_loads_and_names_bad_fields(tmp_path):
         ("seeds=[]", "seeds"),
         ("c3po_alpha=1.5", "c3po_alpha"),
         ("sigmaa=1", "sigmaa"),
+        ("methods=[]", "methods"),
+        ('methods=["roma", "roma"]', "methods"),
+        ('methods=["base"]', "methods"),
     ]:
         with pytest.raises(ConfigError, match=fragment):
             load_roma_config(None, [override])

@@ -86,6 +86,40 @@ def test_roma_study_end_to_end(tmp_path):
     assert all(f"| {method} |" in table for method in METHODS)
     assert "| roma |" in result.stdout
 
+    # methods = ["roma"]: only the base model (the reference) and RoMA run, and RoMA's results
+    # are those of the full study (same seeds, same training draws, same trained routers)
+    only = tmp_path / "roma_only"
+    args = [
+        "roma",
+        "--base",
+        str(tmp_path / "base"),
+        "--out",
+        str(only),
+        "--set",
+        'methods=["roma"]',
+    ]
+    for override in STUDY:
+        args += ["--set", override]
+    result = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    restricted = json.loads((only / "results.json").read_text())
+    assert set(restricted["methods"]) == {"base", "roma"}
+    for method in ("base", "roma"):
+        assert restricted["methods"][method] == methods[method]
+    assert restricted["summary"]["accuracy"]["roma"] == summary["accuracy"]["roma"]
+    assert restricted["summary"]["gap_closure"]["roma"]["seen"]["mean"] is None  # no oracle
+    assert restricted["summary"]["ctgi"]["roma"]["mean"] is None
+    assert "roma_minus_router_tuning" not in restricted["summary"]
+    assert restricted["c3po_cost"] is None
+    assert set(restricted["seeds"]["0"]) == {
+        "train_examples",
+        "successful",
+        "mean_neighbours",
+        "roma",
+    }
+    table = (only / "results.md").read_text()
+    assert "| roma |" in table and "| oracle |" not in table and "C3PO" not in table
+
 
 def test_roma_cli_reports_a_missing_run(tmp_path):
     result = run_cli(

@@ -15,6 +15,7 @@ from moealign.config import ConfigError, _Validated, bounded, load_config
 REGULARIZERS = ("manifold", "l1", "l2", "entropy", "none")
 NEIGHBOUR_MODES = ("knn", "epsilon", "random")
 ENCODERS = ("minilm", "builtin")
+TRAINED_METHODS = ("router_tuning", "roma", "c3po", "oracle")
 
 
 @dataclass
@@ -37,7 +38,9 @@ class RomaConfig(_Validated):
     routing logits. Evaluation uses at most ``eval_examples_per_task`` examples per task.
     ``continuation``: options scored by their text's log-likelihood ("text") or by the
     next-token logit of their letter ("letter"; :mod:`moealign.roma.choices`). ``seeds``: one
-    router-tuning/RoMA/C3PO run per seed.
+    router-tuning/RoMA/C3PO run per seed. ``methods``: which of router tuning, RoMA, C3PO and
+    the oracle run (the base model is always evaluated, as the reference); an ablation that
+    changes only RoMA runs ``methods = ["roma"]``. Oracle-gap closure and CTGI need the oracle.
     """
 
     layers: int | Literal["all"] = 5
@@ -62,6 +65,7 @@ class RomaConfig(_Validated):
     oracle_steps: int = bounded(20, ge=1)
     oracle_lr: float = bounded(0.2, gt=0)
     seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[Literal["router_tuning", "roma", "c3po", "oracle"], ...] = TRAINED_METHODS
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
@@ -72,6 +76,11 @@ class RomaConfig(_Validated):
             raise ConfigError("seeds", "got (); expected at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"got {self.seeds!r}; expected distinct seeds")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(
+                "methods",
+                f"got {self.methods!r}; expected distinct names among {TRAINED_METHODS}",
+            )
 
     def layer_indices(self, n_moe_layers: int) -> list[int]:
         """The MoE layers (depth-order indices) whose routers RoMA reads and trains."""

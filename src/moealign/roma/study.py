@@ -234,15 +234,22 @@ class Study:
         c = self.config
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        per_seed: dict[str, dict[str, dict[str, TaskEvaluation]]] = {m: {} for m in METHODS}
+        methods = [m for m in METHODS if m == "base" or m in c.methods]
+        per_seed: dict[str, dict[str, dict[str, TaskEvaluation]]] = {m: {} for m in methods}
         timings: dict[str, float] = {}
-        fixed: dict[str, dict[str, TaskEvaluation]] = {"base": {}, "oracle": {}}
+        fixed: dict[str, dict[str, TaskEvaluation]] = {m: {} for m in ("base", "oracle")}
         eval_embeddings = {}
         for name, examples in self.eval_sets.items():
             start = time.perf_counter()
             fixed["base"][name] = _evaluation(examples, self._capture(examples))
             timings[f"base_{name}_s"] = time.perf_counter() - start
             log.info("base %s: %.3f", name, fixed["base"][name].macro_accuracy)
+            if "c3po" in methods:
+                start = time.perf_counter()
+                eval_embeddings[name] = self.encoder.encode([e.prompt for e in examples])
+                timings[f"c3po_embed_{name}_s"] = time.perf_counter() - start
+            if "oracle" not in methods:
+                continue
             start = time.perf_counter()
             oracle = oracle_capture(
                 self.routed,
@@ -258,14 +265,12 @@ class Study:
             fixed["oracle"][name] = _evaluation(examples, oracle)
             timings[f"oracle_{name}_s"] = time.perf_counter() - start
             log.info("oracle %s: %.3f", name, fixed["oracle"][name].macro_accuracy)
-            start = time.perf_counter()
-            eval_embeddings[name] = self.encoder.encode([e.prompt for e in examples])
-            timings[f"c3po_embed_{name}_s"] = time.perf_counter() - start
         seeds_info = {}
         for seed in c.seeds:
             key = str(seed)
-            per_seed["base"][key] = fixed["base"]
-            per_seed["oracle"][key] = fixed["oracle"]
+            for method in ("base", "oracle"):
+                if method in methods:
+                    per_seed[method][key] = fixed[method]
             train = _sample_per_task(self.train_pool, c.train_examples_per_task, seed)
             targets = self._capture(train)
             success_S = targets.correct_N.nonzero().squeeze(-1)
@@ -283,8 +288,7 @@ class Study:
                 query_ids=torch.arange(len(train)),
                 reference_ids=success_S,
             )
-            per_seed["c3po"][key] = {}
-            for name, examples in self.eval_sets.items():
+            for name, examples in self.eval_sets.items() if "c3po" in methods else ():
                 start = time.perf_counter()
                 test_neighbours = self._neighbours(
                     eval_embeddings[name], embeddings[success_S], seed
@@ -303,25 +307,27 @@ class Study:
                 )
                 elapsed = time.perf_counter() - start + timings[f"c3po_embed_{name}_s"]
                 timings.setdefault(f"c3po_{name}_s", []).append(elapsed)
-                per_seed["c3po"][key][name] = _evaluation(examples, remixed)
-            tuned = self._train(train, "none", None, None, seed)
-            roma = self._train(train, c.regularizer, references_SP, neighbourhood, seed)
-            per_seed["router_tuning"][key] = tuned["evaluations"]
-            per_seed["roma"][key] = roma["evaluations"]
+                per_seed["c3po"].setdefault(key, {})[name] = _evaluation(examples, remixed)
             seeds_info[key] = {
                 "train_examples": len(train),
                 "successful": int(success_S.numel()),
                 "mean_neighbours": float(neighbourhood.valid_QK.sum(-1).float().mean()),
-                "router_tuning": tuned["history"],
-                "roma": roma["history"],
             }
-            log.info(
-                "seed %d: router tuning %s, roma %s, c3po %s",
-                seed,
-                {n: round(e.macro_accuracy, 3) for n, e in tuned["evaluations"].items()},
-                {n: round(e.macro_accuracy, 3) for n, e in roma["evaluations"].items()},
-                {n: round(e.macro_accuracy, 3) for n, e in per_seed["c3po"][key].items()},
-            )
+            trainings = {
+                "router_tuning": ("none", None, None),
+                "roma": (c.regularizer, references_SP, neighbourhood),
+            }
+            for method, (regularizer, targets_SP, pairs) in trainings.items():
+                if method in methods:
+                    trained = self._train(train, regularizer, targets_SP, pairs, seed)
+                    per_seed[method][key] = trained["evaluations"]
+                    seeds_info[key][method] = trained["history"]
+            for method in methods:
+                if method not in fixed:
+                    accuracy = {
+                        n: round(e.macro_accuracy, 3) for n, e in per_seed[method][key].items()
+                    }
+                    log.info("seed %d: %s %s", seed, method, accuracy)
         results = self._results(per_seed, timings, seeds_info)
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
         (out / TABLE_FILE).write_text(markdown_tables(results))
@@ -343,7 +349,11 @@ class Study:
                 for method, seeds in per_seed.items()
             },
             "summary": summarise(per_seed, c.seeds),
-            "c3po_cost": c3po_cost(timings, {n: len(ex) for n, ex in self.eval_sets.items()}),
+            "c3po_cost": (
+                c3po_cost(timings, {n: len(ex) for n, ex in self.eval_sets.items()})
+                if "c3po" in per_seed
+                else None
+            ),
             "seeds": seeds_info,
         }
 
@@ -396,8 +406,10 @@ def summarise(
 ) -> dict[str, Any]:
     """Accuracy (mean ± 95% t half width over seeds, and per task), oracle-gap closure, CTGI on
     the held-out tasks (paired bootstrap, oracle per-example correctness as the upper bound),
-    and the RoMA − router-tuning paired t-test over seeds."""
+    and the RoMA − router-tuning paired t-test over seeds. Gap closure and CTGI are None
+    without the oracle in ``per_seed``; the t-test needs both RoMA and router tuning."""
     keys = [str(s) for s in seeds]
+    has_oracle = "oracle" in per_seed
     summary: dict[str, Any] = {"accuracy": {}, "per_task": {}, "gap_closure": {}, "ctgi": {}}
     for method, by_seed in per_seed.items():
         summary["accuracy"][method] = {}
@@ -422,17 +434,22 @@ def summarise(
                     per_seed["base"][k][name].macro_accuracy,
                     per_seed["oracle"][k][name].macro_accuracy,
                 )
+                if has_oracle
+                else None
                 for k in keys
             ]
             summary["gap_closure"][method][name] = {"per_seed": gaps, "mean": _mean(gaps)}
         estimates = [
-            _ctgi_entry(by_seed[k], per_seed["base"][k], per_seed["oracle"][k], k) for k in keys
+            _ctgi_entry(by_seed[k], per_seed["base"][k], per_seed["oracle"][k], k)
+            if has_oracle
+            else {"value": None, "ci_low": None, "ci_high": None, "reason": "no oracle run"}
+            for k in keys
         ]
         summary["ctgi"][method] = {
             "per_seed": estimates,
             "mean": _mean([e["value"] for e in estimates]),
         }
-    if len(keys) >= 2:
+    if len(keys) >= 2 and {"roma", "router_tuning"} <= per_seed.keys():
         summary["roma_minus_router_tuning"] = {}
         for name in SETS:
             difference, half_width, p_value = paired_t_test(
@@ -472,9 +489,11 @@ def _number(value: float | None) -> str:
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
-    """The main table (method × set accuracy, gap closure, CTGI) and the per-task table."""
+    """The main table (method × set accuracy, gap closure, CTGI) and the per-task table, for
+    the methods the study ran."""
     summary = results["summary"]
     seeds = results["config"]["seeds"]
+    methods = [m for m in METHODS if m in summary["accuracy"]]
     lines = [
         f"# RoMA study: {results['base_run']}",
         "",
@@ -486,7 +505,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         "| method | seen | held-out | gap closure seen | gap closure held-out | CTGI held-out |",
         "|---|---|---|---|---|---|",
     ]
-    for method in METHODS:
+    for method in methods:
         accuracy = summary["accuracy"][method]
         gaps = summary["gap_closure"][method]
         ctgi_entry = summary["ctgi"][method]
@@ -511,8 +530,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
                 + (f" ± {100 * half:.2f}" if half is not None else "")
                 + (f", p = {entry['p_value']:.3f}" if entry["p_value"] is not None else "")
             )
-    cost = results["c3po_cost"]
-    lines += ["", "C3PO inference cost (ms per question, ratio to the base model):", ""]
+    cost = results["c3po_cost"] or {}
+    if cost:
+        lines += ["", "C3PO inference cost (ms per question, ratio to the base model):", ""]
     for name, entry in cost.items():
         lines.append(
             f"- {name}: base {entry['base_ms_per_example']:.2f}, C3PO "
@@ -523,7 +543,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines += ["", f"Per-task accuracy (%), {name}:", ""]
         lines.append("| method | " + " | ".join(tasks) + " |")
         lines.append("|---|" + "---|" * len(tasks))
-        for method in METHODS:
+        for method in methods:
             row = summary["per_task"][method][name]
             lines.append(f"| {method} | " + " | ".join(f"{100 * row[t]:.1f}" for t in tasks) + " |")
     return "\n".join(lines) + "\n"

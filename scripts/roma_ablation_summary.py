@@ -1,0 +1,82 @@
+"""The ablation table of docs/roma_study.md from ``moealign roma`` results directories.
+
+The reference is the main study (default RoMA: last 5 MoE layers, last token, kNN k = 3,
+manifold regulariser); each ablation directory holds a RoMA-only run (``methods = ["roma"]``)
+on the same base with one override. Accuracy cells are mean ± 95% Student-t half width over
+seeds (``moealign.stats.mean_confidence_interval``); the difference to default RoMA is paired
+by seed (same training draws; ``moealign.stats.paired_t_test``).
+
+    PYTHONPATH=src python3 scripts/roma_ablation_summary.py MAIN_DIR "NAME=ABLATION_DIR" ...
+
+(the text after the last "=" is the directory; the name may itself hold "=").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from moealign.stats import mean_confidence_interval, paired_t_test
+
+SETS = ("seen", "heldout")
+
+
+def roma_accuracy(results_dir: Path) -> dict[str, dict[str, float]]:
+    """Per set, per seed: RoMA's macro accuracy in ``results_dir/results.json``."""
+    results = json.loads((results_dir / "results.json").read_text())
+    by_seed = results["summary"]["accuracy"]["roma"]
+    seeds = [str(s) for s in results["config"]["seeds"]]
+    return {name: dict(zip(seeds, by_seed[name]["per_seed"], strict=True)) for name in SETS}
+
+
+def _points(value: float, half_width: float, signed: bool = False) -> str:
+    text = f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+    return text + (f" ± {100 * half_width:.1f}" if math.isfinite(half_width) else "")
+
+
+def ablation_rows(
+    reference: dict[str, dict[str, float]], variants: dict[str, dict[str, dict[str, float]]]
+) -> list[str]:
+    """Markdown rows: variant | seen | Δ seen | held-out | Δ held-out | seeds."""
+    rows = [
+        "| RoMA variant | seen | Δ seen vs default | held-out | Δ held-out vs default | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, accuracy in {"default (main study)": reference, **variants}.items():
+        cells = []
+        for set_name in SETS:
+            seeds = sorted(accuracy[set_name])
+            values = [accuracy[set_name][s] for s in seeds]
+            mean, half_width, _ = mean_confidence_interval(values)
+            cells.append(_points(mean, half_width))
+            if accuracy is reference:
+                cells.append("—")
+            elif len(seeds) >= 2:
+                difference, half, p_value = paired_t_test(
+                    values, [reference[set_name][s] for s in seeds]
+                )
+                p_text = f", p = {p_value:.2f}" if math.isfinite(p_value) else ""
+                cells.append(_points(difference, half, signed=True) + p_text)
+            else:
+                cells.append(_points(values[0] - reference[set_name][seeds[0]], math.nan, True))
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or not all("=" in a for a in argv[1:]):
+        print(__doc__, file=sys.stderr)
+        return 2
+    reference = roma_accuracy(Path(argv[0]))
+    variants = {}
+    for item in argv[1:]:
+        name, directory = item.rsplit("=", 1)
+        variants[name] = roma_accuracy(Path(directory))
+    print("\n".join(ablation_rows(reference, variants)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
