@@ -139,7 +139,7 @@ def test_logit_dropout_and_jitter_act_only_in_training():
         (dict(capacity_factor=-1.0), "capacity_factor=-1.0"),
         (dict(router="mpi", expert_matrix="value"), "expert_matrix='value'.*gate"),
         (dict(router="softmax_topk", c_prime=2.0), "not accepted by router='softmax_topk'"),
-        (dict(balance_scope="global"), "balance_scope='global'"),
+        (dict(balance_scope="tokens"), "balance_scope='tokens'"),
     ],
 )
 def test_bad_configuration_names_the_argument(kwargs, match):
