@@ -9,3 +9,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet -e ".[hf,test]"
+# Under pyenv, expose the new `moealign` command through its shims.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
