@@ -57,13 +57,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
-
 import moealign
-from moealign.config import ConfigError, load_config
+from moealign.config import ConfigError, load_config, tomllib  # tomllib or its 3.10 twin
 from moealign.runs import CHECKPOINT_DIR, CONFIG_FILE, FINAL_EVAL_FILE, METRICS_FILE, utc_now
 
 __all__ = [
