@@ -44,7 +44,7 @@ COMMON = ["guardrails.policy=off", "train.log_every=1000000", "optim.warmup_step
 
 def _trainer(config_path: str, overrides: list[str], out_dir: str):
     from moealign.config import load_config
-    from moealign.train import Trainer
+    from moealign.training.trainer import Trainer
 
     config = load_config(config_path, overrides)
     return Trainer(config, run_dir=Path(out_dir) / config.alignment.prior, progress=False)
@@ -78,7 +78,7 @@ def measure_time(config_path: str, overrides: list[str], warmup: int, steps: int
 
 def measure_memory(config_path: str, overrides: list[str], warmup: int, steps: int) -> dict:
     """Peak memory of ``warmup + steps`` training steps of one variant in this process."""
-    from moealign.runs import peak_memory_bytes
+    from moealign.training.runs import peak_memory_bytes
 
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = _trainer(config_path, overrides, out_dir)

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from moealign.losses import load_balance_loss, z_loss
 from moealign.nn import MoELayer, SwiGLU
+from moealign.nn.losses import load_balance_loss, z_loss
 from moealign.nn.routers import MPIRouter
 
 RESULTS_PATH = RESULTS_DIR / "moe_layer.json"

@@ -34,8 +34,8 @@ from common import (
 from train_step import random_data
 
 from moealign.config import load_config
-from moealign.optim import OPTIMIZER_NAMES
-from moealign.train import Trainer
+from moealign.optim.optimizers import OPTIMIZER_NAMES
+from moealign.training.trainer import Trainer
 
 RESULTS_PATH = RESULTS_DIR / "optimizer_share.json"
 ROUTERS = ("softmax_topk", "mpi")

@@ -17,7 +17,7 @@ import torch
 from common import RESULTS_DIR, device_name, wall_seconds, write_results
 from torch import nn
 
-from moealign.optim import OPTIMIZER_NAMES, build_optimizer, newton_schulz_orthogonalize
+from moealign.optim.optimizers import OPTIMIZER_NAMES, build_optimizer, newton_schulz_orthogonalize
 
 RESULTS_PATH = RESULTS_DIR / "optimizer_step.json"
 

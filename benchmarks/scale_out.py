@@ -39,8 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import random_data
 
 from moealign.config import load_config
-from moealign.distributed import free_port, set_local_rank_environment
-from moealign.train import Trainer
+from moealign.distributed.context import free_port, set_local_rank_environment
+from moealign.training.trainer import Trainer
 
 RESULTS_PATH = RESULTS_DIR / "scale_out.json"
 # Which argument of each c10d op holds the payload a rank sends (ops writing into an output

@@ -30,8 +30,8 @@ from common import (
 
 from moealign.config import load_config
 from moealign.data import BatchStream, ByteTokenizer
-from moealign.train import Trainer
-from moealign.training_data import TrainingData
+from moealign.data.build import TrainingData
+from moealign.training.trainer import Trainer
 
 RESULTS_PATH = RESULTS_DIR / "train_step.json"
 

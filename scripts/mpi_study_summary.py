@@ -2,8 +2,9 @@
 ``moealign ablate configs/mpi_study.toml`` and ``configs/mpi_ablations.toml``).
 
 Every cell is mean ± 95% Student-t half width over the finished seeds
-(``moealign.stats.mean_confidence_interval``); paired differences use
-``moealign.stats.paired_t_test``; steps to target use ``moealign.results.steps_to_reference_loss``
+(``moealign.evaluation.stats.mean_confidence_interval``); paired differences use
+``moealign.evaluation.stats.paired_t_test``; steps to target use
+``moealign.studies.results.steps_to_reference_loss``
 with each MPI variant paired to the softmax top-k variant of the same optimizer.
 
     PYTHONPATH=src python3 scripts/mpi_study_summary.py [runs/mpi_study runs/mpi_ablations]
@@ -16,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from moealign.results import (
+from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from moealign.studies.results import (
     RunDataError,
     RunRecord,
     RunSet,
@@ -24,7 +26,6 @@ from moealign.results import (
     run_results,
     steps_to_reference_loss,
 )
-from moealign.stats import mean_confidence_interval, paired_t_test
 
 OPTIMIZERS = ("adamw", "adamh", "muon", "muonh")
 ROUTERS = ("softmax_topk", "mpi")

@@ -3,8 +3,9 @@
 The reference is the main study (default RoMA: last 5 MoE layers, last token, kNN k = 3,
 manifold regulariser); each ablation directory holds a RoMA-only run (``methods = ["roma"]``)
 on the same base with one override. Accuracy cells are mean ± 95% Student-t half width over
-seeds (``moealign.stats.mean_confidence_interval``); the difference to default RoMA is paired
-by seed (same training draws; ``moealign.stats.paired_t_test``).
+seeds (``moealign.evaluation.stats.mean_confidence_interval``); the difference to default RoMA is
+paired
+by seed (same training draws; ``moealign.evaluation.stats.paired_t_test``).
 
     PYTHONPATH=src python3 scripts/roma_ablation_summary.py MAIN_DIR "NAME=ABLATION_DIR" ...
 
@@ -18,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-from moealign.stats import mean_confidence_interval, paired_t_test
+from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
 
 SETS = ("seen", "heldout")
 

@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from moealign import experiments, report
-from moealign.checkpoint import CheckpointError
 from moealign.config import ConfigError, load_config
-from moealign.runs import RunExistsError
+from moealign.studies import ablate, report
+from moealign.training.checkpoint import CheckpointError
+from moealign.training.runs import RunExistsError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -66,7 +66,7 @@ def _format_table(rows: Sequence[tuple[str, str]]) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from moealign.train import Trainer  # torch and the model load only when training
+    from moealign.training.trainer import Trainer  # torch and the model load only when training
 
     config = load_config(args.config, args.overrides)
     trainer = Trainer(
@@ -129,7 +129,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from moealign.run_eval import EVAL_FILE, evaluate_run, summary_rows
+    from moealign.evaluation.run import EVAL_FILE, evaluate_run, summary_rows
 
     result = evaluate_run(args.run_dir, args.task_examples, args.eval_batches, args.device)
     print(_format_table(summary_rows(result)))
@@ -138,7 +138,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from moealign.demo import PRESETS
+    from moealign.studies.demo import PRESETS
 
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -147,7 +147,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from moealign import demo
+    from moealign.studies import demo
 
     return demo.run(args)
 
@@ -164,7 +164,9 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from moealign.analyze import run_analyze  # torch and transformers load only when analysing
+    from moealign.integrations.analyze import (
+        run_analyze,  # torch and transformers load only when analysing
+    )
 
     try:
         return run_analyze(args)
@@ -181,9 +183,9 @@ def _roma_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_roma(args: argparse.Namespace) -> int:
     from moealign.roma.config import load_roma_config
-    from moealign.roma.study import Study, markdown_tables
+    from moealign.roma.study import RomaStudy, markdown_tables
 
-    study = Study(args.base, load_roma_config(args.config, args.overrides))
+    study = RomaStudy(args.base, load_roma_config(args.config, args.overrides))
     print(markdown_tables(study.run(args.out)))
     return 0
 
@@ -203,9 +205,9 @@ COMMANDS: dict[str, Command] = {
         run=_run_demo,
     ),
     "ablate": Command(
-        help=experiments.ABLATE_HELP,
-        add_arguments=experiments.add_ablate_arguments,
-        run=experiments.run_ablate,
+        help=ablate.ABLATE_HELP,
+        add_arguments=ablate.add_ablate_arguments,
+        run=ablate.run_ablate,
     ),
     "report": Command(
         help=report.REPORT_HELP, add_arguments=report.add_report_arguments, run=report.run_report

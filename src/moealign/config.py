@@ -216,7 +216,7 @@ class _Validated:
 @dataclass
 class DataConfig(_Validated):
     """Which data to train on (DESIGN.md §7); built by
-    :func:`moealign.training_data.build_training_data`.
+    :func:`moealign.data.build.build_training_data`.
 
     ``source``: ``tasks`` (the synthetic multi-task suite), ``text`` (the Python standard
     library's sources, at most ``text_max_bytes``), ``mixed`` (both, ``text_to_task_ratio``
@@ -257,7 +257,7 @@ class OptimConfig(_Validated):
     """Optimizer and learning-rate schedule (DESIGN.md §6).
 
     lr(t) = lr · m(t) with the warm-up + cosine multiplier of
-    :class:`moealign.schedules.WarmupCosine`. ``matrix_lr`` (None = ``lr``) is the learning
+    :class:`moealign.optim.schedules.WarmupCosine`. ``matrix_lr`` (None = ``lr``) is the learning
     rate of the matrix optimizer for Muon/MuonH/AdamH; ``options`` go to
     :func:`moealign.optim.build_optimizer` unchanged. ``grad_clip`` 0 disables clipping.
     """
@@ -287,7 +287,7 @@ class LossConfig(_Validated):
 
 @dataclass
 class AlignmentConfig(_Validated):
-    """Routing manifold alignment during training (DESIGN.md §4; :mod:`moealign.alignment`).
+    """Routing manifold alignment during training (DESIGN.md §4; :mod:`moealign.alignment.term`).
 
     L_total += λ(t) · mean_τ Σ_l KL(p_l(·|τ) ‖ q_l). ``schedule``: ``none`` (off), ``fixed``,
     ``warmup`` (λ_target·min(1, t/warmup_steps)) or ``warmup_anneal`` (then linear to
@@ -309,7 +309,8 @@ class AlignmentConfig(_Validated):
 
 @dataclass
 class GuardrailConfig(_Validated):
-    """Routing-collapse guardrails (DESIGN.md §4; the guide's Step 7; :mod:`moealign.guardrails`).
+    """Routing-collapse guardrails (DESIGN.md §4; the guide's Step 7;
+    :mod:`moealign.alignment.guardrails`).
 
     After every optimizer step, a layer whose normalised expert-usage entropy falls under
     ``min_usage_entropy``, whose mean normalised per-token router entropy falls under
@@ -341,10 +342,10 @@ class TrainConfig(_Validated):
     at the end, generate answers for at most this many examples per task of each evaluation set
     of the task suite (seen-task test, held-out tasks/compositions, long lengths; 0 = skip).
     ``tensorboard`` and ``wandb`` mirror ``metrics.jsonl`` to TensorBoard / offline W&B
-    (:mod:`moealign.loggers`). ``parallel`` picks how several ranks (torchrun) share the work
-    (:mod:`moealign.parallel`, DESIGN.md §9): ``ddp`` replicates the model, ``fsdp`` shards
-    every block and the root with FSDP2 (AdamW only), ``ep`` shards the experts over ``ep_size``
-    ranks of a (dp, ep) device mesh; one process ignores it.
+    (:mod:`moealign.training.loggers`). ``parallel`` picks how several ranks (torchrun) share the
+    work (:mod:`moealign.distributed.parallel`, DESIGN.md §9): ``ddp`` replicates the model,
+    ``fsdp`` shards every block and the root with FSDP2 (AdamW only), ``ep`` shards the experts
+    over ``ep_size`` ranks of a (dp, ep) device mesh; one process ignores it.
     """
 
     steps: int = bounded(100, ge=1)

@@ -13,7 +13,7 @@ SwiGLU gate rows first, ``down_proj`` (E, D, F)), the layout of DESIGN.md §2.
 * :func:`swap_routers` puts a moealign router (``softmax_topk`` or ``mpi``, DESIGN.md §2–3)
   initialised from the existing rows into each ``mlp.gate``; ``precompute_routers`` works on
   the result.
-* :class:`HFRouted` is the :class:`~moealign.routed.RoutedModel` view used by RoMA (§5); its
+* :class:`HFRouted` is the :class:`~moealign.nn.routed.RoutedModel` view used by RoMA (§5); its
   ``override_routing`` replaces chosen layers' routing distribution with forward hooks (C3PO,
   oracle routing).
 
@@ -30,9 +30,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from moealign import diagnostics
+from moealign.evaluation import diagnostics
+from moealign.nn.routed import ProbsOverride, RoutedOutput, check_override_layers
 from moealign.nn.routers import MPIRouter, Router, build_router
-from moealign.routed import ProbsOverride, RoutedOutput, check_override_layers
 
 SOFTMAX, SIGMOID = "softmax", "sigmoid"
 
@@ -446,7 +446,7 @@ def routing_diagnostics(model: nn.Module, capture: RoutingCapture) -> list[dict]
 
 
 class _LayerOverride:
-    """One MoE block's :data:`~moealign.routed.ProbsOverride`, applied to its router's (T, E)
+    """One MoE block's :data:`~moealign.nn.routed.ProbsOverride`, applied to its router's (T, E)
     routing distribution: a forward pre-hook on the block records the (B, S) of its input, so
     that the override sees (B, S, E) as the protocol says."""
 
@@ -514,7 +514,7 @@ def _reroute_native_gate(
 
 
 class HFRouted:
-    """:class:`~moealign.routed.RoutedModel` view of a transformers MoE causal LM.
+    """:class:`~moealign.nn.routed.RoutedModel` view of a transformers MoE causal LM.
 
     ``forward`` returns the logits and each MoE layer's ``probs`` (B, S, E) (see
     :class:`LayerRouting`; differentiable w.r.t. the routers); ``router_parameters`` are the
@@ -552,7 +552,7 @@ class HFRouted:
     def override_routing(self, overrides: Mapping[int, ProbsOverride]) -> Iterator[None]:
         """Within the context, MoE layer l routes with p' = ``overrides[l](p)`` (B, S, E) instead
         of its own distribution p (``probs``, :class:`LayerRouting`), to the contract of
-        :meth:`moealign.routed.RoutedModel.override_routing` (DESIGN.md §5: C3PO re-mixing and
+        :meth:`moealign.nn.routed.RoutedModel.override_routing` (DESIGN.md §5: C3PO re-mixing and
         oracle routing change the routing distribution at the routed token).
 
         A token whose row p' leaves equal keeps the router's logits, top-k and weights bit for

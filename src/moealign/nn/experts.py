@@ -133,8 +133,8 @@ class SwiGLUExperts(nn.Module):
     def run_experts(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
         """The experts on expert-sorted slots (``counts_E[e]`` consecutive rows for expert e).
 
-        The seam that expert parallelism replaces (:mod:`moealign.parallel`): there the slots
-        travel to the rank that holds their expert and back.
+        The seam that expert parallelism replaces (:mod:`moealign.distributed.parallel`): there the
+        slots travel to the rank that holds their expert and back.
         """
         weights = [w.to(x_SD.dtype) for w in (self.w_gate, self.w_up, self.w_down)]
         if self._use_grouped(x_SD, weights):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moealign.losses import BALANCE_SCOPES, load_balance_loss, z_loss
 from moealign.nn.experts import SwiGLUExperts, count_slots_per_expert
+from moealign.nn.losses import BALANCE_SCOPES, load_balance_loss, z_loss
 from moealign.nn.routers import MPIRouter, Router, SoftmaxTopKRouter, build_router
 
 
@@ -60,7 +60,7 @@ class MoELayer(nn.Module):
     ``shared_d_ff`` adds an always-on shared SwiGLU expert.
     ``probs_override`` (None by default) replaces the routing softmax before the experts run
     (:meth:`Router.reroute`); set it through
-    :meth:`moealign.routed.MoealignRouted.override_routing`.
+    :meth:`moealign.nn.routed.MoealignRouted.override_routing`.
     """
 
     def __init__(
@@ -90,7 +90,7 @@ class MoELayer(nn.Module):
         self.top_k = self.router.top_k
         self.experts = SwiGLUExperts(n_experts, d_model, d_ff, experts_implementation)
         self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff else None
-        # Set by moealign.routed.MoealignRouted.override_routing: probs (..., E) -> new probs
+        # Set by moealign.nn.routed.MoealignRouted.override_routing: probs (..., E) -> new probs
         # (..., E), applied through Router.reroute (test-time re-mixing, oracle routing).
         self.probs_override: Callable[[Tensor], Tensor] | None = None
 

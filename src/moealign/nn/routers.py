@@ -152,7 +152,7 @@ class Router(nn.Module):
         gathered at those K (renormalised when ``normalize_topk``), ``logits`` = log p (so
         softmax(logits) = p still holds) and the token is never dropped by a capacity factor.
         Gradients flow from the weights into ``probs_TE``. Used by test-time re-mixing (C3PO)
-        and oracle routing (DESIGN.md §5) through :mod:`moealign.routed`.
+        and oracle routing (DESIGN.md §5) through :mod:`moealign.nn.routed`.
         """
         changed_T = (probs_TE != routed.probs).any(-1)
         changed_TK = changed_T.unsqueeze(-1)
@@ -377,7 +377,8 @@ class MPIRouter(Router):
 
     def effective_rows(self, rows_ED: Tensor, expert_weight_EFD: Tensor) -> Tensor:
         """C · retract(power(r_e)) for any subset of rows with their experts' drive matrices
-        (all E here; an expert-parallel rank's own experts in :mod:`moealign.parallel`)."""
+        (all E here; an expert-parallel rank's own experts in
+        :mod:`moealign.distributed.parallel`)."""
         dtype = torch.promote_types(rows_ED.dtype, torch.float32)
         rows_ED = rows_ED.to(dtype)
         if self.power:

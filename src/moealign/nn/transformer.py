@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moealign.losses import BALANCE_SCOPES
 from moealign.nn.experts import EXPERT_IMPLEMENTATIONS
+from moealign.nn.losses import BALANCE_SCOPES
 from moealign.nn.moe import MoELayer, RoutingInfo, SwiGLU
 from moealign.nn.routers import ROUTER_KINDS
 

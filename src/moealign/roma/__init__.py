@@ -1,5 +1,5 @@
 """RoMA: router-only post-training by routing manifold alignment, with the C3PO and oracle
-routing baselines (DESIGN.md §5). Works on any :class:`moealign.routed.RoutedModel`.
+routing baselines (DESIGN.md §5). Works on any :class:`moealign.nn.routed.RoutedModel`.
 
 * :mod:`~moealign.roma.config`: :class:`RomaConfig` (``configs/roma.toml``);
 * :mod:`~moealign.roma.choices`: multiple-choice scoring and routing capture;

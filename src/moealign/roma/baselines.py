@@ -1,6 +1,6 @@
 """Test-time routing baselines of RoMA (DESIGN.md §5): C3PO kernel-regression re-mixing and
 oracle routing. Both change only the routing of the chosen layers at the routed token
-(:meth:`moealign.routed.RoutedModel.override_routing`), never a weight.
+(:meth:`moealign.nn.routed.RoutedModel.override_routing`), never a weight.
 
 C3PO (arXiv 2504.07964, kernel-regression surrogate): for a test question q with neighbours
 N(q) among the successful training samples and kernel weights W_qj (normalised over N(q),
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from moealign.data.tasks import TaskExample
 from moealign.data.tokenizer import Tokenizer
+from moealign.nn.routed import RoutedModel
 from moealign.roma.choices import (
     Capture,
     CaptureBuilder,
@@ -39,7 +40,6 @@ from moealign.roma.choices import (
     routing_per_layer,
 )
 from moealign.roma.neighbours import Neighbourhood
-from moealign.routed import RoutedModel
 
 # Floor of the probabilities whose log initialises the oracle's routing logits.
 _LOG_FLOOR = 1e-12

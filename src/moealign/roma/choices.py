@@ -1,4 +1,4 @@
-"""Multiple-choice scoring and routing capture through :class:`moealign.routed.RoutedModel`.
+"""Multiple-choice scoring and routing capture through :class:`moealign.nn.routed.RoutedModel`.
 
 An option's answer continuation is ``ANSWER_SEPARATOR + answer + EOS`` as
 :func:`moealign.data.encode_example` encodes it. Two scorings (``continuation``):
@@ -32,8 +32,8 @@ from torch import Tensor
 from moealign.data.batching import encode_example
 from moealign.data.tasks import OPTION_LETTERS, TaskExample
 from moealign.data.tokenizer import Tokenizer
-from moealign.evaluate import TaskEvaluation, TaskResult
-from moealign.routed import RoutedModel, RoutedOutput
+from moealign.evaluation.tasks import TaskEvaluation, TaskResult
+from moealign.nn.routed import RoutedModel, RoutedOutput
 
 TOKENS = ("last", "first")
 CONTINUATIONS = ("letter", "text")
@@ -201,7 +201,7 @@ def routing_vector(output: RoutedOutput, layers: Sequence[int], batch: ChoiceBat
 def replace_at_positions(
     batch: ChoiceBatch, new_probs: Callable[[Tensor], Tensor]
 ) -> Callable[[Tensor], Tensor]:
-    """A :data:`moealign.routed.ProbsOverride` replacing every row's routing at its routed
+    """A :data:`moealign.nn.routed.ProbsOverride` replacing every row's routing at its routed
     position by ``new_probs(probs_RE)`` (probs_RE: the layer's own routing there; row r belongs
     to question ``batch.question_R[r]``) and leaving every other position untouched;
     differentiable in what ``new_probs`` returns."""
@@ -325,7 +325,7 @@ def capture(
 
 def task_evaluation(examples: Sequence[TaskExample], prediction_N: Tensor) -> TaskEvaluation:
     """Per-task accuracy and per-example correctness (a :class:`TaskEvaluation`, the format of
-    :func:`moealign.evaluate.score_multiple_choice`)."""
+    :func:`moealign.evaluation.multiple_choice.score_multiple_choice`)."""
     by_task: dict[str, tuple[list[str], list[str]]] = {}
     for example, option in zip(examples, prediction_N.tolist(), strict=True):
         predictions, references = by_task.setdefault(example.task, ([], []))

@@ -38,11 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from moealign.checkpoint import CheckpointError, load_latest
 from moealign.config import ConfigError, RunConfig, build_config
-from moealign.ctgi import ctgi, normalized_gain
 from moealign.data import TaskExample, multiple_choice_view
-from moealign.evaluate import TaskEvaluation
+from moealign.data.build import build_data_suite, build_data_tokenizer
+from moealign.evaluation.ctgi import ctgi, normalized_gain
+from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from moealign.evaluation.tasks import TaskEvaluation
+from moealign.nn.routed import MoealignRouted
 from moealign.nn.transformer import MoETransformer
 from moealign.roma.baselines import c3po_capture, oracle_capture
 from moealign.roma.choices import Capture, capture, task_evaluation
@@ -50,9 +52,7 @@ from moealign.roma.config import RomaConfig
 from moealign.roma.encoders import TextEncoder, build_encoder
 from moealign.roma.neighbours import find_neighbours
 from moealign.roma.training import RouterTrainingConfig, train_routers
-from moealign.routed import MoealignRouted
-from moealign.stats import mean_confidence_interval, paired_t_test
-from moealign.training_data import build_data_suite, build_data_tokenizer
+from moealign.training.checkpoint import CheckpointError, load_latest
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _evaluation(examples: Sequence[TaskExample], result: Capture) -> TaskEvaluat
     return task_evaluation(examples, result.prediction_N)
 
 
-class Study:
+class RomaStudy:
     """The study's fixed parts (model, data, encoder, base and oracle results); :meth:`run`
     adds the per-seed methods and writes the results."""
 

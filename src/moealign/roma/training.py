@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from moealign.data.tasks import TaskExample
 from moealign.data.tokenizer import Tokenizer
+from moealign.nn.routed import RoutedModel
 from moealign.roma.choices import (
     ChoiceBatch,
     choice_loss,
@@ -42,7 +43,6 @@ from moealign.roma.choices import (
 )
 from moealign.roma.config import REGULARIZERS
 from moealign.roma.neighbours import Neighbourhood
-from moealign.routed import RoutedModel
 
 
 def manifold_loss(routing_BP: Tensor, targets_BKP: Tensor, weight_BK: Tensor) -> Tensor:

@@ -1,0 +1,2 @@
+"""Evaluation (DESIGN.md §7): LM loss, generation, multiple choice, metrics, routing diagnostics,
+statistics, CTGI."""

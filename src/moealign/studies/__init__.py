@@ -1,0 +1,1 @@
+"""Studies: ablations, reading results back, transfer, reports, plots, documents and the demo."""

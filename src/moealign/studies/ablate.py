@@ -1,0 +1,586 @@
+"""Ablation studies: config variants × seeds, each cell a ``moealign train`` subprocess.
+
+A study file (TOML; paths relative to it) names a base config and what varies (DESIGN.md §8,
+guide Steps 4–5: baselines and ablations over seeds)::
+
+    base = "../configs/tiny.toml"        # every cell starts from this run config
+    seeds = [0, 1, 2]                    # each variant runs once per seed
+    seed_keys = ["train.seed"]           # optional: the config keys that take the seed
+    baseline = "router=softmax_topk"     # optional: the variant the others are compared with
+    out_dir = "runs/router_study"        # optional (default runs/<study file stem>)
+
+    [baselines]                          # optional: a variant's own baseline (else baseline)
+    "router=mpi,lr=0.001" = "router=softmax_topk,lr=0.001"
+
+    [overrides]                          # optional: fixed for every cell
+    "train.steps" = 200
+
+    [axes]                               # optional: the cartesian product of these values
+    "model.router" = ["softmax_topk", "mpi"]
+
+    [[variants]]                         # optional: named variants outside the grid
+    name = "no_balance_loss"
+    overrides = { "loss.balance_coef" = 0.0 }
+
+Cells = (grid variants ∪ named variants) × seeds; without axes and variants, the base config is
+the one variant ``base``. A grid variant is named after its values (``router=mpi,lr=0.001``,
+keyed by the last part of the dotted key); a cell's run directory is
+``<out_dir>/<variant>__seed<seed>``. Every cell's config is validated before anything runs.
+
+Running: cells go seed by seed (all variants of seed 0 first), ``jobs`` at a time, each as
+``python -m moealign.cli train --config BASE --set ... --out CELL_DIR`` with its output in
+``<out_dir>/logs/<cell>.log``. A cell whose ``final_eval.json`` exists is skipped; a cell with
+checkpoints but no final evaluation continues with ``--resume``. A cell's outcome is one of
+``finished``, ``diverged`` (a non-finite training or validation loss; the first such step is
+recorded), ``failed`` (the process exited with an error; the last line of its log is
+recorded) or ``interrupted`` (stopped by a signal; rerun the study to continue). Each attempt
+is appended to ``<out_dir>/cells.jsonl``; ``<out_dir>/study.json`` holds the expanded grid and
+every cell's latest status, rewritten as cells finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import moealign
+from moealign.config import ConfigError, load_config, tomllib  # tomllib or its 3.10 twin
+from moealign.training.runs import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    FINAL_EVAL_FILE,
+    METRICS_FILE,
+    utc_now,
+)
+
+__all__ = [
+    "ABLATE_HELP",
+    "Cell",
+    "CellResult",
+    "AblationStudy",
+    "add_ablate_arguments",
+    "classify_run",
+    "expand_axes",
+    "first_nonfinite_step",
+    "load_study",
+    "run_ablate",
+    "run_study",
+    "toml_literal",
+]
+
+ABLATE_HELP = "run an ablation study: config variants × seeds, resumable"
+STUDY_FILE = "study.json"
+CELLS_LOG = "cells.jsonl"
+_STUDY_KEYS = {
+    "base",
+    "seeds",
+    "seed_keys",
+    "baseline",
+    "baselines",
+    "out_dir",
+    "overrides",
+    "axes",
+    "variants",
+}
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
+
+
+# ---------------------------------------------------------------------- study definition
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` written as a TOML literal, so that ``--set key=<literal>`` reads it back.
+
+    Strings use JSON escapes (a subset of TOML's basic-string escapes); floats keep their
+    ``repr`` (``inf``/``nan`` as TOML spells them); lists become arrays and dicts inline tables.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = (f"{json.dumps(str(k))} = {toml_literal(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    raise ValueError(
+        f"value: got {value!r} of type {type(value).__name__}; expected a string, number, "
+        "boolean, array or table"
+    )
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else toml_literal(value).strip('"')
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text) or "empty"
+
+
+def expand_axes(axes: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, Any]]:
+    """The cartesian product of ``axes`` (dotted key → values): variant name → overrides.
+
+    A variant's name joins ``label=value`` over the axes in order; the label is the last part
+    of the key, or the whole key where two axes share a last part.
+    """
+    if not axes:
+        return {}
+    last_parts = [key.rsplit(".", 1)[-1] for key in axes]
+    labels = [
+        last if last_parts.count(last) == 1 else key
+        for key, last in zip(axes, last_parts, strict=True)
+    ]
+    variants: dict[str, dict[str, Any]] = {}
+    for values in itertools.product(*axes.values()):
+        name = ",".join(
+            f"{label}={_slug(value)}" for label, value in zip(labels, values, strict=True)
+        )
+        if name in variants:
+            raise ConfigError(
+                "axes",
+                f"two grid points share the directory name {name!r}; give the values distinct "
+                "spellings or use named [[variants]]",
+            )
+        variants[name] = dict(zip(axes, values, strict=True))
+    return variants
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of a study: a variant at one seed."""
+
+    name: str
+    variant: str
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class AblationStudy:
+    """An expanded, validated study; build it with :func:`load_study`."""
+
+    name: str
+    path: Path
+    base_config: Path
+    out_dir: Path
+    seeds: tuple[int, ...]
+    seed_keys: tuple[str, ...]
+    variants: dict[str, dict[str, Any]]
+    axes: dict[str, list[Any]]
+    baseline: str | None
+    cells: tuple[Cell, ...]
+    baselines: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "study_file": str(self.path),
+            "base_config": str(self.base_config),
+            "out_dir": str(self.out_dir),
+            "seeds": list(self.seeds),
+            "seed_keys": list(self.seed_keys),
+            "axes": self.axes,
+            "variants": self.variants,
+            "baseline": self.baseline,
+            "baselines": self.baselines,
+        }
+
+
+def _expect(condition: bool, name: str, value: Any, accepted: str) -> None:
+    if not condition:
+        raise ConfigError(name, f"got {value!r}; expected {accepted}")
+
+
+def _overrides_table(value: Any, name: str) -> dict[str, Any]:
+    _expect(
+        isinstance(value, dict) and all(isinstance(k, str) and k for k in value),
+        name,
+        value,
+        'a table of dotted config keys to values, e.g. {"optim.lr" = 1e-3}',
+    )
+    return dict(value)
+
+
+def _named_variants(entries: Any) -> dict[str, dict[str, Any]]:
+    _expect(isinstance(entries, list), "variants", entries, "an array of tables [[variants]]")
+    variants: dict[str, dict[str, Any]] = {}
+    for index, entry in enumerate(entries):
+        where = f"variants[{index}]"
+        _expect(isinstance(entry, dict), where, entry, "a table with name and overrides")
+        unknown = set(entry) - {"name", "overrides"}
+        _expect(not unknown, where, sorted(unknown), "only the keys name and overrides")
+        name = entry.get("name")
+        _expect(
+            isinstance(name, str) and bool(_NAME_PATTERN.match(name)),
+            f"{where}.name",
+            name,
+            "a directory-safe name (letters, digits, . _ = , + -)",
+        )
+        _expect(name not in variants, f"{where}.name", name, "a name used by no other variant")
+        variants[name] = _overrides_table(entry.get("overrides", {}), f"{where}.overrides")
+    return variants
+
+
+def _variant_baselines(value: Any, variants: Mapping[str, Any]) -> dict[str, str]:
+    """``[baselines]``: variant → the variant it is compared with (instead of ``baseline``)."""
+    _expect(isinstance(value, dict), "baselines", value, "a table of variant = baseline variant")
+    for variant, baseline in value.items():
+        names = sorted(variants)
+        _expect(variant in variants, "baselines", variant, f"a variant name, one of {names}")
+        _expect(
+            isinstance(baseline, str) and baseline in variants and baseline != variant,
+            f"baselines.{variant}",
+            baseline,
+            f"another variant, one of {names}",
+        )
+    return dict(value)
+
+
+def _cell_overrides(
+    fixed: Mapping[str, Any], variant: Mapping[str, Any], seed_keys: Sequence[str], seed: int
+) -> tuple[str, ...]:
+    values = {**fixed, **variant, **dict.fromkeys(seed_keys, seed)}
+    return tuple(f"{key}={toml_literal(value)}" for key, value in values.items())
+
+
+def load_study(path: str | Path, out_dir: str | Path | None = None) -> AblationStudy:
+    """Read, expand and validate a study file (see the module docstring).
+
+    Every cell's config is built with :func:`moealign.config.load_config`; the first bad one
+    raises :class:`ConfigError` naming the cell and the field.
+    """
+    path = Path(path).resolve()
+    try:
+        spec = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("", f"study file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("", f"study file {str(path)!r} is not valid TOML: {err}") from None
+    unknown = sorted(set(spec) - _STUDY_KEYS)
+    _expect(not unknown, "study", unknown, f"only the keys {', '.join(sorted(_STUDY_KEYS))}")
+    _expect("base" in spec, "base", None, "the path of the base config file")
+    base = path.parent / spec["base"]
+    _expect(base.is_file(), "base", spec["base"], "an existing config file (relative to study)")
+    seeds = spec.get("seeds", [0])
+    _expect(
+        isinstance(seeds, list)
+        and bool(seeds)
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        and len(set(seeds)) == len(seeds),
+        "seeds",
+        seeds,
+        "a non-empty array of distinct integers",
+    )
+    seed_keys = spec.get("seed_keys", ["train.seed"])
+    _expect(
+        isinstance(seed_keys, list) and all(isinstance(k, str) and k for k in seed_keys),
+        "seed_keys",
+        seed_keys,
+        "an array of dotted config keys",
+    )
+    axes = spec.get("axes", {})
+    _expect(isinstance(axes, dict), "axes", axes, "a table of dotted key = [values]")
+    for key, values in axes.items():
+        _expect(
+            isinstance(values, list) and bool(values), f"axes.{key}", values, "a non-empty array"
+        )
+    variants = expand_axes(axes)
+    for name, overrides in _named_variants(spec.get("variants", [])).items():
+        _expect(name not in variants, "variants", name, "a name that no grid variant has")
+        variants[name] = overrides
+    if not variants:
+        variants = {"base": {}}
+    baseline = spec.get("baseline")
+    _expect(
+        baseline is None or baseline in variants,
+        "baseline",
+        baseline,
+        f"one of the variants {sorted(variants)}",
+    )
+    baselines = _variant_baselines(spec.get("baselines", {}), variants)
+    fixed = _overrides_table(spec.get("overrides", {}), "overrides")
+    root = Path(out_dir) if out_dir is not None else Path(spec.get("out_dir", f"runs/{path.stem}"))
+    root = root.resolve()
+    cells = []
+    for seed in seeds:
+        for variant, overrides in variants.items():
+            name = f"{variant}__seed{seed}"
+            cell_overrides = _cell_overrides(fixed, overrides, seed_keys, seed)
+            try:
+                load_config(base, [*cell_overrides, f"name={toml_literal(name)}"])
+            except ConfigError as err:
+                raise ConfigError("", f"study cell {name!r}: {err}") from None
+            cells.append(Cell(name, variant, seed, cell_overrides, root / name))
+    return AblationStudy(
+        name=path.stem,
+        path=path,
+        base_config=base.resolve(),
+        out_dir=root,
+        seeds=tuple(seeds),
+        seed_keys=tuple(seed_keys),
+        variants=variants,
+        axes=axes,
+        baseline=baseline,
+        cells=tuple(cells),
+        baselines=baselines,
+    )
+
+
+# ---------------------------------------------------------------------- cell outcomes
+
+
+def first_nonfinite_step(metrics: Sequence[Mapping[str, Any]]) -> int | None:
+    """The first logged step whose training ``loss`` or validation ``val_loss`` is NaN/inf."""
+    for record in metrics:
+        for key in ("loss", "val_loss"):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return int(record["step"])
+    return None
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def classify_run(run_dir: Path, returncode: int | None = None) -> tuple[str, int | None]:
+    """(status, first non-finite step) of a run directory after its process ended.
+
+    ``returncode`` None means the process is not known (a run found on disk). Status:
+    ``diverged`` if a loss went non-finite, else ``finished`` with a final evaluation,
+    ``failed`` with a non-zero exit, ``interrupted`` otherwise.
+    """
+    diverged_step = first_nonfinite_step(_read_metrics(run_dir))
+    if diverged_step is not None:
+        return "diverged", diverged_step
+    if (run_dir / FINAL_EVAL_FILE).exists():
+        return "finished", None
+    if returncode:
+        return "failed", None
+    return "interrupted", None
+
+
+@dataclass
+class CellResult:
+    """A cell's latest outcome, as recorded in ``study.json`` and ``cells.jsonl``."""
+
+    cell: str
+    variant: str
+    seed: int
+    run_dir: str
+    log: str
+    status: str = "pending"
+    diverged_step: int | None = None
+    returncode: int | None = None
+    error: str = ""
+    wall_s: float | None = None
+    command: list[str] = field(default_factory=list)
+    finished_at: str = ""
+
+
+def _last_log_line(log: Path) -> str:
+    if not log.exists():
+        return ""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else ""
+
+
+class _StudyRunner:
+    """Runs the cells of a study and keeps ``study.json`` / ``cells.jsonl`` up to date."""
+
+    def __init__(self, study: AblationStudy, jobs: int) -> None:
+        self.study = study
+        self.jobs = jobs
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.processes: set[subprocess.Popen] = set()
+        self.log_dir = study.out_dir / "logs"
+        self.results = {
+            cell.name: CellResult(
+                cell=cell.name,
+                variant=cell.variant,
+                seed=cell.seed,
+                run_dir=str(cell.run_dir),
+                log=str(self.log_dir / f"{cell.name}.log"),
+            )
+            for cell in study.cells
+        }
+
+    def command(self, cell: Cell) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "moealign.cli",
+            "train",
+            "--config",
+            str(self.study.base_config),
+        ]
+        for override in (*cell.overrides, f"name={toml_literal(cell.name)}"):
+            cmd += ["--set", override]
+        cmd += ["--out", str(cell.run_dir), "--no-progress"]
+        has_checkpoint = any((cell.run_dir / CHECKPOINT_DIR).glob("step_*"))
+        if (cell.run_dir / CONFIG_FILE).exists():
+            # Continue from the last checkpoint; without one, start the cell afresh.
+            cmd.append("--resume" if has_checkpoint else "--overwrite")
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The child imports the same moealign sources as this process.
+        source_root = str(Path(moealign.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
+        if self.jobs > 1 and "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        return env
+
+    def write_study(self) -> None:
+        data = {
+            **self.study.to_dict(),
+            "updated": utc_now(),
+            "cells": [asdict(result) for result in self.results.values()],
+        }
+        path = self.study.out_dir / STUDY_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+
+    def record(self, result: CellResult) -> None:
+        with self.lock:
+            with open(self.study.out_dir / CELLS_LOG, "a") as handle:
+                handle.write(json.dumps(asdict(result)) + "\n")
+            self.write_study()
+
+    def run_cell(self, cell: Cell) -> None:
+        if self.stop.is_set():
+            return
+        result = self.results[cell.name]
+        result.command = self.command(cell)
+        log = Path(result.log)
+        start = time.perf_counter()
+        with self.lock:
+            result.status = "running"
+            self.write_study()
+        with open(log, "a") as handle:
+            handle.write(f"# {utc_now()} {' '.join(result.command)}\n")
+            handle.flush()
+            process = subprocess.Popen(
+                result.command, stdout=handle, stderr=subprocess.STDOUT, env=self.environment()
+            )
+            with self.lock:
+                self.processes.add(process)
+            returncode = process.wait()
+            with self.lock:
+                self.processes.discard(process)
+        result.returncode = returncode
+        result.wall_s = time.perf_counter() - start
+        result.status, result.diverged_step = classify_run(cell.run_dir, returncode)
+        result.error = _last_log_line(log) if returncode else ""
+        result.finished_at = utc_now()
+        self.record(result)
+
+    def interrupt(self) -> None:
+        """Stop scheduling cells and ask running ones to checkpoint and stop."""
+        self.stop.set()
+        with self.lock:
+            for process in self.processes:
+                process.send_signal(signal.SIGINT)
+
+    def run(self) -> list[CellResult]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        todo = []
+        for cell in self.study.cells:
+            if (cell.run_dir / FINAL_EVAL_FILE).exists():
+                result = self.results[cell.name]
+                result.status, result.diverged_step = classify_run(cell.run_dir)
+            else:
+                todo.append(cell)
+        self.write_study()
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = [pool.submit(self.run_cell, cell) for cell in todo]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+            except KeyboardInterrupt:
+                self.interrupt()
+                for future in futures:
+                    future.cancel()
+                raise
+        return list(self.results.values())
+
+
+def run_study(study: AblationStudy, jobs: int = 1) -> list[CellResult]:
+    """Run every unfinished cell of ``study``, ``jobs`` at a time; returns every cell's result.
+
+    A cell that diverges or fails is recorded with its status and error; the study goes on.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs: got {jobs}; expected an integer >= 1")
+    return _StudyRunner(study, jobs).run()
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "study", metavar="STUDY.toml", help="study file (see moealign.studies.ablate)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once")
+    parser.add_argument("--out", metavar="DIR", help="study directory (default: from the study)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate and list the cells without running them"
+    )
+
+
+def _status_text(result: CellResult) -> str:
+    if result.status == "diverged":
+        return f"diverged at step {result.diverged_step}"
+    if result.status in ("failed", "interrupted") and result.error:
+        return f"{result.status}: {result.error}"
+    return result.status
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    """``moealign ablate``: 0 when every cell finished or diverged, 1 otherwise."""
+    study = load_study(args.study, args.out)
+    if args.jobs < 1:
+        raise ConfigError("--jobs", f"got {args.jobs}; expected an integer >= 1")
+    print(f"study {study.name}: {len(study.cells)} cells in {study.out_dir}")
+    if args.dry_run:
+        for cell in study.cells:
+            print(f"  {cell.name}: {' '.join(cell.overrides) or '(base config)'}")
+        return 0
+    try:
+        results = run_study(study, args.jobs)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    width = max(len(result.cell) for result in results)
+    for result in results:
+        print(f"  {result.cell:<{width}}  {_status_text(result)}")
+    print(f"results: {study.out_dir / STUDY_FILE}; report: moealign report {study.out_dir}")
+    return 0 if all(r.status in ("finished", "diverged") for r in results) else 1

@@ -1,0 +1,800 @@
+"""``moealign report`` and ``moealign compare``: ablation tables, plots, model cards.
+
+From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the report writes
+``report.md``, ``report.html`` (images inlined as base64 PNG), ``figures/*.png`` and
+``model_cards/<run>.md``:
+
+* **Ablation table** — per variant and metric, mean ± 95% Student-t half width over the
+  finished seeds, t_{0.975, n−1} · s/√n
+  (:func:`moealign.evaluation.stats.mean_confidence_interval`); the
+  best mean per column is emphasised where the metric has a direction (:func:`metric_direction`).
+* **Against the baseline** — per variant, the paired difference variant − baseline (the
+  study's per-variant ``baselines``, else its ``baseline``) over the seeds both finished, with
+  its t interval and two-sided paired t-test p-value
+  (:func:`moealign.evaluation.stats.paired_t_test`).
+* **Efficiency** (guide Step 6) — tokens/s, training and wall time, peak memory, and the steps
+  and training time to reach a target validation loss (default: the baseline's mean final
+  validation loss).
+* **Figures** — loss curves, routing entropy, MaxVio and the projection alignment λ (MPI paper
+  Eq. 11, at each evaluation) over training, the learning-rate and λ schedules (seed bands),
+  expert-utilisation heatmaps, per-task accuracy (seen vs held-out) and the CTGI of each variant
+  against its baseline with a paired bootstrap interval over the per-example answers, and the
+  transfer ratio (DESIGN.md §7, upper bound 1; :mod:`moealign.studies.transfer`).
+* **Model cards** and a **reproducibility appendix** per run.
+
+A section whose data no run has is replaced by a one-line note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from moealign.studies import plots
+from moealign.studies.document import (
+    Code,
+    Image,
+    Note,
+    Paragraph,
+    Section,
+    Table,
+    to_html,
+    to_markdown,
+)
+from moealign.studies.results import (
+    TASK_SPLITS,
+    RunDataError,
+    RunRecord,
+    RunSet,
+    load_run,
+    load_runs,
+    run_results,
+    time_to_target,
+)
+from moealign.studies.transfer import variant_transfer
+from moealign.training.runs import flatten_config, utc_now
+
+__all__ = [
+    "COMPARE_HELP",
+    "DEFAULT_METRICS",
+    "REPORT_HELP",
+    "ReportFiles",
+    "RunDataError",
+    "add_compare_arguments",
+    "add_report_arguments",
+    "build_report",
+    "compare_runs",
+    "metric_direction",
+    "run_compare",
+    "run_report",
+    "transfer_table",
+]
+
+REPORT_HELP = "write a markdown/HTML report (tables, plots, model cards) from runs or studies"
+COMPARE_HELP = "print two runs side by side: config differences, final metrics, deltas"
+DEFAULT_METRICS = (
+    "val_loss",
+    "val_ppl",
+    "val_routing/max_vio",
+    "train_mean/routing/max_vio",
+    "val_routing/projection_alignment",
+    "val_routing/dead_experts",
+    "val_routing/usage_entropy",
+    "task_accuracy/seen/mean",
+    "task_accuracy/heldout/mean",
+    "tokens_per_s",
+    "peak_memory_mib",
+)
+_LOWER_IS_BETTER = ("loss", "ppl", "max_vio", "dead_experts", "memory", "time", "steps_to")
+_HIGHER_IS_BETTER = ("accuracy", "exact_match", "bleu", "rouge", "tokens_per_s", "ctgi")
+_INTENDED_USE = (
+    "Research artifact for studying Mixture-of-Experts routing (router variants, auxiliary "
+    "losses, routing alignment) on moealign's built-in data. Not trained or evaluated for "
+    "deployment, safety or factual use."
+)
+
+
+def metric_direction(metric: str) -> Literal["lower", "higher"] | None:
+    """Whether a lower or a higher value of ``metric`` is better (None: neither, e.g. entropy
+    of the router's per-token distribution). Usage entropy (balanced load) is higher-better."""
+    name = metric.lower()
+    if name.endswith("usage_entropy") or any(part in name for part in _HIGHER_IS_BETTER):
+        return "higher"
+    if any(part in name for part in _LOWER_IS_BETTER):
+        return "lower"
+    return None
+
+
+def _with_arrow(metric: str) -> str:
+    """``metric ↓`` (lower is better), ``metric ↑`` (higher is better) or the bare name."""
+    return metric + {"lower": " ↓", "higher": " ↑"}.get(metric_direction(metric) or "", "")
+
+
+def _format(value: float) -> str:
+    if not math.isfinite(value):
+        return "–"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _format_p(p: float) -> str:
+    return "–" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def _values_by_seed(runs: Sequence[RunRecord], metric: str) -> dict[int, float]:
+    values = {}
+    for run in runs:
+        value = run_results(run).get(metric)
+        if value is not None and math.isfinite(value):
+            values[run.seed] = value
+    return values
+
+
+def _status_counts(run_set: RunSet, variant: str) -> str:
+    runs = run_set.of_variant(variant, status=None)
+    finished = sum(r.status == "finished" for r in runs)
+    others = {}
+    for run in runs:
+        if run.status != "finished":
+            others[run.status] = others.get(run.status, 0) + 1
+    extra = ", ".join(f"{count} {status}" for status, count in sorted(others.items()))
+    return f"{finished}/{len(runs)}" + (f" ({extra})" if extra else "")
+
+
+def ablation_table(run_set: RunSet, metrics: Sequence[str]) -> Table:
+    """Rows: variants; columns: mean ± 95% t half width per metric over finished seeds."""
+    rows, means = [], []
+    for variant in run_set.variants:
+        runs = run_set.of_variant(variant)
+        row, row_means = [variant, _status_counts(run_set, variant)], []
+        for metric in metrics:
+            values = list(_values_by_seed(runs, metric).values())
+            if not values:
+                row.append("–")
+                row_means.append(math.nan)
+                continue
+            mean, half_width, n = mean_confidence_interval(values)
+            row.append(_format(mean) if n == 1 else f"{_format(mean)} ± {_format(half_width)}")
+            row_means.append(mean)
+        rows.append(row)
+        means.append(row_means)
+    bold = set()
+    for column, metric in enumerate(metrics):
+        direction = metric_direction(metric)
+        column_means = [m[column] for m in means if math.isfinite(m[column])]
+        if direction is None or len(set(column_means)) < 2:
+            continue  # no direction, or nothing to choose between
+        best = min(column_means) if direction == "lower" else max(column_means)
+        bold |= {(r, column + 2) for r, m in enumerate(means) if m[column] == best}
+    return Table(["variant", "seeds finished"] + [_with_arrow(m) for m in metrics], rows, bold)
+
+
+def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Table:
+    """Per variant and metric: paired difference to the variant's baseline (the study's
+    per-variant baseline, else ``baseline``) over shared seeds, "Δ ± half width (p)"; with one
+    shared seed only Δ; with none "–"."""
+    rows = []
+    for variant in run_set.variants:
+        base = run_set.baseline_of(variant, baseline)
+        if variant == base:
+            continue
+        base_runs = run_set.of_variant(base)
+        row = [variant, base]
+        for metric in metrics:
+            ours = _values_by_seed(run_set.of_variant(variant), metric)
+            theirs = _values_by_seed(base_runs, metric)
+            seeds = sorted(ours.keys() & theirs.keys())
+            if not seeds:
+                row.append("–")
+            elif len(seeds) == 1:
+                row.append(f"{ours[seeds[0]] - theirs[seeds[0]]:+.4g} (n=1)")
+            else:
+                delta, half_width, p = paired_t_test(
+                    [ours[s] for s in seeds], [theirs[s] for s in seeds]
+                )
+                row.append(
+                    f"{delta:+.4g} ± {_format(half_width)} (p={_format_p(p)}, n={len(seeds)})"
+                )
+        rows.append(row)
+    return Table(["variant", "baseline"] + [f"Δ {m}" for m in metrics], rows)
+
+
+# ---------------------------------------------------------------------- sections
+
+
+def _runs_section(run_set: RunSet) -> Section:
+    rows = []
+    for run in run_set.runs:
+        status = run.status
+        if run.status == "diverged":
+            status = f"diverged at step {run.diverged_step}"
+        rows.append([run.name, run.variant, str(run.seed), status, run.error, str(run.path)])
+    return Section(
+        "Runs", [Table(["run", "variant", "seed", "status", "error", "directory"], rows)]
+    )
+
+
+def _ablation_sections(
+    run_set: RunSet, baseline: str | None, metrics: Sequence[str]
+) -> list[Section]:
+    present = {k for run in run_set.runs for k in run_results(run)}
+    shown = [m for m in metrics if m in present]
+    missing = [m for m in metrics if m not in present]
+    table = Section("Ablation table")
+    if shown:
+        table.blocks += [
+            Paragraph(
+                "Mean ± 95% Student-t half width over the finished seeds (t_{0.975,n−1}·s/√n); "
+                "one seed shows the value alone. ↓/↑: lower/higher is better; the best mean per "
+                "column is emphasised."
+            ),
+            ablation_table(run_set, shown),
+        ]
+    else:
+        table.blocks.append(Note("No run has any of the requested metrics."))
+    if missing:
+        table.blocks.append(Note(f"Not found in any run: {', '.join(missing)}."))
+    against = Section("Against the baseline")
+    if baseline is None:
+        against.blocks.append(Note("No baseline named (study baseline or --baseline)."))
+    elif shown and len(run_set.variants) > 1:
+        against.blocks += [
+            Paragraph(
+                "Paired differences variant − its baseline (the study's per-variant baseline, "
+                f"else {baseline}) over the seeds both finished: mean ± 95% t half width, "
+                "two-sided paired t-test p-value."
+            ),
+            baseline_table(run_set, baseline, shown),
+        ]
+    else:
+        against.blocks.append(Note("Only one variant (or no metric): nothing to compare."))
+    return [table, against]
+
+
+def _target_loss(run_set: RunSet, baseline: str | None, target_loss: float | None) -> float | None:
+    if target_loss is not None:
+        return target_loss
+    if baseline is None:
+        return None
+    values = list(_values_by_seed(run_set.of_variant(baseline), "val_loss").values())
+    return sum(values) / len(values) if values else None
+
+
+def _efficiency_section(run_set: RunSet, target: float | None) -> Section:
+    section = Section("Efficiency")
+    rows = []
+    for run in run_set.runs:
+        results = run_results(run)
+        if not results:
+            continue
+        reached = time_to_target(run, target) if target is not None else None
+        rows.append(
+            [
+                run.name,
+                _format(results.get("tokens_per_s", math.nan)),
+                _format(results.get("train_time_s", math.nan)),
+                _format(results.get("wall_time_s", math.nan)),
+                _format(results.get("peak_memory_mib", math.nan)),
+                str(reached[0]) if reached else "not reached",
+                _format(reached[1]) if reached else "–",
+            ]
+        )
+    if not rows:
+        section.blocks.append(Note("No run logged training or evaluation metrics."))
+        return section
+    if target is None:
+        section.blocks.append(Note("No target validation loss (give --target-loss or a baseline)."))
+    else:
+        section.blocks.append(
+            Paragraph(
+                f"Target validation loss {target:.4g}. Training time sums the logged windows "
+                "(tokens / tokens per second); wall time spans meta.json's start and end."
+            )
+        )
+    section.blocks.append(
+        Table(
+            [
+                "run",
+                "tokens/s",
+                "train time (s)",
+                "wall time (s)",
+                "peak memory (MiB)",
+                "steps to target",
+                "time to target (s)",
+            ],
+            rows,
+        )
+    )
+    return section
+
+
+def _task_accuracy(run_set: RunSet) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
+    """accuracy[split][variant][task] = (mean, t half width) over finished seeds."""
+    table: dict[str, dict[str, dict[str, tuple[float, float]]]] = {s: {} for s in TASK_SPLITS}
+    for variant in run_set.variants:
+        runs = run_set.of_variant(variant)
+        for split in TASK_SPLITS:
+            tasks = {
+                key.split("/")[2]
+                for run in runs
+                for key in run_results(run)
+                if key.startswith(f"task_accuracy/{split}/") and not key.endswith("/mean")
+            }
+            per_task = {}
+            for task in sorted(tasks):
+                values = list(_values_by_seed(runs, f"task_accuracy/{split}/{task}").values())
+                per_task[task] = mean_confidence_interval(values)[:2]
+            if per_task:
+                table[split][variant] = per_task
+    return table
+
+
+def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
+    """Per variant, against its baseline (the study's per-variant baseline, else ``baseline``):
+    mean held-out and in-domain accuracy gains, CTGI with its paired bootstrap 95% interval over
+    (seed, example) pairs and the transfer ratio
+    (:func:`moealign.studies.transfer.variant_transfer`)."""
+    rows = []
+    for variant in run_set.variants:
+        base = run_set.baseline_of(variant, baseline)
+        if base is None or base == variant:
+            continue
+        try:
+            found = variant_transfer(run_set, variant, base)
+        except ValueError as err:
+            rows.append([variant, base, "–", "–", "–", "–", "–", str(err)])
+            continue
+        if found is None:
+            continue
+        estimate = found.ctgi
+        ctgi_text = (
+            f"{estimate.value:+.3f} [{estimate.ci_low:+.3f}, {estimate.ci_high:+.3f}]"
+            if estimate is not None
+            else "–"
+        )
+        excluded = (
+            ", ".join(sorted(estimate.excluded_tasks)) or "none"
+            if estimate is not None
+            else found.note
+        )
+        rows.append(
+            [
+                variant,
+                base,
+                ",".join(map(str, found.seeds)),
+                f"{found.heldout_gain:+.3f}",
+                f"{found.indomain_gain:+.3f}",
+                ctgi_text,
+                _format(found.transfer_ratio),
+                excluded,
+            ]
+        )
+    if not rows:
+        return Note(
+            "No variant shares a seed with per-example held-out answers with its baseline: no CTGI."
+        )
+    return Table(
+        [
+            "variant",
+            "baseline",
+            "seeds",
+            "Δ held-out acc",
+            "Δ in-domain acc",
+            "CTGI [95% CI]",
+            "transfer ratio",
+            "excluded (headroom < 1 pt)",
+        ],
+        rows,
+    )
+
+
+def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> list[Section]:
+    # Every variant keeps its place (and colour) in every figure, finished runs or not.
+    variants = {v: run_set.of_variant(v) for v in run_set.variants}
+    sections = []
+    curve_figures = [
+        (
+            "Loss curves",
+            "loss_curves.png",
+            [("loss", "train", "training loss"), ("val_loss", "val", "validation loss")],
+        ),
+        (
+            "Routing over training",
+            "routing.png",
+            [
+                ("routing/token_entropy", "train", "token routing entropy (normalised)"),
+                ("routing/usage_entropy", "train", "expert-usage entropy (normalised)"),
+                ("routing/max_vio", "train", "MaxVio (batch)"),
+                ("val_routing/projection_alignment", "val", "projection alignment λ"),
+            ],
+        ),
+        (
+            "Schedules",
+            "schedules.png",
+            [("lr", "train", "learning rate"), ("lambda", "train", "λ")],
+        ),
+    ]
+    for title, filename, panels in curve_figures:
+        path = plots.plot_curves(variants, panels, figures / filename, title)
+        block = (
+            Image(path, f"{title}: mean over finished seeds, band = min–max over seeds")
+            if path
+            else Note(f"No finished run logged {', '.join(key for key, _, _ in panels)}.")
+        )
+        sections.append(Section(title, [block]))
+    path = plots.plot_expert_utilisation(variants, figures / "expert_utilisation.png")
+    sections.append(
+        Section(
+            "Expert utilisation",
+            [
+                Image(path, "Expert load / mean load per layer at the final evaluation")
+                if path
+                else Note("No final evaluation recorded expert_counts.")
+            ],
+        )
+    )
+    accuracy = _task_accuracy(run_set)
+    colors = plots.variant_colors(run_set.variants)
+    path = plots.plot_task_accuracy(accuracy, figures / "task_accuracy.png", colors)
+    task_section = Section("Per-task accuracy")
+    if path is None:
+        task_section.blocks.append(Note("No final evaluation has task accuracies."))
+    else:
+        task_section.blocks.append(
+            Image(path, "Accuracy per task, seen vs held-out (error bars: 95% t interval)")
+        )
+        if baseline is not None:
+            task_section.blocks += [
+                Paragraph(
+                    "CTGI (DESIGN.md §7) against each variant's baseline, upper bound 1: mean "
+                    "over held-out tasks of (A_m − A_b)/(1 − A_b), tasks with headroom under 1 "
+                    "point excluded; 95% paired percentile bootstrap over (seed, example) pairs "
+                    "(runs of one seed answer the same examples). Transfer ratio: mean held-out "
+                    "gain / mean in-domain (seen-task test) gain."
+                ),
+                transfer_table(run_set, baseline),
+            ]
+    sections.append(task_section)
+    return sections
+
+
+# ---------------------------------------------------------------------- model cards
+
+
+def _command_text(meta: dict[str, Any]) -> str:
+    argv = list(meta.get("command", []))
+    if argv and Path(argv[0]).name in ("cli.py", "moealign", "__main__.py"):
+        argv = ["moealign", *argv[1:]]
+    return shlex.join(argv) if argv else "(not recorded)"
+
+
+def _architecture(model: dict[str, Any]) -> str:
+    if not model:
+        return "(not recorded)"
+    text = (
+        f"decoder-only transformer: {model.get('n_layers')} layers, d_model {model.get('d_model')}"
+        f", {model.get('n_heads')} heads, vocabulary {model.get('vocab_size')}"
+    )
+    if model.get("ffn") == "moe":
+        text += (
+            f"; MoE FFN every {model.get('moe_every', 1)} layer(s): {model.get('n_experts')} "
+            f"experts of width {model.get('expert_d_ff')}, top-{model.get('top_k')}, router "
+            f"{model.get('router')} {json.dumps(model.get('router_options') or {})}"
+        )
+        if model.get("shared_d_ff"):
+            text += f", shared expert width {model['shared_d_ff']}"
+    else:
+        text += f"; dense FFN width {model.get('d_ff')}"
+    return text
+
+
+def _data_description(data: dict[str, Any]) -> str:
+    if not data:
+        return "(not recorded)"
+    source = data.get("source")
+    parts = [f"source {source}, {data.get('tokenizer')} tokenizer"]
+    if source in ("tasks", "mixed"):
+        tasks = ", ".join(data.get("tasks") or []) or "all"
+        heldout = data.get("heldout_tasks")
+        parts.append(
+            f"synthetic tasks ({tasks}), {data.get('examples_per_task')} examples per task, "
+            "train/val/test 70/15/15 per task (DESIGN.md §7)"
+            + (f", held-out tasks {', '.join(heldout)}" if heldout else "")
+        )
+    if source in ("text", "mixed"):
+        parts.append(f"Python standard library text, at most {data.get('text_max_bytes')} bytes")
+    if source == "files":
+        parts.append("files " + ", ".join(data.get("paths") or []))
+    return "; ".join(parts)
+
+
+def _failure_modes(run: RunRecord) -> list[str]:
+    found = []
+    if run.status == "diverged":
+        found.append(f"diverged: non-finite loss first logged at step {run.diverged_step}")
+    elif run.status != "finished":
+        found.append(f"run {run.status}" + (f": {run.error}" if run.error else ""))
+    for record in run.metrics:
+        if "event" in record:
+            details = {k: v for k, v in record.items() if k not in ("event", "step")}
+            found.append(f"event at step {record.get('step')}: {record['event']} {details or ''}")
+    dead_steps = [
+        r["step"] for r in run.records("train") if (r.get("routing/dead_experts") or 0) > 0
+    ]
+    if dead_steps:
+        found.append(
+            f"dead experts (no token in a batch) at {len(dead_steps)} logged training steps, "
+            f"first at step {dead_steps[0]}"
+        )
+    counts = run.final_eval.get("expert_counts")
+    if counts:
+        dead = [(layer, e) for layer, row in enumerate(counts) for e, c in enumerate(row) if c == 0]
+        if dead:
+            found.append(
+                "dead experts at the final evaluation (layer, expert): "
+                + ", ".join(f"({layer}, {e})" for layer, e in dead)
+            )
+    return found or ["none observed in the logged metrics"]
+
+
+def model_card(run: RunRecord) -> list[Section]:
+    """The model card and reproducibility appendix of one run."""
+    config, meta, results = run.config, run.meta, run_results(run)
+    train, optim = config.get("train", {}), config.get("optim", {})
+    params = (
+        f"{int(results['params_total']):,} total / {int(results['params_active']):,} active"
+        if "params_total" in results and "params_active" in results
+        else "(no final evaluation)"
+    )
+    tokens = results.get("tokens_seen")
+    budget = (
+        f"{train.get('steps')} steps × {train.get('batch_size')} sequences × "
+        f"{train.get('seq_len')} tokens"
+        + (f" = {int(tokens):,} tokens seen" if tokens is not None else "")
+        + f"; optimizer {optim.get('name')} lr {optim.get('lr')} ({optim.get('schedule')})"
+    )
+    measured = [
+        f"{name} {_format(results[key])}"
+        for key, name in (
+            ("val_loss", "validation loss"),
+            ("val_ppl", "perplexity"),
+            ("val_routing/max_vio", "MaxVio"),
+            ("val_routing/dead_experts", "dead experts/layer"),
+            ("task_accuracy/seen/mean", "seen-task accuracy"),
+            ("task_accuracy/heldout/mean", "held-out-task accuracy"),
+        )
+        if key in results
+    ]
+    card = Table(
+        ["field", "value"],
+        [
+            ["run", f"{run.name} (variant {run.variant}, seed {run.seed})"],
+            ["architecture", _architecture(config.get("model", {}))],
+            ["parameters", params],
+            ["data and splits", _data_description(config.get("data", {}))],
+            ["training budget", budget],
+            ["intended use", _INTENDED_USE],
+            ["measured results", "; ".join(measured) or "(none)"],
+            ["known failure modes", "; ".join(_failure_modes(run))],
+        ],
+    )
+    versions = meta.get("versions", {})
+    commands = [_command_text(meta)] + [
+        _command_text(r) + f"   # resumed {r.get('time')}" for r in meta.get("resumed", [])
+    ]
+    appendix = [
+        Paragraph("Command (run from the directory the run was started in):"),
+        Code("\n".join(commands), "bash"),
+        Table(
+            ["item", "value"],
+            [
+                ["git commit", str(meta.get("git_commit", "(not recorded)"))],
+                ["python", str(meta.get("python", "(not recorded)"))],
+                ["packages", ", ".join(f"{k} {v}" for k, v in versions.items()) or "–"],
+                [
+                    "hardware",
+                    f"device {meta.get('device', '?')} on host {meta.get('hostname', '?')}",
+                ],
+                [
+                    "wall time",
+                    f"{meta.get('start_time', '?')} → {meta.get('end_time', '?')} "
+                    f"({_format(results.get('wall_time_s', math.nan))} s)",
+                ],
+            ],
+        ),
+        Paragraph("Resolved config (config.json):"),
+        Code(json.dumps(config, indent=2), "json"),
+    ]
+    return [
+        Section(f"Model card: {run.name}", [card], level=3),
+        Section(f"Reproducibility: {run.name}", appendix, level=4),
+    ]
+
+
+# ---------------------------------------------------------------------- the report
+
+
+@dataclass
+class ReportFiles:
+    markdown: Path
+    html: Path
+    figures: list[Path]
+    model_cards: list[Path]
+
+
+def _unique_names(runs: Sequence[RunRecord]) -> list[str]:
+    names, seen = [], {}
+    for run in runs:
+        count = seen.get(run.name, 0)
+        seen[run.name] = count + 1
+        names.append(run.name if count == 0 else f"{run.name}-{count}")
+    return names
+
+
+def build_report(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    baseline: str | None = None,
+    metrics: Sequence[str] | None = None,
+    target_loss: float | None = None,
+    title: str = "moealign report",
+) -> ReportFiles:
+    """Write the report of the runs/studies in ``paths`` to ``out_dir`` (see module doc).
+
+    ``baseline`` (default: the study's) names a variant; ``metrics`` default to
+    :data:`DEFAULT_METRICS`; ``target_loss`` defaults to the baseline's final validation loss.
+    """
+    run_set = load_runs(paths)
+    baseline = baseline or run_set.baseline
+    if baseline is not None and baseline not in run_set.variants:
+        raise RunDataError(f"--baseline: got {baseline!r}; expected one of {run_set.variants}")
+    out_dir = Path(out_dir)
+    figures_dir, cards_dir = out_dir / "figures", out_dir / "model_cards"
+    cards_dir.mkdir(parents=True, exist_ok=True)
+
+    summary = Section(
+        "Summary",
+        [
+            Paragraph(
+                f"{len(run_set.runs)} runs in {len(run_set.variants)} variants "
+                f"({', '.join(run_set.variants)}); baseline: {baseline or 'none'}; "
+                f"generated {utc_now()} from {', '.join(str(p) for p in paths)}."
+            )
+        ],
+    )
+    target = _target_loss(run_set, baseline, target_loss)
+    sections = [
+        summary,
+        _runs_section(run_set),
+        *_ablation_sections(run_set, baseline, metrics or DEFAULT_METRICS),
+        _efficiency_section(run_set, target),
+        *_figure_sections(run_set, baseline, figures_dir),
+    ]
+    card_sections: list[Section] = []
+    card_paths = []
+    for run, name in zip(run_set.runs, _unique_names(run_set.runs), strict=True):
+        if not run.config:
+            continue
+        card = model_card(run)
+        card_sections += card
+        card_path = cards_dir / f"{name}.md"
+        card_path.write_text(to_markdown(f"Model card: {run.name}", card, cards_dir))
+        card_paths.append(card_path)
+    sections.append(
+        Section(
+            "Model cards and reproducibility",
+            [] if card_sections else [Note("No run recorded a config.")],
+        )
+    )
+    sections += card_sections
+
+    markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    markdown_path.write_text(to_markdown(title, sections, out_dir))
+    html_path.write_text(to_html(title, sections))
+    figures = sorted(figures_dir.glob("*.png")) if figures_dir.exists() else []
+    return ReportFiles(markdown_path, html_path, figures, card_paths)
+
+
+# ---------------------------------------------------------------------- compare
+
+
+def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=True)]
+    lines = [
+        "  ".join(f"{str(cell):<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
+    """Two runs side by side: config keys that differ, then every final (non per-layer) result
+    with the difference B − A."""
+    a, b = load_run(path_a), load_run(path_b)
+    for run, path in ((a, path_a), (b, path_b)):
+        if not run.config:
+            raise RunDataError(f"{path}: expected a run directory (with config.json)")
+    lines = [f"A: {a.path} ({a.status})", f"B: {b.path} ({b.status})", ""]
+    flat_a, flat_b = flatten_config(a.config), flatten_config(b.config)
+    differing = sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+    lines.append("config differences")
+    if differing:
+        rows = [[k, json.dumps(flat_a.get(k)), json.dumps(flat_b.get(k))] for k in differing]
+        lines.append(_text_table(["key", "A", "B"], rows))
+    else:
+        lines.append("(none)")
+    results_a, results_b = run_results(a), run_results(b)
+    keys = sorted(k for k in results_a.keys() | results_b.keys() if "/layer" not in k)
+    lines += ["", "final metrics"]
+    rows = []
+    for key in keys:
+        va, vb = results_a.get(key, math.nan), results_b.get(key, math.nan)
+        rows.append(
+            [
+                _with_arrow(key),
+                _format(va),
+                _format(vb),
+                f"{vb - va:+.4g}" if math.isfinite(va) and math.isfinite(vb) else "–",
+            ]
+        )
+    lines.append(_text_table(["metric", "A", "B", "B − A"], rows) if rows else "(none)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="RUN_OR_STUDY_DIR")
+    parser.add_argument(
+        "--out", metavar="DIR", help="output directory (default: DIR/report for one input)"
+    )
+    parser.add_argument("--baseline", metavar="NAME", help="baseline variant (default: study's)")
+    parser.add_argument(
+        "--metrics", nargs="+", metavar="METRIC", help="table columns (default: main metrics)"
+    )
+    parser.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="LOSS",
+        help="validation loss for time-to-target (default: the baseline's final)",
+    )
+    parser.add_argument("--title", default="moealign report")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    out = args.out or (str(Path(args.paths[0]) / "report") if len(args.paths) == 1 else "report")
+    files = build_report(
+        args.paths,
+        out,
+        baseline=args.baseline,
+        metrics=args.metrics,
+        target_loss=args.target_loss,
+        title=args.title,
+    )
+    print(f"wrote {files.markdown}, {files.html}")
+    print(f"  {len(files.figures)} figures, {len(files.model_cards)} model cards")
+    return 0
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_a", metavar="RUN_A")
+    parser.add_argument("run_b", metavar="RUN_B")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    print(compare_runs(args.run_a, args.run_b))
+    return 0

@@ -1,0 +1,294 @@
+"""Reading finished runs back: run and study directories, per-run results, efficiency signals.
+
+A *run* is a run directory (DESIGN.md §8: config.json, meta.json, metrics.jsonl,
+final_eval.json); a *study* is a directory written by ``moealign ablate`` (study.json naming its
+cells). Runs are grouped into *variants* (the same config over several seeds): a study's cells
+by their variant, a loose run directory as a variant of its own named after the directory.
+
+Per-run results (:func:`run_results`) are the scalars of ``final_eval.json`` plus:
+
+* ``task_accuracy/<seen|heldout>/<task>`` and ``.../mean`` from ``final_eval["task_accuracy"]``
+  = ``{"seen": {task: accuracy}, "heldout": {task: accuracy}}`` (fractions in [0, 1]);
+* ``tokens_per_s``: mean over the logged training windows; ``train_time_s``: the training clock
+  (:func:`training_clock`) at the last step; ``wall_time_s``: ``end_time − start_time`` in
+  meta.json; ``peak_memory_mib``: ``peak_memory_bytes`` / 2²⁰; ``tokens_seen``;
+* ``train_mean/<key>`` for each key of ``TRAIN_MEAN_METRICS``: the mean over the logged training
+  records (``train_mean/routing/max_vio`` is MaxVio_batch over training, DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moealign.studies.ablate import STUDY_FILE, classify_run
+from moealign.training.runs import CONFIG_FILE, FINAL_EVAL_FILE, META_FILE, METRICS_FILE
+
+__all__ = [
+    "RunDataError",
+    "RunRecord",
+    "RunSet",
+    "TRAIN_MEAN_METRICS",
+    "load_run",
+    "load_runs",
+    "run_results",
+    "steps_to_reference_loss",
+    "time_to_target",
+    "training_clock",
+]
+
+TASK_SPLITS = ("seen", "heldout")
+# Training-record metrics that run_results averages over the logged steps.
+TRAIN_MEAN_METRICS = ("routing/max_vio", "balance_loss", "z_loss")
+
+
+class RunDataError(ValueError):
+    """A path that holds neither a run nor a study, or a run file that cannot be read."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunDataError(f"{path}: not valid JSON ({err})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # Only the last line may be cut short (a crash mid-write); earlier ones stay usable.
+            if number != len(lines):
+                raise RunDataError(f"{path}:{number}: not valid JSON") from None
+    return records
+
+
+@dataclass
+class RunRecord:
+    """One run directory's files; missing files read as empty."""
+
+    path: Path
+    variant: str
+    seed: int
+    status: str
+    diverged_step: int | None = None
+    error: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    final_eval: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def records(self, split: str) -> list[dict[str, Any]]:
+        """Logged records of ``split`` (``train``/``val``), sorted by step."""
+        return sorted((r for r in self.metrics if r.get("split") == split), key=lambda r: r["step"])
+
+
+@dataclass
+class RunSet:
+    """Runs to report on, in order; ``baseline`` is the study's baseline variant (if any) and
+    ``baselines`` the study's per-variant baselines (variant → the variant it is compared
+    with, in place of ``baseline``)."""
+
+    runs: list[RunRecord]
+    baseline: str | None = None
+    baselines: dict[str, str] = field(default_factory=dict)
+
+    def baseline_of(self, variant: str, default: str | None = None) -> str | None:
+        """The variant ``variant`` is compared with: its own baseline, else ``default``."""
+        return self.baselines.get(variant, default)
+
+    @property
+    def variants(self) -> list[str]:
+        return list(dict.fromkeys(run.variant for run in self.runs))
+
+    def of_variant(self, variant: str, status: str | None = "finished") -> list[RunRecord]:
+        """Runs of ``variant`` (with ``status``; None = any), in seed order."""
+        return sorted(
+            (
+                r
+                for r in self.runs
+                if r.variant == variant and (status is None or r.status == status)
+            ),
+            key=lambda r: r.seed,
+        )
+
+
+def load_run(
+    path: str | Path,
+    variant: str | None = None,
+    seed: int | None = None,
+    status: str | None = None,
+    error: str = "",
+) -> RunRecord:
+    """Read a run directory. A study's ``status`` is kept where it says the run did not end
+    (``failed``, ``interrupted``, ``pending``); otherwise the files decide
+    (:func:`moealign.studies.ablate.classify_run`)."""
+    path = Path(path)
+    config = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).exists() else {}
+    meta = _read_json(path / META_FILE) if (path / META_FILE).exists() else {}
+    metrics = _read_jsonl(path / METRICS_FILE) if (path / METRICS_FILE).exists() else []
+    final = _read_json(path / FINAL_EVAL_FILE) if (path / FINAL_EVAL_FILE).exists() else {}
+    found_status, diverged_step = classify_run(path)
+    if seed is None:
+        seed = int(meta.get("seed", config.get("train", {}).get("seed", 0)))
+    return RunRecord(
+        path=path,
+        variant=variant or path.name,
+        seed=seed,
+        status=status if status in ("failed", "interrupted", "pending") else found_status,
+        diverged_step=diverged_step,
+        error=error,
+        config=config,
+        meta=meta,
+        metrics=metrics,
+        final_eval=final,
+    )
+
+
+def _load_study(path: Path) -> RunSet:
+    study = _read_json(path / STUDY_FILE)
+    runs = []
+    for cell in study.get("cells", []):
+        status = cell.get("status")
+        # A cell left "running" by a killed study is judged from its files.
+        runs.append(
+            load_run(
+                cell["run_dir"],
+                variant=cell["variant"],
+                seed=cell["seed"],
+                status=None if status in ("running", "finished", "diverged") else status,
+                error=cell.get("error", ""),
+            )
+        )
+    return RunSet(runs, study.get("baseline"), dict(study.get("baselines") or {}))
+
+
+def load_runs(paths: Iterable[str | Path]) -> RunSet:
+    """Runs of the given run and study directories (a study's baseline is kept)."""
+    runs: list[RunRecord] = []
+    baseline = None
+    baselines: dict[str, str] = {}
+    for path in map(Path, paths):
+        if (path / STUDY_FILE).exists():
+            study = _load_study(path)
+            runs += study.runs
+            baseline = baseline or study.baseline
+            baselines = {**study.baselines, **baselines}
+        elif (path / CONFIG_FILE).exists():
+            runs.append(load_run(path))
+        else:
+            raise RunDataError(
+                f"{path}: expected a run directory (with {CONFIG_FILE}) or a study directory "
+                f"(with {STUDY_FILE})"
+            )
+    if not runs:
+        raise RunDataError("no runs found in the given directories")
+    return RunSet(runs, baseline, baselines)
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def training_clock(run: RunRecord) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, seconds) of training time elapsed at each logged training step, from (0, 0).
+
+    Each log window took (tokens_seen − previous tokens_seen) / tokens_per_s seconds.
+    """
+    steps, seconds = [0], [0.0]
+    previous_tokens = 0.0
+    for record in run.records("train"):
+        rate, tokens = record.get("tokens_per_s"), record.get("tokens_seen")
+        if not (isinstance(rate, (int, float)) and isinstance(tokens, (int, float)) and rate > 0):
+            continue
+        steps.append(int(record["step"]))
+        seconds.append(seconds[-1] + (tokens - previous_tokens) / rate)
+        previous_tokens = tokens
+    return np.asarray(steps), np.asarray(seconds)
+
+
+def time_to_target(run: RunRecord, target_loss: float) -> tuple[int, float] | None:
+    """(first step whose validation loss ≤ target, training seconds to it), or None."""
+    steps, seconds = training_clock(run)
+    for record in run.records("val"):
+        loss = record.get("val_loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss) and loss <= target_loss:
+            step = int(record["step"])
+            return step, float(np.interp(step, steps, seconds)) if len(steps) > 1 else math.nan
+    return None
+
+
+def steps_to_reference_loss(
+    run_set: RunSet, variant: str, reference: str
+) -> tuple[float, dict[int, int | None]]:
+    """Steps each seed of ``variant`` needs to reach ``reference``'s final validation loss.
+
+    The target is the mean final ``val_loss`` over the reference variant's finished seeds (the
+    report's default target, but per pair of variants, e.g. each MPI cell against the softmax
+    cell of the same optimizer). Returns (target, {seed: first evaluated step with val_loss ≤
+    target, or None if never reached}) over ``variant``'s finished seeds.
+    """
+    losses = [run.final_eval.get("val_loss") for run in run_set.of_variant(reference)]
+    finite = [v for v in losses if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        raise RunDataError(f"reference variant {reference!r} has no finished run with a val_loss")
+    target = float(np.mean(finite))
+    steps = {}
+    for run in run_set.of_variant(variant):
+        reached = time_to_target(run, target)
+        steps[run.seed] = reached[0] if reached else None
+    return target, steps
+
+
+def _wall_time(meta: dict[str, Any]) -> float:
+    try:
+        start = datetime.fromisoformat(meta["start_time"])
+        end = datetime.fromisoformat(meta["end_time"])
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+    return (end - start).total_seconds()
+
+
+def run_results(run: RunRecord) -> dict[str, float]:
+    """Scalar results of a run: see the module docstring."""
+    results = {
+        key: float(value)
+        for key, value in run.final_eval.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    accuracy = run.final_eval.get("task_accuracy")
+    if isinstance(accuracy, dict):
+        for split in TASK_SPLITS:
+            per_task = accuracy.get(split) or {}
+            for task, value in per_task.items():
+                results[f"task_accuracy/{split}/{task}"] = float(value)
+            if per_task:
+                results[f"task_accuracy/{split}/mean"] = _finite_mean(list(per_task.values()))
+    train = run.records("train")
+    if train:
+        results["tokens_per_s"] = _finite_mean([r.get("tokens_per_s", math.nan) for r in train])
+        results["tokens_seen"] = float(train[-1].get("tokens_seen", math.nan))
+        results["train_time_s"] = float(training_clock(run)[1][-1])
+        for key in TRAIN_MEAN_METRICS:
+            results[f"train_mean/{key}"] = _finite_mean([r.get(key, math.nan) for r in train])
+    results["wall_time_s"] = _wall_time(run.meta)
+    if "peak_memory_bytes" in run.final_eval:
+        results["peak_memory_mib"] = float(run.final_eval["peak_memory_bytes"]) / 2**20
+    return {key: value for key, value in results.items() if not math.isnan(value)}

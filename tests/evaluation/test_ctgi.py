@@ -1,0 +1,207 @@
+"""Tests for moealign.evaluation.ctgi against the worked numbers of research-roma.md §3.1 (RoMA
+Table 1)."""
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from moealign.evaluation.ctgi import ctgi, ctgi_from_accuracies, normalized_gain, transfer_ratio
+
+TASKS = ["MMLU", "HellaSwag", "ARC-C", "ARC-E", "PIQA", "WinoGrande", "BoolQ", "GSM8K"]
+NON_MATH = TASKS[:7]
+# RoMA Table 1 accuracies (%), research-roma.md §2.
+TABLE_1 = {
+    "OLMoE": {
+        "base": [57.8, 77.9, 51.3, 79.8, 80.7, 72.2, 75.4, 45.5],
+        "oracle": [72.2, 91.5, 74.8, 91.4, 93.6, 87.7, 84.5, 53.2],
+        "C3PO": [65.5, 85.3, 66.3, 87.4, 88.0, 82.7, 79.6, 50.8],
+        "RoMA": [69.0, 86.7, 67.2, 88.0, 85.8, 81.8, 81.7, 49.4],
+    },
+    "DeepSeekMoE": {
+        "base": [46.2, 78.0, 50.3, 73.8, 79.9, 70.1, 72.3, 62.2],
+        "oracle": [63.8, 92.5, 70.8, 85.2, 90.3, 82.1, 83.2, 71.8],
+        "C3PO": [55.4, 85.7, 61.6, 80.7, 85.8, 77.5, 78.2, 68.5],
+        "RoMA": [56.8, 87.9, 61.4, 81.5, 85.2, 76.8, 80.6, 67.4],
+    },
+    "Qwen3": {
+        "base": [74.2, 68.5, 56.8, 84.3, 78.5, 65.2, 81.3, 83.4],
+        "oracle": [82.5, 80.3, 69.2, 92.6, 87.4, 77.3, 90.5, 90.9],
+        "C3PO": [77.9, 74.1, 63.4, 88.1, 81.7, 71.9, 85.4, 86.0],
+        "RoMA": [78.8, 74.8, 65.5, 88.6, 83.1, 73.8, 85.1, 86.3],
+    },
+}
+# research-roma.md §3.1: (GSM8K only, 2 decimals), (7 non-math tasks, 3 decimals).
+WORKED = {
+    ("OLMoE", "RoMA"): (0.51, 0.645),
+    ("DeepSeekMoE", "RoMA"): (0.54, 0.619),
+    ("Qwen3", "RoMA"): (0.39, 0.564),
+    ("OLMoE", "C3PO"): (0.69, 0.582),
+    ("DeepSeekMoE", "C3PO"): (0.66, 0.562),
+    ("Qwen3", "C3PO"): (0.35, 0.467),
+}
+
+
+def table_accuracies(model, row, tasks):
+    return {t: a for t, a in zip(TASKS, TABLE_1[model][row], strict=True) if t in tasks}
+
+
+@pytest.mark.parametrize(("model", "method"), list(WORKED))
+def test_worked_numbers_from_table_1(model, method):
+    gsm8k_ctgi, non_math_ctgi = WORKED[(model, method)]
+    for tasks, decimals, expected in ((["GSM8K"], 2, gsm8k_ctgi), (NON_MATH, 3, non_math_ctgi)):
+        result = ctgi_from_accuracies(
+            table_accuracies(model, method, tasks),
+            table_accuracies(model, "base", tasks),
+            upper_bound=table_accuracies(model, "oracle", tasks),
+            min_headroom=1.0,  # percent units: 1 point
+        )
+        assert round(result.value, decimals) == expected
+        assert result.excluded_tasks == {}
+
+
+def correctness(accuracy_percent, n=1000):
+    """0/1 array of n items with the first accuracy·n correct (nested across systems)."""
+    n_correct = round(accuracy_percent * n / 100)
+    return np.r_[np.ones(n_correct), np.zeros(n - n_correct)]
+
+
+def test_ctgi_on_per_example_arrays_reproduces_worked_gsm8k_numbers():
+    olmoe = TABLE_1["OLMoE"]
+    result = ctgi(
+        {"GSM8K": correctness(olmoe["RoMA"][7])},
+        {"GSM8K": correctness(olmoe["base"][7])},
+        upper_bound={"GSM8K": correctness(olmoe["oracle"][7])},
+        n_resamples=500,
+    )
+    assert result.value == pytest.approx((49.4 - 45.5) / (53.2 - 45.5))
+    assert round(result.value, 2) == 0.51
+    assert result.per_task_gain == {"GSM8K": pytest.approx(3.9 / 7.7)}
+    assert result.ci_low <= result.value <= result.ci_high
+    assert result.confidence == 0.95
+
+
+def test_ctgi_per_example_all_tasks_matches_accuracy_version():
+    rows = TABLE_1["DeepSeekMoE"]
+    result = ctgi(
+        {t: correctness(a) for t, a in zip(TASKS, rows["RoMA"], strict=True)},
+        {t: correctness(a) for t, a in zip(TASKS, rows["base"], strict=True)},
+        upper_bound={t: correctness(a) for t, a in zip(TASKS, rows["oracle"], strict=True)},
+        n_resamples=200,
+    )
+    expected = np.mean(
+        [
+            (m - b) / (u - b)
+            for m, b, u in zip(rows["RoMA"], rows["base"], rows["oracle"], strict=True)
+        ]
+    )
+    assert result.value == pytest.approx(expected)
+
+
+def test_constant_upper_bound_is_hake_normalised_gain():
+    result = ctgi({"t": correctness(70.0)}, {"t": correctness(40.0)}, n_resamples=200)
+    assert result.value == pytest.approx((0.7 - 0.4) / (1.0 - 0.4))
+    per_task_constant = ctgi(
+        {"t": correctness(70.0)}, {"t": correctness(40.0)}, upper_bound={"t": 0.9}
+    )
+    assert per_task_constant.value == pytest.approx(0.3 / 0.5)
+
+
+def test_low_headroom_tasks_are_excluded_and_reported():
+    model = {"easy": correctness(99.6), "hard": correctness(60.0), "edge": correctness(3.0, 100)}
+    baseline = {"easy": correctness(99.5), "hard": correctness(50.0), "edge": correctness(2.0, 100)}
+    oracle = {"easy": correctness(99.8), "hard": correctness(70.0), "edge": correctness(3.0, 100)}
+    result = ctgi(model, baseline, upper_bound=oracle, n_resamples=300)
+    assert set(result.excluded_tasks) == {"easy"}
+    assert result.excluded_tasks["easy"] == pytest.approx(0.003)
+    # "edge" has headroom exactly 1 point (0.03 − 0.02 is 0.00999... in floating point): kept.
+    assert result.per_task_gain == {"hard": pytest.approx(0.5), "edge": pytest.approx(1.0)}
+    assert result.value == pytest.approx(0.75)
+
+
+def test_all_tasks_excluded_raises():
+    with pytest.raises(ValueError, match="min_headroom"):
+        ctgi({"t": correctness(99.9)}, {"t": correctness(99.5)})
+
+
+def test_single_task_bootstrap_matches_scipy_paired_bootstrap():
+    rng = np.random.default_rng(5)
+    baseline = rng.binomial(1, 0.5, size=400).astype(float)
+    model = np.where(rng.random(400) < 0.3, 1.0, baseline)
+    result = ctgi({"t": model}, {"t": baseline}, n_resamples=4000, seed=3)
+    oracle = scipy_stats.bootstrap(
+        (model, baseline),
+        lambda m, b: (m.mean() - b.mean()) / (1.0 - b.mean()),
+        paired=True,
+        vectorized=False,
+        n_resamples=4000,
+        method="percentile",
+        rng=np.random.default_rng(4),
+    ).confidence_interval
+    assert result.ci_low == pytest.approx(oracle.low, abs=0.015)
+    assert result.ci_high == pytest.approx(oracle.high, abs=0.015)
+
+
+def test_multi_task_bootstrap_matches_loop_reference():
+    rng = np.random.default_rng(6)
+    sizes = {"a": 150, "b": 400}
+    baseline = {t: rng.binomial(1, 0.4, size=n).astype(float) for t, n in sizes.items()}
+    oracle = {t: np.maximum(b, rng.binomial(1, 0.6, size=b.size)) for t, b in baseline.items()}
+    model = {t: np.where(rng.random(b.size) < 0.5, oracle[t], b) for t, b in baseline.items()}
+    result = ctgi(model, baseline, upper_bound=oracle, n_resamples=3000, seed=0)
+
+    reference_rng = np.random.default_rng(123)
+    replicates = []
+    for _ in range(3000):
+        gains = []
+        for t, n in sizes.items():
+            index = reference_rng.integers(0, n, size=n)
+            m, b, u = model[t][index].mean(), baseline[t][index].mean(), oracle[t][index].mean()
+            gains.append((m - b) / (u - b))
+        replicates.append(np.mean(gains))
+    low, high = np.quantile(replicates, [0.025, 0.975])
+    assert result.ci_low == pytest.approx(low, abs=0.02)
+    assert result.ci_high == pytest.approx(high, abs=0.02)
+
+
+def test_interval_contains_estimate_narrows_with_more_examples_and_is_seeded():
+    def run(n, seed=0):
+        rng = np.random.default_rng(n)
+        baseline = rng.binomial(1, 0.5, size=n).astype(float)
+        model = np.where(rng.random(n) < 0.2, 1.0, baseline)
+        return ctgi({"t": model}, {"t": baseline}, n_resamples=1000, seed=seed)
+
+    small, large = run(200), run(5000)
+    for result in (small, large):
+        assert result.ci_low <= result.value <= result.ci_high
+    assert (large.ci_high - large.ci_low) < 0.5 * (small.ci_high - small.ci_low)
+    assert run(200) == small
+    assert run(200, seed=1) != small
+
+
+def test_bad_inputs_raise_value_error():
+    with pytest.raises(ValueError, match="same tasks"):
+        ctgi({"a": [1, 0]}, {"b": [1, 0]})
+    with pytest.raises(ValueError, match="upper_bound"):
+        ctgi({"a": [1, 0]}, {"a": [0, 0]}, upper_bound={"b": 1.0})
+    with pytest.raises(ValueError, match="same examples"):
+        ctgi({"a": [1, 0, 1]}, {"a": [0, 0]})
+    with pytest.raises(ValueError, match="per_task_model"):
+        ctgi({"a": []}, {"a": []})
+    with pytest.raises(ValueError, match="no tasks"):
+        ctgi({}, {})
+    with pytest.raises(ValueError, match="n_resamples"):
+        ctgi({"a": [1, 0]}, {"a": [0, 0]}, n_resamples=0)
+
+
+def test_normalized_gain_signs():
+    assert normalized_gain(0.5, 0.5, 1.0) == 0.0
+    assert normalized_gain(1.0, 0.5, 1.0) == 1.0
+    assert normalized_gain(0.4, 0.5, 1.0) == pytest.approx(-0.2)
+
+
+def test_transfer_ratio_hand_worked():
+    # Held-out GSM8K gain 3.9 points, in-domain gains 11.2 and 8.8 (mean 10) -> 0.39.
+    assert transfer_ratio(3.9, [11.2, 8.8]) == pytest.approx(0.39)
+    assert transfer_ratio([1.0, 3.0], 4.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="indomain_gain"):
+        transfer_ratio(1.0, [1.0, -1.0])

@@ -1,0 +1,129 @@
+"""``moealign roma`` end to end on a tiny pretrained run (slow: a real train + study)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers_cli import run_cli
+from moealign.config import load_config
+from moealign.roma.study import METHODS, SETS
+from moealign.training.trainer import Trainer
+
+BASE = [
+    "data.source=tasks",
+    "data.format=multiple_choice",
+    "data.examples_per_task=40",
+    "data.tasks=['copy', 'max', 'brackets', 'min']",
+    "data.heldout_tasks=['min']",
+    "data.heldout_compositions=[]",
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.vocab_size=258",
+    "model.max_seq_len=128",
+    "model.n_experts=4",
+    "model.expert_d_ff=32",
+    "train.seq_len=112",
+    "train.batch_size=16",
+    "train.steps=30",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "optim.warmup_steps=3",
+    "optim.lr=1e-2",
+]
+STUDY = [
+    "encoder=builtin",
+    "seeds=[0, 1]",
+    "train_examples_per_task=12",
+    "eval_examples_per_task=12",
+    "epochs=1",
+    "batch_size=8",
+    "oracle_steps=3",
+    "lambda_warmup_steps=2",
+    "device=cpu",
+]
+
+
+@pytest.mark.slow
+def test_roma_study_end_to_end(tmp_path):
+    config = load_config(None, [*BASE, f"out_dir={tmp_path}", "name=base"])
+    trainer = Trainer(config, progress=False)
+    trainer.train()
+    out = tmp_path / "roma"
+    args = ["roma", "--base", str(tmp_path / "base"), "--out", str(out)]
+    for override in STUDY:
+        args += ["--set", override]
+    result = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["layers"] == [0, 1]  # layers = 5 clipped to the model's 2 MoE layers
+    assert results["tasks"] == {"seen": ["brackets", "copy", "max"], "heldout": ["min"]}
+    for method in METHODS:
+        for seed in ("0", "1"):
+            for name in SETS:
+                tasks = results["methods"][method][seed][name]["tasks"]
+                # 40 examples per task: 6 in the test split; held-out sets hold 150 (cut to 12)
+                size = 6 if name == "seen" else 12
+                assert all(len(t["correct"]) == size for t in tasks.values())
+    # base and oracle do not depend on the seed; oracle is the upper bound of the base routing
+    methods = results["methods"]
+    assert methods["base"]["0"] == methods["base"]["1"]
+    summary = results["summary"]
+    for name in SETS:
+        assert (
+            summary["accuracy"]["oracle"][name]["mean"] >= summary["accuracy"]["base"][name]["mean"]
+        )
+        assert set(summary["roma_minus_router_tuning"][name]) == {
+            "mean_difference",
+            "half_width",
+            "p_value",
+        }
+    assert results["seeds"]["0"]["roma"]["regularizer_first"] > 0
+    assert results["c3po_cost"]["seen"]["ratio"] > 0
+    table = (out / "results.md").read_text()
+    assert all(f"| {method} |" in table for method in METHODS)
+    assert "| roma |" in result.stdout
+
+    # methods = ["roma"]: only the base model (the reference) and RoMA run, and RoMA's results
+    # are those of the full study (same seeds, same training draws, same trained routers)
+    only = tmp_path / "roma_only"
+    args = [
+        "roma",
+        "--base",
+        str(tmp_path / "base"),
+        "--out",
+        str(only),
+        "--set",
+        'methods=["roma"]',
+    ]
+    for override in STUDY:
+        args += ["--set", override]
+    result = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    restricted = json.loads((only / "results.json").read_text())
+    assert set(restricted["methods"]) == {"base", "roma"}
+    for method in ("base", "roma"):
+        assert restricted["methods"][method] == methods[method]
+    assert restricted["summary"]["accuracy"]["roma"] == summary["accuracy"]["roma"]
+    assert restricted["summary"]["gap_closure"]["roma"]["seen"]["mean"] is None  # no oracle
+    assert restricted["summary"]["ctgi"]["roma"]["mean"] is None
+    assert "roma_minus_router_tuning" not in restricted["summary"]
+    assert restricted["c3po_cost"] is None
+    assert set(restricted["seeds"]["0"]) == {
+        "train_examples",
+        "successful",
+        "mean_neighbours",
+        "roma",
+    }
+    table = (only / "results.md").read_text()
+    assert "| roma |" in table and "| oracle |" not in table and "C3PO" not in table
+
+
+def test_roma_cli_reports_a_missing_run(tmp_path):
+    result = run_cli(
+        "roma", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "base" in result.stderr and "no config.json" in result.stderr

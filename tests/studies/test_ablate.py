@@ -1,0 +1,225 @@
+"""Ablation studies: grid expansion and validation, resumable runs, failed cells recorded."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import tomllib
+
+from helpers_cli import CONFIGS
+from moealign.cli import main
+from moealign.config import ConfigError, load_config
+from moealign.studies.ablate import (
+    classify_run,
+    expand_axes,
+    first_nonfinite_step,
+    load_study,
+    run_study,
+    toml_literal,
+)
+from moealign.training.trainer import Trainer
+
+# A few-step run of the tiny config on the task suite alone (no stdlib text to read).
+FAST = {
+    "train.steps": 4,
+    "optim.warmup_steps": 1,
+    "train.log_every": 1,
+    "train.eval_every": 2,
+    "train.checkpoint_every": 2,
+    "train.eval_batches": 1,
+    "data.source": "tasks",
+    "data.examples_per_task": 10,
+    "train.device": "cpu",
+}
+
+
+def write_study(tmp_path, body: str, fast: bool = True) -> str:
+    (tmp_path / "base.toml").write_text((CONFIGS / "tiny.toml").read_text())
+    fixed = "".join(f'"{k}" = {toml_literal(v)}\n' for k, v in FAST.items()) if fast else ""
+    path = tmp_path / "study.toml"
+    path.write_text(f'base = "base.toml"\n{body}\n[overrides]\n{fixed}')
+    return path
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "plain",
+        'quote " and \\ backslash\nnewline\ttab \x7f é',
+        0,
+        -3,
+        1e-3,
+        2.5e20,
+        math.inf,
+        True,
+        [0.9, 0.95],
+        {"c_prime": 2.0, "nested": {"x": [1, "a"]}},
+    ],
+)
+def test_toml_literal_round_trips_through_tomllib(value):
+    assert tomllib.loads(f"v = {toml_literal(value)}")["v"] == value
+
+
+def test_grid_is_the_product_of_axes_times_seeds_plus_named_variants(tmp_path):
+    path = write_study(
+        tmp_path,
+        """
+seeds = [0, 1, 2]
+baseline = "router=softmax_topk,lr=0.003"
+[axes]
+"model.router" = ["softmax_topk", "mpi"]
+"optim.lr" = [3e-3, 1e-2]
+[baselines]
+"router=mpi,lr=0.01" = "router=softmax_topk,lr=0.01"
+[[variants]]
+name = "no_balance"
+overrides = { "loss.balance_coef" = 0.0 }
+""",
+    )
+    study = load_study(path, out_dir=tmp_path / "out")
+    assert study.baselines == {"router=mpi,lr=0.01": "router=softmax_topk,lr=0.01"}
+    assert study.to_dict()["baselines"] == study.baselines
+    grid = [f"router={r},lr={lr}" for r in ("softmax_topk", "mpi") for lr in ("0.003", "0.01")]
+    assert list(study.variants) == [*grid, "no_balance"]
+    assert [c.name for c in study.cells] == [
+        f"{variant}__seed{seed}" for seed in (0, 1, 2) for variant in study.variants
+    ]
+    assert len({c.run_dir for c in study.cells}) == 15
+    assert all(c.run_dir.parent == tmp_path / "out" for c in study.cells)
+    cell = next(c for c in study.cells if c.name == "router=mpi,lr=0.01__seed2")
+    config = load_config(study.base_config, list(cell.overrides))
+    assert (config.model.router, config.optim.lr, config.train.seed) == ("mpi", 0.01, 2)
+    assert config.train.steps == FAST["train.steps"]  # the fixed overrides apply too
+    named = next(c for c in study.cells if c.variant == "no_balance")
+    assert load_config(study.base_config, list(named.overrides)).loss.balance_coef == 0.0
+
+
+def test_axes_sharing_a_last_key_part_use_the_whole_key():
+    names = list(expand_axes({"model.seed_x.n": [1], "data.seed_x.n": [2, 3]}))
+    assert names == ["model.seed_x.n=1,data.seed_x.n=2", "model.seed_x.n=1,data.seed_x.n=3"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [
+        ('[axes]\n"optim.lr" = [0.1, -1]', ["'lr=-1__seed0'", "optim.lr", "-1", "> 0"]),
+        ('[axes]\n"optim.lrr" = [0.1]', ["'lrr=0.1__seed0'", "optim.lrr", "unknown key"]),
+        (
+            '[[variants]]\nname = "typo"\noverrides = { "train.stepz" = 3 }',
+            ["'typo__seed0'", "train.stepz"],
+        ),
+        ('baseline = "nope"\n[axes]\n"optim.lr" = [0.1]', ["baseline", "'nope'", "lr=0.1"]),
+        ("seeds = [0, 0]", ["seeds", "distinct"]),
+        ('[axes]\n"optim.lr" = []', ["axes.optim.lr", "non-empty"]),
+        ('[[variants]]\nname = "a/b"', ["variants[0].name", "'a/b'"]),
+        ("sedes = [1]", ["study", "sedes"]),
+        ('[axes]\n"optim.lr" = [0.1]\n[baselines]\nnope = "lr=0.1"', ["baselines", "'nope'"]),
+        (
+            '[axes]\n"optim.lr" = [0.1, 0.2]\n[baselines]\n"lr=0.1" = "lr=0.1"',
+            ["baselines.lr=0.1", "another variant"],
+        ),
+    ],
+)
+def test_bad_study_gives_one_error_naming_the_cell_and_field(tmp_path, body, fragments):
+    with pytest.raises(ConfigError) as error:
+        load_study(write_study(tmp_path, body))
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+def test_status_comes_from_the_metrics_log(tmp_path):
+    metrics = [
+        {"step": 1, "split": "train", "loss": 2.0},
+        {"step": 2, "split": "val", "val_loss": 1.5},
+        {"step": 3, "split": "train", "loss": float("nan")},
+    ]
+    assert first_nonfinite_step(metrics) == 3
+    assert first_nonfinite_step(metrics[:2]) is None
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics[:2]))
+    assert classify_run(tmp_path, returncode=1) == ("failed", None)
+    assert classify_run(tmp_path, returncode=0) == ("interrupted", None)
+    (tmp_path / "final_eval.json").write_text("{}")
+    assert classify_run(tmp_path) == ("finished", None)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    assert classify_run(tmp_path) == ("diverged", 3)
+
+
+def test_dry_run_lists_the_cells(tmp_path, capsys):
+    path = write_study(tmp_path, 'seeds = [0, 1]\n[axes]\n"model.top_k" = [1, 2]')
+    assert main(["ablate", str(path), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "4 cells" in out and "top_k=2__seed1" in out and "model.top_k=1" in out
+    assert not (tmp_path / "o").exists()
+
+
+def _cells(study_dir):
+    return {c["cell"]: c for c in json.loads((study_dir / "study.json").read_text())["cells"]}
+
+
+def _attempts(study_dir):
+    lines = (study_dir / "cells.jsonl").read_text().splitlines()
+    return [json.loads(line)["cell"] for line in lines]
+
+
+def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys):
+    path = write_study(
+        tmp_path,
+        """
+[[variants]]
+name = "huge_lr"
+overrides = { "optim.lr" = 1e8, "optim.grad_clip" = 0.0, "optim.warmup_steps" = 0 }
+[[variants]]
+name = "missing_file"
+overrides = { "data.source" = "files", "data.paths" = ["does-not-exist.txt"] }
+""",
+    )
+    out = tmp_path / "study"
+    status = main(["ablate", str(path), "--jobs", "2", "--out", str(out)])
+    assert status == 1  # a failed cell makes the exit status non-zero, after every cell ran
+    cells = _cells(out)
+    assert cells["huge_lr__seed0"]["status"] == "diverged"
+    log = (out / "huge_lr__seed0/metrics.jsonl").read_text().splitlines()
+    losses = [(r["step"], r.get("loss", r.get("val_loss"))) for r in map(json.loads, log)]
+    first_bad = next(step for step, loss in losses if not math.isfinite(loss))
+    assert cells["huge_lr__seed0"]["diverged_step"] == first_bad
+    failed = cells["missing_file__seed0"]
+    assert failed["status"] == "failed" and failed["returncode"] != 0
+    assert "does-not-exist.txt" in failed["error"]
+    assert "does-not-exist.txt" in (out / "logs/missing_file__seed0.log").read_text()
+    printed = capsys.readouterr().out
+    assert f"diverged at step {first_bad}" in printed and "failed: " in printed
+
+
+@pytest.mark.slow
+def test_an_interrupted_study_resumes_without_rerunning_finished_cells(tmp_path):
+    path = write_study(tmp_path, "seeds = [0, 1]")
+    study = load_study(path, out_dir=tmp_path / "study")
+    half, fresh = study.cells
+    # Cell seed 0 was stopped at step 2 (checkpoint written, no final evaluation).
+    config = load_config(study.base_config, [*half.overrides, f'name="{half.name}"'])
+    trainer = Trainer(config, run_dir=half.run_dir, progress=False)
+    assert trainer.train(stop_at=2).interrupted
+
+    results = run_study(study, jobs=2)
+    assert [r.status for r in results] == ["finished", "finished"]
+    assert "--resume" in results[0].command and "--resume" not in results[1].command
+    meta = json.loads((half.run_dir / "meta.json").read_text())
+    assert len(meta["resumed"]) == 1
+    log = (half.run_dir / "metrics.jsonl").read_text().splitlines()
+    train_steps = [r["step"] for r in map(json.loads, log) if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4]  # no records doubled or lost by the resume
+    assert sorted(_attempts(study.out_dir)) == sorted([half.name, fresh.name])
+
+    # A second invocation finds everything finished and runs nothing.
+    mtimes = {c.name: (c.run_dir / "final_eval.json").stat().st_mtime_ns for c in study.cells}
+    run_study(study)
+    assert len(_attempts(study.out_dir)) == 2
+    # Cell seed 1 lost its final evaluation: only it runs again, continuing from its checkpoint.
+    (fresh.run_dir / "final_eval.json").unlink()
+    results = run_study(study)
+    assert _attempts(study.out_dir)[2:] == [fresh.name]
+    assert "--resume" in results[1].command and results[1].status == "finished"
+    assert (half.run_dir / "final_eval.json").stat().st_mtime_ns == mtimes[half.name]
+    assert {c["status"] for c in _cells(study.out_dir).values()} == {"finished"}
