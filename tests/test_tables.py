@@ -31,6 +31,7 @@ from moealign.tables import (
         (-1.25, 0.5, True, "-1.25 ± 0.50"),
         (0.0, 0.0, False, "0 ± 0"),  # every seed gave the same value
         (553.4, 0.0, False, "553.4 ± 0"),
+        (0.20000000000000004, 8.4e-17, False, "0.2 ± 0"),  # rounding error of equal values
         (1.5, math.nan, False, "1.5"),  # one seed: no interval
         (2.0, None, True, "+2"),
         (math.nan, 0.1, False, "–"),

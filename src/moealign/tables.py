@@ -106,6 +106,9 @@ def _fixed(value: float, decimals: int, signed: bool) -> str:
     return ("+" + text if not text.startswith("-") else text) if signed else text
 
 
+_RELATIVE_ZERO = 1e-9
+
+
 def format_number(value: float | None, digits: int = 4, signed: bool = False) -> str:
     """``value`` at ``digits`` significant digits; from 1000 on a whole number with thousands
     separators (``16,692``); ``–`` when missing or not finite; ``signed`` writes ``+`` too."""
@@ -122,14 +125,16 @@ def format_interval(mean: float, half_width: float | None, signed: bool = False)
     decimal place (``3.69 ± 0.21``, ``17,000 ± 95,000``).
 
     Without a finite half width (one seed) the mean alone (:func:`format_number`); a zero half
-    width (every seed gave the same value) is written ``± 0`` after the mean at 4 significant
-    digits. ``signed`` writes the mean's ``+`` too (differences).
+    width (every seed gave the same value; below 1e-9 of the mean counts as zero, the rounding
+    error of equal values) is written ``± 0`` after the mean at 4 significant digits.
+    ``signed`` writes the mean's ``+`` too (differences).
     """
     if not math.isfinite(mean):
         return "–"
     if half_width is None or not math.isfinite(half_width):
         return format_number(mean, signed=signed)
-    if half_width == 0:
+    if abs(half_width) <= _RELATIVE_ZERO * abs(mean):
+        # Zero, or rounding error of equal values (mean 0.20000000000000004, s ~ 1e-17).
         return f"{format_number(mean, signed=signed)} ± 0"
     decimals = 1 - math.floor(math.log10(abs(half_width)))
     # Rounding may carry into a new digit (0.0996 -> 0.100): take the places of the rounded one.

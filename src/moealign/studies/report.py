@@ -134,7 +134,8 @@ def _header(metric: str, prefix: str = "") -> Cell:
 
 
 def _format_p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    """``p<0.001`` or ``p=0.123``."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 # ---------------------------------------------------------------------- statistics
@@ -232,7 +233,7 @@ def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Ta
                 delta, half_width, p = paired_t_test(
                     [ours[s] for s in seeds], [theirs[s] for s in seeds]
                 )
-                p_text = "" if math.isnan(p) else f"p={_format_p(p)}, "  # nan: no spread
+                p_text = "" if math.isnan(p) else f"{_format_p(p)}, "  # nan: no spread
                 row.append(
                     f"{format_interval(delta, half_width, signed=True)} ({p_text}n={len(seeds)})"
                 )
