@@ -26,6 +26,7 @@ from moealign.studies.results import (
     run_results,
     steps_to_reference_loss,
 )
+from moealign.tables import Table, to_markdown
 
 OPTIMIZERS = ("adamw", "adamh", "muon", "muonh")
 ROUTERS = ("softmax_topk", "mpi")
@@ -72,9 +73,7 @@ def paired_delta(run_set: RunSet, variant: str, reference: str, metric: str) -> 
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return to_markdown(Table(header, rows))
 
 
 def steps_text(run_set: RunSet, variant: str, reference: str) -> str:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from moealign.tables import Table, to_markdown
 
 SETS = ("seen", "heldout")
 
@@ -37,14 +38,11 @@ def _points(value: float, half_width: float, signed: bool = False) -> str:
     return text + (f" ± {100 * half_width:.1f}" if math.isfinite(half_width) else "")
 
 
-def ablation_rows(
+def ablation_table(
     reference: dict[str, dict[str, float]], variants: dict[str, dict[str, dict[str, float]]]
-) -> list[str]:
-    """Markdown rows: variant | seen | Δ seen | held-out | Δ held-out | seeds."""
-    rows = [
-        "| RoMA variant | seen | Δ seen vs default | held-out | Δ held-out vs default | seeds |",
-        "|---|---|---|---|---|---|",
-    ]
+) -> Table:
+    """Columns: variant | seen | Δ seen | held-out | Δ held-out | seeds."""
+    rows = []
     for name, accuracy in {"default (main study)": reference, **variants}.items():
         cells = []
         for set_name in SETS:
@@ -62,8 +60,9 @@ def ablation_rows(
                 cells.append(_points(difference, half, signed=True) + p_text)
             else:
                 cells.append(_points(values[0] - reference[set_name][seeds[0]], math.nan, True))
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {len(seeds)} |")
-    return rows
+        rows.append([name, *cells, str(len(seeds))])
+    header = ["RoMA variant", "seen", "Δ seen vs default", "held-out", "Δ held-out vs default"]
+    return Table([*header, "seeds"], rows)
 
 
 def main(argv: list[str]) -> int:
@@ -75,7 +74,7 @@ def main(argv: list[str]) -> int:
     for item in argv[1:]:
         name, directory = item.rsplit("=", 1)
         variants[name] = roma_accuracy(Path(directory))
-    print("\n".join(ablation_rows(reference, variants)))
+    print(to_markdown(ablation_table(reference, variants)))
     return 0
 
 

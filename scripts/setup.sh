@@ -9,5 +9,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet -e ".[hf,test]"
+# Headless Chromium for the test that opens the HTML report in a browser (Debian's package);
+# without root or apt-get that test is skipped with the reason.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null; } \
+    || echo "setup.sh: could not install chromium; the browser test of the report will be skipped" >&2
+fi
 # Under pyenv, expose the new `moealign` command through its shims.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -3,7 +3,8 @@
 Each subcommand is a pair of small functions — one adds its arguments, one runs it and returns
 the exit status — registered in :data:`COMMANDS`. Errors in what the user asked for (config,
 run directory, checkpoint) print one line ``error: <message>`` to stderr and exit with status 2;
-no traceback.
+no traceback. Log messages below WARNING are shown only for moealign's own loggers, unless
+``--verbose``; every ``--help`` shows the options' defaults.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 
 from moealign.config import ConfigError, load_config
 from moealign.studies import ablate, report
+from moealign.tables import Table, to_text
 from moealign.training.checkpoint import CheckpointError
 from moealign.training.runs import RunExistsError
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+__all__ = ["COMMANDS", "Command", "HelpFormatter", "build_parser", "configure_logging", "main"]
 
 USAGE_ERRORS = (ConfigError, RunExistsError, CheckpointError, report.RunDataError)
 
@@ -61,8 +63,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _format_table(rows: Sequence[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    return to_text(Table([], rows, align="ll"))
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -125,7 +126,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="validation batches (default: the run's train.eval_batches)",
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to evaluate"
+    )
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -141,7 +144,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     from moealign.studies.demo import PRESETS
 
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="quick", help="model and training size"
+    )
     _add_override_argument(parser, "override a config value of all three models")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -230,23 +235,49 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already names its default
+    or there is none to show (None, a flag's False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if "default" in (action.help or "") or default is None or default is False or default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moealign", description="Train, adapt and analyse MoE routers."
+        prog="moealign",
+        description="Train, adapt and analyse MoE routers.",
+        formatter_class=HelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        sub = subparsers.add_parser(
+            name, help=command.help, description=command.help, formatter_class=HelpFormatter
+        )
         command.add_arguments(sub)
+        sub.add_argument(
+            "--verbose", action="store_true", help="show other libraries' INFO log messages too"
+        )
         sub.set_defaults(run=command.run)
     return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr: moealign's own loggers from INFO, other libraries' (matplotlib,
+    transformers, ...) from WARNING unless ``verbose``."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("moealign").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call INFO lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``moealign``; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call INFO lines
+    configure_logging(args.verbose)
     try:
         return args.run(args)
     except USAGE_ERRORS as err:

@@ -331,3 +331,24 @@ def test_cli_analyze_reports_bad_input(tmp_path, capsys):
     data.write_text('{"body": "w1 w2"}\n')
     assert main(["analyze", str(tmp_path / "model"), "--data", str(data)]) == 2
     assert "lacks the field 'text'" in capsys.readouterr().err
+
+
+def test_cli_analyze_prints_no_third_party_info_or_length_warning(tmp_path):
+    """Before: six `INFO matplotlib.category` lines (the bar charts' string labels) and the
+    tokenizer's warning about documents longer than its maximum length."""
+    import json
+
+    from helpers_cli import run_cli
+
+    save_with_tokenizer(tiny_model("mixtral"), tmp_path / "model")
+    config = json.loads((tmp_path / "model/tokenizer_config.json").read_text())
+    config["model_max_length"] = 8  # shorter than the document: a whole-document warning
+    (tmp_path / "model/tokenizer_config.json").write_text(json.dumps(config))
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": " ".join(f"w{i}" for i in range(30))}) + "\n")
+    args = ["analyze", str(tmp_path / "model"), "--data", str(data), "--seq-len", "8"]
+    result = run_cli(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "INFO" not in result.stderr and "sequence length" not in result.stderr
+    verbose = run_cli(*args, "--out", str(tmp_path / "out2"), "--verbose", cwd=tmp_path)
+    assert "INFO matplotlib.category" in verbose.stderr  # the lines are there to hide

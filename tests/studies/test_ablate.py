@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import tomllib
@@ -12,6 +13,9 @@ from helpers_cli import CONFIGS
 from moealign.cli import main
 from moealign.config import ConfigError, load_config
 from moealign.studies.ablate import (
+    Cell,
+    CellResult,
+    _Progress,
     classify_run,
     expand_axes,
     first_nonfinite_step,
@@ -190,6 +194,54 @@ overrides = { "data.source" = "files", "data.paths" = ["does-not-exist.txt"] }
     assert "does-not-exist.txt" in (out / "logs/missing_file__seed0.log").read_text()
     printed = capsys.readouterr().out
     assert f"diverged at step {first_bad}" in printed and "failed: " in printed
+    # One line per cell as it starts and as it ends; the first to end estimates the rest.
+    lines = printed.splitlines()
+    starts = [line for line in lines if re.match(r"\[\d/2\] start ", line)]
+    ends = [line for line in lines if re.match(r"\[\d/2\] end ", line)]
+    assert len(starts) == 2 and len(ends) == 2
+    assert re.search(r"^\[1/2\] end   \S+ after \d+ s: .+; 1 left, ETA \d+ s$", ends[0])
+    assert "ETA" not in ends[1]
+    diverged = next(line for line in ends if "huge_lr__seed0" in line)
+    assert f"diverged at step {first_bad}" in diverged
+
+
+def _finished_cell(run_dir, val_loss):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 1}))
+    (run_dir / "final_eval.json").write_text(json.dumps({"val_loss": val_loss}))
+
+
+def test_quiet_silences_the_progress_lines(tmp_path, capsys):
+    path = write_study(tmp_path, "seeds = [0, 1]")
+    for seed in (0, 1):
+        _finished_cell(tmp_path / "o" / f"base__seed{seed}", 2.0)
+    argv = ["ablate", str(path), "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert "2 of 2 cells already finished; 0 to run" in capsys.readouterr().out
+    assert main([*argv, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished" not in out and "base__seed1  finished" in out
+
+
+def test_progress_lines_give_status_wall_time_loss_and_eta(tmp_path):
+    lines = []
+    progress = _Progress(total=5, jobs=2, write=lines.append)
+    cell = Cell("a__seed0", "a", 0, (), tmp_path / "a__seed0")
+    progress.start(cell)
+    _finished_cell(cell.run_dir, 3.14159)
+    result = CellResult(cell.name, "a", 0, str(cell.run_dir), "", status="finished", wall_s=10.4)
+    progress.end(result)
+    failed = CellResult("b__seed0", "b", 0, str(tmp_path / "b"), "", status="failed", wall_s=200)
+    failed.error = "ValueError: bad"
+    progress.end(failed)
+    assert lines[0] == "[1/5] start a__seed0"
+    # ETA: mean wall time of the ended cells × ⌈cells left / jobs⌉.
+    assert lines[1] == (
+        "[1/5] end   a__seed0 after 10 s: finished, val loss 3.142; 4 left, ETA 21 s"
+    )
+    assert lines[2] == (
+        "[2/5] end   b__seed0 after 3 min 20 s: failed: ValueError: bad; 3 left, ETA 3 min 30 s"
+    )
 
 
 @pytest.mark.slow
@@ -202,8 +254,10 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_cells(tmp_path)
     trainer = Trainer(config, run_dir=half.run_dir, progress=False)
     assert trainer.train(stop_at=2).interrupted
 
-    results = run_study(study, jobs=2)
+    lines = []
+    results = run_study(study, jobs=2, progress=lines.append)
     assert [r.status for r in results] == ["finished", "finished"]
+    assert len(lines) == 4 and sum("ETA" in line for line in lines) == 1
     assert "--resume" in results[0].command and "--resume" not in results[1].command
     meta = json.loads((half.run_dir / "meta.json").read_text())
     assert len(meta["resumed"]) == 1

@@ -13,13 +13,18 @@ import pytest
 from matplotlib.image import imread
 from scipy import stats as scipy_stats
 
+from helpers_browser import find_chromium, measure_page
 from helpers_cli import CONFIGS
 from moealign.cli import main
 from moealign.config import load_config
 from moealign.evaluation.ctgi import ctgi
+from moealign.studies import plots
+from moealign.studies.labels import metric_label
+from moealign.studies.plots import ema
 from moealign.studies.report import (
     ablation_table,
     baseline_table,
+    best_marks,
     build_report,
     compare_runs,
     metric_direction,
@@ -33,6 +38,7 @@ from moealign.studies.results import (
     steps_to_reference_loss,
     time_to_target,
 )
+from moealign.tables import format_interval
 from moealign.training.trainer import Trainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -159,8 +165,9 @@ def study_dir(tmp_path):
     return root
 
 
-def _numbers(text: str) -> list[float]:
-    return [float(x) for x in re.findall(r"[-+]?\d+\.?\d*(?:e[-+]?\d+)?", text.replace(",", ""))]
+def _numbers(text) -> list[float]:
+    text = str(text).replace(",", "")
+    return [float(x) for x in re.findall(r"[-+]?\d+\.?\d*(?:e[-+]?\d+)?", text)]
 
 
 def test_metric_directions():
@@ -181,25 +188,30 @@ def test_ablation_interval_and_paired_test_match_scipy(study_dir):
         low, high = scipy_stats.t.interval(
             0.95, len(losses) - 1, loc=np.mean(losses), scale=scipy_stats.sem(losses)
         )
-        mean, half_width = _numbers(rows[variant][2])
-        assert mean == pytest.approx(np.mean(losses), rel=1e-3)
-        assert half_width == pytest.approx((high - low) / 2, rel=1e-3)
+        # base 2.1 ± 0.248 -> "2.10 ± 0.25"; better 1.883 ± 0.190 -> "1.88 ± 0.19"
+        assert str(rows[variant][2]) == format_interval(np.mean(losses), (high - low) / 2)
         assert rows[variant][1] == "3/3"
-    assert rows["unstable"][1:3] == ["0/1 (1 diverged)", "–"]
+    assert str(rows["base"][2]) == "2.10 ± 0.25" and str(rows["better"][2]) == "1.88 ± 0.19"
+    assert [str(c) for c in rows["unstable"][1:3]] == ["0/1 (1 diverged)", "–"]
     assert rows["broken"][1] == "0/1 (1 failed)"
-    better_row = table.rows.index(rows["better"])
-    assert (better_row, 2) in table.bold and (0, 2) not in table.bold  # lower loss is better
-    assert not any(column == 3 for _, column in table.bold)  # every tokens/s equal: none best
+    # Lower loss is better: 'better' has the best mean, but [1.69, 2.07] overlaps base's
+    # [1.85, 2.35], so it is marked as within noise (italic), not bold.
+    assert rows["better"][2].emphasis == "em" and rows["base"][2].emphasis == ""
+    assert all(row[3].emphasis == "" for row in table.rows)  # every tokens/s equal: none best
+    assert table.headers[2].text == "validation loss (nats/token) ↓"
+    assert table.headers[2].title == "val_loss"
 
     deltas = {row[0]: row for row in baseline_table(run_set, "base", ["val_loss"]).rows}
     reference = scipy_stats.ttest_rel(VAL_LOSS["better"], VAL_LOSS["base"])
     difference = np.subtract(VAL_LOSS["better"], VAL_LOSS["base"])
     assert deltas["better"][1] == "base"
-    delta, half_width, p_value, n = _numbers(deltas["better"][2])
-    assert delta == pytest.approx(difference.mean(), rel=1e-3)
     t_critical = scipy_stats.t.ppf(0.975, 2)
-    assert half_width == pytest.approx(t_critical * scipy_stats.sem(difference), rel=1e-3)
-    assert p_value == pytest.approx(reference.pvalue, abs=1e-3) and n == 3
+    half_width = t_critical * scipy_stats.sem(difference)
+    assert deltas["better"][2] == (
+        f"{format_interval(difference.mean(), half_width, signed=True)} "
+        f"(p={reference.pvalue:.3f}, n=3)"
+    )
+    assert deltas["better"][2] == "-0.217 ± 0.072 (p=0.006, n=3)"  # t = −13.0, 2 df
     assert deltas["unstable"][2] == "–"
 
 
@@ -399,3 +411,151 @@ def test_compare_prints_both_runs_config_differences_and_deltas(tmp_path, capsys
     assert compare_runs(tmp_path / "a", tmp_path / "a").count("(none)") == 1
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert "expected a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("intervals", "direction", "expected"),
+    [
+        # lower is better; [1.0, 1.2] is clear of [1.5, 1.7]: bold
+        ([(1.6, 0.1), (1.1, 0.1), (2.0, 0.1)], "lower", {1: "strong"}),
+        # [1.0, 1.6] overlaps the runner-up's [1.5, 1.7]: within noise
+        ([(1.6, 0.1), (1.3, 0.3), (2.0, 0.1)], "lower", {1: "em"}),
+        ([(1.6, 0.1), (1.1, 0.1)], "higher", {0: "strong"}),
+        ([(1.6, math.nan), (1.1, 0.1)], "higher", {0: "em"}),  # one seed: no interval
+        ([(1.1, 0.0), (1.1, 0.0), (2.0, 0.0)], "lower", {0: "em", 1: "em"}),  # a tie
+        ([(1.0, 0.1), (1.0, 0.1)], "lower", {}),  # nothing to choose between
+        ([(1.0, 0.1), (2.0, 0.1)], None, {}),  # no direction
+        ([(math.nan, math.nan), (2.0, 0.1), (3.0, 0.1)], "lower", {1: "strong"}),
+    ],
+)
+def test_best_mark_only_where_the_intervals_separate(intervals, direction, expected):
+    assert best_marks(intervals, direction) == expected
+
+
+def test_metric_labels_are_human_readable_with_units():
+    assert metric_label("val_loss") == "validation loss (nats/token)"
+    assert metric_label("val_routing/max_vio") == "validation MaxVio, global"
+    assert (
+        metric_label("val_routing/usage_entropy") == "validation expert-usage entropy (H / log E)"
+    )
+    assert metric_label("train_mean/routing/max_vio") == "MaxVio, batch (training mean)"
+    assert metric_label("routing/token_entropy") == "token routing entropy (H / log E)"
+    assert metric_label("task_accuracy/heldout/mean") == "held-out-task accuracy (0–1)"
+    assert metric_label("task_accuracy/seen/copy") == "copy (seen-task) (0–1)"
+    assert metric_label("routing/layer1/dead_experts") == "dead experts, layer 1 (per layer)"
+    assert metric_label("peak_memory_mib") == "peak memory (MiB)"
+    assert metric_label("some/new_key") == "some / new key"  # unknown keys still read
+
+
+def test_ema_matches_pandas_and_keeps_the_first_value():
+    pandas = pytest.importorskip("pandas")
+    values = np.array([[5.0, 4.0, 4.5, 3.0, 3.2, 2.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    for span in (1.0, 2.0, 3.7):
+        expected = [
+            pandas.Series(row).ewm(span=span, adjust=True).mean().to_numpy() for row in values
+        ]
+        np.testing.assert_allclose(ema(values, span), expected, rtol=1e-12)
+    assert ema(values, 3.0)[:, 0].tolist() == values[:, 0].tolist()
+    np.testing.assert_array_equal(ema(values, 1.0), values)  # α = 1: no smoothing
+
+
+def test_figures_fit_the_page_in_a_grid(study_dir, tmp_path):
+    files = build_report([study_dir], tmp_path / "report")
+    width = round(plots.MAX_WIDTH_IN * plots.DPI)
+    routing = imread(tmp_path / "report/figures/routing.png")
+    loss = imread(tmp_path / "report/figures/loss_curves.png")
+    # 4 routing panels in 2 rows of 2: as wide as the page column, about twice as tall as the
+    # one-row loss figure
+    assert routing.shape[1] == loss.shape[1] == width
+    assert routing.shape[0] > 1.7 * loss.shape[0]
+    html = files.html.read_text()
+    assert 'title="val_routing/max_vio"' in html and "validation MaxVio, global" in html
+
+
+def test_all_zero_task_accuracy_is_a_note_not_an_empty_chart(study_dir, tmp_path):
+    for run_dir in study_dir.glob("*__seed*"):
+        final_path = run_dir / "final_eval.json"
+        if final_path.exists():
+            final = json.loads(final_path.read_text())
+            final["task_accuracy"]["heldout"] = dict.fromkeys(
+                final["task_accuracy"]["heldout"], 0.0
+            )
+            final_path.write_text(json.dumps(final))
+    files = build_report([study_dir], tmp_path / "report")
+    markdown = files.markdown.read_text()
+    assert "*Every held-out-task accuracy is 0, for every variant: nothing to chart.*" in markdown
+    assert "task_accuracy.png" in {p.name for p in files.figures}  # the seen tasks still drawn
+    for run_dir in study_dir.glob("*__seed*"):
+        final_path = run_dir / "final_eval.json"
+        if final_path.exists():
+            final = json.loads(final_path.read_text())
+            final["task_accuracy"]["seen"] = dict.fromkeys(final["task_accuracy"]["seen"], 0.0)
+            final_path.write_text(json.dumps(final))
+    files = build_report([study_dir], tmp_path / "report2")
+    assert "Every seen-task and held-out-task accuracy is 0" in files.markdown.read_text()
+    assert "task_accuracy.png" not in {p.name for p in files.figures}
+
+
+# --- the HTML report in a real headless browser ------------------------------------------------
+
+VIEWPORT = 1400  # CSS pixels, a common laptop width
+
+
+def _check_layout(html_path, fit_headings=()):
+    """Open the report in headless Chromium at VIEWPORT px: the page never scrolls sideways,
+    every table sits in a container that scrolls, every image loaded and fits; the tables
+    under ``fit_headings`` fit without scrolling at all."""
+    if find_chromium() is None:
+        pytest.skip("no chromium on PATH: install Debian's chromium (scripts/setup.sh does)")
+    layout = measure_page(html_path, width=VIEWPORT)
+    assert layout["innerWidth"] == VIEWPORT
+    assert layout["scrollWidth"] <= layout["clientWidth"], "the page scrolls sideways"
+    assert layout["tables"] and layout["images"]
+    for table in layout["tables"]:
+        assert table["container"] == "table-scroll" and table["overflowX"] in ("auto", "scroll")
+        assert 0 <= table["left"] and table["right"] <= layout["clientWidth"]
+        if table["heading"].startswith(fit_headings):
+            assert table["tableWidth"] <= table["containerWidth"], table["heading"]
+    for image in layout["images"]:
+        assert image["complete"] and image["naturalWidth"] > 0, image["alt"]
+        assert image["right"] <= layout["clientWidth"]
+    return layout
+
+
+def test_report_in_a_headless_browser_hand_written_study(study_dir, tmp_path):
+    files = build_report([study_dir], tmp_path / "report")
+    layout = _check_layout(files.html, ("Ablation table", "Against the baseline"))
+    assert len(layout["images"]) == len(files.figures) == 5
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_study_in_a_headless_browser(tmp_path):
+    """2 routers × 2 seeds trained for a few steps, reported, opened at 1400 px."""
+    overrides = [
+        "train.steps=8",
+        "optim.warmup_steps=1",
+        "train.log_every=1",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "train.checkpoint_every=0",
+        "train.task_eval_examples=1",
+        "data.source=tasks",
+        "data.examples_per_task=10",
+        "train.device=cpu",
+    ]
+    root, cells = tmp_path / "study", []
+    for seed in (0, 1):
+        for router in ("softmax_topk", "mpi"):
+            variant = f"router={router}"
+            run_dir = root / f"{variant}__seed{seed}"
+            config = load_config(
+                CONFIGS / "tiny.toml", [*overrides, f"model.router={router}", f"train.seed={seed}"]
+            )
+            Trainer(config, run_dir=run_dir, progress=False).train()
+            cells.append(
+                {"cell": run_dir.name, "variant": variant, "seed": seed, "run_dir": str(run_dir)}
+            )
+    study = {"name": "tiny", "baseline": "router=softmax_topk", "cells": cells}
+    (root / "study.json").write_text(json.dumps(study))
+    files = build_report([root], tmp_path / "report")
+    _check_layout(files.html, ("Ablation table", "Against the baseline", "Efficiency"))

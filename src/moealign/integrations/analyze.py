@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from moealign.data.loaders import load_jsonl, load_text_files
+from moealign.tables import Table, to_markdown
 
 
 def load_texts(path: str | Path, text_field: str = "text") -> list[str]:
@@ -84,15 +85,24 @@ def _markdown(rows: list[dict], title: str) -> str:
         "expert's load over the mean load; MaxVio = (max load − mean load) / mean load; λ is the "
         "mean projection alignment (MPI paper Eq. 11).",
         "",
-        "| layer | experts | dead | usage entropy | token entropy | MaxVio | λ |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        to_markdown(
+            Table(
+                ["layer", "experts", "dead", "usage entropy", "token entropy", "MaxVio", "λ"],
+                [
+                    [
+                        str(row["layer"]),
+                        str(len(row["expert_counts"])),
+                        str(row["dead_experts"]),
+                        f"{row['usage_entropy']:.3f}",
+                        f"{row['token_entropy']:.3f}",
+                        f"{row['max_vio']:.3f}",
+                        f"{row['projection_alignment']:.3f}",
+                    ]
+                    for row in rows
+                ],
+            )
+        ),
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['layer']} | {len(row['expert_counts'])} | {row['dead_experts']} | "
-            f"{row['usage_entropy']:.3f} | {row['token_entropy']:.3f} | {row['max_vio']:.3f} | "
-            f"{row['projection_alignment']:.3f} |"
-        )
     lines += [
         "",
         "![utilisation](utilisation.png)",
@@ -149,7 +159,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
     detect_family(model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    # Whole documents are tokenised, then cut into windows: no warning about their length.
+    token_ids = [
+        tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] for text in texts
+    ]
     batches = token_batches(token_ids, args.seq_len, args.batch_size, args.max_tokens)
     rows = analyze_model(model, batches)
     paths = write_report(rows, args.out, str(args.model))

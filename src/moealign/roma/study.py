@@ -52,6 +52,7 @@ from moealign.roma.config import RomaConfig
 from moealign.roma.encoders import TextEncoder, build_encoder
 from moealign.roma.neighbours import find_neighbours
 from moealign.roma.training import RouterTrainingConfig, train_routers
+from moealign.tables import Table, to_markdown
 from moealign.training.checkpoint import CheckpointError, load_latest
 
 log = logging.getLogger(__name__)
@@ -502,9 +503,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
         " (oracle upper bound; mean over seeds of the value and of its 95% bootstrap bounds;"
         " n/a where bootstrap resamples left a task with no oracle headroom).",
         "",
-        "| method | seen | held-out | gap closure seen | gap closure held-out | CTGI held-out |",
-        "|---|---|---|---|---|---|",
     ]
+    rows = []
     for method in methods:
         accuracy = summary["accuracy"][method]
         gaps = summary["gap_closure"][method]
@@ -516,11 +516,18 @@ def markdown_tables(results: dict[str, Any]) -> str:
             ctgi_cell += f" [{low:.3f}, {high:.3f}]"
         else:
             ctgi_cell += " [interval n/a]"
-        lines.append(
-            f"| {method} | {_cell(accuracy['seen'])} | {_cell(accuracy['heldout'])} | "
-            f"{_number(gaps['seen']['mean'])} | {_number(gaps['heldout']['mean'])} | "
-            f"{ctgi_cell} |"
+        rows.append(
+            [
+                method,
+                _cell(accuracy["seen"]),
+                _cell(accuracy["heldout"]),
+                _number(gaps["seen"]["mean"]),
+                _number(gaps["heldout"]["mean"]),
+                ctgi_cell,
+            ]
         )
+    header = ["method", "seen", "held-out", "gap closure seen", "gap closure held-out"]
+    lines.append(to_markdown(Table([*header, "CTGI held-out"], rows)))
     if "roma_minus_router_tuning" in summary:
         lines += ["", "RoMA − router tuning (paired t-test over seeds):", ""]
         for name, entry in summary["roma_minus_router_tuning"].items():
@@ -541,9 +548,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
     for name in SETS:
         tasks = list(summary["per_task"]["base"][name])
         lines += ["", f"Per-task accuracy (%), {name}:", ""]
-        lines.append("| method | " + " | ".join(tasks) + " |")
-        lines.append("|---|" + "---|" * len(tasks))
-        for method in methods:
-            row = summary["per_task"][method][name]
-            lines.append(f"| {method} | " + " | ".join(f"{100 * row[t]:.1f}" for t in tasks) + " |")
+        rows = [
+            [method, *(f"{100 * summary['per_task'][method][name][t]:.1f}" for t in tasks)]
+            for method in methods
+        ]
+        lines.append(to_markdown(Table(["method", *tasks], rows)))
     return "\n".join(lines) + "\n"

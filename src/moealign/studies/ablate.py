@@ -35,7 +35,9 @@ checkpoints but no final evaluation continues with ``--resume``. A cell's outcom
 recorded), ``failed`` (the process exited with an error; the last line of its log is
 recorded) or ``interrupted`` (stopped by a signal; rerun the study to continue). Each attempt
 is appended to ``<out_dir>/cells.jsonl``; ``<out_dir>/study.json`` holds the expanded grid and
-every cell's latest status, rewritten as cells finish.
+every cell's latest status, rewritten as cells finish. Unless ``--quiet``, one line is printed
+as each cell starts and as it ends (status, wall time, final validation loss, and an estimate of
+the time left from the cells finished so far).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +61,7 @@ from typing import Any
 
 import moealign
 from moealign.config import ConfigError, load_config, tomllib  # tomllib or its 3.10 twin
+from moealign.tables import Table, format_number, to_text
 from moealign.training.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -409,12 +412,64 @@ def _last_log_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _final_val_loss(run_dir: Path) -> float | None:
+    try:
+        value = json.loads((run_dir / FINAL_EVAL_FILE).read_text()).get("val_loss")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, (int, float)) else None
+
+
+class _Progress:
+    """One line per cell as it starts and as it ends, with the time left estimated as the
+    mean wall time of the cells finished in this invocation × the cells not yet ended / jobs."""
+
+    def __init__(self, total: int, jobs: int, write: Callable[[str], None]) -> None:
+        self.total, self.jobs, self.write = total, jobs, write
+        self.started = 0
+        self.wall_times: list[float] = []
+        self.lock = threading.Lock()
+
+    def start(self, cell: Cell) -> None:
+        with self.lock:
+            self.started += 1
+            self.write(f"[{self.started}/{self.total}] start {cell.name}")
+
+    def end(self, result: CellResult) -> None:
+        with self.lock:
+            self.wall_times.append(result.wall_s or 0.0)
+            ended, left = len(self.wall_times), self.total - len(self.wall_times)
+            status = _status_text(result)
+            loss = _final_val_loss(Path(result.run_dir))
+            line = f"[{ended}/{self.total}] end   {result.cell} after "
+            line += f"{_duration(result.wall_s or 0.0)}: {status}"
+            line += f", val loss {format_number(loss)}" if loss is not None else ""
+            if left:
+                mean = sum(self.wall_times) / ended
+                line += f"; {left} left, ETA {_duration(mean * math.ceil(left / self.jobs))}"
+            self.write(line)
+
+
 class _StudyRunner:
     """Runs the cells of a study and keeps ``study.json`` / ``cells.jsonl`` up to date."""
 
-    def __init__(self, study: AblationStudy, jobs: int) -> None:
+    def __init__(
+        self, study: AblationStudy, jobs: int, progress: Callable[[str], None] | None = None
+    ) -> None:
         self.study = study
         self.jobs = jobs
+        self.write_progress = progress
+        self.progress: _Progress | None = None
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.processes: set[subprocess.Popen] = set()
@@ -484,6 +539,8 @@ class _StudyRunner:
         with self.lock:
             result.status = "running"
             self.write_study()
+        if self.progress:
+            self.progress.start(cell)
         with open(log, "a") as handle:
             handle.write(f"# {utc_now()} {' '.join(result.command)}\n")
             handle.flush()
@@ -501,6 +558,8 @@ class _StudyRunner:
         result.error = _last_log_line(log) if returncode else ""
         result.finished_at = utc_now()
         self.record(result)
+        if self.progress:
+            self.progress.end(result)
 
     def interrupt(self) -> None:
         """Stop scheduling cells and ask running ones to checkpoint and stop."""
@@ -519,6 +578,12 @@ class _StudyRunner:
             else:
                 todo.append(cell)
         self.write_study()
+        if self.write_progress is not None:
+            self.progress = _Progress(len(todo), self.jobs, self.write_progress)
+            done = len(self.study.cells) - len(todo)
+            if done:
+                total = len(self.study.cells)
+                self.write_progress(f"{done} of {total} cells already finished; {len(todo)} to run")
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             futures = [pool.submit(self.run_cell, cell) for cell in todo]
             try:
@@ -532,14 +597,17 @@ class _StudyRunner:
         return list(self.results.values())
 
 
-def run_study(study: AblationStudy, jobs: int = 1) -> list[CellResult]:
+def run_study(
+    study: AblationStudy, jobs: int = 1, progress: Callable[[str], None] | None = None
+) -> list[CellResult]:
     """Run every unfinished cell of ``study``, ``jobs`` at a time; returns every cell's result.
 
     A cell that diverges or fails is recorded with its status and error; the study goes on.
+    ``progress`` (e.g. ``print``) receives a line as each cell starts and ends.
     """
     if jobs < 1:
         raise ValueError(f"jobs: got {jobs}; expected an integer >= 1")
-    return _StudyRunner(study, jobs).run()
+    return _StudyRunner(study, jobs, progress).run()
 
 
 # ---------------------------------------------------------------------- command line
@@ -554,6 +622,9 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and list the cells without running them"
     )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no line per cell as it starts and ends"
+    )
 
 
 def _status_text(result: CellResult) -> str:
@@ -562,6 +633,10 @@ def _status_text(result: CellResult) -> str:
     if result.status in ("failed", "interrupted") and result.error:
         return f"{result.status}: {result.error}"
     return result.status
+
+
+def _print_flushed(line: str) -> None:
+    print(line, flush=True)
 
 
 def run_ablate(args: argparse.Namespace) -> int:
@@ -575,12 +650,11 @@ def run_ablate(args: argparse.Namespace) -> int:
             print(f"  {cell.name}: {' '.join(cell.overrides) or '(base config)'}")
         return 0
     try:
-        results = run_study(study, args.jobs)
+        results = run_study(study, args.jobs, None if args.quiet else _print_flushed)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    width = max(len(result.cell) for result in results)
-    for result in results:
-        print(f"  {result.cell:<{width}}  {_status_text(result)}")
+    rows = [[result.cell, _status_text(result)] for result in results]
+    print(to_text(Table([], rows), indent="  "))
     print(f"results: {study.out_dir / STUDY_FILE}; report: moealign report {study.out_dir}")
     return 0 if all(r.status in ("finished", "diverged") for r in results) else 1

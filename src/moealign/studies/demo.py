@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from moealign.config import RunConfig, load_config
+from moealign.tables import Table, to_markdown, to_text
 
 PRESETS = {
     # about seven minutes on two CPU cores
@@ -133,23 +134,10 @@ def table_rows(summaries: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
-    header = [name for name, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summaries)]
-    return "\n".join(lines)
-
-
-def text_table(summaries: dict[str, dict[str, Any]]) -> str:
-    header = [name for name, _ in COLUMNS]
-    rows = table_rows(summaries)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(
-            cell.rjust(w) if i else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in [header, *rows]
+def summary_table(summaries: dict[str, dict[str, Any]]) -> Table:
+    """The comparison table (rendered to Markdown and to the terminal by moealign.tables)."""
+    return Table(
+        [name for name, _ in COLUMNS], table_rows(summaries), align="l" + "r" * (len(COLUMNS) - 1)
     )
 
 
@@ -198,7 +186,7 @@ def run_demo(
         out / "summary.md",
         "# moealign demo: dense vs softmax top-k MoE vs MPI MoE\n\n"
         f"Preset `{preset}`; configs in each run directory's `config.json`.\n\n"
-        + markdown_table(summaries)
+        + to_markdown(summary_table(summaries))
         + "\n\n![loss curves](loss_curves.png)\n",
     )
     return summaries
@@ -217,6 +205,6 @@ def run(args: argparse.Namespace) -> int:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
     print()
-    print(text_table(summaries))
+    print(to_text(summary_table(summaries)))
     print(f"\ntable: {out / 'summary.md'}   plots: {out / 'loss_curves.png'}")
     return 0

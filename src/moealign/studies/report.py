@@ -6,8 +6,12 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
 
 * **Ablation table** — per variant and metric, mean ± 95% Student-t half width over the
   finished seeds, t_{0.975, n−1} · s/√n
-  (:func:`moealign.evaluation.stats.mean_confidence_interval`); the
-  best mean per column is emphasised where the metric has a direction (:func:`metric_direction`).
+  (:func:`moealign.evaluation.stats.mean_confidence_interval`), the half width to 2 significant
+  digits and the mean to the same decimal place (:func:`moealign.tables.format_interval`).
+  Where the metric has a direction (:func:`metric_direction`) the best mean is bold when its
+  interval does not overlap the runner-up's, else italic (within noise; :func:`best_marks`).
+  Headers are human-readable names with units (:mod:`moealign.studies.labels`); the raw key
+  is the HTML tooltip.
 * **Against the baseline** — per variant, the paired difference variant − baseline (the
   study's per-variant ``baselines``, else its ``baseline``) over the seeds both finished, with
   its t interval and two-sided paired t-test p-value
@@ -15,11 +19,14 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
 * **Efficiency** (guide Step 6) — tokens/s, training and wall time, peak memory, and the steps
   and training time to reach a target validation loss (default: the baseline's mean final
   validation loss).
-* **Figures** — loss curves, routing entropy, MaxVio and the projection alignment λ (MPI paper
-  Eq. 11, at each evaluation) over training, the learning-rate and λ schedules (seed bands),
-  expert-utilisation heatmaps, per-task accuracy (seen vs held-out) and the CTGI of each variant
-  against its baseline with a paired bootstrap interval over the per-example answers, and the
-  transfer ratio (DESIGN.md §7, upper bound 1; :mod:`moealign.studies.transfer`).
+* **Figures** — loss curves (the training loss EMA-smoothed over the raw curve), routing
+  entropy, MaxVio and the projection alignment λ (MPI paper Eq. 11, at each evaluation) over
+  training, the learning-rate and λ schedules (seed bands), expert-utilisation heatmaps
+  (diverging colours centred at load / mean load = 1), per-task accuracy (seen vs held-out)
+  and the CTGI of each variant against its baseline with a paired bootstrap interval over the
+  per-example answers, and the transfer ratio (DESIGN.md §7, upper bound 1;
+  :mod:`moealign.studies.transfer`). A chart with nothing to show (no data, or every per-task
+  accuracy 0) is a one-line note instead.
 * **Model cards** and a **reproducibility appendix** per run.
 
 A section whose data no run has is replaced by a one-line note.
@@ -31,7 +38,7 @@ import argparse
 import json
 import math
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +46,7 @@ from typing import Any, Literal
 from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
 from moealign.studies import plots
 from moealign.studies.document import (
+    Cell,
     Code,
     Image,
     Note,
@@ -48,6 +56,7 @@ from moealign.studies.document import (
     to_html,
     to_markdown,
 )
+from moealign.studies.labels import metric_group, metric_label
 from moealign.studies.results import (
     TASK_SPLITS,
     RunDataError,
@@ -59,6 +68,7 @@ from moealign.studies.results import (
     time_to_target,
 )
 from moealign.studies.transfer import variant_transfer
+from moealign.tables import Emphasis, format_interval, format_number, to_text
 from moealign.training.runs import flatten_config, utc_now
 
 __all__ = [
@@ -69,6 +79,7 @@ __all__ = [
     "RunDataError",
     "add_compare_arguments",
     "add_report_arguments",
+    "best_marks",
     "build_report",
     "compare_runs",
     "metric_direction",
@@ -112,21 +123,19 @@ def metric_direction(metric: str) -> Literal["lower", "higher"] | None:
     return None
 
 
-def _with_arrow(metric: str) -> str:
-    """``metric ↓`` (lower is better), ``metric ↑`` (higher is better) or the bare name."""
-    return metric + {"lower": " ↓", "higher": " ↑"}.get(metric_direction(metric) or "", "")
+def _with_arrow(name: str, metric: str) -> str:
+    """``name ↓`` (lower ``metric`` is better), ``name ↑`` (higher is better) or the bare name."""
+    return name + {"lower": " ↓", "higher": " ↑"}.get(metric_direction(metric) or "", "")
 
 
-def _format(value: float) -> str:
-    if not math.isfinite(value):
-        return "–"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.4g}"
+def _header(metric: str, prefix: str = "") -> Cell:
+    """A metric's column header: its human-readable label and direction, the key as tooltip."""
+    return Cell(_with_arrow(prefix + metric_label(metric), metric), title=metric)
 
 
 def _format_p(p: float) -> str:
-    return "–" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+    """``p<0.001`` or ``p=0.123``."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 # ---------------------------------------------------------------------- statistics
@@ -152,32 +161,53 @@ def _status_counts(run_set: RunSet, variant: str) -> str:
     return f"{finished}/{len(runs)}" + (f" ({extra})" if extra else "")
 
 
+def best_marks(
+    intervals: Sequence[tuple[float, float]], direction: Literal["lower", "higher"] | None
+) -> dict[int, Emphasis]:
+    """The rows to mark in a column of (mean, 95% half width), keyed by row index.
+
+    ``strong``: the best mean, where its interval does not overlap the runner-up's
+    (|m₁ − m₂| > h₁ + h₂); ``em``: the best mean otherwise (the intervals overlap, a variant has
+    one seed and no interval, or two share the best mean) — within noise. Nothing is marked
+    without a direction or with fewer than two distinct finite means.
+    """
+    finite = [
+        (mean, half, row) for row, (mean, half) in enumerate(intervals) if math.isfinite(mean)
+    ]
+    if direction is None or len({mean for mean, _, _ in finite}) < 2:
+        return {}
+    ranked = sorted(finite, key=lambda entry: entry[0] if direction == "lower" else -entry[0])
+    best = [row for mean, _, row in ranked if mean == ranked[0][0]]
+    if len(best) > 1:
+        return dict.fromkeys(best, "em")
+    (mean_1, half_1, row), (mean_2, half_2, _) = ranked[:2]
+    separated = math.isfinite(half_1 + half_2) and abs(mean_1 - mean_2) > half_1 + half_2
+    return {row: "strong" if separated else "em"}
+
+
+_MARKS_LEGEND = (
+    "Bold: the best mean, and its 95% interval does not overlap the runner-up's. Italic: the "
+    "best mean, but within noise (the intervals overlap, or a variant has one seed). "
+    "“± 0”: every seed gave the same value."
+)
+
+
 def ablation_table(run_set: RunSet, metrics: Sequence[str]) -> Table:
-    """Rows: variants; columns: mean ± 95% t half width per metric over finished seeds."""
-    rows, means = [], []
-    for variant in run_set.variants:
-        runs = run_set.of_variant(variant)
-        row, row_means = [variant, _status_counts(run_set, variant)], []
-        for metric in metrics:
-            values = list(_values_by_seed(runs, metric).values())
-            if not values:
-                row.append("–")
-                row_means.append(math.nan)
-                continue
-            mean, half_width, n = mean_confidence_interval(values)
-            row.append(_format(mean) if n == 1 else f"{_format(mean)} ± {_format(half_width)}")
-            row_means.append(mean)
-        rows.append(row)
-        means.append(row_means)
-    bold = set()
-    for column, metric in enumerate(metrics):
-        direction = metric_direction(metric)
-        column_means = [m[column] for m in means if math.isfinite(m[column])]
-        if direction is None or len(set(column_means)) < 2:
-            continue  # no direction, or nothing to choose between
-        best = min(column_means) if direction == "lower" else max(column_means)
-        bold |= {(r, column + 2) for r, m in enumerate(means) if m[column] == best}
-    return Table(["variant", "seeds finished"] + [_with_arrow(m) for m in metrics], rows, bold)
+    """Rows: variants; columns: mean ± 95% t half width per metric over finished seeds, the
+    best per column marked (:func:`best_marks`)."""
+    columns = []
+    for metric in metrics:
+        column = []
+        for variant in run_set.variants:
+            values = list(_values_by_seed(run_set.of_variant(variant), metric).values())
+            column.append(mean_confidence_interval(values)[:2] if values else (math.nan, math.nan))
+        columns.append(column)
+    rows = [[variant, _status_counts(run_set, variant)] for variant in run_set.variants]
+    for metric, column in zip(metrics, columns, strict=True):
+        marks = best_marks(column, metric_direction(metric))
+        for row, (mean, half_width) in enumerate(column):
+            rows[row].append(Cell(format_interval(mean, half_width), marks.get(row, "")))
+    return Table(["variant", "seeds finished"] + [_header(m) for m in metrics], rows)
 
 
 def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Table:
@@ -198,16 +228,17 @@ def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Ta
             if not seeds:
                 row.append("–")
             elif len(seeds) == 1:
-                row.append(f"{ours[seeds[0]] - theirs[seeds[0]]:+.4g} (n=1)")
+                row.append(f"{format_number(ours[seeds[0]] - theirs[seeds[0]], signed=True)} (n=1)")
             else:
                 delta, half_width, p = paired_t_test(
                     [ours[s] for s in seeds], [theirs[s] for s in seeds]
                 )
+                p_text = "" if math.isnan(p) else f"{_format_p(p)}, "  # nan: no spread
                 row.append(
-                    f"{delta:+.4g} ± {_format(half_width)} (p={_format_p(p)}, n={len(seeds)})"
+                    f"{format_interval(delta, half_width, signed=True)} ({p_text}n={len(seeds)})"
                 )
         rows.append(row)
-    return Table(["variant", "baseline"] + [f"Δ {m}" for m in metrics], rows)
+    return Table(["variant", "baseline"] + [_header(m, "Δ ") for m in metrics], rows)
 
 
 # ---------------------------------------------------------------------- sections
@@ -232,34 +263,66 @@ def _ablation_sections(
     shown = [m for m in metrics if m in present]
     missing = [m for m in metrics if m not in present]
     table = Section("Ablation table")
+    groups = _metric_groups(shown)
     if shown:
-        table.blocks += [
+        table.blocks.append(
             Paragraph(
-                "Mean ± 95% Student-t half width over the finished seeds (t_{0.975,n−1}·s/√n); "
-                "one seed shows the value alone. ↓/↑: lower/higher is better; the best mean per "
-                "column is emphasised."
-            ),
-            ablation_table(run_set, shown),
-        ]
+                "Mean ± 95% Student-t half width over the finished seeds (t_{0.975,n−1}·s/√n), "
+                "the half width to 2 significant digits and the mean to the same decimal place; "
+                "one seed shows the value alone. ↓/↑: lower/higher is better. "
+                + _MARKS_LEGEND
+                + " Columns are grouped by kind; in the HTML report each header's tooltip is "
+                "its metric key (for --metrics)."
+            )
+        )
     else:
         table.blocks.append(Note("No run has any of the requested metrics."))
     if missing:
         table.blocks.append(Note(f"Not found in any run: {', '.join(missing)}."))
+    sections = [table, *_grouped_tables(table, groups, lambda m: ablation_table(run_set, m))]
     against = Section("Against the baseline")
+    sections.append(against)
     if baseline is None:
         against.blocks.append(Note("No baseline named (study baseline or --baseline)."))
     elif shown and len(run_set.variants) > 1:
-        against.blocks += [
+        against.blocks.append(
             Paragraph(
                 "Paired differences variant − its baseline (the study's per-variant baseline, "
                 f"else {baseline}) over the seeds both finished: mean ± 95% t half width, "
                 "two-sided paired t-test p-value."
-            ),
-            baseline_table(run_set, baseline, shown),
-        ]
+            )
+        )
+        sections += _grouped_tables(against, groups, lambda m: baseline_table(run_set, baseline, m))
     else:
         against.blocks.append(Note("Only one variant (or no metric): nothing to compare."))
-    return [table, against]
+    return sections
+
+
+_GROUP_COLUMNS = 5  # metric columns per table, so that a table fits the page
+
+
+def _metric_groups(metrics: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``metrics`` by kind (:func:`moealign.studies.labels.metric_group`, in order of first
+    appearance), at most :data:`_GROUP_COLUMNS` to a group."""
+    by_group: dict[str, list[str]] = {}
+    for metric in metrics:
+        by_group.setdefault(metric_group(metric), []).append(metric)
+    return [
+        (group, members[start : start + _GROUP_COLUMNS])
+        for group, members in by_group.items()
+        for start in range(0, len(members), _GROUP_COLUMNS)
+    ]
+
+
+def _grouped_tables(
+    parent: Section, groups: list[tuple[str, list[str]]], table: Callable[[list[str]], Table]
+) -> list[Section]:
+    """One table per metric group: in ``parent`` itself for a single group, else in
+    subsections titled "<parent>: <group>" (returned)."""
+    if len(groups) == 1:
+        parent.blocks.append(table(groups[0][1]))
+        return []
+    return [Section(f"{parent.title}: {group}", [table(members)], 3) for group, members in groups]
 
 
 def _target_loss(run_set: RunSet, baseline: str | None, target_loss: float | None) -> float | None:
@@ -269,6 +332,9 @@ def _target_loss(run_set: RunSet, baseline: str | None, target_loss: float | Non
         return None
     values = list(_values_by_seed(run_set.of_variant(baseline), "val_loss").values())
     return sum(values) / len(values) if values else None
+
+
+_EFFICIENCY_METRICS = ("tokens_per_s", "train_time_s", "wall_time_s", "peak_memory_mib")
 
 
 def _efficiency_section(run_set: RunSet, target: float | None) -> Section:
@@ -282,12 +348,9 @@ def _efficiency_section(run_set: RunSet, target: float | None) -> Section:
         rows.append(
             [
                 run.name,
-                _format(results.get("tokens_per_s", math.nan)),
-                _format(results.get("train_time_s", math.nan)),
-                _format(results.get("wall_time_s", math.nan)),
-                _format(results.get("peak_memory_mib", math.nan)),
+                *(format_number(results.get(key)) for key in _EFFICIENCY_METRICS),
                 str(reached[0]) if reached else "not reached",
-                _format(reached[1]) if reached else "–",
+                format_number(reached[1]) if reached else "–",
             ]
         )
     if not rows:
@@ -302,20 +365,8 @@ def _efficiency_section(run_set: RunSet, target: float | None) -> Section:
                 "(tokens / tokens per second); wall time spans meta.json's start and end."
             )
         )
-    section.blocks.append(
-        Table(
-            [
-                "run",
-                "tokens/s",
-                "train time (s)",
-                "wall time (s)",
-                "peak memory (MiB)",
-                "steps to target",
-                "time to target (s)",
-            ],
-            rows,
-        )
-    )
+    headers = [Cell(metric_label(key), title=key) for key in _EFFICIENCY_METRICS]
+    section.blocks.append(Table(["run", *headers, "steps to target", "time to target (s)"], rows))
     return section
 
 
@@ -376,7 +427,7 @@ def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
                 f"{found.heldout_gain:+.3f}",
                 f"{found.indomain_gain:+.3f}",
                 ctgi_text,
-                _format(found.transfer_ratio),
+                format_number(found.transfer_ratio),
                 excluded,
             ]
         )
@@ -404,33 +455,31 @@ def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> li
     variants = {v: run_set.of_variant(v) for v in run_set.variants}
     sections = []
     curve_figures = [
-        (
-            "Loss curves",
-            "loss_curves.png",
-            [("loss", "train", "training loss"), ("val_loss", "val", "validation loss")],
-        ),
+        ("Loss curves", "loss_curves.png", [("loss", "train"), ("val_loss", "val")]),
         (
             "Routing over training",
             "routing.png",
             [
-                ("routing/token_entropy", "train", "token routing entropy (normalised)"),
-                ("routing/usage_entropy", "train", "expert-usage entropy (normalised)"),
-                ("routing/max_vio", "train", "MaxVio (batch)"),
-                ("val_routing/projection_alignment", "val", "projection alignment λ"),
+                ("routing/token_entropy", "train"),
+                ("routing/usage_entropy", "train"),
+                ("routing/max_vio", "train"),
+                ("val_routing/projection_alignment", "val"),
             ],
         ),
-        (
-            "Schedules",
-            "schedules.png",
-            [("lr", "train", "learning rate"), ("lambda", "train", "λ")],
-        ),
+        ("Schedules", "schedules.png", [("lr", "train"), ("lambda", "train")]),
     ]
     for title, filename, panels in curve_figures:
         path = plots.plot_curves(variants, panels, figures / filename, title)
+        caption = f"{title}: mean over finished seeds, band = min–max over seeds"
+        if any(key in plots.SMOOTHED for key, split in panels if split == "train"):
+            caption += (
+                "; the training loss is an exponential moving average (span: a tenth of the "
+                "logged points, at least 2) over its raw mean, drawn faint"
+            )
         block = (
-            Image(path, f"{title}: mean over finished seeds, band = min–max over seeds")
+            Image(path, caption)
             if path
-            else Note(f"No finished run logged {', '.join(key for key, _, _ in panels)}.")
+            else Note(f"No finished run logged {', '.join(key for key, _ in panels)}.")
         )
         sections.append(Section(title, [block]))
     path = plots.plot_expert_utilisation(variants, figures / "expert_utilisation.png")
@@ -445,15 +494,27 @@ def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> li
         )
     )
     accuracy = _task_accuracy(run_set)
+    zero = [
+        split
+        for split, by_variant in accuracy.items()
+        if by_variant and all(m == 0 for t in by_variant.values() for m, _ in t.values())
+    ]
     colors = plots.variant_colors(run_set.variants)
-    path = plots.plot_task_accuracy(accuracy, figures / "task_accuracy.png", colors)
+    shown = {split: {} if split in zero else by_variant for split, by_variant in accuracy.items()}
+    path = plots.plot_task_accuracy(shown, figures / "task_accuracy.png", colors)
     task_section = Section("Per-task accuracy")
-    if path is None:
+    if not any(accuracy.values()):
         task_section.blocks.append(Note("No final evaluation has task accuracies."))
     else:
-        task_section.blocks.append(
-            Image(path, "Accuracy per task, seen vs held-out (error bars: 95% t interval)")
-        )
+        if zero:
+            names = " and ".join("held-out-task" if s == "heldout" else "seen-task" for s in zero)
+            task_section.blocks.append(
+                Note(f"Every {names} accuracy is 0, for every variant: nothing to chart.")
+            )
+        if path is not None:
+            task_section.blocks.append(
+                Image(path, "Accuracy per task, seen vs held-out (error bars: 95% t interval)")
+            )
         if baseline is not None:
             task_section.blocks += [
                 Paragraph(
@@ -565,7 +626,7 @@ def model_card(run: RunRecord) -> list[Section]:
         + f"; optimizer {optim.get('name')} lr {optim.get('lr')} ({optim.get('schedule')})"
     )
     measured = [
-        f"{name} {_format(results[key])}"
+        f"{name} {format_number(results[key])}"
         for key, name in (
             ("val_loss", "validation loss"),
             ("val_ppl", "perplexity"),
@@ -609,7 +670,7 @@ def model_card(run: RunRecord) -> list[Section]:
                 [
                     "wall time",
                     f"{meta.get('start_time', '?')} → {meta.get('end_time', '?')} "
-                    f"({_format(results.get('wall_time_s', math.nan))} s)",
+                    f"({format_number(results.get('wall_time_s', math.nan))} s)",
                 ],
             ],
         ),
@@ -710,16 +771,6 @@ def build_report(
 # ---------------------------------------------------------------------- compare
 
 
-def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=True)]
-    lines = [
-        "  ".join(f"{str(cell):<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [headers, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
     """Two runs side by side: config keys that differ, then every final (non per-layer) result
     with the difference B − A."""
@@ -733,7 +784,7 @@ def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
     lines.append("config differences")
     if differing:
         rows = [[k, json.dumps(flat_a.get(k)), json.dumps(flat_b.get(k))] for k in differing]
-        lines.append(_text_table(["key", "A", "B"], rows))
+        lines.append(to_text(Table(["key", "A", "B"], rows, align="lll")))
     else:
         lines.append("(none)")
     results_a, results_b = run_results(a), run_results(b)
@@ -744,13 +795,13 @@ def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
         va, vb = results_a.get(key, math.nan), results_b.get(key, math.nan)
         rows.append(
             [
-                _with_arrow(key),
-                _format(va),
-                _format(vb),
-                f"{vb - va:+.4g}" if math.isfinite(va) and math.isfinite(vb) else "–",
+                _with_arrow(key, key),
+                format_number(va),
+                format_number(vb),
+                format_number(vb - va, signed=True),
             ]
         )
-    lines.append(_text_table(["metric", "A", "B", "B − A"], rows) if rows else "(none)")
+    lines.append(to_text(Table(["metric", "A", "B", "B − A"], rows)) if rows else "(none)")
     return "\n".join(lines)
 
 
@@ -772,7 +823,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LOSS",
         help="validation loss for time-to-target (default: the baseline's final)",
     )
-    parser.add_argument("--title", default="moealign report")
+    parser.add_argument("--title", default="moealign report", help="the report's title")
 
 
 def run_report(args: argparse.Namespace) -> int:
