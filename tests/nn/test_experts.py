@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moealign.nn import MoELayer, SwiGLUExperts, grouped_mm_supported
 
@@ -94,16 +92,17 @@ def test_dropped_slots_contribute_nothing():
 
 @pytest.mark.parametrize("n_experts,top_k", [(8, 2), (4, 1), (6, 3)])
 def test_layer_equals_transformers_mixtral_block_in_float64(n_experts, top_k):
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
     torch.manual_seed(n_experts)
     d_model, d_ff = 16, 24
-    config = MixtralConfig(
+    config = mixtral.MixtralConfig(
         hidden_size=d_model,
         intermediate_size=d_ff,
         num_local_experts=n_experts,
         num_experts_per_tok=top_k,
         router_jitter_noise=0.0,
     )
-    peer = MixtralSparseMoeBlock(config).double().eval()
+    peer = mixtral.MixtralSparseMoeBlock(config).double().eval()
     layer = MoELayer(d_model, d_ff, n_experts, top_k, router="softmax_topk").double().eval()
     with torch.no_grad():
         peer.gate.weight.copy_(layer.router.weight)
