@@ -141,11 +141,19 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from moealign.studies.demo import PRESETS
+    from moealign.studies.demo import DEFAULT_SEEDS, PRESETS
 
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="quick", help="model and training size"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SEEDS),
+        metavar="SEED",
+        help="train.seed of each run, at least 2",
     )
     _add_override_argument(parser, "override a config value of all three models")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

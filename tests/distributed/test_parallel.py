@@ -214,7 +214,9 @@ def _assert_run_matches(run: dict, reference: dict) -> None:
             assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
         _assert_state_close(got["grads"], want["grads"])
     _assert_state_close(run["weights"], reference["weights"])
-    torch.testing.assert_close(run["prior"], reference["prior"])
+    # The prior is float64 but an EMA of fp32 routing probabilities that each rank sums over
+    # its own micro-batch (other GEMM shapes, other reduction order): fp32 rounding, not fp64.
+    torch.testing.assert_close(run["prior"], reference["prior"], rtol=1e-5, atol=1e-6)
 
 
 def _assert_reference_exercises_statistics(reference: dict) -> None:

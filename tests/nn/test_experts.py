@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moealign.nn import MoELayer, SwiGLUExperts, grouped_mm_supported
 
@@ -94,16 +92,17 @@ def test_dropped_slots_contribute_nothing():
 
 @pytest.mark.parametrize("n_experts,top_k", [(8, 2), (4, 1), (6, 3)])
 def test_layer_equals_transformers_mixtral_block_in_float64(n_experts, top_k):
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
     torch.manual_seed(n_experts)
     d_model, d_ff = 16, 24
-    config = MixtralConfig(
+    config = mixtral.MixtralConfig(
         hidden_size=d_model,
         intermediate_size=d_ff,
         num_local_experts=n_experts,
         num_experts_per_tok=top_k,
         router_jitter_noise=0.0,
     )
-    peer = MixtralSparseMoeBlock(config).double().eval()
+    peer = mixtral.MixtralSparseMoeBlock(config).double().eval()
     layer = MoELayer(d_model, d_ff, n_experts, top_k, router="softmax_topk").double().eval()
     with torch.no_grad():
         peer.gate.weight.copy_(layer.router.weight)
@@ -114,8 +113,10 @@ def test_layer_equals_transformers_mixtral_block_in_float64(n_experts, top_k):
     x = torch.randn(3, 11, d_model, dtype=torch.float64)
     y, info = layer(x)
     y_peer = peer(x.clone())
-    # transformers rounds its routing softmax to float32; ours stays float64 for float64 input.
-    torch.testing.assert_close(y, y_peer, rtol=1e-6, atol=1e-7)
+    # transformers rounds its routing softmax to float32 (relative error up to 2⁻²⁴ ≈ 6e-8);
+    # ours stays float64. Times expert outputs of up to ~3 that is ~2e-7 absolute, also where
+    # y itself cancels to near 0 (measured up to 0.7 of the old atol=1e-7 on baseline kernels).
+    torch.testing.assert_close(y, y_peer, rtol=1e-6, atol=1e-6)
     logits_peer, weights_peer, idx_peer = peer.gate(x.reshape(-1, d_model))
     torch.testing.assert_close(info.logits.double(), logits_peer.double(), rtol=1e-6, atol=1e-6)
     assert torch.equal(info.topk_idx, idx_peer)

@@ -8,6 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
+
+pytest.importorskip("transformers")  # the models under test are its own
+
 from transformers import PreTrainedTokenizerFast
 
 from helpers_hf import FAMILIES, batch, tiny_model
@@ -112,13 +115,15 @@ def test_all_mass_on_one_expert_routes_the_last_token_to_it(variant):
         expected = torch.zeros(layer.topk_weight.shape[-1])
         expected[slot] = scale
         torch.testing.assert_close(layer.topk_weight[b, -1].float(), expected, rtol=0, atol=0)
-    # Only the last token's logits change (causal attention)...
-    assert torch.equal(moved.logits[:, :-1], base.logits[:, :-1])
+    # Only the last token's logits change (causal attention)... up to fp32 rounding: the
+    # experts' GEMMs see other row counts once the last token moved, which may block their
+    # sums differently (MKL's AVX2 kernels do; ~2e-6 on logits of ~6, a few ulp).
+    torch.testing.assert_close(moved.logits[:, :-1], base.logits[:, :-1], rtol=1e-5, atol=1e-5)
     assert (moved.logits[:, -1] - base.logits[:, -1]).abs().max() > 1e-4
     # ...and the block's output there moved by γ E_target(x) − Σ_k w_k E_k(x) (the shared
     # experts see the same input in both runs), with the experts computed by hand.
     (x_base, y_base), (x_moved, y_moved) = seen
-    assert torch.equal(x_base, x_moved)
+    assert torch.equal(x_base, x_moved)  # the same kernels on the same shapes before the block
     experts = block.mlp.experts
     with torch.no_grad():
         for b in range(2):

@@ -63,7 +63,7 @@ def questions():
 # --- the routing override hook ---------------------------------------------------------------
 
 
-def test_override_reroutes_changed_tokens_and_keeps_the_rest_bit_for_bit():
+def test_override_reroutes_changed_tokens_and_keeps_the_rest():
     torch.manual_seed(0)
     model = tiny_model()
     layer = model.moe_layers[0]
@@ -81,9 +81,12 @@ def test_override_reroutes_changed_tokens_and_keeps_the_rest_bit_for_bit():
     layer.probs_override = None
     changed = 1 * 5 + 3
     keep = [t for t in range(10) if t != changed]
+    # The router runs before the override on the same input: its decisions are the same bits.
     assert torch.equal(info.topk_idx[keep], info_ref.topk_idx[keep])
     assert torch.equal(info.topk_weight[keep], info_ref.topk_weight[keep])
-    assert torch.equal(y.view(10, -1)[keep], y_ref.view(10, -1)[keep])
+    # Experts 2 and 3 now get one row more, and a GEMM of another row count may block its
+    # sums differently (MKL's AVX2 kernels do): fp32 rounding (ε ≈ 1.2e-7) on outputs of O(1).
+    torch.testing.assert_close(y.view(10, -1)[keep], y_ref.view(10, -1)[keep], rtol=1e-5, atol=1e-6)
     # The changed token: top-2 of the new probabilities, weights renormalised over the two.
     assert sorted(info.topk_idx[changed].tolist()) == [2, 3]
     order = info.topk_idx[changed].argsort()

@@ -1,14 +1,26 @@
-"""The main job (`moealign demo`) and `moealign eval RUN_DIR`, end to end on tiny models."""
+"""The main job (`moealign demo`: seeds, intervals, paired tests, verdicts) and
+`moealign eval RUN_DIR`, end to end on tiny models."""
 
 import json
+from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
+import scipy.stats
 
 from helpers_cli import run_cli
 from moealign.config import load_config
 from moealign.evaluation.run import evaluate_run
-from moealign.studies.demo import run_demo, variant_configs
+from moealign.studies.demo import (
+    COMPARISONS,
+    VARIANTS,
+    paired_comparisons,
+    run_demo,
+    variant_configs,
+    verdict,
+)
+from moealign.studies.results import RunRecord, RunSet
 
 TINY_DEMO = [
     "model.d_model=32",
@@ -39,32 +51,97 @@ def test_variants_have_matched_active_size():
     assert variants["moe_softmax_topk"].model.router == "softmax_topk"
 
 
+def _runs(values: dict[str, list[float]]) -> RunSet:
+    """Finished runs whose final evaluation holds only ``val_loss``, seeds 0, 1, ..."""
+    return RunSet(
+        [
+            RunRecord(Path(f"{variant}__seed{seed}"), variant, seed, "finished",
+                      final_eval={"val_loss": value})
+            for variant, losses in values.items()
+            for seed, value in enumerate(losses)
+        ]
+    )  # fmt: skip
+
+
+def test_paired_comparisons_match_scipy_and_say_within_noise_when_the_interval_covers_zero():
+    dense = [2.00, 2.10, 2.05, 1.98]
+    topk = [1.90, 1.99, 1.96, 1.87]  # about 0.1 lower on every seed
+    mpi = [1.93, 1.95, 1.98, 1.86]  # topk ± 0.03: noise
+    values = {"dense": dense, "moe_softmax_topk": topk, "moe_mpi": mpi}
+    comparisons = {(c["variant"], c["baseline"]): c for c in paired_comparisons(_runs(values))}
+    assert set(comparisons) == set(COMPARISONS)
+    for (variant, baseline), comparison in comparisons.items():
+        a, b = values[variant], values[baseline]
+        difference = np.subtract(a, b)
+        half_width = scipy.stats.t.ppf(0.975, 3) * difference.std(ddof=1) / 2
+        assert comparison["delta"] == pytest.approx(difference.mean())
+        assert comparison["half_width"] == pytest.approx(half_width)
+        assert comparison["p_value"] == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue)
+        assert comparison["seeds"] == [0, 1, 2, 3]
+    assert not comparisons[("moe_softmax_topk", "dense")]["within_noise"]
+    assert comparisons[("moe_mpi", "moe_softmax_topk")]["within_noise"]
+    lines = {pair: verdict(c) for pair, c in comparisons.items()}
+    assert lines[("moe_softmax_topk", "dense")].endswith("moe_softmax_topk lower (better)")
+    assert lines[("moe_mpi", "moe_softmax_topk")].endswith("within noise")
+    assert "n = 4 seeds" in lines[("moe_mpi", "dense")]
+    # A higher loss is worse; a seed one model lacks is left out of the pairing.
+    worse = _runs({"dense": dense, "moe_softmax_topk": [x + 0.2 for x in dense[:3]]})
+    (comparison,) = [c for c in paired_comparisons(worse) if c["baseline"] == "dense"]
+    assert comparison["seeds"] == [0, 1, 2]
+    assert verdict(comparison).endswith("moe_softmax_topk higher (worse)")
+
+
+def test_demo_needs_two_distinct_seeds(tmp_path):
+    for seeds in (["3"], ["1", "1"]):
+        result = run_cli("demo", "--seeds", *seeds, "--out", str(tmp_path), cwd=tmp_path)
+        assert result.returncode == 2
+        assert "error: --seeds" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
-def test_demo_trains_three_models_writes_table_and_plot_and_reuses_finished_runs(tmp_path):
+def test_demo_trains_each_model_per_seed_reports_intervals_and_reuses_finished_runs(
+    tmp_path, capsys
+):
     out = tmp_path / "demo"
-    summaries = run_demo(out, overrides=TINY_DEMO, progress=False)
-    assert list(summaries) == ["dense", "moe_softmax_topk", "moe_mpi"]
-    dense, moe = summaries["dense"], summaries["moe_softmax_topk"]
+    summary = run_demo(out, overrides=TINY_DEMO, progress=False, seeds=(0, 1))
+    assert [(r["variant"], r["seed"]) for r in summary["runs"]] == [
+        (variant, seed) for variant in VARIANTS for seed in (0, 1)
+    ]
+    runs = {(r["variant"], r["seed"]): r for r in summary["runs"]}
+    dense, moe = runs["dense", 0], runs["moe_softmax_topk", 0]
     assert dense["params_total"] == dense["params_active"]
     assert moe["params_active"] < moe["params_total"]
-    assert dense["max_vio_global"] is None and moe["max_vio_global"] >= 0
+    assert "val_routing/max_vio" not in dense and moe["val_routing/max_vio"] >= 0
     assert 0.0 <= moe["task_accuracy_seen"] <= 1.0
+    assert runs["moe_mpi", 0]["val_loss"] != runs["moe_mpi", 1]["val_loss"]  # seeds differ
+    # mean ± t half width over the two seeds, by hand
+    losses = [runs["moe_mpi", seed]["val_loss"] for seed in (0, 1)]
+    statistics = summary["models"]["moe_mpi"]["val_loss"]
+    assert statistics["mean"] == pytest.approx(np.mean(losses))
+    expected = scipy.stats.t.ppf(0.975, 1) * np.std(losses, ddof=1) / np.sqrt(2)
+    assert statistics["half_width"] == pytest.approx(expected) and statistics["n"] == 2
+    assert len(summary["verdicts"]) == len(COMPARISONS)
+    printed = capsys.readouterr().out
     table = (out / "summary.md").read_text()
-    assert all(f"| {name} |" in table for name in summaries)
-    assert json.loads((out / "summary.json").read_text()) == summaries
+    for text in (printed, table):
+        assert all(line in text for line in summary["verdicts"])
+        assert all(name in text for name in VARIANTS) and " ± " in text
+    assert all(f"| {name} |" in table for name in VARIANTS)  # Markdown rows
+    assert json.loads((out / "summary.json").read_text()) == summary
     assert matplotlib.image.imread(out / "loss_curves.png").shape[-1] in (3, 4)
-    before = (out / "moe_mpi" / "final_eval.json").stat().st_mtime_ns
-    assert run_demo(out, overrides=TINY_DEMO, progress=False) == summaries
-    assert (out / "moe_mpi" / "final_eval.json").stat().st_mtime_ns == before
+    before = (out / "moe_mpi__seed1" / "final_eval.json").stat().st_mtime_ns
+    assert run_demo(out, overrides=TINY_DEMO, progress=False, seeds=(0, 1)) == summary
+    assert (out / "moe_mpi__seed1" / "final_eval.json").stat().st_mtime_ns == before
 
     # `moealign eval` on one of the runs: same validation loss as the run's own final eval
-    result = evaluate_run(out / "moe_mpi", task_examples=1)
-    final = json.loads((out / "moe_mpi" / "final_eval.json").read_text())
+    result = evaluate_run(out / "moe_mpi__seed0", task_examples=1)
+    final = json.loads((out / "moe_mpi__seed0" / "final_eval.json").read_text())
     assert result["lm"]["nll"] == pytest.approx(final["val_loss"], rel=1e-5)
     assert result["projection_alignment"] == pytest.approx(final["projection_alignment"])
     assert set(result["tasks"]["sets"]) >= {"test", "heldout_tasks"}
-    assert json.loads((out / "moe_mpi" / "eval.json").read_text())["lm"] == result["lm"]
-    cli = run_cli("eval", str(out / "moe_mpi"), "--task-examples", "1", cwd=tmp_path)
+    assert json.loads((out / "moe_mpi__seed0" / "eval.json").read_text())["lm"] == result["lm"]
+    cli = run_cli("eval", str(out / "moe_mpi__seed0"), "--task-examples", "1", cwd=tmp_path)
     assert cli.returncode == 0, cli.stderr
     assert "val perplexity" in cli.stdout and "projection alignment" in cli.stdout
 

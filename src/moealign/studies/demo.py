@@ -1,28 +1,46 @@
-"""The main job, ``moealign demo``: dense vs softmax top-k MoE vs MPI MoE on the built-in data.
+"""The main job, ``moealign demo``: dense vs softmax top-k MoE vs MPI MoE over several seeds.
 
 Trains three models of matched *active* size from ``configs/demo.toml`` (a dense SwiGLU
 baseline with FFN width K·F, a softmax top-k MoE and the same MoE with the MPI router, DESIGN.md
-§3) on a mix of the Python standard library's sources and the synthetic task suite, evaluates
-them, prints a comparison table (validation loss and perplexity, task accuracy on seen and
-held-out tasks, MaxVio, tokens/s) and writes it with loss-curve plots into the output directory.
-A model whose run already finished there is reused, so an interrupted demo continues.
+§3) on a mix of the Python standard library's sources and the synthetic task suite, once per
+seed (``train.seed``: the initialisation and the routers' noise; the data and its order are the
+same for every run, so runs of one seed are paired). It reports (DESIGN.md §7–8):
+
+* per model and column, the mean over seeds ± the 95% Student-t half width
+  (:func:`moealign.evaluation.stats.mean_confidence_interval`);
+* for each MoE against softmax top-k and against dense, the paired difference by seed with its
+  95% t interval and two-sided paired t-test p-value
+  (:func:`moealign.evaluation.stats.paired_t_test`);
+* one verdict line per comparison on the validation loss: "within noise" when the interval of
+  the difference covers 0, else which model is lower;
+* training and validation loss curves, the mean over seeds with a min–max band.
+
+Everything goes to the terminal and to ``summary.md``/``summary.json``/``loss_curves.png`` in
+the output directory. A run that already finished there is reused, so an interrupted demo
+continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moealign.config import RunConfig, load_config
-from moealign.tables import Table, to_markdown, to_text
+from moealign.config import ConfigError, RunConfig, load_config
+from moealign.studies.document import Image, Note, Paragraph, Section, to_markdown
+from moealign.tables import Table, format_number, to_text
+
+if TYPE_CHECKING:
+    from moealign.studies.results import RunRecord, RunSet
 
 PRESETS = {
-    # about seven minutes on two CPU cores
+    # three seeds of three models in about ten minutes on two CPU cores
     "quick": [],
     # a longer, wider run for a GPU or a patient CPU
     "full": [
@@ -38,6 +56,22 @@ PRESETS = {
     ],
 }
 VARIANTS = ("dense", "moe_softmax_topk", "moe_mpi")
+DEFAULT_SEEDS = (0, 1, 2)
+CONFIDENCE = 0.95
+# Columns of the results table (keys of moealign.studies.results.run_results).
+METRICS = (
+    "val_loss",
+    "val_ppl",
+    "task_accuracy_seen",
+    "task_accuracy_heldout",
+    "val_routing/max_vio",
+    "tokens_per_s",
+)
+# Paired differences: each MoE against softmax top-k and against dense.
+COMPARISONS = (("moe_softmax_topk", "dense"), ("moe_mpi", "dense"), ("moe_mpi", "moe_softmax_topk"))
+DIFFERENCE_METRICS = ("val_loss", "task_accuracy_seen", "task_accuracy_heldout")
+VERDICT_METRIC = "val_loss"
+TITLE = "moealign demo: dense vs softmax top-k MoE vs MPI MoE"
 
 
 def demo_config_path() -> Path:
@@ -49,6 +83,14 @@ def demo_config_path() -> Path:
             "`bash scripts/setup.sh` (pip install -e)"
         )
     return path
+
+
+def check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
+    """The seeds as a tuple; at least two distinct ones (an interval needs two)."""
+    seeds = tuple(seeds)
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError("--seeds", f"got {list(seeds)}; expected at least 2 distinct integers")
+    return seeds
 
 
 def variant_configs(base: RunConfig) -> dict[str, RunConfig]:
@@ -64,132 +106,290 @@ def variant_configs(base: RunConfig) -> dict[str, RunConfig]:
     }
 
 
-def train_variant(config: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any] | None:
-    """Train one model (or reuse its finished run) and return its summary row; None if a
-    signal interrupted it (its checkpoint is saved and the next demo continues it)."""
+def run_name(variant: str, seed: int) -> str:
+    """The run directory's name, as ``moealign ablate`` names its cells."""
+    return f"{variant}__seed{seed}"
+
+
+def seeded(config: RunConfig, seed: int) -> RunConfig:
+    return replace(config, name=run_name(config.name, seed), train=replace(config.train, seed=seed))
+
+
+def train_run(config: RunConfig, run_dir: Path, progress: bool) -> bool:
+    """Train one model (or reuse its finished run); False if a signal interrupted it (its
+    checkpoint is saved and the next demo continues it)."""
     from moealign.training.trainer import Trainer
 
-    final_path = run_dir / "final_eval.json"
-    if not final_path.is_file():
-        resume = (run_dir / "config.json").is_file()
-        trainer = Trainer(config, run_dir=run_dir, resume=resume, progress=progress)
-        try:
-            result = trainer.train()
-        finally:
-            trainer.close()
-        if result.interrupted:
-            return None
-    return summarise_run(run_dir)
+    if (run_dir / "final_eval.json").is_file():
+        return True
+    resume = (run_dir / "config.json").is_file()
+    trainer = Trainer(config, run_dir=run_dir, resume=resume, progress=progress)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    return not result.interrupted
 
 
-def summarise_run(run_dir: Path) -> dict[str, Any]:
-    final = json.loads((run_dir / "final_eval.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r.get("split") == "train" and "tokens_per_s" in r]
-    speeds = sorted(r["tokens_per_s"] for r in train)
-    return {
-        "run_dir": str(run_dir),
-        "params_total": final["params_total"],
-        "params_active": final["params_active"],
-        "val_loss": final["val_loss"],
-        "val_ppl": final["val_ppl"],
-        "task_accuracy_seen": final.get("task_accuracy_seen"),
-        "task_accuracy_heldout": final.get("task_accuracy_heldout"),
-        "max_vio_global": final.get("val_routing/max_vio"),
-        "tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
-    }
+# ---------------------------------------------------------------------- statistics
 
 
-COLUMNS = (
-    ("model", "{}"),
-    ("params total/active", "{}"),
-    ("val loss", "{:.4f}"),
-    ("val ppl", "{:.2f}"),
-    ("task acc seen", "{:.3f}"),
-    ("task acc held-out", "{:.3f}"),
-    ("MaxVio global", "{:.3f}"),
-    ("tokens/s", "{:,.0f}"),
-)
+def _by_seed(runs: Sequence[RunRecord], metric: str) -> dict[int, float]:
+    from moealign.studies.results import run_results
+
+    values = {run.seed: run_results(run).get(metric) for run in runs}
+    return {seed: value for seed, value in values.items() if value is not None}
 
 
-def table_rows(summaries: dict[str, dict[str, Any]]) -> list[list[str]]:
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def model_statistics(run_set: RunSet) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per model and metric: mean, 95% t half width (None for one seed) and n."""
+    from moealign.evaluation.stats import mean_confidence_interval
+
+    statistics = {}
+    for variant in run_set.variants:
+        statistics[variant] = {}
+        for metric in METRICS:
+            values = list(_by_seed(run_set.of_variant(variant), metric).values())
+            if values:
+                mean, half_width, n = mean_confidence_interval(values, CONFIDENCE)
+                statistics[variant][metric] = {
+                    "mean": mean,
+                    "half_width": _finite_or_none(half_width),
+                    "n": n,
+                }
+    return statistics
+
+
+def paired_comparisons(run_set: RunSet) -> list[dict[str, Any]]:
+    """Every (model, baseline) of COMPARISONS and metric of DIFFERENCE_METRICS with at least two
+    seeds both finished: Δ = model − baseline, its 95% t interval, the paired t-test p-value
+    and whether the interval covers 0 ("within noise")."""
+    from moealign.evaluation.stats import paired_t_test
+
+    comparisons = []
+    for variant, baseline in COMPARISONS:
+        for metric in DIFFERENCE_METRICS:
+            ours = _by_seed(run_set.of_variant(variant), metric)
+            theirs = _by_seed(run_set.of_variant(baseline), metric)
+            seeds = sorted(ours.keys() & theirs.keys())
+            if len(seeds) < 2:
+                continue
+            delta, half_width, p_value = paired_t_test(
+                [ours[s] for s in seeds], [theirs[s] for s in seeds], CONFIDENCE
+            )
+            low, high = delta - half_width, delta + half_width
+            comparisons.append(
+                {
+                    "variant": variant,
+                    "baseline": baseline,
+                    "metric": metric,
+                    "seeds": seeds,
+                    "delta": delta,
+                    "half_width": half_width,
+                    "low": low,
+                    "high": high,
+                    "p_value": _finite_or_none(p_value),
+                    "within_noise": bool(low <= 0.0 <= high),
+                }
+            )
+    return comparisons
+
+
+def verdict(comparison: dict[str, Any]) -> str:
+    """One line: the difference, its interval and p-value, then "within noise" when the
+    interval covers 0, else which model is lower or higher (and whether that is better)."""
+    from moealign.studies.report import metric_direction
+
+    c = comparison
+    p = c["p_value"]
+    p_text = "p = n/a" if p is None else ("p < 0.001" if p < 0.001 else f"p = {p:.3f}")
+    low, high = (format_number(c[key], digits=3, signed=True) for key in ("low", "high"))
+    head = (
+        f"{c['variant']} vs {c['baseline']}: Δ {c['metric']} = "
+        f"{format_number(c['delta'], digits=3, signed=True)} "
+        f"(95% CI [{low}, {high}], {p_text}, n = {len(c['seeds'])} seeds)"
+    )
+    if c["within_noise"]:
+        return f"{head}: within noise"
+    lower = c["delta"] < 0
+    direction = metric_direction(c["metric"])
+    better = (direction == "lower") == lower if direction else None
+    judged = "" if better is None else (" (better)" if better else " (worse)")
+    return f"{head}: {c['variant']} {'lower' if lower else 'higher'}{judged}"
+
+
+# ---------------------------------------------------------------------- summary
+
+
+def _models_table(run_set: RunSet, configs: dict[str, RunConfig]) -> Table:
     rows = []
-    for name, s in summaries.items():
-        values = [
-            name,
-            f"{s['params_total']:,}/{s['params_active']:,}",
-            s["val_loss"],
-            s["val_ppl"],
-            s["task_accuracy_seen"],
-            s["task_accuracy_heldout"],
-            s["max_vio_global"],
-            s["tokens_per_s"],
-        ]
+    for variant in run_set.variants:
+        model = configs[variant].model
+        finished = run_set.of_variant(variant)
+        final = finished[0].final_eval if finished else {}
+        kind = "dense SwiGLU" if model.ffn == "dense" else f"MoE, router {model.router}"
         rows.append(
             [
-                fmt.format(v) if v is not None else "—"
-                for (_, fmt), v in zip(COLUMNS, values, strict=True)
+                variant,
+                kind,
+                f"{final.get('params_total', 0):,}",
+                f"{final.get('params_active', 0):,}",
             ]
         )
-    return rows
+    return Table(["model", "FFN", "params total", "params active"], rows)
 
 
-def summary_table(summaries: dict[str, dict[str, Any]]) -> Table:
-    """The comparison table (rendered to Markdown and to the terminal by moealign.tables)."""
-    return Table(
-        [name for name, _ in COLUMNS], table_rows(summaries), align="l" + "r" * (len(COLUMNS) - 1)
-    )
+def _differences_table(run_set: RunSet) -> Table:
+    """Paired differences (moealign.studies.report.baseline_table), one row per comparison."""
+    from moealign.studies.report import baseline_table
+    from moealign.studies.results import RunSet
+
+    rows, headers = [], []
+    for variant, baseline in COMPARISONS:
+        pair = RunSet(
+            [r for r in run_set.runs if r.variant in (variant, baseline)], baseline=baseline
+        )
+        table = baseline_table(pair, baseline, DIFFERENCE_METRICS)
+        headers = table.headers
+        rows += [row for row in table.rows if row[0] == variant]
+    return Table(headers, rows)
 
 
-def plot_loss_curves(summaries: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
+def summary_sections(
+    run_set: RunSet,
+    configs: dict[str, RunConfig],
+    seeds: Sequence[int],
+    preset: str,
+    verdicts: Sequence[str],
+    curves: Path | None,
+) -> list[Section]:
+    """The summary as document sections (Markdown for summary.md and the terminal)."""
+    from moealign.studies.report import ablation_table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    seed_text = ", ".join(str(s) for s in seeds)
+    sections = [
+        Section(
+            "Models",
+            [
+                _models_table(run_set, configs),
+                Paragraph(
+                    f"Preset `{preset}`; seeds {seed_text} (`train.seed`: initialisation and "
+                    "router noise; the data and its order are the same for every run). Each "
+                    "run directory `<model>__seed<seed>` holds its resolved config."
+                ),
+            ],
+        ),
+        Section(
+            "Results",
+            [
+                ablation_table(run_set, METRICS),
+                Note(
+                    f"mean ± 95% Student-t half width over the {len(seeds)} seeds; bold: the "
+                    "best mean, clear of the runner-up's interval; italic: best but within noise"
+                ),
+            ],
+        ),
+        Section(
+            "Paired differences by seed",
+            [
+                _differences_table(run_set),
+                Note("Δ = model − baseline, mean ± 95% t half width; p: two-sided paired t-test"),
+            ],
+        ),
+        Section(
+            "Verdicts",
+            [Paragraph("\n".join(f"- {line}" for line in verdicts) or "no comparison")],
+        ),
+    ]
+    if curves is not None:
+        caption = "loss curves: mean over seeds, band from the lowest to the highest seed"
+        sections.append(Section("Loss curves", [Image(curves, caption)]))
+    return sections
 
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, summary in summaries.items():
-        lines = (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in lines]
-        train = [(r["step"], r["lm_loss"]) for r in records if r.get("split") == "train"]
-        val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "val"]
-        ax_train.plot(*zip(*train, strict=True), label=name)
-        ax_val.plot(*zip(*val, strict=True), marker="o", label=name)
-    for axis, title in ((ax_train, "training LM loss"), (ax_val, "validation loss")):
-        axis.set_title(title)
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel("cross-entropy (nats/token)")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def plot_loss_curves(run_set: RunSet, path: Path) -> Path | None:
+    from moealign.studies.plots import plot_curves
+
+    variants = {variant: run_set.of_variant(variant) for variant in run_set.variants}
+    panels = [("lm_loss", "train"), ("val_loss", "val")]
+    return plot_curves(variants, panels, path, TITLE)
 
 
 def run_demo(
-    out: Path, preset: str = "quick", overrides: list[str] = (), progress: bool = True
-) -> dict[str, dict[str, Any]] | None:
-    """Train, evaluate and compare the three models; returns their summaries (None if
-    interrupted)."""
+    out: Path,
+    preset: str = "quick",
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+) -> dict[str, Any] | None:
+    """Train every model with every seed, evaluate and compare them; write the summary files
+    and return what summary.json holds (None if interrupted)."""
+    from moealign.studies.results import RunSet, load_run
+
+    seeds = check_seeds(seeds)
     base = load_config(demo_config_path(), [*PRESETS[preset], *overrides])
-    summaries = {}
-    for name, config in variant_configs(base).items():
-        print(f"== {name}: {config.model.ffn} FFN, router {config.model.router}", flush=True)
-        summary = train_variant(config, out / name, progress)
-        if summary is None:
-            return None
-        summaries[name] = summary
-    out.mkdir(parents=True, exist_ok=True)
-    plot_loss_curves(summaries, out / "loss_curves.png")
-    _write_atomic(out / "summary.json", json.dumps(summaries, indent=2) + "\n")
-    _write_atomic(
-        out / "summary.md",
-        "# moealign demo: dense vs softmax top-k MoE vs MPI MoE\n\n"
-        f"Preset `{preset}`; configs in each run directory's `config.json`.\n\n"
-        + to_markdown(summary_table(summaries))
-        + "\n\n![loss curves](loss_curves.png)\n",
+    configs = variant_configs(base)
+    for seed in seeds:
+        for name, config in configs.items():
+            print(
+                f"== {name} seed {seed}: {config.model.ffn} FFN, router {config.model.router}",
+                flush=True,
+            )
+            if not train_run(seeded(config, seed), out / run_name(name, seed), progress):
+                return None
+    run_set = RunSet(
+        [load_run(out / run_name(v, s), variant=v, seed=s) for v in configs for s in seeds]
     )
-    return summaries
+    comparisons = paired_comparisons(run_set)
+    verdicts = [verdict(c) for c in comparisons if c["metric"] == VERDICT_METRIC]
+    curves = plot_loss_curves(run_set, out / "loss_curves.png")
+    sections = summary_sections(run_set, configs, seeds, preset, verdicts, curves)
+    summary = {
+        "preset": preset,
+        "seeds": list(seeds),
+        "confidence": CONFIDENCE,
+        "runs": [
+            {
+                "variant": run.variant,
+                "seed": run.seed,
+                "run_dir": str(run.path),
+                **_run_metrics(run),
+            }
+            for run in run_set.runs
+        ],
+        "models": model_statistics(run_set),
+        "comparisons": comparisons,
+        "verdicts": verdicts,
+    }
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write_atomic(out / "summary.md", to_markdown(TITLE, sections, out))
+    print()
+    print(terminal_text(sections))
+    return summary
+
+
+def terminal_text(sections: Sequence[Section]) -> str:
+    """The summary for the terminal: section titles, tables (moealign.tables.to_text), notes
+    and paragraphs; images are left out."""
+    parts = []
+    for section in sections:
+        blocks = [block for block in section.blocks if not isinstance(block, Image)]
+        if blocks:
+            parts.append(f"{section.title}\n{'=' * len(section.title)}")
+        parts += [to_text(block) if isinstance(block, Table) else block.text for block in blocks]
+    return "\n\n".join(parts)
+
+
+def _run_metrics(run: RunRecord) -> dict[str, float]:
+    from moealign.studies.results import run_results
+
+    results = run_results(run)
+    keys = ("params_total", "params_active", *METRICS)
+    return {key: results[key] for key in keys if key in results}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -200,11 +400,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    summaries = run_demo(out, args.preset, args.overrides, progress=not args.no_progress)
-    if summaries is None:
+    summary = run_demo(
+        out, args.preset, args.overrides, progress=not args.no_progress, seeds=args.seeds
+    )
+    if summary is None:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
-    print()
-    print(to_text(summary_table(summaries)))
-    print(f"\ntable: {out / 'summary.md'}   plots: {out / 'loss_curves.png'}")
+    print(f"summary: {out / 'summary.md'}   plots: {out / 'loss_curves.png'}")
     return 0

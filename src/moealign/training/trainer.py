@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -245,6 +247,9 @@ class Trainer:
                 f"are sharded); got {type(model).__name__}: use train.parallel='ddp'"
             )
 
+        # Every generator a checkpoint holds (capture_rng_state): one config and seed, one run.
+        random.seed(train_cfg.seed)
+        np.random.seed(train_cfg.seed)
         torch.manual_seed(train_cfg.seed)
         self.model = (model if model is not None else MoETransformer(config.model)).to(self.device)
         self.data = data if data is not None else build_training_data(config)
