@@ -95,7 +95,7 @@ def summarise_run(run_dir: Path) -> dict[str, Any]:
         "val_ppl": final["val_ppl"],
         "task_accuracy_seen": final.get("task_accuracy_seen"),
         "task_accuracy_heldout": final.get("task_accuracy_heldout"),
-        "max_vio_global": final.get("val_routing/max_vio"),
+        "max_vio": final.get("val_routing/max_vio"),
         "tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
     }
 
@@ -122,7 +122,7 @@ def table_rows(summaries: dict[str, dict[str, Any]]) -> list[list[str]]:
             s["val_ppl"],
             s["task_accuracy_seen"],
             s["task_accuracy_heldout"],
-            s["max_vio_global"],
+            s["max_vio"],
             s["tokens_per_s"],
         ]
         rows.append(
