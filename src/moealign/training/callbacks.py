@@ -14,8 +14,8 @@ in order, at these points:
 
 :func:`default_callbacks` gives the built-ins in the order that keeps a step's files consistent
 (the checkpoint of step t holds the guardrail state after step t): expert-bias update, training
-log, progress bar, periodic evaluation, guardrails, the caller's callbacks, checkpointing, the
-final evaluation and the TensorBoard/W&B mirrors.
+log, progress bar, periodic evaluation, guardrails, the final evaluation, the caller's
+callbacks, checkpointing and the TensorBoard/W&B mirrors.
 """
 
 from __future__ import annotations
@@ -159,10 +159,9 @@ class ProgressBar(Callback):
         self.bar.update(1)
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if self.bar is not None and record.get("split") == "train" and record["loss"] is not None:
-            self.bar.set_postfix(
-                loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
+        loss, rate = record.get("loss"), record.get("tokens_per_s")
+        if self.bar is not None and record.get("split") == "train" and None not in (loss, rate):
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         self.on_close(trainer)
@@ -276,7 +275,9 @@ class MirrorLoggers(Callback):
 
 
 def default_callbacks(trainer: Trainer, extra: Sequence[Callback] = ()) -> list[Callback]:
-    """The built-in callbacks of ``trainer``'s config, with ``extra`` before checkpointing."""
+    """The built-in callbacks of ``trainer``'s config with ``extra`` after them but before
+    checkpointing (so a stop that ``extra`` requests is checkpointed, and ``extra`` sees the
+    final evaluation in ``on_train_end``)."""
     config, train = trainer.config, trainer.config.train
     callbacks: list[Callback] = [
         ExpertBiasUpdate(),
@@ -284,9 +285,9 @@ def default_callbacks(trainer: Trainer, extra: Sequence[Callback] = ()) -> list[
         ProgressBar(train.steps, trainer.progress and trainer.dist.is_main),
         PeriodicEvaluation(train.eval_every, train.steps),
         Guardrail(),
+        FinalEvaluation(train.task_eval_examples),
         *extra,
         Checkpointing(train.checkpoint_every, train.steps),
-        FinalEvaluation(train.task_eval_examples),
     ]
     if trainer.dist.is_main and (train.tensorboard or train.wandb):
         loggers = build_loggers(
