@@ -8,9 +8,10 @@ It lives in ``evaluation/`` beside the diagnostics it is built from: training, t
 (``alignment/``) and ``integrations/`` consume it, and none of them is below the other.
 
 Every statistic is per layer l; a record (:meth:`RoutingSummary.record`) holds
-``<prefix>layer{l}/<name>`` and ``<prefix><name>``, the mean over layers. Names
-(:data:`STATISTICS`; c_e = token slots expert e processed in the window, p_t the full routing
-softmax of token t):
+``<prefix>layer{l}/<name>`` and ``<prefix><name>``, the mean over layers. The names and their
+definitions are :data:`STATISTICS` (and :data:`ARRAYS`, per expert), with c_e the token slots
+expert e processed in the window and p_t the full routing softmax of token t; the README's
+"Routing statistics" table lists the same.
 """
 
 from __future__ import annotations
@@ -57,11 +58,6 @@ ARRAYS: dict[str, str] = {
     "expert_counts": "(L, E) c_e per layer and expert over the window",
     "expert_utilisation": "(L, E) c_e / mean_e c_e (1 = balanced)",
 }
-__doc__ += "".join(f"\n* ``{name}``: {text}." for name, text in STATISTICS.items()) + (
-    "\n\nArrays (not in records): "
-    + "; ".join(f"``{name}`` {text}" for name, text in ARRAYS.items())
-    + ".\n"
-)
 
 
 class MissingStatisticError(LookupError):
