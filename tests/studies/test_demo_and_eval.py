@@ -65,8 +65,9 @@ def test_demo_trains_three_models_writes_table_and_plot_and_reuses_finished_runs
     assert result[key] == pytest.approx(final[key])
     assert set(result["tasks"]["sets"]) >= {"test", "heldout_tasks"}
     written = json.loads((out / "moe_mpi" / "eval.json").read_text())
-    assert written["val_loss"] == result["val_loss"] and written["expert_counts"] == (
-        final["expert_counts"]
+    assert (
+        written["val_loss"] == result["val_loss"]
+        and written["expert_counts"] == (final["expert_counts"])
     )
     cli = run_cli("eval", str(out / "moe_mpi"), "--task-examples", "1", cwd=tmp_path)
     assert cli.returncode == 0, cli.stderr

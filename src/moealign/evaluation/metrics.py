@@ -101,4 +101,3 @@ def rouge_l(
         scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
     ]
     return float(np.mean(scores))
-
