@@ -20,7 +20,6 @@ callbacks, checkpointing and the TensorBoard/W&B mirrors.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,8 +53,6 @@ __all__ = [
     "TrainResult",
     "default_callbacks",
 ]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
