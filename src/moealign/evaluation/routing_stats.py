@@ -179,6 +179,7 @@ class RoutingSummary:
                 "expert_utilisation": self.expert_utilisation[index].tolist(),
             }
             row |= {name: float(value[index]) for name, value in statistics.items()}
+            row["dead_experts"] = int(row["dead_experts"])  # a count, per layer
             rows.append(row)
         return rows
 
