@@ -81,6 +81,15 @@ def _run_train(args: argparse.Namespace) -> int:
         result = trainer.train()
     finally:
         trainer.close()
+    if result.diverged_at is not None:  # train.on_nonfinite = "stop"
+        if trainer.dist.is_main:
+            print(
+                f"error: training diverged at step {result.diverged_at} (non-finite loss or "
+                f"gradient); the last finite checkpoint is kept in {result.run_dir}/checkpoints "
+                "(set train.on_nonfinite=skip to skip such steps)",
+                file=sys.stderr,
+            )
+        return 1
     if not trainer.dist.is_main:
         return 0
     counts = trainer.parameter_counts

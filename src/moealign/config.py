@@ -319,7 +319,9 @@ class GuardrailConfig(_Validated):
     (λ ← ``factor``·λ), ``entropy_bonus`` (add ``entropy_bonus`` to the bonus weight γ of the
     alignment term), ``slow_warmup`` (stretch the λ warm-up by 1/``factor``) or ``stop`` (end
     training, then evaluate); ``off`` only watches. After an action the guardrail waits
-    ``cooldown`` steps. Every trigger is an ``event`` record in ``metrics.jsonl``.
+    ``cooldown`` steps. Every trigger is an ``event`` record in ``metrics.jsonl``. With
+    ``grad_spike_factor`` > 1 (0 = off) a layer whose router gradient norm exceeds that factor
+    times the median of its last ``grad_spike_window`` steps is unhealthy too.
     """
 
     policy: Literal["off", "reduce_lambda", "entropy_bonus", "slow_warmup", "stop"] = "off"
@@ -330,6 +332,16 @@ class GuardrailConfig(_Validated):
     cooldown: int = bounded(20, ge=0)
     factor: float = bounded(0.5, gt=0, lt=1)
     entropy_bonus: float = bounded(0.01, gt=0)
+    grad_spike_factor: float = bounded(0.0, ge=0)
+    grad_spike_window: int = bounded(20, ge=2)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if 0 < self.grad_spike_factor <= 1:
+            raise ConfigError(
+                "grad_spike_factor",
+                f"got {self.grad_spike_factor!r}; expected 0 (off) or a factor > 1",
+            )
 
 
 @dataclass
@@ -346,6 +358,9 @@ class TrainConfig(_Validated):
     work (:mod:`moealign.distributed.parallel`, DESIGN.md §9): ``ddp`` replicates the model,
     ``fsdp`` shards every block and the root with FSDP2 (AdamW only), ``ep`` shards the experts
     over ``ep_size`` ranks of a (dp, ep) device mesh; one process ignores it.
+    ``on_nonfinite``: what a step with a non-finite loss or gradient does: ``stop`` (end the
+    run there, an error) or ``skip`` (no optimizer step; the run goes on); either way the step
+    is an ``event`` in ``metrics.jsonl`` and no checkpoint ever holds a non-finite value.
     """
 
     steps: int = bounded(100, ge=1)
@@ -365,6 +380,7 @@ class TrainConfig(_Validated):
     wandb: bool = False
     parallel: Literal["ddp", "fsdp", "ep"] = "ddp"
     ep_size: int = bounded(1, ge=1)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -104,8 +104,8 @@ def test_uniform_logits_give_perplexity_equal_to_the_vocabulary_size():
     with torch.no_grad():
         model.lm_head.weight.zero_()
     result = evaluate_lm(model, random_batches([3, 2], 12, seed=1, ignore_fraction=[0.3, 0.5]))
-    assert result["perplexity"] == pytest.approx(TOKENIZER.vocab_size, rel=1e-6)
-    assert result["nll"] == pytest.approx(math.log(TOKENIZER.vocab_size), rel=1e-6)
+    assert result.perplexity == pytest.approx(TOKENIZER.vocab_size, rel=1e-6)
+    assert result.loss == pytest.approx(math.log(TOKENIZER.vocab_size), rel=1e-6)
 
 
 def test_nll_is_token_weighted_over_labels_not_ignored():
@@ -127,11 +127,13 @@ def test_nll_is_token_weighted_over_labels_not_ignored():
     mean_of_batch_means = sum(s / c for s, c in zip(nll_sums, counts, strict=True)) / 2
     assert abs(mean_of_batch_means - expected) > 1e-2  # the two readings are distinguishable
     result = evaluate_lm(model, batches)
-    assert result["tokens"] == sum(counts)
-    assert result["batches"] == 2
-    assert result["nll"] == pytest.approx(expected, rel=1e-5)
-    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert result.tokens == sum(counts)
+    assert result.batches == 2
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
     assert model.training  # restored
+    record = result.record("val_")
+    assert (record["val_loss"], record["val_ppl"]) == (result.loss, result.perplexity)
 
 
 def test_routing_statistics_over_the_whole_set():
@@ -150,33 +152,32 @@ def test_routing_statistics_over_the_whole_set():
             entropy_sums += -(p * p.log()).sum(-1).sum(-1) / math.log(4)
             n_tokens += p.shape[1]
     total = sum(per_batch_counts)
-    result = evaluate_lm(model, batches)
-    assert result["expert_counts"] == total.long().tolist()
-    assert result["max_violation_global"] == pytest.approx(
-        float(diagnostics.max_violation(total).mean())
-    )
-    by_batch = [float(diagnostics.max_violation(c).mean()) for c in per_batch_counts]
-    assert result["max_violation_batch"] == pytest.approx(sum(by_batch) / len(by_batch))
-    assert result["max_violation_global"] != pytest.approx(result["max_violation_batch"])
-    assert result["dead_experts"] == (total == 0).sum(-1).tolist()
-    torch.testing.assert_close(
-        torch.tensor(result["expert_utilisation"], dtype=torch.float64),
-        total / total.mean(-1, keepdim=True),
-    )
+    routing = evaluate_lm(model, batches).routing
+    assert routing.expert_counts.tolist() == total.tolist()
+    torch.testing.assert_close(routing.max_vio, diagnostics.max_violation(total))
+    by_batch = torch.stack([diagnostics.max_violation(c) for c in per_batch_counts]).mean(0)
+    torch.testing.assert_close(routing.max_vio_batch, by_batch)
+    assert not torch.allclose(routing.max_vio, routing.max_vio_batch)
+    assert routing.dead_experts.tolist() == (total == 0).sum(-1).tolist()
+    torch.testing.assert_close(routing.expert_utilisation, total / total.mean(-1, keepdim=True))
     usage = total / total.sum(-1, keepdim=True)
     expected_usage = -(usage * usage.log()).nan_to_num().sum(-1) / math.log(4)
-    assert result["usage_entropy"] == pytest.approx(expected_usage.tolist())
-    assert result["token_entropy"] == pytest.approx((entropy_sums / n_tokens).tolist())
-    json.dumps(result)
+    torch.testing.assert_close(routing.usage_entropy, expected_usage)
+    torch.testing.assert_close(routing.token_entropy, entropy_sums / n_tokens)
+    record = routing.record("val_routing/")
+    assert record["val_routing/max_vio"] == pytest.approx(float(routing.max_vio.mean()))
+    assert record["val_routing/layer1/usage_entropy"] == pytest.approx(float(expected_usage[1]))
+    json.dumps(record)
 
     first_only = evaluate_lm(model, batches, max_batches=1)
-    assert first_only["batches"] == 1
-    assert first_only["expert_counts"] == per_batch_counts[0].long().tolist()
+    assert first_only.batches == 1
+    assert first_only.routing.expert_counts.tolist() == per_batch_counts[0].tolist()
 
 
 def test_dense_model_has_no_routing_entries():
     result = evaluate_lm(tiny_model(ffn="dense"), random_batches([2], 8, 5, [0.0]))
-    assert set(result) == {"nll", "perplexity", "tokens", "batches"}
+    assert result.routing is None
+    assert set(result.record("val_")) == {"val_loss", "val_ppl", "val_tokens"}
 
 
 def test_evaluate_lm_rejects_bad_input():

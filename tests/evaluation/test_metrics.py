@@ -11,7 +11,6 @@ from rouge_score import rouge_scorer
 
 from moealign.evaluation.diagnostics import max_violation
 from moealign.evaluation.metrics import (
-    ExpertLoadAccumulator,
     accuracy,
     bleu,
     exact_match,
@@ -89,60 +88,3 @@ def test_max_violation_hand_worked():
     assert max_violation(torch.tensor([5.0, 5.0, 5.0])).item() == 0.0
     per_layer = max_violation(torch.tensor([[4.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 3.0]]))
     torch.testing.assert_close(per_layer, torch.tensor([3.0, 0.5], dtype=torch.float64))
-
-
-def test_accumulator_global_vs_batch_on_opposite_imbalances():
-    accumulator = ExpertLoadAccumulator()
-    # Two layers; batch 1 overloads experts 0 / 2, batch 2 the mirror image.
-    accumulator.update(torch.tensor([[6, 2, 0, 0], [0, 0, 8, 0]]))
-    accumulator.update(torch.tensor([[0, 0, 2, 6], [8, 0, 0, 0]]))
-    # Totals [[6,2,2,6],[8,0,8,0]]: layer MaxVio (6-4)/4 = 0.5 and (8-4)/4 = 1.
-    assert accumulator.max_violation_global() == pytest.approx(0.75)
-    # Each batch: layer 0 (6-2)/2 = 2, layer 1 (8-2)/2 = 3 -> 2.5 per batch.
-    assert accumulator.max_violation_batch() == pytest.approx(2.5)
-    torch.testing.assert_close(
-        accumulator.total_counts_LE,
-        torch.tensor([[6, 2, 2, 6], [8, 0, 8, 0]], dtype=torch.float64),
-    )
-    assert accumulator.n_updates == 2
-
-
-def test_accumulator_global_zero_when_batches_cancel():
-    accumulator = ExpertLoadAccumulator()
-    accumulator.update(torch.tensor([[10, 0]]))
-    accumulator.update(torch.tensor([[0, 10]]))
-    assert accumulator.max_violation_global() == 0.0
-    assert accumulator.max_violation_batch() == pytest.approx(1.0)
-
-
-def test_accumulator_matches_float64_reference_on_random_batches():
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 50, (3, 8), generator=generator) + 1 for _ in range(5)]
-    accumulator = ExpertLoadAccumulator()
-    for counts_LE in batches:
-        accumulator.update(counts_LE)
-    stacked_BLE = np.stack([b.numpy() for b in batches]).astype(np.float64)
-
-    def max_vio(counts):
-        mean = counts.mean(-1)
-        return (counts.max(-1) - mean) / mean
-
-    assert accumulator.max_violation_global() == pytest.approx(max_vio(stacked_BLE.sum(0)).mean())
-    assert accumulator.max_violation_batch() == pytest.approx(max_vio(stacked_BLE).mean())
-
-
-def test_accumulator_rejects_bad_counts_and_empty_state():
-    accumulator = ExpertLoadAccumulator()
-    with pytest.raises(RuntimeError, match="update"):
-        accumulator.max_violation_global()
-    with pytest.raises(RuntimeError, match="update"):
-        accumulator.max_violation_batch()
-    with pytest.raises(ValueError, match="counts_LE"):
-        accumulator.update(torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match="non-negative"):
-        accumulator.update(torch.tensor([[1, -1]]))
-    with pytest.raises(ValueError, match="at least one routed token"):
-        accumulator.update(torch.tensor([[0, 0], [1, 1]]))
-    accumulator.update(torch.tensor([[1, 2]]))
-    with pytest.raises(ValueError, match="differs"):
-        accumulator.update(torch.tensor([[1, 2, 3]]))

@@ -84,7 +84,7 @@ def test_capture_excludes_padding_and_diagnostics_match_hand_computation():
         assert counts.sum() == 9 * 2  # 9 real tokens, top-2
         assert row["expert_counts"] == counts.astype(int).tolist()
         assert row["max_vio"] == pytest.approx((counts.max() - counts.mean()) / counts.mean())
-        np.testing.assert_allclose(row["utilisation"], counts / counts.mean())
+        np.testing.assert_allclose(row["expert_utilisation"], counts / counts.mean())
         p = layer.probs[mask.bool()].double().numpy()
         entropy = -(p * np.log(p)).sum(-1).mean() / math.log(4)
         assert row["token_entropy"] == pytest.approx(entropy)

@@ -1,28 +1,34 @@
-"""Routing-collapse guardrails (DESIGN.md §4 "Guardrails"; the practitioners' guide, Step 7).
+"""Routing guardrails (DESIGN.md §4 "Guardrails"; the practitioners' guide, Step 7).
 
-After each optimizer step the guardrail reads the step's per-layer routing statistics (logged
-by the trainer as ``routing/layer{l}/usage_entropy``, ``.../token_entropy`` and
-``.../dead_experts``), calls a layer unhealthy when
+After each optimizer step the guardrail reads the step's typed routing statistics
+(:class:`~moealign.evaluation.routing_stats.RoutingSummary`, never metric names) and calls a
+layer l unhealthy when
 
-    H(usage_l)/log E < min_usage_entropy,  or  mean_t H(p_t)/log E < min_token_entropy,  or
-    dead_l / E > max_dead_fraction,
+    usage_entropy_l < min_usage_entropy,  or  token_entropy_l < min_token_entropy,  or
+    dead_experts_l / E > max_dead_fraction,  or (with grad_spike_factor > 0)
+    router_grad_norm_l > grad_spike_factor · median of its last grad_spike_window norms
 
-and after ``patience`` unhealthy steps in a row acts by its policy on the routing-alignment
-term (:class:`moealign.alignment.term.RoutingAlignment`): ``reduce_lambda`` multiplies λ by
+(entropies normalised by log E; the spike test starts once the window is full). A statistic it
+needs but the summary lacks raises :class:`MissingStatisticError`: absence is never health.
+After ``patience`` unhealthy steps in a row it acts by its policy on the routing-alignment term
+(:class:`moealign.alignment.term.RoutingAlignment`): ``reduce_lambda`` multiplies λ by
 ``factor``; ``entropy_bonus`` raises the entropy-bonus weight γ by ``entropy_bonus``;
-``slow_warmup`` stretches the λ warm-up by 1/``factor``; ``stop`` ends training; ``off`` only
-reports. Every trigger returns an event record for ``metrics.jsonl``.
+``slow_warmup`` stretches the λ warm-up by 1/``factor`` (only the warm-up:
+:meth:`RoutingAlignment.weight`); ``stop`` ends training; ``off`` only reports. Then it waits
+``cooldown`` steps. Every trigger returns an event record for ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import re
+import math
+import statistics
 from typing import Any
 
 from moealign.alignment.term import RoutingAlignment
 from moealign.config import GuardrailConfig
+from moealign.evaluation.routing_stats import MissingStatisticError, RoutingSummary
 
-_LAYER_KEY = re.compile(r"^routing/layer(\d+)/(usage_entropy|token_entropy|dead_experts)$")
+__all__ = ["MissingStatisticError", "RoutingGuardrail"]
 
 
 class RoutingGuardrail:
@@ -41,34 +47,51 @@ class RoutingGuardrail:
         self.unhealthy_streak = 0
         self.last_action_step: int | None = None
         self.stop_requested = False
+        self.grad_norm_history: list[list[float]] = []  # per layer, the last window's norms
 
-    def unhealthy_layers(self, metrics: dict[str, float]) -> dict[int, list[str]]:
-        """Layer → the reasons it is unhealthy, from one step's metrics."""
-        values: dict[int, dict[str, float]] = {}
-        for key, value in metrics.items():
-            match = _LAYER_KEY.match(key)
-            if match:
-                values.setdefault(int(match[1]), {})[match[2]] = value
+    def unhealthy_layers(self, routing: RoutingSummary) -> dict[int, list[str]]:
+        """Layer → the reasons it is unhealthy, from one step's routing statistics."""
         cfg = self.config
-        reasons: dict[int, list[str]] = {}
-        for layer, stats in sorted(values.items()):
-            found = []
-            for name, floor in (
-                ("usage_entropy", cfg.min_usage_entropy),
-                ("token_entropy", cfg.min_token_entropy),
-            ):
-                if stats.get(name, 1.0) < floor:
-                    found.append(f"{name} {stats[name]:.3f} < {floor}")
-            dead_fraction = stats.get("dead_experts", 0.0) / self.n_experts
-            if dead_fraction > cfg.max_dead_fraction:
-                found.append(f"dead experts {dead_fraction:.2f} > {cfg.max_dead_fraction}")
-            if found:
-                reasons[layer] = found
-        return reasons
+        found: dict[int, list[str]] = {}
+        for name, floor in (
+            ("usage_entropy", cfg.min_usage_entropy),
+            ("token_entropy", cfg.min_token_entropy),
+        ):
+            for layer, value in enumerate(routing.require(name).tolist()):
+                if not value >= floor:  # NaN is unhealthy too
+                    found.setdefault(layer, []).append(f"{name} {value:.3f} < {floor}")
+        dead_L = routing.require("dead_experts") / self.n_experts
+        for layer, fraction in enumerate(dead_L.tolist()):
+            if fraction > cfg.max_dead_fraction:
+                found.setdefault(layer, []).append(
+                    f"dead experts {fraction:.2f} > {cfg.max_dead_fraction}"
+                )
+        if cfg.grad_spike_factor > 0:
+            for layer, why in self._grad_spikes(routing.require("router_grad_norm").tolist()):
+                found.setdefault(layer, []).append(why)
+        return dict(sorted(found.items()))
 
-    def check(self, step: int, metrics: dict[str, float]) -> dict[str, Any] | None:
+    def _grad_spikes(self, norms: list[float]) -> list[tuple[int, str]]:
+        """Layers whose router gradient norm exceeds factor × the running median of the last
+        ``grad_spike_window`` steps; then each finite norm joins its layer's window."""
+        cfg = self.config
+        if not self.grad_norm_history:
+            self.grad_norm_history = [[] for _ in norms]
+        spikes = []
+        for layer, (norm, window) in enumerate(zip(norms, self.grad_norm_history, strict=True)):
+            if len(window) == cfg.grad_spike_window:
+                median = statistics.median(window)
+                if not norm <= cfg.grad_spike_factor * median:  # NaN is a spike too
+                    why = f"router grad norm {norm:.3g} > {cfg.grad_spike_factor:g} × median"
+                    spikes.append((layer, f"{why} {median:.3g}"))
+            if math.isfinite(norm):
+                window.append(norm)
+                del window[: -cfg.grad_spike_window]
+        return spikes
+
+    def check(self, step: int, routing: RoutingSummary) -> dict[str, Any] | None:
         """Inspect one step; return an event record when the guardrail triggers."""
-        unhealthy = self.unhealthy_layers(metrics)
+        unhealthy = self.unhealthy_layers(routing)
         self.unhealthy_streak = self.unhealthy_streak + 1 if unhealthy else 0
         cooling = (
             self.last_action_step is not None
@@ -79,9 +102,11 @@ class RoutingGuardrail:
         self.last_action_step = step
         self.unhealthy_streak = 0
         action = self._act()
+        reasons = [why for layer in unhealthy.values() for why in layer]
+        spikes_only = all(why.startswith("router grad norm") for why in reasons)
         return {
             "step": step,
-            "event": "routing_collapse",
+            "event": "router_grad_spike" if spikes_only else "routing_collapse",
             "policy": self.config.policy,
             "action": action,
             "layers": {f"layer{layer}": why for layer, why in unhealthy.items()},
@@ -108,9 +133,11 @@ class RoutingGuardrail:
             "unhealthy_streak": self.unhealthy_streak,
             "last_action_step": self.last_action_step,
             "stop_requested": self.stop_requested,
+            "grad_norm_history": [list(window) for window in self.grad_norm_history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.unhealthy_streak = int(state["unhealthy_streak"])
         self.last_action_step = state["last_action_step"]
         self.stop_requested = bool(state["stop_requested"])
+        self.grad_norm_history = [list(map(float, w)) for w in state.get("grad_norm_history", [])]

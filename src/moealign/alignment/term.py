@@ -120,6 +120,10 @@ class RoutingPrior:
             batch_LE = (sums[:-1] / sums[-1]).view_as(self.value_LE)
             self.value_LE = self.decay * self.value_LE + (1.0 - self.decay) * batch_LE
 
+    def discard(self) -> None:
+        """Drop what was accumulated since the last :meth:`step` (a skipped optimizer step)."""
+        self._pending_sums = None
+
     def update(self, probs_per_layer: Sequence[Tensor], task_ids_T: Tensor) -> None:
         """One process, one batch: :meth:`accumulate` then :meth:`step`."""
         self.accumulate(probs_per_layer, task_ids_T)
@@ -135,12 +139,13 @@ class RoutingPrior:
 
 
 class RoutingAlignment:
-    """The trainer's aux term λ(t) · L_align (plus an optional entropy bonus, §4 guardrails).
+    """The objective's term λ(t) · L_align (plus an optional entropy bonus, §4 guardrails); a
+    :class:`moealign.training.objective.LossTerm`.
 
     ``term(batch, model_output, step)`` returns ``{"align_loss": λ(t)·L_align − γ·H}`` where
     H is the mean normalised per-token router entropy and γ = ``entropy_bonus`` (0 unless a
-    guardrail raised it). ``metrics`` holds, for the last call, λ, the unweighted KL and γ (the
-    trainer logs the per-task routing entropies H(p_l(·|τ))/log E of every run itself).
+    guardrail raised it). :meth:`metrics` holds, for the last call, λ, the unweighted KL and γ
+    (the per-task routing entropies H(p_l(·|τ))/log E of every run are routing statistics).
     ``lambda_scale`` and ``warmup_scale`` are the guardrail's handles (reduce λ, slow warm-up).
     """
 
@@ -150,11 +155,25 @@ class RoutingAlignment:
         self.lambda_scale = 1.0
         self.warmup_scale = 1.0
         self.entropy_bonus = 0.0
-        self.metrics: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}
 
-    def weight(self, step: int) -> float:
-        """λ(t) after the guardrails' adjustments: scale · λ_schedule(t / warmup_scale)."""
-        return self.lambda_scale * self.schedule(step / self.warmup_scale)
+    def weight(self, step: float) -> float:
+        """λ(t) after the guardrails' adjustments (DESIGN.md §4). A warm-up schedule is
+        λ(t) = w(t) · a(t), with the warm-up factor w(t) = min(1, t / N_warm) and
+        a(t) = λ(max(t, N_warm)) the plateau and anneal; slowing the warm-up by
+        s = ``warmup_scale`` ≥ 1 stretches only the factor:
+
+            λ_g(t) = lambda_scale · min(1, t / (s · N_warm)) · λ(max(t, N_warm))
+
+        so λ_g never exceeds the unguarded λ(t) and the anneal keeps its steps (s = 1 gives λ;
+        schedules without a warm-up ignore s).
+        """
+        schedule = self.schedule
+        warm = schedule.kind in ("warmup", "warmup_anneal") and schedule.warmup_steps > 0
+        if not warm:
+            return self.lambda_scale * schedule(step)
+        factor = min(1.0, step / (self.warmup_scale * schedule.warmup_steps))
+        return self.lambda_scale * factor * schedule(max(step, schedule.warmup_steps))
 
     def __call__(self, batch: Mapping[str, Tensor], output, step: int) -> dict[str, Tensor]:
         probs = [info.probs for info in output.routing]
@@ -169,17 +188,24 @@ class RoutingAlignment:
             entropy = torch.stack([diagnostics.token_entropy(p) for p in probs]).mean().float()
             loss = loss - self.entropy_bonus * entropy
         self.prior.accumulate(probs, task_ids_T)
-        self.metrics = {
+        self._metrics = {
             "lambda": lam,
             "align_kl": float(align.detach()),
             "align_entropy_bonus": self.entropy_bonus,
         }
         return {"align_loss": loss}
 
-    def end_step(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
+    def end_step(self, reduce_sum: Callable[[Tensor], Tensor], applied: bool) -> None:
         """After the optimizer step: the marginal prior's EMA update over the global batch
-        (``reduce_sum`` sums over data-parallel ranks; see :meth:`RoutingPrior.step`)."""
-        self.prior.step(reduce_sum)
+        (``reduce_sum`` sums over data-parallel ranks; see :meth:`RoutingPrior.step`); a step
+        that was not applied (non-finite, skipped) leaves the prior unchanged."""
+        if applied:
+            self.prior.step(reduce_sum)
+        else:
+            self.prior.discard()
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
 
     def state_dict(self) -> dict[str, Any]:
         return {

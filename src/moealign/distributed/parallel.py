@@ -33,7 +33,7 @@ Statistics that must be global (DESIGN.md §2, §4): the aux-loss-free bias coun
 E experts on every rank (the router is replicated) and are summed over the whole world in
 ``Router.update_expert_bias``; the marginal routing prior of the alignment loss pools the sums
 over all ranks (:class:`moealign.alignment.term.RoutingPrior`); MaxVio and the other routing
-statistics are computed from counts summed over all ranks (``train._RoutingAccumulator``). The
+statistics are computed from counts summed over all ranks (``evaluation.routing_stats``). The
 balance, z- and alignment losses themselves are per micro-batch, as with one process and
 gradient accumulation.
 """

@@ -74,17 +74,20 @@ def projection_alignment(router_rows_ED: Tensor, w_gate_EFD: Tensor) -> Tensor:
     return torch.where(finite_E, alignment, torch.nan)
 
 
-def routing_projection_alignment(model: nn.Module) -> list[float]:
+def routing_projection_alignment(model: nn.Module, rows: str = "effective") -> list[float]:
     """Per MoE layer (depth order) the mean over experts of the projection alignment
-    λ_e = ‖W_g[e] r_e‖₂ / (‖r_e‖₂ σ_max(W_g[e])) (DESIGN.md §3, MPI paper Eq. 11), with r_e
-    the effective router row: C · retract(power(R)) for MPI routers, the raw row otherwise."""
+    λ_e = ‖W_g[e] r_e‖₂ / (‖r_e‖₂ σ_max(W_g[e])) (DESIGN.md §3, MPI paper Eq. 11). ``rows``:
+    ``effective`` takes r_e = the row that routes (C · retract(power(R)) for MPI routers, the
+    stored row otherwise, so R_eff for a precomputed router); ``raw`` the stored row R."""
+    if rows not in ("effective", "raw"):
+        raise ValueError(f"rows={rows!r} is not accepted; choose 'effective' or 'raw'")
     alignments = []
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
             continue
         router = layer.router
         with torch.no_grad():
-            if isinstance(router, MPIRouter):
+            if isinstance(router, MPIRouter) and rows == "effective":
                 rows_ED = router.effective_weight(layer.router_drive_matrix())
             else:
                 rows_ED = router.weight

@@ -1,125 +1,147 @@
-"""Language-model evaluation (DESIGN.md §7): token-weighted loss and perplexity over a set of
-batches, with the routing statistics of every MoE layer (DESIGN.md §4).
+"""Language-model evaluation (DESIGN.md §7): the one evaluation loop of training and
+``moealign eval``, token-weighted loss and perplexity over a set of batches with the routing
+statistics of every MoE layer (DESIGN.md §4).
 
-The model's call ``model(input_ids_BS)`` returns ``.logits`` (B, S, V) and ``.routing`` (one
-:class:`~moealign.nn.moe.RoutingInfo` per MoE layer). Shape letters: B rows, S positions,
-V vocabulary, L MoE layers, E experts, T tokens.
+The model's call ``model(input_ids_BS)`` returns ``.logits`` (B, S, V) and, for a moealign
+model, ``.routing`` (one :class:`~moealign.nn.moe.RoutingInfo` per MoE layer; a model without
+routing, e.g. a transformers one, gets the loss only). Shape letters: B rows, S positions,
+V vocabulary, L MoE layers, E experts.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moealign.data.batching import IGNORE_INDEX
-from moealign.evaluation import diagnostics
-from moealign.evaluation.common import check_positive_int, evaluation_mode, model_device
-from moealign.evaluation.metrics import ExpertLoadAccumulator, perplexity
-from moealign.nn.moe import RoutingInfo
+from moealign.data.tasks import TASK_IDS
+from moealign.evaluation.common import autocast, check_positive_int, evaluation_mode, model_device
+from moealign.evaluation.metrics import perplexity
+from moealign.evaluation.routing_stats import RoutingStats, RoutingSummary, moe_shape
+
+if TYPE_CHECKING:
+    from moealign.distributed.context import DistributedContext
+
+__all__ = ["LMEvaluation", "TASK_NAMES", "evaluate_lm"]
+
+# Task names by task id: the rows of the per-task routing statistics (the same on every rank).
+TASK_NAMES = sorted(TASK_IDS, key=TASK_IDS.__getitem__)
 
 
-class _RoutingTotals:
-    """Routing statistics summed over batches: expert loads (for MaxVio, utilisation, dead
-    experts, usage entropy) and token-weighted per-token router entropy, per MoE layer."""
+@dataclass
+class LMEvaluation:
+    """What :func:`evaluate_lm` measured: ``loss`` = Σ NLL / N over the N labelled tokens
+    (nats), ``perplexity`` = exp(loss), ``tokens`` = N, ``batches``, and ``routing`` (None for
+    a model without MoE layers): the statistics of the whole set, so ``max_vio`` is
+    MaxVio_global (:mod:`moealign.evaluation.routing_stats`)."""
 
-    def __init__(self) -> None:
-        self.loads = ExpertLoadAccumulator()
-        self.token_entropy_sum_L: Tensor | None = None
-        self.n_tokens_L: Tensor | None = None
+    loss: float
+    perplexity: float
+    tokens: int
+    batches: int
+    routing: RoutingSummary | None = None
 
-    def update(self, routing: Sequence[RoutingInfo]) -> None:
-        self.loads.update(torch.stack([info.expert_counts for info in routing]))
-        n_tokens_L = torch.tensor([info.probs.shape[0] for info in routing], dtype=torch.float64)
-        entropy_sum_L = (
-            torch.stack([diagnostics.token_entropy(info.probs).cpu() for info in routing])
-            * n_tokens_L
-        )
-        if self.token_entropy_sum_L is None:
-            self.token_entropy_sum_L, self.n_tokens_L = entropy_sum_L, n_tokens_L
-        else:
-            self.token_entropy_sum_L += entropy_sum_L
-            self.n_tokens_L += n_tokens_L
-
-    def summary(self) -> dict:
-        counts_LE = self.loads.total_counts_LE
-        return {
-            "max_violation_global": self.loads.max_violation_global(),
-            "max_violation_batch": self.loads.max_violation_batch(),
-            "expert_counts": counts_LE.round().long().tolist(),
-            "expert_utilisation": diagnostics.expert_utilisation(counts_LE).tolist(),
-            "dead_experts": diagnostics.dead_experts(counts_LE).tolist(),
-            "usage_entropy": diagnostics.usage_entropy(counts_LE).tolist(),
-            "token_entropy": (self.token_entropy_sum_L / self.n_tokens_L).tolist(),
+    def record(self, prefix: str = "val_") -> dict[str, float]:
+        """The flat record of ``metrics.jsonl``, ``final_eval.json`` and ``eval.json``:
+        ``{prefix}loss``, ``{prefix}ppl``, ``{prefix}tokens`` and ``{prefix}routing/<name>``."""
+        record = {
+            f"{prefix}loss": self.loss,
+            f"{prefix}ppl": self.perplexity,
+            f"{prefix}tokens": float(self.tokens),
         }
+        if self.routing is not None:
+            record |= self.routing.record(f"{prefix}routing/")
+        return record
 
 
 def evaluate_lm(
     model: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
     max_batches: int | None = None,
-) -> dict:
-    """Perplexity and routing statistics over a set of batches (DESIGN.md §7, §4).
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    dist: DistributedContext | None = None,
+    sharded: bool = False,
+) -> LMEvaluation:
+    """Loss, perplexity and routing statistics of ``model`` over ``batches`` (DESIGN.md §7, §4).
 
     Each batch holds ``input_ids`` and ``labels`` (B, S), labels already shifted, IGNORE_INDEX
-    (-100) where no loss is taken (:mod:`moealign.data.batching`). Returns:
+    (−100) where no loss is taken, and optionally ``task_ids`` (per-task routing entropy).
+    ``max_batches`` stops after that many batches. The forward runs in eval mode without
+    autograd under autocast to ``autocast_dtype`` (None = the model's dtype; pass the run's,
+    :func:`moealign.evaluation.common.autocast_dtype`, so training and ``moealign eval`` agree);
+    the loss is taken on the logits in float32 and summed in float64.
 
-    * ``nll`` = Σ NLL / N over all N labelled tokens of the set (token-weighted, not a mean of
-      batch means), ``perplexity`` = exp(nll), ``tokens`` = N, ``batches``;
-    * for models with MoE layers, per layer l over every routed position of the set:
-      ``max_violation_global`` (MaxVio of the summed loads, mean over l) and
-      ``max_violation_batch`` (per-batch MaxVio, mean over batches), ``expert_counts`` (L × E),
-      ``expert_utilisation`` load_e / mean load, ``dead_experts``, normalised ``usage_entropy``
-      H(c/Σc)/log E, and ``token_entropy`` the mean over tokens of H(p_t)/log E. Dense models
-      have no such entries.
-
-    ``max_batches`` stops after that many batches.
+    With ``dist`` (several ranks), each batch's rows are split over the ranks and the sums
+    reduced (one collective for the routing statistics, one for the loss); every rank gets the
+    result. ``sharded`` (FSDP2 or expert parallelism: the forward is a collective) makes a rank
+    without rows join each forward on a stand-in row whose results are discarded.
     """
     if max_batches is not None:
         check_positive_int("max_batches", max_batches)
     device = model_device(model)
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = torch.zeros((), dtype=torch.long, device=device)
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    n_layers, n_experts = moe_shape(model)
+    routing = (
+        RoutingStats(n_layers, n_experts, task_names=TASK_NAMES, device=device)
+        if n_layers
+        else None
+    )
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # Σ NLL, labelled tokens
     n_batches = 0
-    routing_totals: _RoutingTotals | None = None
-    with evaluation_mode(model):
+    with (
+        evaluation_mode(model),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
         for batch in itertools.islice(batches, max_batches):
             missing = [key for key in ("input_ids", "labels") if key not in batch]
             if missing:
                 raise ValueError(
                     f"batch {n_batches} lacks {missing}; evaluate_lm needs 'input_ids' and 'labels'"
                 )
-            input_ids_BS = batch["input_ids"].to(device)
-            labels_BS = batch["labels"].to(device)
-            output = model(input_ids_BS)
+            n_batches += 1
+            mine = torch.arange(batch["input_ids"].shape[0]).tensor_split(world_size)[rank]
+            if mine.numel() == 0:
+                if sharded:
+                    with autocast(device, autocast_dtype):
+                        model(batch["input_ids"][:1].to(device))
+                continue
+            input_ids_BS = batch["input_ids"][mine].to(device)
+            labels_BS = batch["labels"][mine].to(device)
+            with autocast(device, autocast_dtype):
+                output = model(input_ids_BS)
             nll_BS = F.cross_entropy(
                 output.logits.float().transpose(1, 2),
                 labels_BS,
                 ignore_index=IGNORE_INDEX,
                 reduction="none",
             )
-            total_nll += nll_BS.double().sum()
-            n_tokens += (labels_BS != IGNORE_INDEX).sum()
-            if output.routing:
-                routing_totals = routing_totals or _RoutingTotals()
-                routing_totals.update(output.routing)
-            n_batches += 1
+            totals[0] += nll_BS.double().sum()
+            totals[1] += (labels_BS != IGNORE_INDEX).sum()
+            if routing is not None:
+                task_ids = batch["task_ids"][mine] if "task_ids" in batch else None
+                routing.add(output.routing, task_ids)
     if n_batches == 0:
         raise ValueError("batches is empty; evaluate_lm needs at least one batch")
-    if int(n_tokens) == 0:
+    if dist is not None:
+        dist.all_reduce_sum(totals)
+        if routing is not None:
+            routing.reduce(dist.all_reduce_sum)
+    total_nll, n_tokens = float(totals[0]), int(totals[1])
+    if n_tokens == 0:
         raise ValueError(
             f"the {n_batches} batches have no labelled token (every label is {IGNORE_INDEX})"
         )
-    mean_nll = float(total_nll) / int(n_tokens)
-    result = {
-        "nll": mean_nll,
-        "perplexity": perplexity(float(total_nll), int(n_tokens)),
-        "tokens": int(n_tokens),
-        "batches": n_batches,
-    }
-    if routing_totals is not None:
-        result |= routing_totals.summary()
-    return result
+    return LMEvaluation(
+        loss=total_nll / n_tokens,
+        perplexity=perplexity(total_nll, n_tokens),
+        tokens=n_tokens,
+        batches=n_batches,
+        routing=routing.summary() if routing is not None else None,
+    )

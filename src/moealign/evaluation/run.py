@@ -1,10 +1,12 @@
 """Evaluate a finished (or interrupted) run from its directory: ``moealign eval RUN_DIR``.
 
 Rebuilds the model and data from the run's recorded ``config.json``, loads its newest good
-checkpoint and measures validation loss/perplexity with routing statistics over the whole
-validation set (MaxVio global, DESIGN.md §4), greedy answers on the task suite's evaluation
-sets (per-task accuracy, BLEU/ROUGE-L for generation tasks) and the projection alignment.
-The result is written to ``RUN_DIR/eval.json`` (atomically) and returned.
+checkpoint and evaluates it as the trainer does at the end of a run (the same function, the
+same precision, the same layout as ``final_eval.json``): validation loss/perplexity with routing
+statistics over the validation set (MaxVio global, DESIGN.md §4) and the projection alignment,
+and greedy answers on the task suite's evaluation sets (per-task accuracy, BLEU/ROUGE-L for
+generation tasks). The result is written to ``RUN_DIR/eval.json`` (atomically, strict JSON)
+and returned.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moealign.config import RunConfig, build_config
-from moealign.data.build import build_training_data
+import torch
+
+from moealign.config import ConfigError, RunConfig, build_config
+from moealign.data.build import TrainingData, build_training_data
 from moealign.distributed.context import resolve_device
-from moealign.evaluation.diagnostics import routing_projection_alignment
-from moealign.evaluation.lm import evaluate_lm
-from moealign.evaluation.tasks import evaluate_suite
+from moealign.evaluation.common import autocast, autocast_dtype, model_device, strict_json
+from moealign.evaluation.lm import LMEvaluation, evaluate_lm
+from moealign.evaluation.tasks import suite_record
 from moealign.nn.transformer import MoETransformer
 from moealign.training.checkpoint import CheckpointError, load_latest
 
@@ -44,6 +48,30 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig
     return config, model
 
 
+def evaluation_record(
+    model: MoETransformer,
+    lm: LMEvaluation,
+    data: TrainingData,
+    task_examples: int,
+    dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """A run's evaluation in the layout of ``final_eval.json`` and ``eval.json``: the
+    validation record of ``lm`` (``val_loss``, ``val_ppl``, ``val_tokens``,
+    ``val_routing/...`` with the projection alignment of ``model``), ``expert_counts`` (L × E)
+    and, with a task suite and ``task_examples`` > 0, the task results
+    (:func:`~moealign.evaluation.tasks.suite_record`, answers generated under the same
+    autocast to ``dtype`` as training)."""
+    if lm.routing is not None and lm.routing.projection_alignment is None:
+        lm.routing.with_projection_alignment(model)
+    record: dict[str, Any] = lm.record("val_")
+    if lm.routing is not None:
+        record["expert_counts"] = lm.routing.expert_counts.round().long().tolist()
+    if data.suite is not None and task_examples > 0:
+        with autocast(model_device(model), dtype):
+            record |= suite_record(model, data.tokenizer, data.suite, task_examples)
+    return record
+
+
 def evaluate_run(
     run_dir: str | Path,
     task_examples: int | None = None,
@@ -51,38 +79,48 @@ def evaluate_run(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``; ``task_examples`` per task and set (None = the run's
-    ``train.task_eval_examples``), ``eval_batches`` validation batches (None = the run's)."""
+    ``train.task_eval_examples``), ``eval_batches`` validation batches (None = the run's). The
+    evaluation is the trainer's own (:func:`~moealign.evaluation.lm.evaluate_lm` in the run's
+    ``train.precision``), so the newest checkpoint's ``val_loss`` equals the run's when it was
+    taken at that step. Raises :class:`ConfigError` for a bad count before loading anything."""
+    for name, value, least in (
+        ("--eval-batches", eval_batches, 1),
+        ("--task-examples", task_examples, 0),
+    ):
+        if value is not None and not (isinstance(value, int) and value >= least):
+            raise ConfigError(name, f"got {value!r}; expected an integer >= {least}")
     config, model = load_run_model(run_dir, device)
     if eval_batches is not None:
         config.train.eval_batches = eval_batches
     data = build_training_data(config)
     limit = config.train.task_eval_examples if task_examples is None else task_examples
-    result: dict[str, Any] = {"lm": evaluate_lm(model, data.validation)}
-    if model.moe_layers:
-        result["projection_alignment"] = routing_projection_alignment(model)
-    if data.suite is not None and limit > 0:
-        result["tasks"] = evaluate_suite(
-            model, data.tokenizer, data.suite, max_examples_per_task=limit
-        )
+    dtype = autocast_dtype(config.train.precision, model_device(model))
+    lm = evaluate_lm(model, data.validation, autocast_dtype=dtype)
+    result = evaluation_record(model, lm, data, limit, dtype)
     path = Path(run_dir) / EVAL_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(strict_json(result), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return result
 
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """Terminal summary of :func:`evaluate_run`'s result."""
-    lm = result["lm"]
-    rows = [("val loss", f"{lm['nll']:.4f}"), ("val perplexity", f"{lm['perplexity']:.2f}")]
-    if "max_violation_global" in lm:
+    rows = [
+        ("val loss", f"{result['val_loss']:.4f}"),
+        ("val perplexity", f"{result['val_ppl']:.2f}"),
+    ]
+    if "val_routing/max_vio" in result:
+        rows.append(("MaxVio (global, mean over layers)", f"{result['val_routing/max_vio']:.3f}"))
         rows.append(
-            ("MaxVio (global, mean over layers)", f"{_mean(lm['max_violation_global']):.3f}")
+            ("dead experts (mean over layers)", f"{result['val_routing/dead_experts']:.2f}")
         )
-        rows.append(("dead experts (mean over layers)", f"{_mean(lm['dead_experts']):.2f}"))
-    if "projection_alignment" in result:
-        values = ", ".join(f"{v:.2f}" for v in result["projection_alignment"])
-        rows.append(("projection alignment per layer", values))
+        layers = sorted(
+            (int(key.split("/")[1].removeprefix("layer")), value)
+            for key, value in result.items()
+            if key.startswith("val_routing/layer") and key.endswith("/projection_alignment")
+        )
+        rows.append(("projection alignment per layer", ", ".join(f"{v:.2f}" for _, v in layers)))
     tasks = result.get("tasks")
     if tasks:
         rows.append(("task accuracy (seen, test split)", f"{tasks['seen_mean']:.3f}"))
@@ -95,7 +133,3 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                     extra = f"  BLEU {scores['bleu']:.1f}  ROUGE-L {scores['rouge_l']:.3f}"
                 rows.append((f"  {set_name}/{task}", f"{scores['accuracy']:.3f}{extra}"))
     return rows
-
-
-def _mean(values: list[float] | float) -> float:
-    return sum(values) / len(values) if isinstance(values, list) else float(values)

@@ -209,6 +209,23 @@ def per_task_accuracy(suite_result: Mapping) -> dict[str, dict[str, float]]:
     return {"seen": seen, "heldout": heldout}
 
 
+def suite_record(
+    model: nn.Module, tokenizer: Tokenizer, suite: TaskSuite, max_examples_per_task: int
+) -> dict:
+    """The task part of a run's final evaluation (``final_eval.json`` and ``eval.json``):
+    ``tasks`` (:func:`evaluate_suite`), ``task_accuracy`` (:func:`per_task_accuracy`),
+    ``task_accuracy_seen`` and, when the suite holds held-out sets, ``task_accuracy_heldout``."""
+    tasks = evaluate_suite(model, tokenizer, suite, max_examples_per_task=max_examples_per_task)
+    record = {
+        "tasks": tasks,
+        "task_accuracy": per_task_accuracy(tasks),
+        "task_accuracy_seen": tasks["seen_mean"],
+    }
+    if tasks["heldout_mean"] is not None:
+        record["task_accuracy_heldout"] = tasks["heldout_mean"]
+    return record
+
+
 def first_per_task(examples: Sequence[TaskExample], limit: int | None) -> list[TaskExample]:
     if limit is None:
         return list(examples)

@@ -4,9 +4,10 @@ The model is read with ``AutoModelForCausalLM.from_pretrained`` (a local directo
 name where the hub is reachable), its tokenizer with ``AutoTokenizer.from_pretrained``. The
 documents are cut into windows of ``seq_len`` tokens; routing is captured with
 :func:`moealign.integrations.hf.capture_routing` and summarised per MoE layer (expert
-utilisation, dead experts, usage and per-token entropy, global MaxVio, projection alignment;
-DESIGN.md §3–4). Written to the output directory: ``routing.json``, ``routing.md``,
-``utilisation.png`` (layer × expert heatmap) and ``entropy_maxvio.png`` (per-layer bars).
+utilisation, dead experts, usage and per-token entropy, global MaxVio, balance and z-loss,
+projection alignment; the names of :mod:`moealign.evaluation.routing_stats`, DESIGN.md §3–4).
+Written to the output directory: ``routing.json``, ``routing.md``, ``utilisation.png`` (layer ×
+expert heatmap) and ``entropy_maxvio.png`` (per-layer bars).
 """
 
 from __future__ import annotations
@@ -65,16 +66,23 @@ def token_batches(
 
 
 def analyze_model(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> list[dict]:
-    """Per-layer routing diagnostics of ``model`` over ``batches`` (RoutingStatistics.summary)."""
-    from moealign.integrations.hf import RoutingStatistics, capture_routing
+    """Per-layer routing statistics of ``model`` over all ``batches`` (one
+    :class:`~moealign.evaluation.routing_stats.RoutingStats`; :func:`hf.routing_rows`)."""
+    from moealign.evaluation.routing_stats import RoutingStats
+    from moealign.integrations.hf import capture_routing, routing_rows
 
     device = next(model.parameters()).device
-    statistics = RoutingStatistics()
+    statistics = None
     model.eval()
     with torch.no_grad():
         for inputs in batches:
-            statistics.update(capture_routing(model, {k: v.to(device) for k, v in inputs.items()}))
-    return statistics.summary(model)
+            capture = capture_routing(model, {k: v.to(device) for k, v in inputs.items()})
+            if statistics is None:
+                statistics = RoutingStats(len(capture.layers), capture.layers[0].probs.shape[-1])
+            statistics.add(capture.routing())
+    if statistics is None:
+        raise ValueError("batches is empty; give at least one batch of tokens")
+    return routing_rows(model, statistics)
 
 
 def _markdown(rows: list[dict], title: str) -> str:
@@ -127,7 +135,7 @@ def write_report(rows: list[dict], out_dir: str | Path, title: str) -> dict[str,
 
     layer_labels = [str(row["layer"]) for row in rows]
     figure, axis = plt.subplots(figsize=(8, 1 + 0.4 * len(rows)))
-    image = axis.imshow([row["utilisation"] for row in rows], aspect="auto", cmap="viridis")
+    image = axis.imshow([row["expert_utilisation"] for row in rows], aspect="auto", cmap="viridis")
     axis.set(xlabel="expert", ylabel="layer", title="expert utilisation (load / mean load)")
     axis.set_yticks(range(len(rows)), layer_labels)
     figure.colorbar(image, ax=axis)

@@ -9,7 +9,9 @@ SwiGLU gate rows first, ``down_proj`` (E, D, F)), the layout of DESIGN.md §2.
 
 * :func:`capture_routing` records every router's output with forward hooks (no edit of
   transformers' code) and returns per-layer (B, S, ·) tensors; :func:`routing_diagnostics` turns
-  them into utilisation, entropy, MaxVio and projection alignment per layer (DESIGN.md §3–4).
+  them into the routing statistics of :mod:`moealign.evaluation.routing_stats` (utilisation,
+  entropies, MaxVio, balance and z-loss) with the projection alignment, per layer (DESIGN.md
+  §3–4).
 * :func:`swap_routers` puts a moealign router (``softmax_topk`` or ``mpi``, DESIGN.md §2–3)
   initialised from the existing rows into each ``mlp.gate``; ``precompute_routers`` works on
   the result.
@@ -31,6 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from moealign.evaluation import diagnostics
+from moealign.evaluation.routing_stats import RoutingStats
+from moealign.nn.losses import load_balance_loss, z_loss
+from moealign.nn.moe import RoutingInfo
 from moealign.nn.routed import ProbsOverride, RoutedOutput, check_override_layers
 from moealign.nn.routers import MPIRouter, Router, build_router
 
@@ -272,6 +277,31 @@ class RoutingCapture:
             counts.append(torch.bincount(chosen.reshape(-1), minlength=n_experts))
         return torch.stack(counts)
 
+    def routing(self) -> list[RoutingInfo]:
+        """Every MoE layer's routing over the real tokens as a moealign layer reports it
+        (:class:`~moealign.nn.moe.RoutingInfo`: expert counts, and the balance loss and
+        z-loss of the captured ``probs`` and ``logits``, DESIGN.md §4), for
+        :class:`~moealign.evaluation.routing_stats.RoutingStats`."""
+        mask, n_experts = self.attention_mask, self.layers[0].probs.shape[-1]
+        infos = []
+        for layer, counts_E in zip(self.layers, self.expert_counts(), strict=True):
+            probs_TE, logits_TE, topk_idx_TK = (
+                t[mask] for t in (layer.probs, layer.logits, layer.topk_idx)
+            )
+            infos.append(
+                RoutingInfo(
+                    logits=logits_TE,
+                    probs=probs_TE,
+                    topk_idx=topk_idx_TK,
+                    topk_weight=layer.topk_weight[mask],
+                    keep=None,
+                    expert_counts=counts_E,
+                    load_balance_loss=load_balance_loss(probs_TE, topk_idx_TK, n_experts),
+                    z_loss=z_loss(logits_TE),
+                )
+            )
+        return infos
+
 
 def _scores_and_probs(family: Family, logits: Tensor) -> tuple[Tensor, Tensor]:
     """The family's scores and routing distribution from router logits (..., E), in fp32 or
@@ -365,81 +395,39 @@ def capture_routing(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> 
 # --- diagnostics --------------------------------------------------------------------------------
 
 
-def projection_alignments(model: nn.Module) -> list[float]:
-    """Per MoE layer the mean over experts of λ_e = ‖W_g[e] r_e‖ / (‖r_e‖ σ_max(W_g[e]))
-    (DESIGN.md §3, MPI paper Eq. 11) with r_e the effective router row."""
-    values = []
+def projection_alignments(model: nn.Module) -> tuple[list[float], list[float]]:
+    """(effective, raw) per MoE layer: the mean over experts of
+    λ_e = ‖W_g[e] r_e‖ / (‖r_e‖ σ_max(W_g[e])) (DESIGN.md §3, MPI paper Eq. 11) with r_e the
+    effective router row (:func:`router_rows`), and with r_e the stored row R (equal to the
+    effective one except for a swapped-in MPI router)."""
+    effective, raw = [], []
     with torch.no_grad():
         for block in moe_blocks(model):
-            rows_ED = router_rows(block.mlp.gate)
+            gate = block.mlp.gate
             w_gate_EFD = expert_matrix(block.mlp.experts, "gate")
-            values.append(float(diagnostics.projection_alignment(rows_ED, w_gate_EFD).mean()))
-    return values
+            stored_ED = gate.router.weight if isinstance(gate, MoealignGate) else gate.weight
+            for rows_ED, values in ((router_rows(gate), effective), (stored_ED, raw)):
+                values.append(float(diagnostics.projection_alignment(rows_ED, w_gate_EFD).mean()))
+    return effective, raw
 
 
-class RoutingStatistics:
-    """Routing statistics accumulated over batches of :class:`RoutingCapture` (real tokens only).
-
-    Per layer: expert counts (for utilisation, usage entropy, dead experts and the global MaxVio
-    of DESIGN.md §4) and the summed per-token router entropy of ``probs``.
-    """
-
-    def __init__(self) -> None:
-        self.layers: list[int] = []
-        self.counts_LE: Tensor | None = None
-        self.entropy_sum_L: Tensor | None = None
-        self.tokens = 0
-
-    def update(self, capture: RoutingCapture) -> None:
-        mask = capture.attention_mask
-        counts_LE = capture.expert_counts().cpu().double()
-        entropy_L = torch.stack(
-            [
-                diagnostics.token_entropy(layer.probs[mask], normalized=True).cpu()
-                for layer in capture.layers
-            ]
-        )
-        n_tokens = int(mask.sum())
-        if self.counts_LE is None:
-            self.layers = [layer.layer for layer in capture.layers]
-            self.counts_LE = counts_LE
-            self.entropy_sum_L = entropy_L * n_tokens
-        else:
-            self.counts_LE += counts_LE
-            self.entropy_sum_L += entropy_L * n_tokens
-        self.tokens += n_tokens
-
-    def summary(self, model: nn.Module | None = None) -> list[dict]:
-        """One dict per MoE layer: ``layer``, ``tokens``, ``expert_counts``, ``utilisation``
-        (load_e / mean load), ``dead_experts``, ``usage_entropy`` and ``token_entropy``
-        (normalised by log E), ``max_vio``; and ``projection_alignment`` given ``model``."""
-        if self.counts_LE is None or self.tokens == 0:
-            raise ValueError("no tokens were recorded; give at least one non-empty batch")
-        alignments = projection_alignments(model) if model is not None else None
-        rows = []
-        for i, layer in enumerate(self.layers):
-            counts_E = self.counts_LE[i]
-            row = {
-                "layer": layer,
-                "tokens": self.tokens,
-                "expert_counts": counts_E.long().tolist(),
-                "utilisation": diagnostics.expert_utilisation(counts_E).tolist(),
-                "dead_experts": int(diagnostics.dead_experts(counts_E)),
-                "usage_entropy": float(diagnostics.usage_entropy(counts_E)),
-                "token_entropy": float(self.entropy_sum_L[i] / self.tokens),
-                "max_vio": float(diagnostics.max_violation(counts_E)),
-            }
-            if alignments is not None:
-                row["projection_alignment"] = alignments[i]
-            rows.append(row)
-        return rows
+def routing_rows(model: nn.Module, statistics: RoutingStats) -> list[dict]:
+    """One row per MoE block (``layer`` = its decoder-layer index) of the statistics
+    accumulated from captures of ``model`` (:meth:`RoutingSummary.layer_rows`: tokens, expert
+    counts and utilisation, entropies, MaxVio, balance and z-loss), with the projection
+    alignment of ``model``'s routers."""
+    summary = statistics.summary()
+    effective, raw = projection_alignments(model)
+    summary.projection_alignment = torch.tensor(effective, dtype=torch.float64)
+    summary.projection_alignment_raw = torch.tensor(raw, dtype=torch.float64)
+    return summary.layer_rows([block.layer for block in moe_blocks(model)])
 
 
 def routing_diagnostics(model: nn.Module, capture: RoutingCapture) -> list[dict]:
-    """Per-layer routing diagnostics of one capture (see :meth:`RoutingStatistics.summary`)."""
-    statistics = RoutingStatistics()
-    statistics.update(capture)
-    return statistics.summary(model)
+    """Per-layer routing diagnostics of one capture (:func:`routing_rows`)."""
+    statistics = RoutingStats(len(capture.layers), capture.layers[0].probs.shape[-1])
+    statistics.add(capture.routing())
+    return routing_rows(model, statistics)
 
 
 # --- RoutedModel view -----------------------------------------------------------------------

@@ -178,8 +178,13 @@ def precompute_routers(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_expert_biases(module: nn.Module) -> None:
-    """Apply the aux-loss-free bias update to every router in ``module`` (after optimizer.step)."""
+def update_expert_biases(module: nn.Module, applied: bool = True) -> None:
+    """Apply the aux-loss-free bias update to every router in ``module`` after optimizer.step;
+    with ``applied=False`` (a skipped step) drop the counts gathered since the last update."""
     for router in module.modules():
-        if isinstance(router, Router):
+        if not isinstance(router, Router):
+            continue
+        if applied:
             router.update_expert_bias()
+        elif router.expert_bias is not None:
+            router.tokens_per_expert.zero_()

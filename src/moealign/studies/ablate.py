@@ -353,11 +353,21 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> AblationS
 
 
 def first_nonfinite_step(metrics: Sequence[Mapping[str, Any]]) -> int | None:
-    """The first logged step whose training ``loss`` or validation ``val_loss`` is NaN/inf."""
+    """The first logged step at which the run diverged: a training ``loss`` or validation
+    ``val_loss`` that is NaN/inf (strict JSON writes it as null and lists it under
+    ``nonfinite``), or a ``nonfinite`` event that stopped training. A step that
+    ``train.on_nonfinite = "skip"`` skipped (``step_skipped``) does not count."""
     for record in metrics:
+        if record.get("event") == "nonfinite":
+            if record.get("policy") == "stop":
+                return int(record["step"])
+            continue
+        flagged = record.get("nonfinite") or ()
         for key in ("loss", "val_loss"):
             value = record.get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
+            if key == "loss" and record.get("step_skipped"):
+                continue
+            if key in flagged or (isinstance(value, (int, float)) and not math.isfinite(value)):
                 return int(record["step"])
     return None
 

@@ -35,11 +35,15 @@ _NAMES = {
     "params_total": ("parameters, total", ""),
     "params_active": ("parameters, active", ""),
     "routing/max_vio": ("MaxVio, batch", ""),
+    "routing/max_vio_batch": ("MaxVio, mean over (micro-)batches", ""),
+    "routing/balance_loss": ("balance loss", ""),
+    "routing/z_loss": ("router z-loss", ""),
     "routing/token_entropy": ("token routing entropy", "H / log E"),
     "routing/usage_entropy": ("expert-usage entropy", "H / log E"),
     "routing/task_entropy": ("per-task routing entropy", "H / log E"),
     "routing/dead_experts": ("dead experts", "per layer"),
     "routing/projection_alignment": ("projection alignment λ", ""),
+    "routing/projection_alignment_raw": ("projection alignment λ of the raw rows R", ""),
     "routing/router_grad_norm": ("router gradient norm", ""),
 }
 _ACCURACY_SPLITS = {"seen": "seen-task", "heldout": "held-out-task"}

@@ -44,9 +44,10 @@ META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 CHECKPOINT_DIR = "checkpoints"
-# Changes that do not alter the result: the budget, the dashboards the metrics go to, and the
-# parallel layout (a resume on another number of ranks keeps world size × grad_accum, so the
-# global batch and its micro-batches stay the same; checkpoints hold whole tensors).
+# Changes that do not alter the result: the budget, the dashboards the metrics go to, what a
+# non-finite step does (a run stopped by one may go on, skipping it), and the parallel layout
+# (a resume on another number of ranks keeps world size × grad_accum, so the global batch and
+# its micro-batches stay the same; checkpoints hold whole tensors).
 _RESUMABLE_CHANGES = {
     "train.steps",
     "train.tensorboard",
@@ -54,6 +55,7 @@ _RESUMABLE_CHANGES = {
     "train.grad_accum",
     "train.parallel",
     "train.ep_size",
+    "train.on_nonfinite",
 }
 
 
