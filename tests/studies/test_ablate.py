@@ -12,6 +12,7 @@ import tomllib
 from helpers_cli import CONFIGS
 from moealign.cli import main
 from moealign.config import ConfigError, load_config
+from moealign.io import read_jsonl
 from moealign.studies.ablate import (
     Cell,
     CellResult,
@@ -163,11 +164,10 @@ def _cells(study_dir):
 
 
 def _attempts(study_dir):
-    lines = (study_dir / "cells.jsonl").read_text().splitlines()
-    return [json.loads(line)["cell"] for line in lines]
+    return [record["cell"] for record in read_jsonl(study_dir / "cells.jsonl")]
 
 
-def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys):
+def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys, monkeypatch):
     path = write_study(
         tmp_path,
         """
@@ -175,10 +175,12 @@ def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys):
 name = "huge_lr"
 overrides = { "optim.lr" = 1e8, "optim.grad_clip" = 0.0, "optim.warmup_steps" = 0 }
 [[variants]]
-name = "missing_file"
-overrides = { "data.source" = "files", "data.paths" = ["does-not-exist.txt"] }
+name = "empty_file"
+overrides = { "data.source" = "files", "data.paths" = ["empty.txt"] }
 """,
     )
+    (tmp_path / "empty.txt").write_text("")  # exists (passes the preflight), fails when read
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "study"
     status = main(["ablate", str(path), "--jobs", "2", "--out", str(out)])
     assert status == 1  # a failed cell makes the exit status non-zero, after every cell ran
@@ -188,10 +190,10 @@ overrides = { "data.source" = "files", "data.paths" = ["does-not-exist.txt"] }
     losses = [(r["step"], r.get("loss", r.get("val_loss"))) for r in map(json.loads, log)]
     first_bad = next(step for step, loss in losses if not math.isfinite(loss))
     assert cells["huge_lr__seed0"]["diverged_step"] == first_bad
-    failed = cells["missing_file__seed0"]
-    assert failed["status"] == "failed" and failed["returncode"] != 0
-    assert "does-not-exist.txt" in failed["error"]
-    assert "does-not-exist.txt" in (out / "logs/missing_file__seed0.log").read_text()
+    failed = cells["empty_file__seed0"]
+    assert failed["status"] == "failed" and failed["returncode"] == 2
+    assert "empty.txt" in failed["error"] and "is empty" in failed["error"]
+    assert "empty.txt" in (out / "logs/empty_file__seed0.log").read_text()
     printed = capsys.readouterr().out
     assert f"diverged at step {first_bad}" in printed and "failed: " in printed
     # One line per cell as it starts and as it ends; the first to end estimates the rest.
@@ -253,6 +255,7 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_cells(tmp_path)
     config = load_config(study.base_config, [*half.overrides, f'name="{half.name}"'])
     trainer = Trainer(config, run_dir=half.run_dir, progress=False)
     assert trainer.train(stop_at=2).interrupted
+    trainer.close()  # releases the run folder's lock for the cell's own process
 
     lines = []
     results = run_study(study, jobs=2, progress=lines.append)

@@ -9,38 +9,32 @@ The result is written to ``RUN_DIR/eval.json`` (atomically) and returned.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-from moealign.config import RunConfig, build_config
+from moealign.config import RunConfig
 from moealign.data.build import build_training_data
 from moealign.distributed.context import resolve_device
 from moealign.evaluation.diagnostics import routing_projection_alignment
 from moealign.evaluation.lm import evaluate_lm
 from moealign.evaluation.tasks import evaluate_suite
+from moealign.io import atomic_write_json
 from moealign.nn.transformer import MoETransformer
 from moealign.training.checkpoint import CheckpointError, load_latest
+from moealign.training.runs import read_run_config
 
 EVAL_FILE = "eval.json"
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory: it has no config.json")
-    return build_config(RunConfig, json.loads(path.read_text()))
-
-
 def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, MoETransformer]:
-    """The run's config and its model with the newest good checkpoint's weights."""
-    config = load_run_config(run_dir)
-    checkpoint = load_latest(Path(run_dir) / "checkpoints", fallback=True)
+    """The run's config and its model with the newest checkpoint whose weights load."""
+    config = read_run_config(run_dir)
+    model = MoETransformer(config.model).to(resolve_device(device))
+    checkpoint = load_latest(
+        Path(run_dir) / "checkpoints", fallback=True, apply=lambda ckpt: ckpt.load_model(model)
+    )
     if checkpoint is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to evaluate")
-    model = MoETransformer(config.model).to(resolve_device(device))
-    checkpoint.load_model(model)
     return config, model
 
 
@@ -64,10 +58,7 @@ def evaluate_run(
         result["tasks"] = evaluate_suite(
             model, data.tokenizer, data.suite, max_examples_per_task=limit
         )
-    path = Path(run_dir) / EVAL_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(Path(run_dir) / EVAL_FILE, result)
     return result
 
 

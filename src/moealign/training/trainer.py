@@ -42,8 +42,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moealign.alignment.guardrails import RoutingGuardrail
-from moealign.alignment.term import build_alignment
 from moealign.config import ConfigError, RunConfig
 from moealign.data.build import TrainingData, build_training_data
 from moealign.data.tasks import TASK_IDS
@@ -54,9 +52,8 @@ from moealign.evaluation.diagnostics import routing_projection_alignment
 from moealign.evaluation.tasks import evaluate_suite, per_task_accuracy
 from moealign.nn import update_expert_biases
 from moealign.nn.transformer import MoETransformer
-from moealign.optim.optimizers import build_optimizer
-from moealign.optim.schedules import WarmupCosine
 from moealign.training.checkpoint import (
+    Checkpoint,
     CheckpointError,
     capture_rng_state,
     load_latest,
@@ -77,13 +74,15 @@ IGNORE_INDEX = -100
 
 @dataclass
 class TrainResult:
-    """What :meth:`Trainer.train` returns; ``final_eval`` is empty if the run was interrupted."""
+    """What :meth:`Trainer.train` returns; ``final_eval`` is empty if the run was interrupted,
+    ``stop_signal`` names the signal that interrupted it (``"SIGINT"``/``"SIGTERM"``)."""
 
     step: int
     interrupted: bool
     run_dir: Path | None
     last_train: dict[str, float] = field(default_factory=dict)
     final_eval: dict[str, Any] = field(default_factory=dict)
+    stop_signal: str | None = None
 
 
 _TASK_NAMES = sorted(TASK_IDS, key=TASK_IDS.__getitem__)
@@ -251,37 +250,18 @@ class Trainer:
         random.seed(train_cfg.seed)
         np.random.seed(train_cfg.seed)
         torch.manual_seed(train_cfg.seed)
-        self.model = (model if model is not None else MoETransformer(config.model)).to(self.device)
+        self.model = (model if model is not None else config.model.build()).to(self.device)
         self.data = data if data is not None else build_training_data(config)
         # Counted before sharding, so they are the whole model's on every rank.
         self.parameter_counts: dict[str, int] = self.model.parameter_counts()
         # Shard before the optimizer is built: FSDP2 replaces the parameters by DTensors.
         self.forward_model: torch.nn.Module = self.parallel.apply(self.model)
-        self.optimizer = build_optimizer(
-            self.model,
-            name=config.optim.name,
-            lr=config.optim.lr,
-            weight_decay=config.optim.weight_decay,
-            betas=config.optim.betas,
-            matrix_lr=config.optim.matrix_lr,
-            **config.optim.options,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            WarmupCosine(
-                warmup_steps=config.optim.warmup_steps,
-                total_steps=train_cfg.steps,
-                min_lr_ratio=config.optim.min_lr_ratio,
-                schedule=config.optim.schedule,
-            ),
-        )
+        self.optimizer, self.scheduler = config.optim.build(self.model, train_cfg.steps)
         moe_layers = getattr(self.model, "moe_layers", [])
         n_experts = config.model.n_experts
-        self.alignment = build_alignment(config.alignment, len(moe_layers), n_experts)
+        self.alignment = config.alignment.build(len(moe_layers), n_experts)
         self.aux_terms = list(aux_terms) + ([self.alignment] if self.alignment else [])
-        self.guardrail = (
-            RoutingGuardrail(config.guardrails, n_experts, self.alignment) if moe_layers else None
-        )
+        self.guardrail = config.guardrails.build(n_experts, self.alignment) if moe_layers else None
         self.stopped_early_at: int | None = None
         self.progress = progress
         self.step = 0
@@ -347,10 +327,17 @@ class Trainer:
         }
 
     def _restore(self) -> None:
-        checkpoint = load_latest(self.checkpoint_dir, fallback=True)
+        """Continue from the newest checkpoint that loads and applies (falling back past any
+        that fails); records logged after its step (or all, without one) are dropped."""
+        checkpoint = load_latest(self.checkpoint_dir, fallback=True, apply=self._apply_checkpoint)
         if checkpoint is None:
             log.warning("resume: no checkpoint in %s; starting from step 0", self.checkpoint_dir)
-            return
+        if self.run is not None:
+            self.run.truncate_metrics(self.step)
+        if checkpoint is not None:
+            log.info("resumed from %s at step %d", checkpoint.path, self.step)
+
+    def _apply_checkpoint(self, checkpoint: Checkpoint) -> None:
         if self.parallel.shards:
             whole = self._whole_model_copy()
             checkpoint.load_model(whole)
@@ -377,9 +364,6 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.tokens_seen = state["tokens_seen"]
         self.step = checkpoint.step
-        if self.run is not None:
-            self.run.truncate_metrics(self.step)
-        log.info("resumed from %s at step %d", checkpoint.path, self.step)
 
     def _whole_model_copy(self) -> MoETransformer:
         """A fresh unsharded model of the run's architecture (its RNG draws do not count)."""
@@ -739,6 +723,7 @@ class Trainer:
             run_dir=self.run.path if self.run is not None else None,
             last_train=last_train,
             final_eval=final_eval,
+            stop_signal=self._stop_signal if interrupted else None,
         )
 
     def _resource_record(self) -> dict[str, Any]:
@@ -749,6 +734,9 @@ class Trainer:
         return record
 
     def close(self) -> None:
-        """Close the dashboards and release the process group if this trainer created it."""
+        """Close the dashboards, release the run folder's lock and the process group if this
+        trainer created it."""
         self.loggers.close()
+        if self.run is not None:
+            self.run.close()
         self.dist.close()
