@@ -105,14 +105,15 @@ def _is_main_rank() -> bool:
 def _run_train(args: argparse.Namespace) -> int:
     from moealign.config import load_config
     from moealign.training.preflight import check_before_training
-    from moealign.training.runs import RunLock, finished_step
+    from moealign.training.runs import RunDirectory, RunLock, finished_step
 
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else config.run_dir
+    check_before_training(config, run_dir, out_field="--out" if args.out else "out_dir")
+    RunDirectory(run_dir).check(config.to_dict(), resume=args.resume, overwrite=args.overwrite)
     if args.resume and finished_step(run_dir) == config.train.steps:
         print(f"{run_dir} already finished at step {config.train.steps}; nothing to do")
         return 0
-    check_before_training(config, run_dir, out_field="--out" if args.out else "out_dir")
     # Refuse a concurrent run on an existing folder before building data and model.
     lock = RunLock(run_dir).acquire() if run_dir.is_dir() and _is_main_rank() else None
     try:
@@ -509,8 +510,12 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``moealign``; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``moealign``; returns the process exit status (also for ``--help`` and
+    argument errors, which argparse ends with ``SystemExit``)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
     configure_logging(args.verbose)
     try:
         return args.run(args)

@@ -96,13 +96,13 @@ class Bounds:
             or (self.lt is not None and value >= self.lt)
         )
 
-    def describe(self) -> str:
+    def describe(self, noun: str = "a finite number") -> str:
         parts = [
             f"{op} {bound if isinstance(bound, int) else format(bound, 'g')}"
             for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
             if bound is not None
         ]
-        return "a finite number " + " and ".join(parts)
+        return f"{noun} " + " and ".join(parts)
 
 
 def bounded(default: Any, **bounds: float) -> Any:
@@ -213,7 +213,8 @@ def _check_bounds(name: str, value: Any, bounds: Bounds) -> None:
         if number is None:
             continue
         if not (math.isfinite(number) and bounds.contains(number)):
-            raise ConfigError(name, f"got {value!r}; expected {bounds.describe()}")
+            noun = "an integer" if isinstance(number, int) else "a finite number"
+            raise ConfigError(name, f"got {value!r}; expected {bounds.describe(noun)}")
 
 
 class _Validated:

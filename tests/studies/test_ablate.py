@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -280,3 +281,45 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_cells(tmp_path)
     assert "--resume" in results[1].command and results[1].status == "finished"
     assert (half.run_dir / "final_eval.json").stat().st_mtime_ns == mtimes[half.name]
     assert {c["status"] for c in _cells(study.out_dir).values()} == {"finished"}
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_the_running_cell_and_the_study_is_recorded_interrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers_cli import cli_env
+    from moealign.training.checkpoint import load_latest
+
+    path = write_study(tmp_path, 'seeds = [0, 1]\n[[variants]]\nname = "long"')
+    long = {**FAST, "train.steps": 100000, "train.checkpoint_every": 0}
+    fixed = "".join(f'"{k}" = {toml_literal(v)}\n' for k, v in long.items())
+    path.write_text(path.read_text().split("[overrides]")[0] + f"[overrides]\n{fixed}")
+    out = tmp_path / "study"
+    ablate = subprocess.Popen(
+        [sys.executable, "-m", "moealign.cli", "ablate", str(path), "--out", str(out)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    cell = out / "long__seed0"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(read_jsonl(cell / "metrics.jsonl")) < 2:
+        time.sleep(0.2)
+    assert len(read_jsonl(cell / "metrics.jsonl")) >= 2, ablate.poll()
+    trainer_pid = int((cell / ".lock").read_text())
+    ablate.send_signal(signal.SIGTERM)  # to ablate only, as a job scheduler would
+    _, stderr = ablate.communicate(timeout=180)
+    assert ablate.returncode == 143, stderr
+    assert "error: interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(trainer_pid, 0)  # the cell's trainer stopped too: no orphan
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "interrupted"
+    assert [c["status"] for c in study["cells"]] == ["interrupted", "pending"]
+    assert load_latest(cell / "checkpoints").step == max(
+        r["step"] for r in read_jsonl(cell / "metrics.jsonl")
+    )  # it checkpointed the step it stopped after

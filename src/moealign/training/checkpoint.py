@@ -75,6 +75,8 @@ class CheckpointWriteError(OSError):
 
 
 def _one_line(err: BaseException) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return f"missing key {err.args[0]!r}"
     return " ".join(str(err).split()) or type(err).__name__
 
 
@@ -324,7 +326,7 @@ def _parse_state(state: Any, path: Path) -> tuple[int, dict[str, str], dict[str,
         raise TypeError(f"files is a {type(files).__name__}; expected an object")
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
-        raise KeyError(f"files lists no checksum for {', '.join(missing)}")
+        raise ValueError(f"files lists no checksum for {', '.join(missing)}")
     for name, digest in files.items():
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise ValueError(f"files names {name!r}, not a file of the checkpoint")
@@ -346,8 +348,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         step, files, trainer_state = _parse_state(read_json(state_file), path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {state_file} is missing") from None
-    except (FileFormatError, OSError) as err:
-        raise CheckpointError(f"checkpoint file {state_file} is unreadable: {err}") from None
+    except FileFormatError as err:
+        reason = str(err).removeprefix(f"{state_file}: ")
+        raise CheckpointError(
+            f"checkpoint file {state_file} is corrupt or truncated: {reason}"
+        ) from None
+    except OSError as err:
+        raise CheckpointError(
+            f"checkpoint file {state_file} is unreadable: {err.strerror}"
+        ) from None
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as err:
         raise CheckpointError(
             f"checkpoint file {state_file} is corrupt or truncated: {_one_line(err)}"

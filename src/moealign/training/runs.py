@@ -34,6 +34,7 @@ from typing import Any
 
 import moealign
 from moealign.io import (
+    TEMPORARY_PREFIX,
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
@@ -67,6 +68,7 @@ LOCK_FILE = ".lock"
 # parallel layout (a resume on another number of ranks keeps world size × grad_accum, so the
 # global batch and its micro-batches stay the same; checkpoints hold whole tensors).
 _RESUMABLE_CHANGES = {
+    "out_dir",  # where the run folder was found, not what it computes
     "train.steps",
     "train.tensorboard",
     "train.wandb",
@@ -284,45 +286,60 @@ class RunDirectory:
         (never written into, never deleted); :class:`RunLockedError` if another process holds
         it. ``overwrite`` replaces only a run folder, keeping the folder itself.
         """
-        if resume and overwrite:
-            raise ValueError("resume and overwrite: got both; expected at most one of them")
         run = cls(Path(path))
-        _check_folder(run.path, "run directory")
-        if run.path.exists() and not is_run_dir(run.path) and run._foreign_entries():
-            raise RunExistsError(
-                f"run directory {run.path} is not empty and holds no moealign run (no "
-                f"{META_FILE} and {METRICS_FILE}); refusing to write into it or replace it: "
-                "choose a new or empty folder"
-            )
+        run.check(config, resume=resume, overwrite=overwrite)
         run.path.mkdir(parents=True, exist_ok=True)
         run.lock = RunLock(run.path).acquire()
         try:
-            run._open_locked(config, seed=seed, device=device, resume=resume, overwrite=overwrite)
+            run.check(config, resume=resume, overwrite=overwrite)  # again, now under the lock
+            run._open_locked(config, seed=seed, device=device, overwrite=overwrite)
         except BaseException:
             run.close()
             raise
         return run
+
+    def check(
+        self, config: dict[str, Any], *, resume: bool = False, overwrite: bool = False
+    ) -> None:
+        """Raise what :meth:`open` would raise for this folder and ``config``, changing
+        nothing (the CLI calls it before any work starts)."""
+        if resume and overwrite:
+            raise ValueError("resume and overwrite: got both; expected at most one of them")
+        _check_folder(self.path, "run directory")
+        if not self.path.exists():
+            return
+        if is_run_dir(self.path):
+            if resume:
+                self._check_same_config(read_json(self.path / CONFIG_FILE), config)
+            elif not overwrite:
+                raise RunExistsError(
+                    f"run directory {self.path} already holds a run; "
+                    "pass --resume to continue it or --overwrite to replace it"
+                )
+        elif self._foreign_entries():
+            raise RunExistsError(
+                f"run directory {self.path} is not empty and holds no moealign run (no "
+                f"{META_FILE} and {METRICS_FILE}); refusing to write into it or replace it: "
+                "choose a new or empty folder"
+            )
 
     def _foreign_entries(self) -> list[str]:
         """Entries of the folder other than a lock file and temporaries."""
         return [
             entry.name
             for entry in self.path.iterdir()
-            if entry.name != LOCK_FILE and not entry.name.startswith(".tmp-")
+            if entry.name != LOCK_FILE and not entry.name.startswith(TEMPORARY_PREFIX)
         ]
 
     def _open_locked(
-        self, config: dict[str, Any], *, seed: int, device: str, resume: bool, overwrite: bool
+        self, config: dict[str, Any], *, seed: int, device: str, overwrite: bool
     ) -> None:
+        """After :meth:`check` passed under the lock: clear a run that ``overwrite`` replaces
+        (its entries, not the folder), or continue one; record config and meta."""
         remove_temporaries(self.path)
         remove_temporaries(self.checkpoint_dir)
         existing = is_run_dir(self.path)
-        if existing and not resume:
-            if not overwrite:
-                raise RunExistsError(
-                    f"run directory {self.path} already holds a run; "
-                    "pass --resume to continue it or --overwrite to replace it"
-                )
+        if existing and overwrite:
             for name in self._foreign_entries():
                 entry = self.path / name
                 if entry.is_dir() and not entry.is_symlink():
@@ -330,14 +347,8 @@ class RunDirectory:
                 else:
                     entry.unlink()
             existing = False
-        elif not existing and self._foreign_entries():
-            raise RunExistsError(
-                f"run directory {self.path} is not empty and holds no moealign run; "
-                "choose a new or empty folder"
-            )
         self.checkpoint_dir.mkdir(exist_ok=True)
         if existing:
-            self._check_same_config(read_json(self.path / CONFIG_FILE), config)
             meta = read_json(self.path / META_FILE)
             meta.setdefault("resumed", []).append({"time": utc_now(), "command": sys.argv})
         else:

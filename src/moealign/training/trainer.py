@@ -269,6 +269,10 @@ class Trainer:
         self._stop_signal: str | None = None
 
         run_path = Path(run_dir) if run_dir is not None else config.run_dir
+        self.checkpoint_dir = run_path / "checkpoints"
+        self.run: RunDirectory | None = None
+        if resume:  # before the run folder is touched: an unusable checkpoint changes nothing
+            self._restore()
         self.run = (
             RunDirectory.open(
                 run_path,
@@ -281,9 +285,8 @@ class Trainer:
             if self.dist.is_main
             else None
         )
-        self.checkpoint_dir = run_path / "checkpoints"
-        if resume:
-            self._restore()
+        if resume and self.run is not None:
+            self.run.truncate_metrics(self.step)  # records after the restored step (or all)
         # Optional dashboards next to metrics.jsonl (rank 0 only; DESIGN.md §8).
         self.loggers = (
             build_loggers(
@@ -328,13 +331,11 @@ class Trainer:
 
     def _restore(self) -> None:
         """Continue from the newest checkpoint that loads and applies (falling back past any
-        that fails); records logged after its step (or all, without one) are dropped."""
+        that fails; none: from step 0)."""
         checkpoint = load_latest(self.checkpoint_dir, fallback=True, apply=self._apply_checkpoint)
         if checkpoint is None:
             log.warning("resume: no checkpoint in %s; starting from step 0", self.checkpoint_dir)
-        if self.run is not None:
-            self.run.truncate_metrics(self.step)
-        if checkpoint is not None:
+        else:
             log.info("resumed from %s at step %d", checkpoint.path, self.step)
 
     def _apply_checkpoint(self, checkpoint: Checkpoint) -> None:
