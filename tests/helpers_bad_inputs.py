@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from helpers_cli import CONFIGS, cli_env
@@ -47,7 +47,6 @@ class Case:
     status: int = 2
     needs_run: bool = False
     skip: str = ""  # a reason to skip on this machine (e.g. root ignores permissions)
-    marks: list = field(default_factory=list)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -117,6 +116,27 @@ def check_case_in_subprocess(case: Case, tmp: Path, trained_run: Path | None = N
     line = assert_one_error_line(done.returncode, done.stderr, case)
     assert_nothing_lost(before, tmp)
     return line
+
+
+def write(name: str, content: str | bytes) -> Callable[[Path], None]:
+    """A ``setup`` that writes ``content`` to ``<case folder>/name``."""
+
+    def setup(tmp: Path) -> None:
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    return setup
+
+
+def params(cases: list[Case]) -> list:
+    """``pytest.param``s of ``cases``, named by their ids, skipped where they say so."""
+    import pytest
+
+    return [
+        pytest.param(case, id=case.id, marks=[pytest.mark.skip(case.skip)] if case.skip else [])
+        for case in cases
+    ]
 
 
 def train_args(*overrides: str) -> list[str]:

@@ -11,21 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_bad_inputs import Case, check_case, check_case_in_subprocess, train_args
+from helpers_bad_inputs import (
+    Case,
+    check_case,
+    check_case_in_subprocess,
+    params,
+    train_args,
+    write,
+)
 
 NO_CUDA = "" if not torch.cuda.is_available() else "CUDA is available here"
-
-
-def _write(name: str, content: str | bytes) -> callable:
-    def setup(tmp: Path) -> None:
-        path = tmp / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-
-    return setup
 
 
 def _folder_with_sources(tmp: Path) -> None:
@@ -185,7 +180,7 @@ CASES = [
         [*FILE_PRIOR, 'alignment.prior_path="{tmp}/prior.safetensors"'],
         "alignment.prior_path",
         "safetensors",
-        setup=_write("prior.safetensors", b"\x00garbage" * 10),
+        setup=write("prior.safetensors", b"\x00garbage" * 10),
     ),
     _case(
         "prior-file-wrong-shape",
@@ -234,13 +229,13 @@ CASES = [
         "cache-dir-a-file",
         ['data.cache_dir="{tmp}/cache"'],
         "data.cache_dir",
-        setup=_write("cache", "not a folder"),
+        setup=write("cache", "not a folder"),
     ),
     _case(
         "cache-dir-under-a-file",
         ["data.tokenizer=bpe", "data.source=text", 'data.cache_dir="{tmp}/cache/sub"'],
         "data.cache_dir",
-        setup=_write("cache", "not a folder"),
+        setup=write("cache", "not a folder"),
     ),
     _case("vocab-too-small", ["data.vocab_size=10"], "data.vocab_size"),
     _case("n-options-30", ["data.n_options=30"], "data.n_options"),
@@ -263,54 +258,54 @@ CASES = [
         "config-binary",
         ["train", "--config", "{tmp}/c.toml"],
         ("config file", "c.toml"),
-        setup=_write("c.toml", bytes(range(256))),
+        setup=write("c.toml", bytes(range(256))),
     ),
     Case(
         "config-not-utf8",
         ["train", "--config", "{tmp}/c.toml"],
         ("c.toml", "not UTF-8"),
-        setup=_write("c.toml", 'name = "caf\xe9"\n'.encode("latin-1")),
+        setup=write("c.toml", 'name = "caf\xe9"\n'.encode("latin-1")),
     ),
     Case(
         "config-bad-toml",
         ["train", "--config", "{tmp}/c.toml"],
         ("c.toml", "not valid TOML"),
-        setup=_write("c.toml", "[optim\n"),
+        setup=write("c.toml", "[optim\n"),
     ),
     Case(
         "config-nul-byte",
         ["train", "--config", "{tmp}/c.toml"],
         ("c.toml", "not valid TOML"),
-        setup=_write("c.toml", b'name = "a"\x00\n'),
+        setup=write("c.toml", b'name = "a"\x00\n'),
     ),
     Case(
         "config-unknown-key",
         ["train", "--config", "{tmp}/c.toml"],
         ("optim.warmup", "unknown key"),
-        setup=_write("c.toml", "[optim]\nwarmup = 3\n"),
+        setup=write("c.toml", "[optim]\nwarmup = 3\n"),
     ),
     Case(
         "config-deeply-nested",
         ["train", "--config", "{tmp}/c.toml"],
         ("c.toml",),
-        setup=_write("c.toml", "x = " + "[" * 5000 + "]" * 5000 + "\n"),
+        setup=write("c.toml", "x = " + "[" * 5000 + "]" * 5000 + "\n"),
     ),
     # ---- output paths
     Case(
         "out-a-file",
         [*train_args(), "--out", "{tmp}/f"],
         ("--out", "not a folder"),
-        setup=_write("f", "keep me"),
+        setup=write("f", "keep me"),
     ),
     Case("out-dev-null", [*train_args(), "--out", "/dev/null"], ("--out", "/dev/null")),
     Case(
         "out-under-a-file",
         [*train_args(), "--out", "{tmp}/f/run"],
         ("--out", "not a folder"),
-        setup=_write("f", "keep me"),
+        setup=write("f", "keep me"),
     ),
     _case(
-        "out-dir-a-file", ['out_dir="{tmp}/f"'], "out_dir", "not a folder", setup=_write("f", "x")
+        "out-dir-a-file", ['out_dir="{tmp}/f"'], "out_dir", "not a folder", setup=write("f", "x")
     ),
     Case(
         "overwrite-folder-with-sources",
@@ -339,14 +334,7 @@ CASES = [
 ]
 
 
-def _params(cases: list[Case]) -> list:
-    return [
-        pytest.param(case, id=case.id, marks=[pytest.mark.skip(case.skip)] if case.skip else [])
-        for case in cases
-    ]
-
-
-@pytest.mark.parametrize("case", _params(CASES))
+@pytest.mark.parametrize("case", params(CASES))
 def test_bad_train_input_is_one_clear_error(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     check_case(case, tmp_path, capsys)
@@ -356,7 +344,7 @@ def test_bad_train_input_is_one_clear_error(case, tmp_path, capsys, monkeypatch)
 SUBPROCESS_CASES = [c for c in CASES if c.id in ("name-dot", "config-binary", "out-a-file")]
 
 
-@pytest.mark.parametrize("case", _params(SUBPROCESS_CASES))
+@pytest.mark.parametrize("case", params(SUBPROCESS_CASES))
 def test_bad_input_through_a_real_process(case, tmp_path):
     check_case_in_subprocess(case, tmp_path)
     assert not (tmp_path / "runs").exists()

@@ -14,7 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers_bad_inputs import Case, check_case, check_case_in_subprocess, train_args
+from helpers_bad_inputs import (
+    Case,
+    check_case,
+    check_case_in_subprocess,
+    params,
+    train_args,
+    write,
+)
 from helpers_cli import CONFIGS
 from moealign.cli import main
 
@@ -31,15 +38,6 @@ def trained_run(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------- plant helpers
-
-
-def _write(name: str, content: str | bytes):
-    def setup(tmp: Path) -> None:
-        path = tmp / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-
-    return setup
 
 
 def _checkpoints(tmp: Path) -> list[Path]:
@@ -102,7 +100,7 @@ def _set(table: dict, dotted: str, value) -> dict:
 
 
 def _metrics(text: str | bytes):
-    return _write("run/metrics.jsonl", text)
+    return write("run/metrics.jsonl", text)
 
 
 def _study(body: str, name: str = "study.toml"):
@@ -124,7 +122,7 @@ def _model_folder(*files: str):
 
 
 def _study_dir(content: str):
-    return _write("studydir/study.json", content)
+    return write("studydir/study.json", content)
 
 
 RESUME = [*train_args("train.steps=3"), "--out", "{run}", "--resume"]
@@ -148,13 +146,13 @@ RUN_CASES = [
         "overwrite-config-json-only-folder",
         [*train_args(), "--out", "{tmp}/old", "--overwrite"],
         ("old", "holds no moealign run"),
-        setup=_write("old/config.json", "{}"),
+        setup=write("old/config.json", "{}"),
     ),
     Case(
         "run-folder-is-a-file",
         [*train_args(), "--out", "{tmp}/run", "--resume"],
         ("--out", "not a folder"),
-        setup=_write("run", "a file"),
+        setup=write("run", "a file"),
     ),
     # ---- checkpoints: every checkpoint of the run broken the same way
     Case(
@@ -337,7 +335,7 @@ RUN_CASES = [
         EVAL,
         ("config.json", "not UTF-8"),
         needs_run=True,
-        setup=_write("run/config.json", b'{"name": "caf\xe9"}'),
+        setup=write("run/config.json", b'{"name": "caf\xe9"}'),
     ),
     Case(
         "eval-config-bad-value",
@@ -358,31 +356,31 @@ RUN_CASES = [
         "data-file-not-utf8",
         train_args("data.source=files", 'data.paths=["{tmp}/d.txt"]'),
         ("d.txt", "not valid UTF-8"),
-        setup=_write("d.txt", b"caf\xe9 " * 100),
+        setup=write("d.txt", b"caf\xe9 " * 100),
     ),
     Case(
         "data-file-empty",
         train_args("data.source=files", 'data.paths=["{tmp}/d.txt"]'),
         ("d.txt", "empty"),
-        setup=_write("d.txt", ""),
+        setup=write("d.txt", ""),
     ),
     Case(
         "data-jsonl-bad-line",
         train_args("data.source=files", 'data.paths=["{tmp}/d.jsonl"]'),
         ("d.jsonl:2", "not valid JSON"),
-        setup=_write("d.jsonl", '{"text": "a"}\n{"text": oops}\n{"text": "c"}\n'),
+        setup=write("d.jsonl", '{"text": "a"}\n{"text": oops}\n{"text": "c"}\n'),
     ),
     Case(
         "data-jsonl-missing-field",
         train_args("data.source=files", 'data.paths=["{tmp}/d.jsonl"]'),
         ("d.jsonl line 1", "'text'"),
-        setup=_write("d.jsonl", '{"body": "a"}\n'),
+        setup=write("d.jsonl", '{"body": "a"}\n'),
     ),
     Case(
         "data-jsonl-not-objects",
         train_args("data.source=files", 'data.paths=["{tmp}/d.jsonl"]'),
         ("d.jsonl:1", "a JSON list"),
-        setup=_write("d.jsonl", "[1, 2]\n"),
+        setup=write("d.jsonl", "[1, 2]\n"),
     ),
     # ---- report and compare
     Case("report-missing", ["report", "{tmp}/nope"], ("nope", "expected a run directory")),
@@ -407,14 +405,14 @@ RUN_CASES = [
         ["report", "{run}", "--out", "{tmp}/r"],
         ("final_eval.json", "a JSON list"),
         needs_run=True,
-        setup=_write("run/final_eval.json", "[1]"),
+        setup=write("run/final_eval.json", "[1]"),
     ),
     Case(
         "report-meta-corrupt",
         ["report", "{run}", "--out", "{tmp}/r"],
         ("meta.json", "not valid JSON"),
         needs_run=True,
-        setup=_write("run/meta.json", "{"),
+        setup=write("run/meta.json", "{"),
     ),
     Case(
         "report-study-not-json",
@@ -453,7 +451,7 @@ RUN_CASES = [
         "ablate-binary",
         ["ablate", "{tmp}/s.toml"],
         ("study file", "not UTF-8"),
-        setup=_write("s.toml", bytes(range(256))),
+        setup=write("s.toml", bytes(range(256))),
     ),
     Case(
         "ablate-seed-axis",
@@ -492,7 +490,7 @@ RUN_CASES = [
         "ablate-base-missing",
         ["ablate", "{tmp}/s.toml"],
         ("base", "an existing config file"),
-        setup=_write("s.toml", 'base = "nope.toml"\n'),
+        setup=write("s.toml", 'base = "nope.toml"\n'),
     ),
     Case(
         "ablate-seeds-empty",
@@ -603,7 +601,7 @@ RUN_CASES = [
         ["roma", "--base", "{run}", "--out", "{tmp}/f"],
         ("--out", "not a folder"),
         needs_run=True,
-        setup=_write("f", "x"),
+        setup=write("f", "x"),
     ),
     Case(
         "roma-device-cuda",
@@ -620,14 +618,7 @@ RUN_CASES = [
 ]
 
 
-def _params(cases: list[Case]) -> list:
-    return [
-        pytest.param(case, id=case.id, marks=[pytest.mark.skip(case.skip)] if case.skip else [])
-        for case in cases
-    ]
-
-
-@pytest.mark.parametrize("case", _params(RUN_CASES))
+@pytest.mark.parametrize("case", params(RUN_CASES))
 def test_bad_input_is_one_clear_error(case, tmp_path, capsys, monkeypatch, trained_run):
     monkeypatch.chdir(tmp_path)
     check_case(case, tmp_path, capsys, trained_run)
@@ -641,6 +632,6 @@ SUBPROCESS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", _params(SUBPROCESS_CASES))
+@pytest.mark.parametrize("case", params(SUBPROCESS_CASES))
 def test_bad_input_through_a_real_process(case, tmp_path, trained_run):
     check_case_in_subprocess(case, tmp_path, trained_run)
