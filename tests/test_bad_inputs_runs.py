@@ -309,11 +309,11 @@ RUN_CASES = [
         needs_run=True,
         skip=NO_CUDA,
     ),
-    Case("eval-missing-folder", ["eval", "{tmp}/nope"], ("nope", "not a run directory")),
+    Case("eval-missing-folder", ["eval", "{tmp}/nope"], ("RUN_DIR", "nope", "holds no run")),
     Case(
         "eval-folder-without-run",
         ["eval", "{tmp}/empty"],
-        ("empty", "no config.json"),
+        ("RUN_DIR", "empty", "no config.json"),
         setup=lambda tmp: (tmp / "empty").mkdir(),
     ),
     Case(
@@ -578,7 +578,7 @@ RUN_CASES = [
     Case(
         "roma-base-missing",
         ["roma", "--base", "{tmp}/nope", "--out", "{tmp}/o"],
-        ("nope", "not a run directory"),
+        ("--base", "nope", "holds no run"),
     ),
     Case(
         "roma-layers-beyond-model",

@@ -193,12 +193,22 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_run_argument(path: str, field: str) -> None:
+    """One clear line for a folder that holds no run or whose recorded config is bad."""
+    from moealign.config import ConfigError
+    from moealign.training.runs import CONFIG_FILE, read_run_config
+
+    if not (Path(path) / CONFIG_FILE).is_file():
+        raise ConfigError(field, f"got {path!r}, which holds no run (no {CONFIG_FILE})")
+    read_run_config(path)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from moealign.training.preflight import check_device
-    from moealign.training.runs import RunLock, read_run_config
+    from moealign.training.runs import RunLock
 
     check_device(args.device, "--device")
-    read_run_config(args.run_dir)  # one clear line for a folder without a run or a bad config
+    _check_run_argument(args.run_dir, "RUN_DIR")
     with RunLock(args.run_dir):
         from moealign.evaluation.run import EVAL_FILE, evaluate_run, summary_rows
 
@@ -391,11 +401,11 @@ def _roma_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_roma(args: argparse.Namespace) -> int:
     from moealign.roma.config import load_roma_config
     from moealign.training.preflight import check_device, check_writable_folder
-    from moealign.training.runs import RunLock, read_run_config
+    from moealign.training.runs import RunLock
 
     config = load_roma_config(args.config, args.overrides)
     check_device(config.device, "device")
-    read_run_config(args.base)  # one clear line for a folder without a run or a bad config
+    _check_run_argument(args.base, "--base")
     check_writable_folder(args.out, "--out")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with RunLock(args.base, shared=True), RunLock(args.out):

@@ -289,7 +289,7 @@ class RunDirectory:
         run = cls(Path(path))
         run.check(config, resume=resume, overwrite=overwrite)
         run.path.mkdir(parents=True, exist_ok=True)
-        run.lock = RunLock(run.path).acquire()
+        run.hold()
         try:
             run.check(config, resume=resume, overwrite=overwrite)  # again, now under the lock
             run._open_locked(config, seed=seed, device=device, overwrite=overwrite)
@@ -356,6 +356,11 @@ class RunDirectory:
         self.metrics_path.touch()
         atomic_write_json(self.path / CONFIG_FILE, config)
         atomic_write_json(self.path / META_FILE, meta)
+
+    def hold(self) -> None:
+        """Lock the run folder for this process (a no-op while it holds the lock)."""
+        if self.lock is None:
+            self.lock = RunLock(self.path).acquire()
 
     def close(self) -> None:
         """Release the run folder's lock."""

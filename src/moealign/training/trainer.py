@@ -646,10 +646,13 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> TrainResult:
         """Run until ``train.steps`` optimizer steps. A SIGINT/SIGTERM, or reaching step
         ``stop_at`` (to split a run into time slices), checkpoints the finished step and
-        returns with ``interrupted=True``; ``resume=True`` continues from there."""
+        returns with ``interrupted=True``; ``resume=True`` continues from there. The run folder
+        is locked until it returns (:class:`moealign.training.runs.RunLock`)."""
         cfg = self.config.train
         if stop_at is not None and not 0 < stop_at <= cfg.steps:
             raise ValueError(f"stop_at: got {stop_at}; expected 1 <= stop_at <= {cfg.steps}")
+        if self.run is not None:
+            self.run.hold()
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -718,6 +721,8 @@ class Trainer:
                 )
                 self.run.update_meta(end_time=utc_now(), steps=self.step)
         self.loggers.flush()
+        if self.run is not None:
+            self.run.close()  # nothing more is written: other processes may use the run now
         return TrainResult(
             step=self.step,
             interrupted=interrupted,
