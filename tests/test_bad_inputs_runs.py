@@ -299,7 +299,7 @@ RUN_CASES = [
     ),
     # ---- eval arguments and run configs
     Case("eval-task-examples-negative", [*EVAL, "--task-examples", "-5"], ("--task-examples",)),
-    Case("eval-batches-zero", [*EVAL, "--eval-batches", "0"], ("--eval-batches", ">= 1")),
+    Case("eval-arg-batches-zero", [*EVAL, "--eval-batches", "0"], ("--eval-batches", ">= 1")),
     Case("eval-batches-word", [*EVAL, "--eval-batches", "abc"], ("--eval-batches", "'abc'")),
     Case("eval-device-unknown", [*EVAL[:2], "--device", "tpu"], ("--device", "'tpu'")),
     Case(
