@@ -14,12 +14,12 @@ by seed (same training draws; ``moealign.evaluation.stats.paired_t_test``).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from moealign.io import read_json
 from moealign.tables import Table, to_markdown
 
 SETS = ("seen", "heldout")
@@ -27,7 +27,7 @@ SETS = ("seen", "heldout")
 
 def roma_accuracy(results_dir: Path) -> dict[str, dict[str, float]]:
     """Per set, per seed: RoMA's macro accuracy in ``results_dir/results.json``."""
-    results = json.loads((results_dir / "results.json").read_text())
+    results = read_json(results_dir / "results.json")
     by_seed = results["summary"]["accuracy"]["roma"]
     seeds = [str(s) for s in results["config"]["seeds"]]
     return {name: dict(zip(seeds, by_seed[name]["per_seed"], strict=True)) for name in SETS}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -120,3 +121,58 @@ def test_cli_config_error_is_one_line_exit_2_without_traceback(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {field}"), result.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_a_router_option_added_later_is_checked_from_its_signature(monkeypatch):
+    """A new router kind (or option) needs no change in config.py: its keyword-only
+    constructor parameters are the accepted options, typed by their annotations, and its own
+    range checks run when the config builds it on the meta device."""
+    from moealign.nn import routers
+
+    class SharpRouter(routers.Router):
+        kind = "sharp"
+
+        def __init__(self, d_model, n_experts, top_k, *, sharpness: float = 2.0, **options):
+            super().__init__(d_model, n_experts, top_k, **options)
+            routers._check("sharpness", sharpness, sharpness >= 1, "a float >= 1")
+
+    monkeypatch.setitem(routers.ROUTER_CLASSES, "sharp", SharpRouter)
+    monkeypatch.setattr(routers, "ROUTER_KINDS", (*routers.ROUTER_KINDS, "sharp"))
+    config = load_config(None, ["model.router=sharp", "model.router_options={sharpness=3}"])
+    assert config.model.router_options == {"sharpness": 3.0}  # coerced to the annotation
+    for option, fragment in (
+        ("{sharpness='x'}", "model.router_options.sharpness: got 'x'; expected a number"),
+        ("{sharpness=0.5}", "model.router_options.sharpness: got 0.5; expected a float >= 1"),
+        ("{temperature=0.0}", "model.router_options.temperature: got 0.0"),  # inherited
+        ("{sharpnes=3}", "model.router_options.sharpnes: unknown option of router='sharp'"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            load_config(None, ["model.router=sharp", f"model.router_options={option}"])
+
+
+def test_loading_builds_nothing_of_real_size():
+    """100 million experts load (on the meta device) in well under the memory they need; the
+    preflight is what refuses them (tests/test_bad_inputs_config.py)."""
+    config = load_config(None, ["model.n_experts=100000000"])
+    assert config.model.n_experts == 100_000_000
+
+
+def test_memory_estimate_counts_parameters_buffers_gradients_and_state():
+    from moealign.optim.optimizers import parameter_groups
+    from moealign.training.preflight import training_memory_bytes
+
+    for optimizer, matrix_states in (("adamw", 2), ("muon", 1)):
+        config = load_config(CONFIGS / "tiny.toml", [f"optim.name={optimizer}"])
+        model = config.model.build()  # the real model, counted independently
+        matrices, others = parameter_groups(model)
+        expected = 4 * (
+            sum(p.numel() for p in matrices) * (2 + matrix_states)
+            + sum(p.numel() for p in others) * 4
+            + sum(b.numel() for b in model.buffers())
+        )
+        assert training_memory_bytes(config) == expected
+
+
+def test_moe_layer_count_follows_moe_every():
+    config = load_config(None, ["model.n_layers=7", "model.moe_every=3"])
+    assert config.model.n_moe_layers == sum(config.model.is_moe_layer(i) for i in range(7)) == 2

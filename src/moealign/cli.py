@@ -1,30 +1,34 @@
 """The ``moealign`` command line.
 
 Each subcommand is a pair of small functions — one adds its arguments, one runs it and returns
-the exit status — registered in :data:`COMMANDS`. Errors in what the user asked for (config,
-run directory, checkpoint) print one line ``error: <message>`` to stderr and exit with status 2;
-no traceback. Log messages below WARNING are shown only for moealign's own loggers, unless
-``--verbose``; every ``--help`` shows the options' defaults.
+the exit status — registered in :data:`COMMANDS`. Arguments are declared here without importing
+torch or matplotlib (``moealign --help`` and every ``moealign COMMAND --help`` stay fast); a
+command imports what it needs when it runs.
+
+Exit status: 0 done; 2 a problem with what the user asked for (config, arguments, files, a run
+folder, a checkpoint, a full disk: any ``ValueError``, ``TypeError``, ``OSError`` or
+safetensors error), printed as one line ``error: <message>`` on stderr; 1 an internal failure,
+also one line; 130/143 a ``train`` or ``ablate`` stopped by SIGINT/SIGTERM after saving its
+state. Tracebacks only with ``moealign --debug COMMAND ...``. Log messages below WARNING are
+shown only for moealign's own loggers, unless ``--verbose``; every ``--help`` shows the options'
+defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from moealign.config import ConfigError, load_config
-from moealign.studies import ablate, report
-from moealign.tables import Table, to_text
-from moealign.training.checkpoint import CheckpointError
-from moealign.training.runs import RunExistsError
+from typing import NoReturn
 
 __all__ = ["COMMANDS", "Command", "HelpFormatter", "build_parser", "configure_logging", "main"]
 
-USAGE_ERRORS = (ConfigError, RunExistsError, CheckpointError, report.RunDataError)
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports it
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,27 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <prog>: <message>`` and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
@@ -53,26 +78,57 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     _add_override_argument(parser, "override a config value")
 
 
+def _format_table(rows: Sequence[tuple[str, str]]) -> str:
+    from moealign.tables import Table, to_text
+
+    return to_text(Table([], rows, align="ll"))
+
+
+# ---------------------------------------------------------------------------- train
+
+
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config_arguments(parser)
     parser.add_argument("--out", metavar="DIR", help="run directory (default: out_dir/name)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    mode.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run (only a moealign run)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _format_table(rows: Sequence[tuple[str, str]]) -> str:
-    return to_text(Table([], rows, align="ll"))
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from moealign.training.trainer import Trainer  # torch and the model load only when training
+    from moealign.config import load_config
+    from moealign.training.preflight import check_before_training
+    from moealign.training.runs import RunDirectory, RunLock, finished_step
 
     config = load_config(args.config, args.overrides)
+    run_dir = Path(args.out) if args.out else config.run_dir
+    check_before_training(config, run_dir, out_field="--out" if args.out else "out_dir")
+    RunDirectory(run_dir).check(config.to_dict(), resume=args.resume, overwrite=args.overwrite)
+    if args.resume and finished_step(run_dir) == config.train.steps:
+        print(f"{run_dir} already finished at step {config.train.steps}; nothing to do")
+        return 0
+    # Refuse a concurrent run on an existing folder before building data and model.
+    lock = RunLock(run_dir).acquire() if run_dir.is_dir() and _is_main_rank() else None
+    try:
+        return _train(config, run_dir, args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, run_dir: Path, args: argparse.Namespace) -> int:
+    from moealign.training.trainer import Trainer  # torch and the model load only when training
+
     trainer = Trainer(
         config,
-        run_dir=args.out,
+        run_dir=run_dir,
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -90,8 +146,9 @@ def _run_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 1
+    status = SIGNAL_EXIT.get(result.stop_signal or "", 0) if result.interrupted else 0
     if not trainer.dist.is_main:
-        return 0
+        return status
     counts = trainer.parameter_counts
     train, final = result.last_train, result.final_eval
     rows = [
@@ -116,21 +173,24 @@ def _run_train(args: argparse.Namespace) -> int:
                 ("val dead experts / layer", f"{final['val_routing/dead_experts']:.2f}"),
             ]
     print(_format_table(rows))
-    return 0
+    return status
+
+
+# ---------------------------------------------------------------------------- eval
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `moealign train`")
     parser.add_argument(
         "--task-examples",
-        type=int,
+        type=_int_at_least(0),
         default=None,
         metavar="N",
         help="examples per task and evaluation set (default: the run's train.task_eval_examples)",
     )
     parser.add_argument(
         "--eval-batches",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         metavar="N",
         help="validation batches (default: the run's train.eval_batches)",
@@ -140,13 +200,32 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    from moealign.evaluation.run import EVAL_FILE, evaluate_run, summary_rows
+def _check_run_argument(path: str, field: str) -> None:
+    """One clear line for a folder that holds no run or whose recorded config is bad."""
+    from moealign.config import ConfigError
+    from moealign.training.runs import CONFIG_FILE, read_run_config
 
-    result = evaluate_run(args.run_dir, args.task_examples, args.eval_batches, args.device)
+    if not (Path(path) / CONFIG_FILE).is_file():
+        raise ConfigError(field, f"got {path!r}, which holds no run (no {CONFIG_FILE})")
+    read_run_config(path)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from moealign.training.preflight import check_device
+    from moealign.training.runs import RunLock
+
+    check_device(args.device, "--device")
+    _check_run_argument(args.run_dir, "RUN_DIR")
+    with RunLock(args.run_dir):
+        from moealign.evaluation.run import EVAL_FILE, evaluate_run, summary_rows
+
+        result = evaluate_run(args.run_dir, args.task_examples, args.eval_batches, args.device)
     print(_format_table(summary_rows(result)))
     print(f"written to {Path(args.run_dir) / EVAL_FILE}")
     return 0
+
+
+# ---------------------------------------------------------------------------- demo
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,27 +253,150 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+# ---------------------------------------------------------------------------- ablate
+
+
+def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "study", metavar="STUDY.toml", help="study file (see moealign.studies.ablate)"
+    )
+    parser.add_argument(
+        "--jobs", type=_int_at_least(1), default=1, metavar="N", help="cells run at once"
+    )
+    parser.add_argument("--out", metavar="DIR", help="study directory (default: from the study)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate every cell as `train` would and list the cells without running them",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no line per cell as it starts and ends"
+    )
+
+
+def _run_ablate(args: argparse.Namespace) -> int:
+    from moealign.studies import ablate
+
+    return ablate.run_ablate(args)
+
+
+# ---------------------------------------------------------------------------- report, compare
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="RUN_OR_STUDY_DIR")
+    parser.add_argument(
+        "--out", metavar="DIR", help="output directory (default: DIR/report for one input)"
+    )
+    parser.add_argument("--baseline", metavar="NAME", help="baseline variant (default: study's)")
+    parser.add_argument(
+        "--metrics", nargs="+", metavar="METRIC", help="table columns (default: main metrics)"
+    )
+    parser.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="LOSS",
+        help="validation loss for time-to-target (default: the baseline's final)",
+    )
+    parser.add_argument("--title", default="moealign report", help="the report's title")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from moealign.studies import report
+
+    return report.run_report(args)
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_a", metavar="RUN_A")
+    parser.add_argument("run_b", metavar="RUN_B")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from moealign.studies import report
+
+    return report.run_compare(args)
+
+
+# ---------------------------------------------------------------------------- analyze
+
+
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_PATH_OR_NAME", help="transformers MoE model")
     parser.add_argument("--data", required=True, metavar="FILE", help="text file or .jsonl file")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
     parser.add_argument("--tokenizer", help="tokenizer path or name (default: the model's)")
     parser.add_argument("--out", default="analysis", metavar="DIR", help="output directory")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--max-tokens", type=int, default=100_000, help="stop after this many")
+    parser.add_argument("--seq-len", type=_int_at_least(1), default=256, help="tokens per window")
+    parser.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="windows per forward pass"
+    )
+    parser.add_argument(
+        "--max-tokens", type=_int_at_least(1), default=100_000, help="stop after this many"
+    )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only mean a local folder (a hub id is ``name`` or ``org/name``)."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or name.endswith("/")
+        or "\\" in name
+    )
+
+
+def _check_model_folder(name: str, field: str, needs_tokenizer: bool) -> None:
+    from moealign.config import ConfigError
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _looks_like_path(name):
+            raise ConfigError(field, f"got {name!r}, a folder that does not exist")
+        return  # a Hugging Face model name: transformers resolves it
+    if not path.is_dir():
+        raise ConfigError(field, f"got {name!r}, a file; expected a model folder or a model name")
+    if field == "model" and not (path / "config.json").is_file():
+        raise ConfigError(field, f"got {name!r}, a folder without config.json")
+    if needs_tokenizer and not any((path / file).is_file() for file in _TOKENIZER_FILES):
+        raise ConfigError(
+            field,
+            f"got {name!r}, a folder without tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+            "pass --tokenizer PATH",
+        )
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    from moealign.config import ConfigError
+    from moealign.training.preflight import check_writable_folder
+
+    _check_model_folder(args.model, "model", needs_tokenizer=args.tokenizer is None)
+    if args.tokenizer is not None:
+        _check_model_folder(args.tokenizer, "--tokenizer", needs_tokenizer=True)
+    if not Path(args.data).is_file():
+        raise ConfigError("--data", f"got {args.data!r}, which is not a file")
+    check_writable_folder(args.out, "--out")
     from moealign.integrations.analyze import (
         run_analyze,  # torch and transformers load only when analysing
     )
 
     try:
         return run_analyze(args)
-    except ValueError as err:  # bad data, options or an unsupported model
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:
+        if Path(args.model).expanduser().exists():
+            raise
+        raise ConfigError(
+            "model",
+            f"got {args.model!r}: no such local folder, and no such model in the local Hugging "
+            "Face cache",
+        ) from err
+
+
+# ---------------------------------------------------------------------------- roma
 
 
 def _roma_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,10 +407,19 @@ def _roma_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_roma(args: argparse.Namespace) -> int:
     from moealign.roma.config import load_roma_config
-    from moealign.roma.study import RomaStudy, markdown_tables
+    from moealign.training.preflight import check_device, check_writable_folder
+    from moealign.training.runs import RunLock
 
-    study = RomaStudy(args.base, load_roma_config(args.config, args.overrides))
-    print(markdown_tables(study.run(args.out)))
+    config = load_roma_config(args.config, args.overrides)
+    check_device(config.device, "device")
+    _check_run_argument(args.base, "--base")
+    check_writable_folder(args.out, "--out")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with RunLock(args.base, shared=True), RunLock(args.out):
+        from moealign.roma.study import RomaStudy, markdown_tables
+
+        study = RomaStudy(args.base, config)
+        print(markdown_tables(study.run(args.out)))
     return 0
 
 
@@ -227,17 +438,19 @@ COMMANDS: dict[str, Command] = {
         run=_run_demo,
     ),
     "ablate": Command(
-        help=ablate.ABLATE_HELP,
-        add_arguments=ablate.add_ablate_arguments,
-        run=ablate.run_ablate,
+        help="run an ablation study: config variants × seeds, resumable",
+        add_arguments=_ablate_arguments,
+        run=_run_ablate,
     ),
     "report": Command(
-        help=report.REPORT_HELP, add_arguments=report.add_report_arguments, run=report.run_report
+        help="write a markdown/HTML report (tables, plots, model cards) from runs or studies",
+        add_arguments=_report_arguments,
+        run=_run_report,
     ),
     "compare": Command(
-        help=report.COMPARE_HELP,
-        add_arguments=report.add_compare_arguments,
-        run=report.run_compare,
+        help="print two runs side by side: config differences, final metrics, deltas",
+        add_arguments=_compare_arguments,
+        run=_run_compare,
     ),
     "analyze": Command(
         help="routing diagnostics of a Hugging Face MoE model on a text/JSONL file",
@@ -264,10 +477,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moealign",
         description="Train, adapt and analyse MoE routers.",
         formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (for bug reports)"
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -291,15 +507,50 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call INFO lines
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that come from what the user gave (exit 2). ``ConfigError``, ``CheckpointError``,
+    ``FileFormatError``, JSON and Unicode errors are ``ValueError``s; a safetensors error counts
+    when safetensors was loaded."""
+    types: list[type[BaseException]] = [ValueError, TypeError, OSError]
+    safetensors = sys.modules.get("safetensors")
+    if safetensors is not None and hasattr(safetensors, "SafetensorError"):
+        types.append(safetensors.SafetensorError)
+    return tuple(types)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``moealign``; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``moealign``; returns the process exit status (also for ``--help`` and
+    argument errors, which argparse ends with ``SystemExit``)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
     configure_logging(args.verbose)
     try:
         return args.run(args)
-    except USAGE_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return SIGNAL_EXIT["SIGINT"]
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(err, _user_error_types()):
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        print(
+            f"error: internal error ({type(err).__name__}: {_one_line(err)}); "
+            "rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,15 +11,27 @@ Coercion rules (the same for TOML files and ``--set`` overrides): ``int`` is acc
 listed values; ``bool`` fields accept only ``true``/``false``. An override's value is parsed as
 a TOML literal (``--set optim.betas=[0.9,0.95]``, ``--set model.router_options={c_prime=2.0}``);
 for a string field a bare word is taken as the string itself (``--set optim.schedule=constant``).
+
+Validation is building (torchtitan/OLMo-core style): each section that makes a component has a
+``build()`` (``ModelConfig.build`` → the model, ``OptimConfig.build`` → optimizer and
+learning-rate schedule, ``AlignmentConfig.build`` → the alignment term, ``GuardrailConfig.build``
+→ the guardrail), and loading a config builds the cheap ones — the routers on the ``meta``
+device, the optimizer over a stand-in module, the schedules and the guardrail — so that a
+nested option table (``model.router_options``, ``optim.options``) is checked by the code that
+will receive it, options added to a router or an optimizer later included. This module imports
+no torch at import time (``moealign --help`` stays fast); building imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import math
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -29,10 +41,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-from moealign.nn.transformer import ModelConfig
-
 __all__ = [
+    "AlignmentConfig",
     "ConfigError",
+    "GuardrailConfig",
     "DataConfig",
     "LossConfig",
     "ModelConfig",
@@ -40,8 +52,11 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "build_config",
+    "check_run_name",
     "load_config",
+    "meta_device",
     "parse_override",
+    "read_toml",
 ]
 
 
@@ -81,13 +96,13 @@ class Bounds:
             or (self.lt is not None and value >= self.lt)
         )
 
-    def describe(self) -> str:
+    def describe(self, noun: str = "a finite number") -> str:
         parts = [
-            f"{op} {bound:g}"
+            f"{op} {bound if isinstance(bound, int) else format(bound, 'g')}"
             for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
             if bound is not None
         ]
-        return "a finite number " + " and ".join(parts)
+        return f"{noun} " + " and ".join(parts)
 
 
 def bounded(default: Any, **bounds: float) -> Any:
@@ -198,7 +213,8 @@ def _check_bounds(name: str, value: Any, bounds: Bounds) -> None:
         if number is None:
             continue
         if not (math.isfinite(number) and bounds.contains(number)):
-            raise ConfigError(name, f"got {value!r}; expected {bounds.describe()}")
+            noun = "an integer" if isinstance(number, int) else "a finite number"
+            raise ConfigError(name, f"got {value!r}; expected {bounds.describe(noun)}")
 
 
 class _Validated:
@@ -211,6 +227,160 @@ class _Validated:
             object.__setattr__(self, f.name, value)
             if "bounds" in f.metadata:
                 _check_bounds(f.name, value, f.metadata["bounds"])
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules on the ``meta`` device: shapes and every constructor check, no memory.
+
+    In-place initialisers (``nn.init.normal_``, ``fill_``, ...) on meta tensors are skipped:
+    they change no shape, and torch's meta kernels for random fills are slow to load.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class SkipMetaInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            target = args[0] if args else kwargs.get("tensor")
+            in_place = name.endswith("_") and not name.endswith("__") and name != "resize_"
+            if in_place and isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+            return func(*args, **kwargs)
+
+    with torch.device("meta"), SkipMetaInit():
+        yield
+
+
+def _keyword_options(cls: type, base: type) -> dict[str, tuple[Any, Any]]:
+    """name → (type hint, default) of the keyword-only constructor parameters of ``cls`` and of
+    its bases up to ``base`` (the options a component accepts, read from its signature)."""
+    options: dict[str, tuple[Any, Any]] = {}
+    for klass in reversed(cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, base)) or "__init__" not in vars(
+            klass
+        ):
+            continue
+        init = vars(klass)["__init__"]
+        hints = typing.get_type_hints(init)
+        for name, parameter in inspect.signature(init).parameters.items():
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+                options[name] = (hints.get(name, Any), parameter.default)
+    return options
+
+
+@dataclass
+class ModelConfig(_Validated):
+    """Architecture of :class:`moealign.nn.transformer.MoETransformer` (DESIGN.md §2–3).
+
+    ``ffn``: ``moe`` or ``dense``; every ``moe_every``-th layer is MoE. ``router``: a kind of
+    :data:`moealign.nn.routers.ROUTER_KINDS`; ``router_options``: the keyword options of that
+    router's constructor (checked against its signature and built at load). ``n_layers`` is
+    capped at 1024 (a sanity bound far above any public MoE) so that a memory estimate can
+    build the model's shapes before anything is allocated.
+    """
+
+    vocab_size: int = bounded(512, ge=1)
+    d_model: int = bounded(128, ge=1)
+    n_layers: int = bounded(4, ge=1, le=1024)
+    n_heads: int = bounded(4, ge=1)
+    max_seq_len: int = bounded(256, ge=1)
+    ffn: str = "moe"
+    d_ff: int = bounded(512, ge=1)  # dense FFN hidden width (dense layers and the dense baseline)
+    n_experts: int = bounded(8, ge=1)
+    top_k: int = bounded(2, ge=1)
+    expert_d_ff: int = bounded(128, ge=1)
+    moe_every: int = bounded(1, ge=1)  # every n-th layer is MoE (1 = all)
+    shared_d_ff: int = bounded(0, ge=0)  # width of an always-on shared expert; 0 = none
+    router: str = "softmax_topk"
+    router_options: dict[str, Any] = field(default_factory=dict)
+    balance_scope: str = "batch"
+    experts_implementation: str = "auto"
+    tie_embeddings: bool = True
+    rope_theta: float = bounded(10000.0, gt=0)
+    norm_eps: float = bounded(1e-6, gt=0)
+    init_std: float = bounded(0.02, gt=0)
+
+    def validate(self) -> ModelConfig:
+        """Check the choices and the router options by building one router on the meta device;
+        raise :class:`ConfigError` naming the field (relative to the ``model`` section)."""
+        from moealign.nn.experts import EXPERT_IMPLEMENTATIONS
+        from moealign.nn.losses import BALANCE_SCOPES
+        from moealign.nn.routers import ROUTER_KINDS
+        from moealign.nn.transformer import FFN_KINDS
+
+        for name, accepted in (
+            ("ffn", FFN_KINDS),
+            ("router", ROUTER_KINDS),
+            ("balance_scope", BALANCE_SCOPES),
+            ("experts_implementation", EXPERT_IMPLEMENTATIONS),
+        ):
+            value = getattr(self, name)
+            if value not in accepted:
+                raise ConfigError(name, f"got {value!r}; expected one of {accepted}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                "n_heads",
+                f"got {self.n_heads}; d_model={self.d_model} must split into heads of even "
+                "width (rotary embeddings rotate pairs)",
+            )
+        if self.top_k > self.n_experts:
+            raise ConfigError("top_k", f"got {self.top_k}; expected <= n_experts={self.n_experts}")
+        self.router_options = self._checked_router_options()
+        return self
+
+    def _checked_router_options(self) -> dict[str, Any]:
+        from moealign.nn.routers import ROUTER_CLASSES, OptionError, Router, build_router
+
+        accepted = _keyword_options(ROUTER_CLASSES[self.router], Router)
+        options = {}
+        for key, value in self.router_options.items():
+            if key not in accepted:
+                raise ConfigError(
+                    f"router_options.{key}",
+                    f"unknown option of router={self.router!r}; accepted: "
+                    f"{', '.join(sorted(accepted))}",
+                )
+            options[key] = _coerce(value, accepted[key][0], f"router_options.{key}")
+        try:
+            with meta_device():
+                build_router(self.router, self.d_model, self.n_experts, self.top_k, **options)
+        except OptionError as err:
+            where = (
+                err.option
+                if err.option in ("top_k", "n_experts", "d_model")
+                else (f"router_options.{err.option}")
+            )
+            raise ConfigError(
+                where, f"got {err.value!r}; expected {err.accepted} (router={self.router!r})"
+            ) from None
+        except (ValueError, TypeError) as err:
+            raise ConfigError("router_options", str(err)) from None
+        return options
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.ffn == "moe" and index % self.moe_every == self.moe_every - 1
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(index) for index in range(self.n_layers))
+
+    def dense_matched(self) -> ModelConfig:
+        """The dense baseline whose FFN matches this MoE's active FFN width: K·F (+ shared)."""
+        return dataclasses.replace(
+            self, ffn="dense", d_ff=self.top_k * self.expert_d_ff + self.shared_d_ff
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def build(self, device: Any = None) -> Any:
+        """The :class:`moealign.nn.transformer.MoETransformer` of this config (on ``device``)."""
+        from moealign.nn.transformer import MoETransformer
+
+        model = MoETransformer(self)
+        return model if device is None else model.to(device)
 
 
 @dataclass
@@ -244,7 +414,7 @@ class DataConfig(_Validated):
     text_to_task_ratio: float = bounded(1.0, gt=0)
     paths: tuple[str, ...] = ()
     cache_dir: str = ".cache/moealign"
-    seed: int = 0
+    seed: int = bounded(0, ge=0, lt=2**64)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -272,6 +442,60 @@ class OptimConfig(_Validated):
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
     matrix_lr: float | None = bounded(None, gt=0)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> OptimConfig:
+        """Build the optimizer over a small stand-in module (every parameter group kind: an
+        embedding, a matrix, a 3-D expert tensor, a gain) and the schedule: a bad option name,
+        type or value is a :class:`ConfigError` naming ``options.<key>``."""
+        import torch
+        from torch import nn
+
+        from moealign.optim.optimizers import ACCEPTED_OPTIONS
+
+        accepted = ACCEPTED_OPTIONS[self.name]
+        for key in self.options:
+            if key not in accepted:
+                raise ConfigError(
+                    f"options.{key}",
+                    f"unknown option of name={self.name!r}; accepted: {', '.join(accepted)}",
+                )
+        with torch.random.fork_rng(devices=[]):  # the stand-in's draws do not count
+            stand_in = nn.ModuleDict({"embed": nn.Embedding(4, 4), "proj": nn.Linear(4, 4)})
+            stand_in.register_parameter("experts", nn.Parameter(torch.randn(2, 4, 4)))
+        try:
+            self.build(stand_in, total_steps=max(1, self.warmup_steps))
+        except (ValueError, TypeError) as err:
+            message = str(err)
+            key = next((k for k in self.options if message.startswith(f"{k}=")), None)
+            where = f"options.{key}" if key else "options"
+            raise ConfigError(where, f"{message} (name={self.name!r})") from None
+        return self
+
+    def build(self, model: Any, total_steps: int) -> tuple[Any, Any]:
+        """(optimizer, learning-rate scheduler) for ``model`` over ``total_steps`` steps:
+        :func:`moealign.optim.build_optimizer` with the DESIGN.md §6 groups and a
+        ``LambdaLR`` of :class:`moealign.optim.schedules.WarmupCosine`."""
+        import torch
+
+        from moealign.optim.optimizers import build_optimizer
+        from moealign.optim.schedules import WarmupCosine
+
+        schedule = WarmupCosine(
+            warmup_steps=self.warmup_steps,
+            total_steps=total_steps,
+            min_lr_ratio=self.min_lr_ratio,
+            schedule=self.schedule,
+        )
+        optimizer = build_optimizer(
+            model,
+            name=self.name,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            matrix_lr=self.matrix_lr,
+            **self.options,
+        )
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 @dataclass
@@ -305,6 +529,31 @@ class AlignmentConfig(_Validated):
     prior: Literal["uniform", "marginal", "file"] = "uniform"
     prior_decay: float = bounded(0.99, ge=0, lt=1)
     prior_path: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prior == "file" and not self.prior_path:
+            raise ConfigError(
+                "prior_path",
+                "is empty; expected the path of a safetensors file holding a tensor 'prior' of "
+                "shape (MoE layers, n_experts) when prior='file'",
+            )
+
+    def validate(self) -> AlignmentConfig:
+        """Build the λ schedule and the term (with a uniform stand-in for a prior file, which the
+        run's preflight reads), so that e.g. ``anneal_start < warmup_steps`` fails at load."""
+        stand_in = dataclasses.replace(self, prior="uniform", prior_path="")
+        with meta_device():
+            stand_in.build(n_layers=1, n_experts=1)
+        return self
+
+    def build(self, n_layers: int, n_experts: int) -> Any:
+        """The alignment term (:class:`moealign.alignment.term.RoutingAlignment`) for
+        ``n_layers`` MoE layers of ``n_experts`` experts; None when ``schedule = "none"``. A
+        ``file`` prior is read and checked here."""
+        from moealign.alignment.term import build_alignment
+
+        return build_alignment(self, n_layers, n_experts)
 
 
 @dataclass
@@ -343,6 +592,13 @@ class GuardrailConfig(_Validated):
                 f"got {self.grad_spike_factor!r}; expected 0 (off) or a factor > 1",
             )
 
+    def build(self, n_experts: int, alignment: Any = None) -> Any:
+        """The :class:`moealign.alignment.guardrails.RoutingGuardrail` watching ``n_experts``
+        experts and acting on ``alignment`` (the alignment term, or None)."""
+        from moealign.alignment.guardrails import RoutingGuardrail
+
+        return RoutingGuardrail(self, n_experts, alignment)
+
 
 @dataclass
 class TrainConfig(_Validated):
@@ -373,7 +629,7 @@ class TrainConfig(_Validated):
     checkpoint_every: int = bounded(50, ge=0)
     keep_checkpoints: int = bounded(3, ge=1)
     task_eval_examples: int = bounded(50, ge=0)
-    seed: int = 0
+    seed: int = bounded(0, ge=0, lt=2**64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     tensorboard: bool = False
@@ -412,6 +668,9 @@ class RunConfig(_Validated):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_run_name(self.name)
+        if not self.out_dir or "\0" in self.out_dir:
+            raise ConfigError("out_dir", f"got {self.out_dir!r}; expected a folder path")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 "train.seq_len",
@@ -448,6 +707,16 @@ class RunConfig(_Validated):
                     f"model.n_experts={self.model.n_experts}",
                 )
 
+    def validate(self) -> RunConfig:
+        """Build what crosses sections: the alignment term for the model's MoE layers (a prior
+        file is read by the preflight, :mod:`moealign.training.preflight`) and the guardrail
+        acting on it."""
+        stand_in = dataclasses.replace(self.alignment, prior="uniform", prior_path="")
+        with meta_device():
+            alignment = stand_in.build(self.model.n_moe_layers, self.model.n_experts)
+        self.guardrails.build(self.model.n_experts, alignment)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested dict (tuples as lists) that :func:`build_config` reads back."""
         return _jsonable(dataclasses.asdict(self))
@@ -455,6 +724,34 @@ class RunConfig(_Validated):
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+
+_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file systems accept
+
+
+def check_run_name(name: str, field: str = "name") -> str:
+    """``name`` if it is one plain path component (a run folder directly under ``out_dir``);
+    else :class:`ConfigError`: no ``/`` or ``\\``, not ``.``/``..``, no NUL or other control
+    character, at most 255 bytes in UTF-8."""
+    problem = None
+    if not name or not name.strip():
+        problem = "it is empty"
+    elif name in (".", ".."):
+        problem = "it names the folder itself or its parent"
+    elif "/" in name or "\\" in name:
+        problem = "it holds a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "it holds a control character (NUL, newline, ...)"
+    elif len(name.encode("utf-8", "surrogatepass")) > _NAME_BYTES:
+        problem = f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes long"
+    if problem:
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise ConfigError(
+            field,
+            f"got {shown!r}, but {problem}; expected one plain folder name (no '/', not '.' or "
+            f"'..', at most {_NAME_BYTES} bytes), placed under out_dir",
+        )
+    return name
 
 
 def _jsonable(value: Any) -> Any:
@@ -541,6 +838,8 @@ def parse_override(text: str, cls: type | None = None) -> tuple[list[str], Any]:
     tp = _field_type(path, cls)
     try:
         return path, tomllib.loads(f"v = {raw}")["v"]
+    except RecursionError:
+        raise ConfigError(key, "the value is nested too deeply") from None
     except tomllib.TOMLDecodeError:
         if _is_string_field(tp) or tp is Any:
             return path, raw
@@ -558,6 +857,30 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The table in the TOML file ``path``; one :class:`ConfigError` naming ``what`` and the file
+    if it is missing, a folder, unreadable, not UTF-8 text or not TOML."""
+    shown = repr(str(path))
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("", f"{what} {shown} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"{what} {shown} is a folder; expected a TOML file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            "", f"{what} {shown} is not UTF-8 text (bad byte at offset {err.start})"
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError("", f"{what} {shown} is not valid TOML: {reason}") from None
+    except RecursionError:
+        raise ConfigError("", f"{what} {shown} is nested too deeply") from None
+    except OSError as err:
+        raise ConfigError("", f"{what} {shown} cannot be read: {err.strerror}") from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] = (), cls: type | None = None
 ) -> Any:
@@ -569,13 +892,7 @@ def load_config(
     cls = RunConfig if cls is None else cls
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as handle:
-                data = tomllib.load(handle)
-        except FileNotFoundError:
-            raise ConfigError("", f"config file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError("", f"config file {str(path)!r} is not valid TOML: {err}") from None
+        data = read_toml(path, "config file")
     for text in overrides:
         key_path, value = parse_override(text, cls)
         _set_path(data, key_path, value)

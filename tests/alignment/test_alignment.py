@@ -1,6 +1,5 @@
 """Routing alignment in training (DESIGN.md §4): λ schedules, priors, the aux term, guardrails."""
 
-import json
 import math
 
 import pytest
@@ -11,6 +10,7 @@ from helpers_train import tiny_config
 from moealign.alignment.loss import routing_alignment_loss
 from moealign.alignment.term import RoutingPrior, build_alignment
 from moealign.config import AlignmentConfig, ConfigError, load_config
+from moealign.io import read_jsonl
 from moealign.nn.transformer import ModelConfig, MoETransformer
 from moealign.optim.schedules import LambdaSchedule
 from moealign.training.trainer import Trainer
@@ -149,7 +149,7 @@ def test_forced_collapse_triggers_the_configured_guardrail(tmp_path, policy):
     )
     trainer = Trainer(config, progress=False)
     result = trainer.train()
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
+    records = read_jsonl(result.run_dir / "metrics.jsonl")
     events = [r for r in records if "event" in r]
     assert events, "the collapse was not detected"
     assert events[0]["policy"] == policy

@@ -2,7 +2,6 @@
 step metrics, the guardrail's line in the CLI's progress output."""
 
 import copy
-import json
 import math
 
 import pytest
@@ -13,6 +12,7 @@ from helpers_cli import run_cli
 from helpers_train import TINY, tiny_config
 from moealign.config import load_config
 from moealign.data.tasks import TASK_IDS
+from moealign.io import read_jsonl
 from moealign.nn.transformer import MoETransformer
 from moealign.training.trainer import Trainer
 
@@ -95,7 +95,7 @@ def test_guardrail_action_is_printed_by_the_cli_and_logged(tmp_path):
     args = [arg for override in overrides for arg in ("--set", override)]
     result = run_cli("train", *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    records = read_jsonl(tmp_path / "run/metrics.jsonl")
     events = [r for r in records if "event" in r]
     assert events and events[0]["action"] == "lambda scale -> 0.5"
     shown = [line for line in result.stdout.splitlines() if line.startswith("guardrail at step")]

@@ -46,11 +46,11 @@ def test_load_jsonl_text_and_task(tmp_path):
 @pytest.mark.parametrize(
     ("content", "kwargs", "message"),
     [
-        ('{"text": "ok"}\n{"text": oops}\n', {}, "line 2 is not valid JSON"),
+        ('{"text": "ok"}\n{"text": oops}\n', {}, r"bad.jsonl:2: not valid JSON"),
         ('{"text": "ok"}\n{"body": "x"}\n', {}, "line 2 lacks the field 'text'.*body"),
         ('{"text": "ok"}\n', {"task_field": "task"}, "line 1 lacks the field 'task'"),
         ('{"text": 3}\n', {}, "line 1 field 'text' is a int"),
-        ("[1, 2]\n", {}, "line 1 is a JSON list"),
+        ("[1, 2]\n", {}, r"bad.jsonl:1: a JSON list"),
     ],
 )
 def test_bad_jsonl_names_line_and_field(tmp_path, content, kwargs, message):

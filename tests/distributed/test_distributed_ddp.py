@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from helpers_train import TINY
 from moealign.config import load_config
 from moealign.distributed.context import free_port, set_local_rank_environment
+from moealign.io import read_jsonl
 from moealign.training.trainer import Trainer
 
 OVERRIDES = [
@@ -52,8 +53,8 @@ def _assert_ranks_match(tmp_path, single: Trainer) -> None:
     """Both ranks' training records and final weights equal the one-process run's."""
 
     def losses(run: str) -> list[dict[str, float]]:
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines if json.loads(line).get("split") == "train"]
+        records = read_jsonl(tmp_path / run / "metrics.jsonl")
+        return [record for record in records if record.get("split") == "train"]
 
     ddp_records, single_records = losses("ddp"), losses(single.config.name)
     assert len(ddp_records) == len(single_records) == 3

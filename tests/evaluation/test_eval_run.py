@@ -58,5 +58,6 @@ def test_bad_counts_are_a_config_error_before_anything_loads(bf16_run, tmp_path)
     result = run_cli("eval", str(run_dir), "--eval-batches", "0", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --eval-batches: got 0; expected an integer >= 1"
+        "error: moealign eval: argument --eval-batches: got 0; expected an integer >= 1 "
+        "(see moealign eval --help)"
     ]

@@ -91,11 +91,11 @@ def test_tied_embeddings_share_storage():
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(ffn="sparse"), "model.ffn='sparse'"),
-        (dict(router="topk"), "model.router='topk'"),
-        (dict(n_heads=3), "model.n_heads=3"),
-        (dict(top_k=5), "model.top_k=5"),
-        (dict(d_model=0), "model.d_model=0"),
+        (dict(ffn="sparse"), "^ffn: got 'sparse'"),
+        (dict(router="topk"), "^router: got 'topk'"),
+        (dict(n_heads=3), "^n_heads: got 3"),
+        (dict(top_k=5), "^top_k: got 5"),
+        (dict(d_model=0), "^d_model: got 0"),
     ],
 )
 def test_bad_config_names_the_field(change, match):

@@ -398,8 +398,11 @@ def test_config_loads_and_names_bad_fields(tmp_path):
     from helpers_cli import CONFIGS
 
     config = load_roma_config(CONFIGS / "roma.toml")
-    assert config.k == 3 and config.layers == 5 and config.seeds == (0, 1, 2)
-    assert RomaConfig(layers=5).layer_indices(3) == [0, 1, 2]
+    assert config.k == 3 and config.layers is None and config.seeds == (0, 1, 2)
+    assert RomaConfig().layer_indices(3) == [0, 1, 2]  # the default: last 5, or all of fewer
+    assert RomaConfig().layer_indices(7) == [2, 3, 4, 5, 6]
+    with pytest.raises(ConfigError, match="layers: got 5, but the base model has 3 MoE layers"):
+        RomaConfig(layers=5).layer_indices(3)
     assert RomaConfig(layers=2).layer_indices(4) == [2, 3]
     assert RomaConfig(layers="all").layer_indices(4) == [0, 1, 2, 3]
     assert load_roma_config(None, ['layers="all"', "k=5"]).k == 5

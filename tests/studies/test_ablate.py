@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -12,6 +13,7 @@ import tomllib
 from helpers_cli import CONFIGS
 from moealign.cli import main
 from moealign.config import ConfigError, load_config
+from moealign.io import read_jsonl
 from moealign.studies.ablate import (
     Cell,
     CellResult,
@@ -163,11 +165,10 @@ def _cells(study_dir):
 
 
 def _attempts(study_dir):
-    lines = (study_dir / "cells.jsonl").read_text().splitlines()
-    return [json.loads(line)["cell"] for line in lines]
+    return [record["cell"] for record in read_jsonl(study_dir / "cells.jsonl")]
 
 
-def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys):
+def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys, monkeypatch):
     path = write_study(
         tmp_path,
         """
@@ -175,10 +176,12 @@ def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys):
 name = "huge_lr"
 overrides = { "optim.lr" = 1e8, "optim.grad_clip" = 0.0, "optim.warmup_steps" = 0 }
 [[variants]]
-name = "missing_file"
-overrides = { "data.source" = "files", "data.paths" = ["does-not-exist.txt"] }
+name = "empty_file"
+overrides = { "data.source" = "files", "data.paths" = ["empty.txt"] }
 """,
     )
+    (tmp_path / "empty.txt").write_text("")  # exists (passes the preflight), fails when read
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "study"
     status = main(["ablate", str(path), "--jobs", "2", "--out", str(out)])
     assert status == 1  # a failed cell makes the exit status non-zero, after every cell ran
@@ -197,10 +200,10 @@ overrides = { "data.source" = "files", "data.paths" = ["does-not-exist.txt"] }
     assert (event["step"], event["event"], event["policy"]) == (first_bad, "nonfinite", "stop")
     assert cells["huge_lr__seed0"]["diverged_step"] == first_bad
     assert cells["huge_lr__seed0"]["returncode"] == 1
-    failed = cells["missing_file__seed0"]
-    assert failed["status"] == "failed" and failed["returncode"] != 0
-    assert "does-not-exist.txt" in failed["error"]
-    assert "does-not-exist.txt" in (out / "logs/missing_file__seed0.log").read_text()
+    failed = cells["empty_file__seed0"]
+    assert failed["status"] == "failed" and failed["returncode"] == 2
+    assert "empty.txt" in failed["error"] and "is empty" in failed["error"]
+    assert "empty.txt" in (out / "logs/empty_file__seed0.log").read_text()
     printed = capsys.readouterr().out
     assert f"diverged at step {first_bad}" in printed and "failed: " in printed
     # One line per cell as it starts and as it ends; the first to end estimates the rest.
@@ -263,6 +266,7 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_cells(tmp_path)
     config = load_config(study.base_config, [*half.overrides, f'name="{half.name}"'])
     trainer = Trainer(config, run_dir=half.run_dir, progress=False)
     assert trainer.train(stop_at=2).interrupted
+    trainer.close()  # releases the run folder's lock for the cell's own process
 
     lines = []
     results = run_study(study, jobs=2, progress=lines.append)
@@ -287,3 +291,45 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_cells(tmp_path)
     assert "--resume" in results[1].command and results[1].status == "finished"
     assert (half.run_dir / "final_eval.json").stat().st_mtime_ns == mtimes[half.name]
     assert {c["status"] for c in _cells(study.out_dir).values()} == {"finished"}
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_the_running_cell_and_the_study_is_recorded_interrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers_cli import cli_env
+    from moealign.training.checkpoint import load_latest
+
+    path = write_study(tmp_path, 'seeds = [0, 1]\n[[variants]]\nname = "long"')
+    long = {**FAST, "train.steps": 100000, "train.checkpoint_every": 0}
+    fixed = "".join(f'"{k}" = {toml_literal(v)}\n' for k, v in long.items())
+    path.write_text(path.read_text().split("[overrides]")[0] + f"[overrides]\n{fixed}")
+    out = tmp_path / "study"
+    ablate = subprocess.Popen(
+        [sys.executable, "-m", "moealign.cli", "ablate", str(path), "--out", str(out)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    cell = out / "long__seed0"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(read_jsonl(cell / "metrics.jsonl")) < 2:
+        time.sleep(0.2)
+    assert len(read_jsonl(cell / "metrics.jsonl")) >= 2, ablate.poll()
+    trainer_pid = int((cell / ".lock").read_text())
+    ablate.send_signal(signal.SIGTERM)  # to ablate only, as a job scheduler would
+    _, stderr = ablate.communicate(timeout=180)
+    assert ablate.returncode == 143, stderr
+    assert "error: interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(trainer_pid, 0)  # the cell's trainer stopped too: no orphan
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "interrupted"
+    assert [c["status"] for c in study["cells"]] == ["interrupted", "pending"]
+    assert load_latest(cell / "checkpoints").step == max(
+        r["step"] for r in read_jsonl(cell / "metrics.jsonl")
+    )  # it checkpointed the step it stopped after

@@ -181,3 +181,100 @@ def test_run_directory_refuses_to_overwrite_and_checks_resume(tmp_path):
         fresh.read_metrics() == []
         and json.loads((fresh.path / "config.json").read_text()) == changed
     )
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _edit_state(edit):
+    def corrupt(checkpoint):
+        path = checkpoint / "state.json"
+        new = edit(json.loads(path.read_text()))
+        path.write_text(new if isinstance(new, str) else json.dumps(new))
+
+    return corrupt
+
+
+def _reshaped_weight(checkpoint):
+    """A weight of another shape whose SHA-256 is recorded: only loading it finds it."""
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["mix.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(path))
+    _edit_state(lambda s: _set_files(s, **{"model.safetensors": _sha(path)}))(checkpoint)
+
+
+def _set_files(state, **files):
+    state["files"] = {**state["files"], **files}
+    return state
+
+
+CORRUPTIONS = {
+    "files-emptied": _edit_state(lambda s: {**s, "files": {}}),
+    "optimizer-checksum-dropped": _edit_state(
+        lambda s: {**s, "files": {"model.safetensors": s["files"]["model.safetensors"]}}
+    ),
+    "checksum-not-hex": _edit_state(lambda s: _set_files(s, **{"model.safetensors": "x"})),
+    "file-outside-the-folder": _edit_state(lambda s: _set_files(s, **{"../state.json": "0" * 64})),
+    "step-a-string": _edit_state(lambda s: {**s, "step": "2"}),
+    "step-negative": _edit_state(lambda s: {**s, "step": -1}),
+    "step-of-another-folder": _edit_state(lambda s: {**s, "step": 7}),
+    "missing-trainer": _edit_state(lambda s: {k: v for k, v in s.items() if k != "trainer"}),
+    "trainer-a-list": _edit_state(lambda s: {**s, "trainer": [1]}),
+    "a-json-list": _edit_state(lambda s: [s]),
+    "deep-nesting": _edit_state(lambda s: '{"step": 2, "trainer": ' + "[" * 50_000 + "}"),
+    "bad-tensor-dtype": _edit_state(
+        lambda s: {
+            **s,
+            "trainer": {"t": {"__tensor_data__": {"dtype": "load", "shape": [1], "values": [1]}}},
+        }
+    ),
+    "bad-tensor-shape": _edit_state(
+        lambda s: {
+            **s,
+            "trainer": {
+                "t": {"__tensor_data__": {"dtype": "float32", "shape": [3], "values": [1]}}
+            },
+        }
+    ),
+    "wrong-shape-weight": _reshaped_weight,
+    "unreadable-optimizer-index": lambda c: _rewrite_optimizer_index(c, "{not json"),
+}
+
+
+def _rewrite_optimizer_index(checkpoint, index: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "optimizer.safetensors"
+    save_file(load_file(str(path)), str(path), metadata={"moealign_index": index})
+    _edit_state(lambda s: _set_files(s, **{"optimizer.safetensors": _sha(path)}))(checkpoint)
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_any_load_failure_falls_back_to_the_previous_checkpoint(tmp_path, corruption):
+    model, optimizer, _ = _trained(2)
+    save_checkpoint(tmp_path, 1, model, optimizer, {"which": 1}, keep=3)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    _trained_more = _trained(3)
+    newest = save_checkpoint(tmp_path, 2, *_trained_more[:2], {"which": 2}, keep=3)
+    CORRUPTIONS[corruption](newest)
+
+    fresh, fresh_optimizer, _ = _trained(0, seed=5)
+
+    def apply(checkpoint):
+        checkpoint.load_model(fresh)
+        checkpoint.load_optimizer(fresh_optimizer)
+
+    with pytest.raises(CheckpointError, match="step_000002"):
+        load_latest(tmp_path, apply=apply)
+    warnings: list[str] = []
+    checkpoint = load_latest(tmp_path, fallback=True, warn=warnings.append, apply=apply)
+    assert checkpoint.step == 1 and checkpoint.trainer_state == {"which": 1}
+    assert "step_000002" in warnings[0] and "step_000001" in warnings[-1]
+    for name, value in fresh.state_dict().items():  # the previous checkpoint's weights, whole
+        assert torch.equal(value, expected[name]), name

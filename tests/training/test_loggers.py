@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -12,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers_cli import CONFIGS
 from moealign.config import ConfigError, TrainConfig, load_config
+from moealign.io import read_jsonl
 from moealign.training.loggers import TensorBoardLogger, WandbLogger, build_loggers, scalar_tags
 from moealign.training.trainer import Trainer
 
@@ -88,11 +88,7 @@ def test_trainer_mirrors_metrics_jsonl_to_tensorboard(tmp_path):
     trainer = Trainer(load_config(CONFIGS / "tiny.toml", overrides), run_dir=tmp_path / "run")
     trainer.train()
     trainer.close()
-    records = [
-        json.loads(line)
-        for line in (tmp_path / "run/metrics.jsonl").read_text().split("\n")
-        if line
-    ]
+    records = read_jsonl(tmp_path / "run/metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
     logged = _scalars(tmp_path / "run/tensorboard", "train/loss")
     assert [step for step, _ in logged] == [step for step, _ in train] == [1, 2, 3]

@@ -6,13 +6,13 @@ Every loader returns :class:`~moealign.data.corpus.Document` objects and fails w
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from moealign.data.corpus import Document
+from moealign.io import iter_jsonl
 
 
 def read_utf8_file(path: str | os.PathLike) -> str:
@@ -55,19 +55,13 @@ def _field_text(record: Any, field: str, where: str) -> str:
 def load_jsonl(
     path: str | os.PathLike, text_field: str = "text", task_field: str | None = None
 ) -> list[Document]:
-    """One document per non-blank line of a JSON-lines file, named ``"<path>:<line>"``; the
-    text is ``record[text_field]`` and, when ``task_field`` is given, the task label is
-    ``record[task_field]``."""
-    text = read_utf8_file(path)
+    """One document per non-blank line of a JSON-lines file (read by
+    :func:`moealign.io.iter_jsonl`, strictly: a bad last line is an error here too), named
+    ``"<path>:<line>"``; the text is ``record[text_field]`` and, when ``task_field`` is given,
+    the task label is ``record[task_field]``."""
     documents = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line_number, record in iter_jsonl(path, tolerate_torn_tail=False):
         where = f"{path} line {line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where} is not valid JSON: {error.msg}") from None
         documents.append(
             Document(
                 name=f"{path}:{line_number}",
@@ -75,6 +69,8 @@ def load_jsonl(
                 task=None if task_field is None else _field_text(record, task_field, where),
             )
         )
+    if not documents:
+        raise ValueError(f"file {str(path)!r} holds no JSON lines; a data file needs text")
     return documents
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from moealign.io import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -36,20 +37,6 @@ class Tokenizer(Protocol):
     def save(self, path: str | os.PathLike) -> None: ...
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then ``os.replace`` it into place, so a
-    reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, then EOS = 256 and PAD = 257."""
 
@@ -66,7 +53,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def save(self, path: str | os.PathLike) -> None:
-        _write_atomically(Path(path), json.dumps({"kind": _BYTE_TOKENIZER_KIND}))
+        atomic_write_text(path, json.dumps({"kind": _BYTE_TOKENIZER_KIND}))
 
 
 class BPETokenizer:
@@ -93,7 +80,7 @@ class BPETokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def save(self, path: str | os.PathLike) -> None:
-        _write_atomically(Path(path), self._tokenizer.to_str())
+        atomic_write_text(path, self._tokenizer.to_str())
 
 
 def load_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:

@@ -11,40 +11,34 @@ and returned.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moealign.config import ConfigError, RunConfig, build_config
+from moealign.config import ConfigError, RunConfig
 from moealign.data.build import TrainingData, build_training_data
 from moealign.distributed.context import resolve_device
 from moealign.evaluation.common import autocast, autocast_dtype, model_device, strict_json
 from moealign.evaluation.lm import LMEvaluation, evaluate_lm
 from moealign.evaluation.tasks import suite_record
+from moealign.io import atomic_write_json
 from moealign.nn.transformer import MoETransformer
 from moealign.training.checkpoint import CheckpointError, load_latest
+from moealign.training.runs import read_run_config
 
 EVAL_FILE = "eval.json"
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory: it has no config.json")
-    return build_config(RunConfig, json.loads(path.read_text()))
-
-
 def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, MoETransformer]:
-    """The run's config and its model with the newest good checkpoint's weights."""
-    config = load_run_config(run_dir)
-    checkpoint = load_latest(Path(run_dir) / "checkpoints", fallback=True)
+    """The run's config and its model with the newest checkpoint whose weights load."""
+    config = read_run_config(run_dir)
+    model = MoETransformer(config.model).to(resolve_device(device))
+    checkpoint = load_latest(
+        Path(run_dir) / "checkpoints", fallback=True, apply=lambda ckpt: ckpt.load_model(model)
+    )
     if checkpoint is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to evaluate")
-    model = MoETransformer(config.model).to(resolve_device(device))
-    checkpoint.load_model(model)
     return config, model
 
 
@@ -97,10 +91,7 @@ def evaluate_run(
     dtype = autocast_dtype(config.train.precision, model_device(model))
     lm = evaluate_lm(model, data.validation, autocast_dtype=dtype)
     result = evaluation_record(model, lm, data, limit, dtype)
-    path = Path(run_dir) / EVAL_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(strict_json(result), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(Path(run_dir) / EVAL_FILE, strict_json(result))
     return result
 
 

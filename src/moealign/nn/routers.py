@@ -37,9 +37,18 @@ class RouterOutput:
     keep: Tensor | None = None
 
 
+class OptionError(ValueError):
+    """A router size or option out of range: ``option`` = ``value`` given, ``accepted`` says
+    what is (read by :class:`moealign.config.ModelConfig` to name the config field)."""
+
+    def __init__(self, option: str, value: object, accepted: str) -> None:
+        super().__init__(f"{option}={value!r} is not accepted; expected {accepted}")
+        self.option, self.value, self.accepted = option, value, accepted
+
+
 def _check(name: str, value: object, ok: bool, accepted: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is not accepted; expected {accepted}")
+        raise OptionError(name, value, accepted)
 
 
 class Router(nn.Module):

@@ -8,104 +8,16 @@ matched *active* parameters is ``ModelConfig.dense_matched()``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moealign.nn.experts import EXPERT_IMPLEMENTATIONS
-from moealign.nn.losses import BALANCE_SCOPES
+from moealign.config import ModelConfig
 from moealign.nn.moe import MoELayer, RoutingInfo, SwiGLU
-from moealign.nn.routers import ROUTER_KINDS
 
 FFN_KINDS = ("dense", "moe")
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of :class:`MoETransformer`; ``validate()`` names any bad field."""
-
-    vocab_size: int = 512
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    max_seq_len: int = 256
-    ffn: str = "moe"
-    d_ff: int = 512  # dense FFN hidden width (dense layers and the dense baseline)
-    n_experts: int = 8
-    top_k: int = 2
-    expert_d_ff: int = 128
-    moe_every: int = 1  # every n-th layer is MoE (1 = all)
-    shared_d_ff: int = 0  # width of an always-on shared expert; 0 = none
-    router: str = "softmax_topk"
-    router_options: dict = field(default_factory=dict)
-    balance_scope: str = "batch"
-    experts_implementation: str = "auto"
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-
-    def validate(self) -> ModelConfig:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(
-                    f"model.{name}={value!r} is not accepted; expected an integer >= 1"
-                )
-
-        for name in (
-            "vocab_size",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "max_seq_len",
-            "d_ff",
-            "n_experts",
-            "top_k",
-            "expert_d_ff",
-            "moe_every",
-        ):
-            positive(name)
-        choices = (
-            ("ffn", FFN_KINDS),
-            ("router", ROUTER_KINDS),
-            ("balance_scope", BALANCE_SCOPES),
-            ("experts_implementation", EXPERT_IMPLEMENTATIONS),
-        )
-        for name, accepted in choices:
-            value = getattr(self, name)
-            if value not in accepted:
-                raise ValueError(
-                    f"model.{name}={value!r} is not accepted; choose one of {accepted}"
-                )
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} is not accepted: d_model={self.d_model} must split "
-                "into heads of even width (rotary embeddings rotate pairs)"
-            )
-        if self.top_k > self.n_experts:
-            raise ValueError(
-                f"model.top_k={self.top_k} is not accepted; expected <= n_experts={self.n_experts}"
-            )
-        if self.shared_d_ff < 0:
-            raise ValueError(f"model.shared_d_ff={self.shared_d_ff} is not accepted; expected >= 0")
-        if not isinstance(self.router_options, dict):
-            raise ValueError(
-                f"model.router_options={self.router_options!r} is not accepted; expected a table"
-            )
-        return self
-
-    def is_moe_layer(self, index: int) -> bool:
-        return self.ffn == "moe" and index % self.moe_every == self.moe_every - 1
-
-    def dense_matched(self) -> ModelConfig:
-        """The dense baseline whose FFN matches this MoE's active FFN width: K·F (+ shared)."""
-        return replace(self, ffn="dense", d_ff=self.top_k * self.expert_d_ff + self.shared_d_ff)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

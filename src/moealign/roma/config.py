@@ -16,6 +16,7 @@ REGULARIZERS = ("manifold", "l1", "l2", "entropy", "none")
 NEIGHBOUR_MODES = ("knn", "epsilon", "random")
 ENCODERS = ("minilm", "builtin")
 TRAINED_METHODS = ("router_tuning", "roma", "c3po", "oracle")
+DEFAULT_LAYERS = 5  # RoMA trains the routers of the last 5 MoE layers (DESIGN.md §5)
 
 
 @dataclass
@@ -23,8 +24,9 @@ class RomaConfig(_Validated):
     """What ``moealign roma`` trains and evaluates.
 
     Routing vector r_i: the full routing softmax at ``token`` ("last" prompt token, or the
-    "first") of the last ``layers`` MoE layers (clipped to the model's depth; "all" = every
-    MoE layer), concatenated. Neighbours N(i) among the successful training samples, never i
+    "first") of the last ``layers`` MoE layers, concatenated: an integer n (at most the model's
+    MoE layers), "all", or None (the default: the last 5, DESIGN.md §5, or all of them in a
+    shallower model). Neighbours N(i) among the successful training samples, never i
     itself: the ``k`` nearest (``neighbours = "knn"``), those with kernel similarity
     exp(−‖e_i − e_j‖² / 2σ²) >= ``epsilon`` ("epsilon"), or ``k`` random ones ("random", an
     ablation); ``sigma`` is σ of the Gaussian kernel on the ``encoder``'s unit-norm embeddings.
@@ -43,7 +45,7 @@ class RomaConfig(_Validated):
     changes only RoMA runs ``methods = ["roma"]``. Oracle-gap closure and CTGI need the oracle.
     """
 
-    layers: int | Literal["all"] = 5
+    layers: int | Literal["all"] | None = None
     token: Literal["last", "first"] = "last"
     continuation: Literal["text", "letter"] = "text"
     neighbours: Literal["knn", "epsilon", "random"] = "knn"
@@ -70,7 +72,7 @@ class RomaConfig(_Validated):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers != "all" and self.layers < 1:
+        if isinstance(self.layers, int) and self.layers < 1:
             raise ConfigError("layers", f"got {self.layers!r}; expected an integer >= 1 or 'all'")
         if not self.seeds:
             raise ConfigError("seeds", "got (); expected at least one seed")
@@ -86,7 +88,16 @@ class RomaConfig(_Validated):
         """The MoE layers (depth-order indices) whose routers RoMA reads and trains."""
         if n_moe_layers < 1:
             raise ValueError(f"n_moe_layers={n_moe_layers}; the model has no MoE layer")
-        count = n_moe_layers if self.layers == "all" else min(self.layers, n_moe_layers)
+        if isinstance(self.layers, int) and self.layers > n_moe_layers:
+            raise ConfigError(
+                "layers",
+                f"got {self.layers}, but the base model has {n_moe_layers} MoE layers; expected "
+                f"1 to {n_moe_layers} or 'all'",
+            )
+        if self.layers is None:
+            count = min(DEFAULT_LAYERS, n_moe_layers)
+        else:
+            count = n_moe_layers if self.layers == "all" else self.layers
         return list(range(n_moe_layers - count, n_moe_layers))
 
 

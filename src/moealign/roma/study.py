@@ -27,7 +27,6 @@ and ``OUT/results.md`` (the tables).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -38,12 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from moealign.config import ConfigError, RunConfig, build_config
+from moealign.config import ConfigError, RunConfig
 from moealign.data import TaskExample, multiple_choice_view
 from moealign.data.build import build_data_suite, build_data_tokenizer
 from moealign.evaluation.ctgi import ctgi, normalized_gain
 from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
 from moealign.evaluation.tasks import TaskEvaluation
+from moealign.io import atomic_write_json, atomic_write_text
 from moealign.nn.routed import MoealignRouted
 from moealign.nn.transformer import MoETransformer
 from moealign.roma.baselines import c3po_capture, oracle_capture
@@ -54,6 +54,7 @@ from moealign.roma.neighbours import find_neighbours
 from moealign.roma.training import RouterTrainingConfig, train_routers
 from moealign.tables import Table, to_markdown
 from moealign.training.checkpoint import CheckpointError, load_latest
+from moealign.training.runs import read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,15 @@ def _device(name: str) -> torch.device:
 
 def load_base_model(run_dir: Path, device: torch.device) -> tuple[RunConfig, MoETransformer]:
     """The run's config and its newest checkpoint's model (on ``device``)."""
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
+    if not (run_dir / "config.json").is_file():
         raise ConfigError("base", f"got {str(run_dir)!r}, which holds no run (no config.json)")
-    run_config = build_config(RunConfig, json.loads(config_file.read_text()))
-    checkpoint = load_latest(run_dir / "checkpoints")
+    run_config = read_run_config(run_dir)
+    model = MoETransformer(run_config.model)
+    checkpoint = load_latest(
+        run_dir / "checkpoints", fallback=True, apply=lambda ckpt: ckpt.load_model(model)
+    )
     if checkpoint is None:
         raise CheckpointError(f"run directory {run_dir} has no checkpoint to load")
-    model = MoETransformer(run_config.model)
-    checkpoint.load_model(model)
     return run_config, model.to(device)
 
 
@@ -330,8 +331,8 @@ class RomaStudy:
                     }
                     log.info("seed %d: %s %s", seed, method, accuracy)
         results = self._results(per_seed, timings, seeds_info)
-        (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
-        (out / TABLE_FILE).write_text(markdown_tables(results))
+        atomic_write_json(out / RESULTS_FILE, results, indent=1, sort_keys=False)
+        atomic_write_text(out / TABLE_FILE, markdown_tables(results))
         return results
 
     def _results(self, per_seed, timings, seeds_info) -> dict[str, Any]:

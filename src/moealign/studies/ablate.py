@@ -25,7 +25,10 @@ guide Steps 4–5: baselines and ablations over seeds)::
 Cells = (grid variants ∪ named variants) × seeds; without axes and variants, the base config is
 the one variant ``base``. A grid variant is named after its values (``router=mpi,lr=0.001``,
 keyed by the last part of the dotted key); a cell's run directory is
-``<out_dir>/<variant>__seed<seed>``. Every cell's config is validated before anything runs.
+``<out_dir>/<variant>__seed<seed>``. Seeds come only from ``seeds``: an axis, variant or fixed
+override of a ``seed_keys`` key is refused. Every cell's config is loaded and checked as
+``moealign train`` would (:func:`moealign.training.preflight.check_before_training`) before
+anything runs, also with ``--dry-run``.
 
 Running: cells go seed by seed (all variants of seed 0 first), ``jobs`` at a time, each as
 ``python -m moealign.cli train --config BASE --set ... --out CELL_DIR`` with its output in
@@ -34,10 +37,13 @@ checkpoints but no final evaluation continues with ``--resume``. A cell's outcom
 ``finished``, ``diverged`` (a non-finite training or validation loss; the first such step is
 recorded), ``failed`` (the process exited with an error; the last line of its log is
 recorded) or ``interrupted`` (stopped by a signal; rerun the study to continue). Each attempt
-is appended to ``<out_dir>/cells.jsonl``; ``<out_dir>/study.json`` holds the expanded grid and
-every cell's latest status, rewritten as cells finish. Unless ``--quiet``, one line is printed
-as each cell starts and as it ends (status, wall time, final validation loss, and an estimate of
-the time left from the cells finished so far).
+is appended to ``<out_dir>/cells.jsonl``; ``<out_dir>/study.json`` holds the expanded grid, the
+study's ``status`` (``running``, ``interrupted`` or ``done``) and every cell's latest status,
+rewritten as cells finish. Unless ``--quiet``, one line is printed as each cell starts and as it
+ends (status, wall time, final validation loss, and an estimate of the time left from the cells
+finished so far). SIGINT/SIGTERM sent to ``ablate`` are forwarded to the running cells, which
+checkpoint and stop; ``ablate`` waits for them, records the study as interrupted and exits with
+130/143.
 """
 
 from __future__ import annotations
@@ -53,14 +59,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import moealign
-from moealign.config import ConfigError, load_config, tomllib  # tomllib or its 3.10 twin
+from moealign.config import ConfigError, RunConfig, load_config, read_toml
+from moealign.io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from moealign.tables import Table, format_number, to_text
 from moealign.training.runs import (
     CHECKPOINT_DIR,
@@ -71,21 +79,21 @@ from moealign.training.runs import (
 )
 
 __all__ = [
-    "ABLATE_HELP",
     "Cell",
     "CellResult",
     "AblationStudy",
-    "add_ablate_arguments",
     "classify_run",
     "expand_axes",
     "first_nonfinite_step",
+    "StudyInterrupted",
+    "cell_config",
+    "check_cells",
     "load_study",
     "run_ablate",
     "run_study",
     "toml_literal",
 ]
 
-ABLATE_HELP = "run an ablation study: config variants × seeds, resumable"
 STUDY_FILE = "study.json"
 CELLS_LOG = "cells.jsonl"
 _STUDY_KEYS = {
@@ -266,6 +274,45 @@ def _cell_overrides(
     return tuple(f"{key}={toml_literal(value)}" for key, value in values.items())
 
 
+def _refuse_seed_keys(
+    seed_keys: Sequence[str],
+    axes: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+    variants: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """A seed key set anywhere but ``seeds`` would be silently overridden per cell: refuse it."""
+    places = [(f"axes.{key}", key) for key in axes] + [(f"overrides.{key}", key) for key in fixed]
+    places += [(f"variants.{name}.{key}", key) for name, table in variants.items() for key in table]
+    for where, key in places:
+        if key in seed_keys:
+            raise ConfigError(
+                where,
+                f"sets {key!r}, which the study sets from `seeds` for every cell (seed_keys = "
+                f"{list(seed_keys)}); list the seeds in `seeds` instead",
+            )
+
+
+def cell_config(base: Path, cell: Cell) -> RunConfig:
+    """The run config of ``cell`` (as its ``moealign train`` will load it); a bad one raises
+    :class:`ConfigError` naming the cell and the field."""
+    try:
+        return load_config(base, [*cell.overrides, f"name={toml_literal(cell.name)}"])
+    except ConfigError as err:
+        raise ConfigError("", f"study cell {cell.name!r}: {err}") from None
+
+
+def check_cells(study: AblationStudy) -> None:
+    """Check every cell as ``moealign train`` does before it starts (device, folders, data and
+    prior files, memory); the first problem raises :class:`ConfigError` naming the cell."""
+    from moealign.training.preflight import check_before_training
+
+    for cell in study.cells:
+        try:
+            check_before_training(cell_config(study.base_config, cell), cell.run_dir)
+        except ConfigError as err:
+            raise ConfigError("", f"study cell {cell.name!r}: {err}") from None
+
+
 def load_study(path: str | Path, out_dir: str | Path | None = None) -> AblationStudy:
     """Read, expand and validate a study file (see the module docstring).
 
@@ -273,12 +320,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> AblationS
     raises :class:`ConfigError` naming the cell and the field.
     """
     path = Path(path).resolve()
-    try:
-        spec = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("", f"study file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError("", f"study file {str(path)!r} is not valid TOML: {err}") from None
+    spec = read_toml(path, "study file")
     unknown = sorted(set(spec) - _STUDY_KEYS)
     _expect(not unknown, "study", unknown, f"only the keys {', '.join(sorted(_STUDY_KEYS))}")
     _expect("base" in spec, "base", None, "the path of the base config file")
@@ -322,6 +364,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> AblationS
     )
     baselines = _variant_baselines(spec.get("baselines", {}), variants)
     fixed = _overrides_table(spec.get("overrides", {}), "overrides")
+    _refuse_seed_keys(seed_keys, axes, fixed, variants)
     root = Path(out_dir) if out_dir is not None else Path(spec.get("out_dir", f"runs/{path.stem}"))
     root = root.resolve()
     cells = []
@@ -329,11 +372,9 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> AblationS
         for variant, overrides in variants.items():
             name = f"{variant}__seed{seed}"
             cell_overrides = _cell_overrides(fixed, overrides, seed_keys, seed)
-            try:
-                load_config(base, [*cell_overrides, f"name={toml_literal(name)}"])
-            except ConfigError as err:
-                raise ConfigError("", f"study cell {name!r}: {err}") from None
-            cells.append(Cell(name, variant, seed, cell_overrides, root / name))
+            cell = Cell(name, variant, seed, cell_overrides, root / name)
+            cell_config(base, cell)
+            cells.append(cell)
     return AblationStudy(
         name=path.stem,
         path=path,
@@ -372,11 +413,9 @@ def first_nonfinite_step(metrics: Sequence[Mapping[str, Any]]) -> int | None:
     return None
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+# Exit statuses of a cell stopped by a signal: 130/143 after checkpointing (moealign.cli), or
+# killed by it (a negative status from subprocess).
+_SIGNAL_STATUSES = {130, 143, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL}
 
 
 def classify_run(run_dir: Path, returncode: int | None = None) -> tuple[str, int | None]:
@@ -384,14 +423,14 @@ def classify_run(run_dir: Path, returncode: int | None = None) -> tuple[str, int
 
     ``returncode`` None means the process is not known (a run found on disk). Status:
     ``diverged`` if a loss went non-finite, else ``finished`` with a final evaluation,
-    ``failed`` with a non-zero exit, ``interrupted`` otherwise.
+    ``interrupted`` when stopped by a signal (or unknown), ``failed`` with another non-zero exit.
     """
-    diverged_step = first_nonfinite_step(_read_metrics(run_dir))
+    diverged_step = first_nonfinite_step(read_jsonl(run_dir / METRICS_FILE))
     if diverged_step is not None:
         return "diverged", diverged_step
     if (run_dir / FINAL_EVAL_FILE).exists():
         return "finished", None
-    if returncode:
+    if returncode and returncode not in _SIGNAL_STATUSES:
         return "failed", None
     return "interrupted", None
 
@@ -434,9 +473,10 @@ def _duration(seconds: float) -> str:
 
 def _final_val_loss(run_dir: Path) -> float | None:
     try:
-        value = json.loads((run_dir / FINAL_EVAL_FILE).read_text()).get("val_loss")
-    except (OSError, json.JSONDecodeError):
+        final = read_json(run_dir / FINAL_EVAL_FILE)
+    except (OSError, ValueError):  # not there yet, or unreadable: no loss to show
         return None
+    value = final.get("val_loss") if isinstance(final, dict) else None
     return value if isinstance(value, (int, float)) else None
 
 
@@ -482,6 +522,8 @@ class _StudyRunner:
         self.progress: _Progress | None = None
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.stop_signal: str | None = None
+        self.status = "running"
         self.processes: set[subprocess.Popen] = set()
         self.log_dir = study.out_dir / "logs"
         self.results = {
@@ -525,39 +567,35 @@ class _StudyRunner:
     def write_study(self) -> None:
         data = {
             **self.study.to_dict(),
+            "status": self.status,
             "updated": utc_now(),
             "cells": [asdict(result) for result in self.results.values()],
         }
-        path = self.study.out_dir / STUDY_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write_json(self.study.out_dir / STUDY_FILE, data, sort_keys=False)
 
     def record(self, result: CellResult) -> None:
         with self.lock:
-            with open(self.study.out_dir / CELLS_LOG, "a") as handle:
-                handle.write(json.dumps(asdict(result)) + "\n")
+            append_jsonl(self.study.out_dir / CELLS_LOG, asdict(result))
             self.write_study()
 
     def run_cell(self, cell: Cell) -> None:
-        if self.stop.is_set():
-            return
         result = self.results[cell.name]
-        result.command = self.command(cell)
         log = Path(result.log)
         start = time.perf_counter()
-        with self.lock:
-            result.status = "running"
-            self.write_study()
-        if self.progress:
-            self.progress.start(cell)
         with open(log, "a") as handle:
-            handle.write(f"# {utc_now()} {' '.join(result.command)}\n")
-            handle.flush()
-            process = subprocess.Popen(
-                result.command, stdout=handle, stderr=subprocess.STDOUT, env=self.environment()
-            )
-            with self.lock:
+            with self.lock:  # no cell starts after an interrupt has been forwarded
+                if self.stop.is_set():
+                    return
+                result.command = self.command(cell)
+                result.status = "running"
+                self.write_study()
+                if self.progress:
+                    self.progress.start(cell)
+                handle.write(f"# {utc_now()} {' '.join(result.command)}\n")
+                handle.flush()
+                process = subprocess.Popen(
+                    result.command, stdout=handle, stderr=subprocess.STDOUT, env=self.environment()
+                )
                 self.processes.add(process)
             returncode = process.wait()
             with self.lock:
@@ -571,12 +609,31 @@ class _StudyRunner:
         if self.progress:
             self.progress.end(result)
 
-    def interrupt(self) -> None:
-        """Stop scheduling cells and ask running ones to checkpoint and stop."""
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Stop scheduling cells and forward ``signum`` to the running ones, which checkpoint
+        and stop; :meth:`run` then waits for them."""
         self.stop.set()
+        self.stop_signal = signal.Signals(signum).name
         with self.lock:
             for process in self.processes:
-                process.send_signal(signal.SIGINT)
+                if process.poll() is None:
+                    process.send_signal(signum)
+
+    @contextmanager
+    def _forward_signals(self) -> Iterator[None]:
+        """While the cells run, SIGINT/SIGTERM to this process go to :meth:`interrupt`."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, lambda signum, frame: self.interrupt(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def run(self) -> list[CellResult]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -594,17 +651,25 @@ class _StudyRunner:
             if done:
                 total = len(self.study.cells)
                 self.write_progress(f"{done} of {total} cells already finished; {len(todo)} to run")
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures = [pool.submit(self.run_cell, cell) for cell in todo]
-            try:
+        try:
+            with self._forward_signals(), ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                futures = [pool.submit(self.run_cell, cell) for cell in todo]
                 for future in as_completed(futures):
                     future.result()
-            except KeyboardInterrupt:
-                self.interrupt()
-                for future in futures:
-                    future.cancel()
-                raise
+        finally:
+            with self.lock:
+                self.status = "interrupted" if self.stop.is_set() else "done"
+                self.write_study()
         return list(self.results.values())
+
+
+class StudyInterrupted(Exception):
+    """A study stopped by a signal (``signal``: ``"SIGINT"``/``"SIGTERM"``), with every cell's
+    result so far."""
+
+    def __init__(self, signal_name: str, results: list[CellResult]) -> None:
+        super().__init__(f"study interrupted by {signal_name}")
+        self.signal, self.results = signal_name, results
 
 
 def run_study(
@@ -613,28 +678,20 @@ def run_study(
     """Run every unfinished cell of ``study``, ``jobs`` at a time; returns every cell's result.
 
     A cell that diverges or fails is recorded with its status and error; the study goes on.
-    ``progress`` (e.g. ``print``) receives a line as each cell starts and ends.
+    ``progress`` (e.g. ``print``) receives a line as each cell starts and ends. A SIGINT/SIGTERM
+    stops it (see the module docstring): the cells then read ``interrupted`` (or ``pending``)
+    and :class:`StudyInterrupted` is raised.
     """
     if jobs < 1:
         raise ValueError(f"jobs: got {jobs}; expected an integer >= 1")
-    return _StudyRunner(study, jobs, progress).run()
+    runner = _StudyRunner(study, jobs, progress)
+    results = runner.run()
+    if runner.stop_signal is not None:
+        raise StudyInterrupted(runner.stop_signal, results)
+    return results
 
 
 # ---------------------------------------------------------------------- command line
-
-
-def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "study", metavar="STUDY.toml", help="study file (see moealign.studies.ablate)"
-    )
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once")
-    parser.add_argument("--out", metavar="DIR", help="study directory (default: from the study)")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="validate and list the cells without running them"
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="no line per cell as it starts and ends"
-    )
 
 
 def _status_text(result: CellResult) -> str:
@@ -650,10 +707,12 @@ def _print_flushed(line: str) -> None:
 
 
 def run_ablate(args: argparse.Namespace) -> int:
-    """``moealign ablate``: 0 when every cell finished or diverged, 1 otherwise."""
+    """``moealign ablate``: 0 when every cell finished or diverged, 1 otherwise; 130/143 when
+    stopped by SIGINT/SIGTERM."""
     study = load_study(args.study, args.out)
     if args.jobs < 1:
         raise ConfigError("--jobs", f"got {args.jobs}; expected an integer >= 1")
+    check_cells(study)
     print(f"study {study.name}: {len(study.cells)} cells in {study.out_dir}")
     if args.dry_run:
         for cell in study.cells:
@@ -661,9 +720,13 @@ def run_ablate(args: argparse.Namespace) -> int:
         return 0
     try:
         results = run_study(study, args.jobs, None if args.quiet else _print_flushed)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except StudyInterrupted as stopped:
+        print(
+            f"error: interrupted by {stopped.signal}; the running cells saved a checkpoint: run "
+            "the same command again to resume",
+            file=sys.stderr,
+        )
+        return {"SIGINT": 130, "SIGTERM": 143}[stopped.signal]
     rows = [[result.cell, _status_text(result)] for result in results]
     print(to_text(Table([], rows), indent="  "))
     print(f"results: {study.out_dir / STUDY_FILE}; report: moealign report {study.out_dir}")

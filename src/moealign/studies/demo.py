@@ -23,9 +23,7 @@ continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moealign.config import ConfigError, RunConfig, load_config
+from moealign.io import atomic_write_json, atomic_write_text
 from moealign.studies.document import Image, Note, Paragraph, Section, to_markdown
 from moealign.tables import Table, format_number, to_text
 
@@ -365,8 +364,8 @@ def run_demo(
         "comparisons": comparisons,
         "verdicts": verdicts,
     }
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(out / "summary.md", to_markdown(TITLE, sections, out))
+    atomic_write_json(out / "summary.json", summary, sort_keys=False)
+    atomic_write_text(out / "summary.md", to_markdown(TITLE, sections, out))
     print()
     print(terminal_text(sections))
     return summary
@@ -390,12 +389,6 @@ def _run_metrics(run: RunRecord) -> dict[str, float]:
     results = run_results(run)
     keys = ("params_total", "params_active", *METRICS)
     return {key: results[key] for key in keys if key in results}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -72,13 +72,9 @@ from moealign.tables import Emphasis, format_interval, format_number, to_text
 from moealign.training.runs import flatten_config, utc_now
 
 __all__ = [
-    "COMPARE_HELP",
     "DEFAULT_METRICS",
-    "REPORT_HELP",
     "ReportFiles",
     "RunDataError",
-    "add_compare_arguments",
-    "add_report_arguments",
     "best_marks",
     "build_report",
     "compare_runs",
@@ -88,8 +84,6 @@ __all__ = [
     "transfer_table",
 ]
 
-REPORT_HELP = "write a markdown/HTML report (tables, plots, model cards) from runs or studies"
-COMPARE_HELP = "print two runs side by side: config differences, final metrics, deltas"
 DEFAULT_METRICS = (
     "val_loss",
     "val_ppl",
@@ -808,24 +802,6 @@ def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
 # ---------------------------------------------------------------------- command line
 
 
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="RUN_OR_STUDY_DIR")
-    parser.add_argument(
-        "--out", metavar="DIR", help="output directory (default: DIR/report for one input)"
-    )
-    parser.add_argument("--baseline", metavar="NAME", help="baseline variant (default: study's)")
-    parser.add_argument(
-        "--metrics", nargs="+", metavar="METRIC", help="table columns (default: main metrics)"
-    )
-    parser.add_argument(
-        "--target-loss",
-        type=float,
-        metavar="LOSS",
-        help="validation loss for time-to-target (default: the baseline's final)",
-    )
-    parser.add_argument("--title", default="moealign report", help="the report's title")
-
-
 def run_report(args: argparse.Namespace) -> int:
     out = args.out or (str(Path(args.paths[0]) / "report") if len(args.paths) == 1 else "report")
     files = build_report(
@@ -839,11 +815,6 @@ def run_report(args: argparse.Namespace) -> int:
     print(f"wrote {files.markdown}, {files.html}")
     print(f"  {len(files.figures)} figures, {len(files.model_cards)} model cards")
     return 0
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_a", metavar="RUN_A")
-    parser.add_argument("run_b", metavar="RUN_B")
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -18,7 +18,6 @@ Per-run results (:func:`run_results`) are the scalars of ``final_eval.json`` plu
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from moealign.io import read_json, read_jsonl
 from moealign.studies.ablate import STUDY_FILE, classify_run
 from moealign.training.runs import CONFIG_FILE, FINAL_EVAL_FILE, META_FILE, METRICS_FILE
 
@@ -53,26 +53,14 @@ class RunDataError(ValueError):
     """A path that holds neither a run nor a study, or a run file that cannot be read."""
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunDataError(f"{path}: not valid JSON ({err})") from None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # Only the last line may be cut short (a crash mid-write); earlier ones stay usable.
-            if number != len(lines):
-                raise RunDataError(f"{path}:{number}: not valid JSON") from None
-    return records
+def _read_table(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` ({} if it does not exist); RunDataError naming the file."""
+    if not path.exists():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise RunDataError(f"{path}: a JSON {type(data).__name__}; expected an object")
+    return data
 
 
 @dataclass
@@ -140,10 +128,10 @@ def load_run(
     (``failed``, ``interrupted``, ``pending``); otherwise the files decide
     (:func:`moealign.studies.ablate.classify_run`)."""
     path = Path(path)
-    config = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).exists() else {}
-    meta = _read_json(path / META_FILE) if (path / META_FILE).exists() else {}
-    metrics = _read_jsonl(path / METRICS_FILE) if (path / METRICS_FILE).exists() else []
-    final = _read_json(path / FINAL_EVAL_FILE) if (path / FINAL_EVAL_FILE).exists() else {}
+    config = _read_table(path / CONFIG_FILE)
+    meta = _read_table(path / META_FILE)
+    metrics = read_jsonl(path / METRICS_FILE)
+    final = _read_table(path / FINAL_EVAL_FILE)
     found_status, diverged_step = classify_run(path)
     if seed is None:
         seed = int(meta.get("seed", config.get("train", {}).get("seed", 0)))
@@ -161,10 +149,26 @@ def load_run(
     )
 
 
+def _study_cells(study: dict[str, Any], file: Path) -> list[dict[str, Any]]:
+    cells = study.get("cells", [])
+    fields = {"run_dir": str, "variant": str, "seed": int}
+    if not isinstance(cells, list) or not all(
+        isinstance(cell, dict)
+        and all(isinstance(cell.get(key), kind) for key, kind in fields.items())
+        for cell in cells
+    ):
+        raise RunDataError(
+            f"{file}: cells must be a list of objects with run_dir, variant (strings) and seed "
+            "(an integer)"
+        )
+    return cells
+
+
 def _load_study(path: Path) -> RunSet:
-    study = _read_json(path / STUDY_FILE)
+    file = path / STUDY_FILE
+    study = _read_table(file)
     runs = []
-    for cell in study.get("cells", []):
+    for cell in _study_cells(study, file):
         status = cell.get("status")
         # A cell left "running" by a killed study is judged from its files.
         runs.append(

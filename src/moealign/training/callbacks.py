@@ -77,7 +77,8 @@ class StepResult:
 class TrainResult:
     """What :meth:`Trainer.train` returns. ``final_eval`` is empty if the run was interrupted
     (a signal, ``stop_at``) or diverged (``diverged_at``: the step with a non-finite loss or
-    gradient that stopped it, ``train.on_nonfinite = "stop"``)."""
+    gradient that stopped it, ``train.on_nonfinite = "stop"``); ``stop_signal`` names the
+    signal that interrupted it (``"SIGINT"``/``"SIGTERM"``)."""
 
     step: int
     interrupted: bool
@@ -85,6 +86,7 @@ class TrainResult:
     last_train: dict[str, float] = field(default_factory=dict)
     final_eval: dict[str, Any] = field(default_factory=dict)
     diverged_at: int | None = None
+    stop_signal: str | None = None
 
 
 class Callback(Protocol):

@@ -13,8 +13,11 @@ Layout (DESIGN.md §8), one directory per optimizer step under a run's ``checkpo
 No pickle anywhere: nested Python state is encoded to JSON by :func:`encode_state`
 (dict keys of any JSON scalar type, tuples, tensors and numpy arrays are tagged so that
 :func:`decode_state` rebuilds them exactly). A checkpoint is written to a temporary directory
-and ``os.replace``-d into place, so a crash never leaves a half-written ``step_*`` directory;
-loading checks every file's SHA-256 and names the file that is truncated or corrupt.
+(``.tmp-step_*``, removed by the next run if a kill leaves it) and ``os.replace``-d into place,
+so a crash or a full disk never leaves a half-written ``step_*`` directory nor touches the
+previous one; loading checks ``state.json`` (types, the step, a SHA-256 for both the model and
+the optimizer file) and every file's SHA-256, and names the file that is truncated or corrupt.
+:func:`load_latest` falls back to the previous checkpoint on *any* failure to load or apply one.
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from moealign.io import TEMPORARY_PREFIX, FileFormatError, read_json
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "capture_rng_state",
     "decode_state",
     "encode_state",
@@ -55,11 +61,23 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _INDEX_KEY = "moealign_index"
+REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that is missing files, truncated or corrupt; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (e.g. a full disk); the previous one is kept."""
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return f"missing key {err.args[0]!r}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 # --------------------------------------------------------------------------- state encoding
@@ -117,7 +135,9 @@ def decode_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> An
         return tensors[obj["__tensor__"]]
     if "__tensor_data__" in obj:
         spec = obj["__tensor_data__"]
-        dtype = getattr(torch, spec["dtype"])
+        dtype = getattr(torch, str(spec["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"tensor dtype {spec['dtype']!r} is not a torch dtype")
         return torch.tensor(spec["values"], dtype=dtype).reshape(spec["shape"])
     if "__ndarray__" in obj:
         spec = obj["__ndarray__"]
@@ -210,27 +230,24 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(step)
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
+    tmp = directory / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-
-    save_model(model, str(tmp / MODEL_FILE))
-    optimizer_tensors: dict[str, torch.Tensor] = {}
-    if isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.state_dict()
-    index = encode_state(dict(optimizer), optimizer_tensors)
-    save_file(
-        optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata={_INDEX_KEY: json.dumps(index)}
-    )
-    files = {name: _sha256(tmp / name) for name in (MODEL_FILE, OPTIMIZER_FILE)}
-    state = {"step": step, "files": files, "trainer": encode_state(trainer_state)}
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
-        _fsync(tmp / name)
+    try:
+        tmp.mkdir()
+        _write_files(tmp, step, model, optimizer, trainer_state)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, TypeError):  # state that cannot be encoded: a programming error
+            raise
+        errno = getattr(err, "errno", None) or 5
+        raise CheckpointWriteError(
+            errno,
+            f"cannot write checkpoint {final}: {_one_line(err)}; the previous checkpoint is kept",
+        ) from None
 
     if final.exists():  # re-saving the same step (e.g. on a signal right after a periodic save)
-        stale = directory / f".stale-{final.name}-{os.getpid()}"
+        stale = directory / f"{TEMPORARY_PREFIX}stale-{final.name}-{os.getpid()}"
         os.replace(final, stale)
         os.replace(tmp, final)
         shutil.rmtree(stale)
@@ -239,6 +256,30 @@ def save_checkpoint(
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def _write_files(
+    folder: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any],
+    trainer_state: dict[str, Any],
+) -> None:
+    """The three files of a checkpoint, fsynced, into ``folder``."""
+    save_model(model, str(folder / MODEL_FILE))
+    optimizer_tensors: dict[str, torch.Tensor] = {}
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.state_dict()
+    index = encode_state(dict(optimizer), optimizer_tensors)
+    save_file(
+        optimizer_tensors, str(folder / OPTIMIZER_FILE), metadata={_INDEX_KEY: json.dumps(index)}
+    )
+    files = {name: _sha256(folder / name) for name in REQUIRED_FILES}
+    state = {"step": step, "files": files, "trainer": encode_state(trainer_state)}
+    with open(folder / STATE_FILE, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(state))
+    for name in (*REQUIRED_FILES, STATE_FILE):
+        _fsync(folder / name)
 
 
 @dataclass
@@ -270,20 +311,55 @@ def _device_of(model: torch.nn.Module) -> str:
     return str(first.device) if first is not None else "cpu"
 
 
+def _parse_state(state: Any, path: Path) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """(step, files, trainer state) of a ``state.json``; ValueError/TypeError/KeyError on
+    anything malformed."""
+    if not isinstance(state, dict):
+        raise TypeError(f"a JSON {type(state).__name__}; expected an object")
+    step, files = state["step"], state["files"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise TypeError(f"step {step!r} is not an integer >= 0")
+    match = _STEP_DIR.match(path.name)
+    if match and int(match.group(1)) != step:
+        raise ValueError(f"step {step} does not match the folder name {path.name}")
+    if not isinstance(files, dict):
+        raise TypeError(f"files is a {type(files).__name__}; expected an object")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise ValueError(f"files lists no checksum for {', '.join(missing)}")
+    for name, digest in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"files names {name!r}, not a file of the checkpoint")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ValueError(f"the checksum of {name} is not a SHA-256 hex digest")
+    trainer_state = decode_state(state["trainer"])
+    if not isinstance(trainer_state, dict):
+        raise TypeError(f"trainer is a {type(trainer_state).__name__}; expected an object")
+    return step, files, trainer_state
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Open and verify one ``step_*`` directory; raise :class:`CheckpointError` naming the bad
-    file if a file is missing, truncated or does not match its recorded SHA-256."""
+    file if a file is missing, truncated, malformed, or does not match its recorded SHA-256
+    (both the model and the optimizer file must have one)."""
     path = Path(path)
     state_file = path / STATE_FILE
     try:
-        state = json.loads(state_file.read_text())
-        files, step = state["files"], int(state["step"])
-        trainer_state = decode_state(state["trainer"])
+        step, files, trainer_state = _parse_state(read_json(state_file), path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {state_file} is missing") from None
-    except (ValueError, KeyError, TypeError) as err:
+    except FileFormatError as err:
+        reason = str(err).removeprefix(f"{state_file}: ")
         raise CheckpointError(
-            f"checkpoint file {state_file} is corrupt or truncated: {err}"
+            f"checkpoint file {state_file} is corrupt or truncated: {reason}"
+        ) from None
+    except OSError as err:
+        raise CheckpointError(
+            f"checkpoint file {state_file} is unreadable: {err.strerror}"
+        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as err:
+        raise CheckpointError(
+            f"checkpoint file {state_file} is corrupt or truncated: {_one_line(err)}"
         ) from None
     for name, expected in files.items():
         file = path / name
@@ -301,20 +377,28 @@ def load_latest(
     directory: str | Path,
     fallback: bool = False,
     warn: Callable[[str], None] = log.warning,
+    apply: Callable[[Checkpoint], None] | None = None,
 ) -> Checkpoint | None:
-    """The newest verified checkpoint under ``directory`` (None if there is none).
+    """The newest verified checkpoint under ``directory`` (None if there is none), after
+    ``apply(checkpoint)`` (e.g. loading it into a model and optimizer) succeeded on it.
 
-    A corrupt newest checkpoint raises :class:`CheckpointError`; with ``fallback=True`` it is
-    reported through ``warn`` and the next older one is tried instead.
+    A checkpoint that fails verification, or whose ``apply`` raises anything (bad types,
+    missing keys, unreadable or wrong-shape tensors), raises :class:`CheckpointError`; with
+    ``fallback=True`` it is reported through ``warn`` and the next older one is tried instead
+    (its ``apply`` then overwrites whatever the failed one had set).
     """
     candidates = list_checkpoints(directory)
     errors: list[str] = []
     for path in reversed(candidates):
         try:
             checkpoint = load_checkpoint(path)
-        except CheckpointError as err:
+            if apply is not None:
+                apply(checkpoint)
+        except Exception as err:  # any failure to load or apply makes the checkpoint unusable
+            if not isinstance(err, CheckpointError):
+                err = CheckpointError(f"checkpoint {path} cannot be loaded: {_one_line(err)}")
             if not fallback:
-                raise
+                raise err from None
             errors.append(str(err))
             warn(f"skipping unusable checkpoint: {err}")
             continue

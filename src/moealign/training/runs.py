@@ -5,18 +5,23 @@ Layout (DESIGN.md §8)::
     <out_dir>/<name>/
       config.json        the resolved RunConfig (RunConfig.to_dict())
       meta.json          seed, package versions, git commit, host, device, command line, times
-      metrics.jsonl      one JSON object per logged step, appended and flushed
+      metrics.jsonl      one JSON object per logged step, each appended whole and flushed
       checkpoints/       step_* directories (moealign.training.checkpoint)
       final_eval.json    the evaluation at the end of training
+      .lock              held (flock) by the process writing or reading the run
 
-An existing run is never overwritten by accident: opening a directory that already holds a
-run needs ``resume=True`` (continue it, with an unchanged config apart from ``train.steps``)
-or ``overwrite=True`` (delete it and start again).
+A folder is a *run* when it holds ``meta.json`` and ``metrics.jsonl`` (both written when it is
+created). Nothing is lost by accident: opening a folder that holds a run needs ``resume=True``
+(continue it, with an unchanged config apart from ``train.steps``) or ``overwrite=True``
+(replace it); a folder that holds anything else is never written into or deleted; one process at
+a time holds a run folder (:class:`RunLock`, naming the holder's pid). Temporary ``.tmp-*``
+entries that a killed writer left are removed when a run is opened.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import socket
@@ -28,14 +33,28 @@ from pathlib import Path
 from typing import Any
 
 import moealign
+from moealign.io import (
+    TEMPORARY_PREFIX,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    remove_temporaries,
+)
 
 __all__ = [
     "RunDirectory",
     "RunExistsError",
+    "RunLock",
+    "RunLockedError",
     "environment_info",
+    "finished_step",
     "flatten_config",
     "git_commit",
+    "is_run_dir",
     "peak_memory_bytes",
+    "read_run_config",
     "utc_now",
 ]
 
@@ -44,11 +63,13 @@ META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 # Changes that do not alter the result: the budget, the dashboards the metrics go to, what a
 # non-finite step does (a run stopped by one may go on, skipping it), and the parallel layout
 # (a resume on another number of ranks keeps world size × grad_accum, so the global batch and
 # its micro-batches stay the same; checkpoints hold whole tensors).
 _RESUMABLE_CHANGES = {
+    "out_dir",  # where the run folder was found, not what it computes
     "train.steps",
     "train.tensorboard",
     "train.wandb",
@@ -60,7 +81,106 @@ _RESUMABLE_CHANGES = {
 
 
 class RunExistsError(ValueError):
-    """The run directory already holds a run and neither resume nor overwrite was asked for."""
+    """The run directory already holds a run (or something else) and cannot be opened as
+    asked: neither resume nor overwrite, a changed config, or a folder that is not a run."""
+
+
+class RunLockedError(RunExistsError):
+    """Another process holds the run folder's lock."""
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a moealign run folder: it holds ``meta.json`` and ``metrics.jsonl``."""
+    path = Path(path)
+    return (path / META_FILE).is_file() and (path / METRICS_FILE).is_file()
+
+
+def finished_step(path: str | Path) -> int | None:
+    """The step recorded in the run's ``final_eval.json`` (None if the run has not finished)."""
+    file = Path(path) / FINAL_EVAL_FILE
+    if not file.is_file():
+        return None
+    step = read_json(file).get("step")
+    return step if isinstance(step, int) else None
+
+
+def read_run_config(path: str | Path) -> Any:
+    """The :class:`moealign.config.RunConfig` recorded in a run folder's ``config.json``; one
+    clear error (naming the file) if the folder holds no run or the file is corrupt."""
+    from moealign.config import ConfigError, RunConfig, build_config
+
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise RunExistsError(f"{path} is not a run directory: it has no {CONFIG_FILE}")
+    data = read_json(file)
+    if not isinstance(data, dict):
+        raise RunExistsError(f"{file}: a JSON {type(data).__name__}; expected a config table")
+    try:
+        return build_config(RunConfig, data)
+    except ConfigError as err:
+        raise ConfigError("", f"{file}: {err}") from None
+
+
+class RunLock:
+    """An advisory ``flock`` on ``<folder>/.lock``, exclusive (writers: ``train``, ``eval``, the
+    results folder of ``roma``) or shared (readers: the base run of ``roma``). The holder writes
+    its pid into the file so that a refused process can name it; the kernel releases the lock
+    when the holder exits, so a killed process leaves no stale lock. Within one process the
+    lock is re-entrant (counted), so a library user may open the same folder twice."""
+
+    _held: dict[str, tuple[int, int]] = {}  # real path → (fd, count) in this process
+
+    def __init__(self, folder: str | Path, *, shared: bool = False) -> None:
+        self.folder = Path(folder)
+        self.shared = shared
+        self._key: str | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        path = self.folder / LOCK_FILE
+        key = os.path.realpath(path)
+        if key in RunLock._held:
+            fd, count = RunLock._held[key]
+            RunLock._held[key] = (fd, count + 1)
+            self._key = key
+            return self
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            if self.shared:  # a read-only folder: nobody here can write to it either
+                return self
+            raise
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.folder} is in use by process {holder} (it holds {path}); wait for it "
+                "to finish or stop it, then try again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        RunLock._held[key] = (fd, 1)
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        if self._key is None:
+            return
+        fd, count = RunLock._held.pop(self._key)
+        if count > 1:
+            RunLock._held[self._key] = (fd, count - 1)
+        else:
+            os.close(fd)  # closing the last descriptor releases the flock
+        self._key = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def git_commit() -> str:
@@ -130,17 +250,23 @@ def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+def _check_folder(path: Path, what: str) -> None:
+    """A folder path that is not a file (or under one) and can be written."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunExistsError(f"{what} {path}: {parent} exists and is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise RunExistsError(f"{what} {path}: {parent} is not writable")
+            return
 
 
 class RunDirectory:
-    """One run's directory; create it with :meth:`open`."""
+    """One run's directory; create it with :meth:`open`, release it with :meth:`close`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.lock: RunLock | None = None
 
     @classmethod
     def open(
@@ -153,34 +279,96 @@ class RunDirectory:
         resume: bool = False,
         overwrite: bool = False,
     ) -> RunDirectory:
-        """Create (or, with ``resume``, reopen) the run directory and record config and meta.
+        """Create (or, with ``resume``, reopen) the run directory, lock it, and record config
+        and meta; stale ``.tmp-*`` entries are removed.
 
         Raises :class:`RunExistsError` if ``path`` holds a run and neither ``resume`` nor
-        ``overwrite`` is set, or if resuming with a config that differs in more than
-        ``train.steps``.
+        ``overwrite`` is set, if resuming with a config that differs in more than
+        ``train.steps``, or if ``path`` is a file or a non-empty folder that is not a run
+        (never written into, never deleted); :class:`RunLockedError` if another process holds
+        it. ``overwrite`` replaces only a run folder, keeping the folder itself.
         """
+        run = cls(Path(path))
+        run.check(config, resume=resume, overwrite=overwrite)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.hold()
+        try:
+            run.check(config, resume=resume, overwrite=overwrite)  # again, now under the lock
+            run._open_locked(config, seed=seed, device=device, overwrite=overwrite)
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    def check(
+        self, config: dict[str, Any], *, resume: bool = False, overwrite: bool = False
+    ) -> None:
+        """Raise what :meth:`open` would raise for this folder and ``config``, changing
+        nothing (the CLI calls it before any work starts)."""
         if resume and overwrite:
             raise ValueError("resume and overwrite: got both; expected at most one of them")
-        run = cls(Path(path))
-        existing = run.path / CONFIG_FILE
-        if existing.exists() and not resume:
-            if not overwrite:
+        _check_folder(self.path, "run directory")
+        if not self.path.exists():
+            return
+        if is_run_dir(self.path):
+            if resume:
+                self._check_same_config(read_json(self.path / CONFIG_FILE), config)
+            elif not overwrite:
                 raise RunExistsError(
-                    f"run directory {run.path} already holds a run; "
+                    f"run directory {self.path} already holds a run; "
                     "pass --resume to continue it or --overwrite to replace it"
                 )
-            shutil.rmtree(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.checkpoint_dir.mkdir(exist_ok=True)
-        if resume and existing.exists():
-            run._check_same_config(json.loads(existing.read_text()), config)
-            meta = json.loads((run.path / META_FILE).read_text())
+        elif self._foreign_entries():
+            raise RunExistsError(
+                f"run directory {self.path} is not empty and holds no moealign run (no "
+                f"{META_FILE} and {METRICS_FILE}); refusing to write into it or replace it: "
+                "choose a new or empty folder"
+            )
+
+    def _foreign_entries(self) -> list[str]:
+        """Entries of the folder other than a lock file and temporaries."""
+        return [
+            entry.name
+            for entry in self.path.iterdir()
+            if entry.name != LOCK_FILE and not entry.name.startswith(TEMPORARY_PREFIX)
+        ]
+
+    def _open_locked(
+        self, config: dict[str, Any], *, seed: int, device: str, overwrite: bool
+    ) -> None:
+        """After :meth:`check` passed under the lock: clear a run that ``overwrite`` replaces
+        (its entries, not the folder), or continue one; record config and meta."""
+        remove_temporaries(self.path)
+        remove_temporaries(self.checkpoint_dir)
+        existing = is_run_dir(self.path)
+        if existing and overwrite:
+            for name in self._foreign_entries():
+                entry = self.path / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            existing = False
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        if existing:
+            meta = read_json(self.path / META_FILE)
             meta.setdefault("resumed", []).append({"time": utc_now(), "command": sys.argv})
         else:
             meta = {"seed": seed, "device": device, "start_time": utc_now(), **environment_info()}
-        _write_json(run.path / CONFIG_FILE, config)
-        _write_json(run.path / META_FILE, meta)
-        return run
+        self.metrics_path.touch()
+        atomic_write_json(self.path / CONFIG_FILE, config)
+        atomic_write_json(self.path / META_FILE, meta)
+
+    def hold(self) -> None:
+        """Lock the run folder for this process (a no-op while it holds the lock)."""
+        if self.lock is None:
+            self.lock = RunLock(self.path).acquire()
+
+    def close(self) -> None:
+        """Release the run folder's lock."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _check_same_config(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         old_flat, new_flat = flatten_config(old), flatten_config(new)
@@ -205,29 +393,31 @@ class RunDirectory:
         return self.path / METRICS_FILE
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to ``metrics.jsonl`` and flush it to disk."""
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+        """Append one JSON line to ``metrics.jsonl``, written whole and flushed
+        (:func:`moealign.io.append_jsonl`)."""
+        append_jsonl(self.metrics_path, record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        """The logged records; a torn final line is skipped with a warning."""
+        return read_jsonl(self.metrics_path)
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop records after ``step`` (logged by an interrupted run past its last checkpoint),
-        so that a resumed run's ``metrics.jsonl`` matches an uninterrupted one."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.metrics_path)
+        """Drop records after ``step`` (logged by an interrupted run past its last checkpoint)
+        and a torn final line, so that a resumed run's ``metrics.jsonl`` matches an
+        uninterrupted one. The file is rewritten atomically, and only if something is dropped."""
+        if not self.metrics_path.exists():
+            return
+        records = self.read_metrics()
+        kept = [r for r in records if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        if text != self.metrics_path.read_text(encoding="utf-8"):
+            atomic_write_text(self.metrics_path, text)
 
     def write_final_eval(self, results: dict[str, Any]) -> None:
-        _write_json(self.path / FINAL_EVAL_FILE, results)
+        atomic_write_json(self.path / FINAL_EVAL_FILE, results)
 
     def update_meta(self, **fields: Any) -> None:
         path = self.path / META_FILE
-        meta = json.loads(path.read_text())
+        meta = read_json(path)
         meta.update(fields)
-        _write_json(path, meta)
+        atomic_write_json(path, meta)

@@ -68,16 +68,23 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def restore_state(trainer: Trainer) -> None:
-    """Load the newest good checkpoint of ``trainer``'s run (falling back past corrupt ones)
-    and drop the metrics logged after its step; without a checkpoint, start from step 0 and
-    drop every record of the start that left none."""
-    found = checkpoint.load_latest(trainer.checkpoint_dir, fallback=True)
+def restore_state(trainer: Trainer) -> bool:
+    """Load the newest checkpoint of ``trainer``'s run that loads and applies, falling back
+    past any that fails (:func:`moealign.training.checkpoint.load_latest`); False when none
+    does (the run starts from step 0)."""
+    found = checkpoint.load_latest(
+        trainer.checkpoint_dir, fallback=True, apply=lambda c: apply_checkpoint(trainer, c)
+    )
     if found is None:
         log.warning("resume: no checkpoint in %s; starting from step 0", trainer.checkpoint_dir)
-        if trainer.run is not None:
-            trainer.run.truncate_metrics(-1)
-        return
+        return False
+    log.info("resumed from %s at step %d", found.path, trainer.step)
+    return True
+
+
+def apply_checkpoint(trainer: Trainer, found: checkpoint.Checkpoint) -> None:
+    """Load ``found`` into the trainer's model, optimizer, schedule, data order, loss terms,
+    guardrail and random generators; raises on any mismatch."""
     if trainer.parallel.shards:
         whole = whole_model_copy(trainer)
         found.load_model(whole)
@@ -100,9 +107,6 @@ def restore_state(trainer: Trainer) -> None:
         trainer.guardrail.load_state_dict(state["guardrail"])
     checkpoint.restore_rng_state(state["rng"])
     trainer.tokens_seen, trainer.step = state["tokens_seen"], found.step
-    if trainer.run is not None:
-        trainer.run.truncate_metrics(trainer.step)
-    log.info("resumed from %s at step %d", found.path, trainer.step)
 
 
 def save_state(trainer: Trainer) -> Path | None:

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from moealign.alignment.guardrails import RoutingGuardrail
 from moealign.alignment.term import RoutingAlignment
 from moealign.config import ConfigError, RunConfig
 from moealign.data.batching import IGNORE_INDEX
@@ -42,8 +41,6 @@ from moealign.evaluation.common import autocast, autocast_dtype, strict_json
 from moealign.evaluation.lm import TASK_NAMES, LMEvaluation, evaluate_lm
 from moealign.evaluation.routing_stats import RoutingStats, moe_shape
 from moealign.nn.transformer import MoETransformer
-from moealign.optim.optimizers import build_optimizer
-from moealign.optim.schedules import WarmupCosine
 from moealign.training import state
 from moealign.training.callbacks import Callback, StepResult, TrainResult, default_callbacks
 from moealign.training.objective import LossTerm, Objective
@@ -102,29 +99,16 @@ class Trainer:
         random.seed(train_cfg.seed)
         np.random.seed(train_cfg.seed)
         torch.manual_seed(train_cfg.seed)
-        self.model = (model if model is not None else MoETransformer(config.model)).to(self.device)
+        self.model = (model if model is not None else config.model.build()).to(self.device)
         self.data = data if data is not None else build_training_data(config)
         self.parameter_counts: dict[str, int] = self.model.parameter_counts()  # before sharding
         # Shard before the optimizer is built: FSDP2 replaces the parameters by DTensors.
         self.forward_model: torch.nn.Module = self.parallel.apply(self.model)
-        optim = config.optim
-        self.optimizer = build_optimizer(
-            self.model,
-            name=optim.name,
-            lr=optim.lr,
-            weight_decay=optim.weight_decay,
-            betas=optim.betas,
-            matrix_lr=optim.matrix_lr,
-            **optim.options,
-        )
-        lr_factor = WarmupCosine(
-            optim.warmup_steps, train_cfg.steps, optim.min_lr_ratio, optim.schedule
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.optimizer, self.scheduler = config.optim.build(self.model, train_cfg.steps)
         self.moe_shape = moe_shape(self.model)  # (L MoE layers, E experts)
         self.objective = Objective.from_config(config, *self.moe_shape, aux_terms)
         self.guardrail = (
-            RoutingGuardrail(config.guardrails, self.moe_shape[1], self.objective.alignment)
+            config.guardrails.build(self.moe_shape[1], self.objective.alignment)
             if self.moe_shape[0]
             else None
         )
@@ -136,7 +120,10 @@ class Trainer:
         self.last_evaluation: LMEvaluation | None = None
         self._signal: str | None = None
         self.run_path = Path(run_dir) if run_dir is not None else config.run_dir
-        self.run = None
+        self.checkpoint_dir = self.run_path / "checkpoints"
+        self.run: RunDirectory | None = None
+        # Restored before the run folder is touched: an unusable checkpoint changes nothing.
+        restored = state.restore_state(self) if resume else False
         if self.dist.is_main:
             self.run = RunDirectory.open(
                 self.run_path,
@@ -146,9 +133,9 @@ class Trainer:
                 resume=resume,
                 overwrite=overwrite,
             )
-        self.checkpoint_dir = self.run_path / "checkpoints"
-        if resume:
-            state.restore_state(self)
+        if resume and self.run is not None:
+            # Records after the restored step; without a checkpoint, every record.
+            self.run.truncate_metrics(self.step if restored else -1)
         self.callbacks = default_callbacks(self, callbacks)
 
     @property
@@ -284,12 +271,15 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> TrainResult:
         """Run until ``train.steps`` optimizer steps. A SIGINT/SIGTERM, or reaching step
         ``stop_at`` (to split a run into time slices), checkpoints the finished step and
-        returns with ``interrupted=True``; ``resume=True`` continues from there."""
+        returns with ``interrupted=True``; ``resume=True`` continues from there. The run folder
+        is locked until it returns (:class:`moealign.training.runs.RunLock`)."""
         steps = self.config.train.steps
         if stop_at is not None and not 0 < stop_at <= steps:
             raise ValueError(f"stop_at: got {stop_at}; expected 1 <= stop_at <= {steps}")
         result = TrainResult(self.step, False, self.run.path if self.run is not None else None)
         self.stop_reason = None
+        if self.run is not None:
+            self.run.hold()
         with self._stop_on_signals():
             self._notify("on_train_start")
             while self.step < steps:
@@ -307,12 +297,15 @@ class Trainer:
         result.step, result.last_train = self.step, self.last_train
         result.interrupted = self.stop_reason not in (None, "guardrail")
         if result.interrupted:
+            result.stop_signal = self._signal
             log.warning(
                 "stopped by %s after step %d; checkpoint saved, continue with resume",
                 self.stop_reason,
                 self.step,
             )
         self._notify("on_train_end", result)
+        if self.run is not None:
+            self.run.close()  # nothing more is written: other processes may use the run now
         return result
 
     def _nonfinite(self, step: StepResult) -> bool:
@@ -350,7 +343,9 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def close(self) -> None:
-        """Close the callbacks (dashboards) and release the process group if this trainer
-        created it."""
+        """Close the callbacks (dashboards), release the run folder's lock and the process
+        group if this trainer created it."""
         self._notify("on_close")
+        if self.run is not None:
+            self.run.close()
         self.dist.close()
