@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers_questions import task_questions
+from helpers_saturated import saturated_logits
 from moealign.config import ConfigError
 from moealign.data.tokenizer import ByteTokenizer
 from moealign.evaluation.multiple_choice import option_log_likelihoods
@@ -31,6 +32,7 @@ from moealign.roma import (
     manifold_loss,
     neighbour_mixture,
     oracle_capture,
+    routing_entropy,
     train_routers,
 )
 from moealign.roma.choices import collate, option_scores, routing_vector
@@ -352,6 +354,19 @@ def test_ablation_regularizers_train(questions, regularizer):
         assert 0 < log.regularizer[0] <= len(LAYERS) * math.log(4) + 1e-6
     else:
         assert log.regularizer[0] == 0.0 and log.regularizer[1] > 0.0  # change from θ_0
+
+
+def test_entropy_regularizer_is_finite_at_exact_zero_routing_probabilities():
+    logits = saturated_logits(n_tokens=6, n_experts=4).view(3, 2, 4).requires_grad_(True)
+    logits64 = logits.detach().double().requires_grad_(True)
+    value = routing_entropy(torch.softmax(logits, -1))
+    probs64 = torch.softmax(logits64, -1)
+    value64 = -(probs64 * probs64.log()).sum(-1).sum(-1).mean()
+    value.backward()
+    value64.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(value.double(), value64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=1e-5, atol=1e-6)
 
 
 # --- C3PO and the oracle ---------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from moealign.data.tasks import TaskExample
 from moealign.data.tokenizer import Tokenizer
+from moealign.nn.functional import plogp
 from moealign.nn.routed import RoutedModel
 from moealign.roma.choices import (
     ChoiceBatch,
@@ -52,8 +53,9 @@ def manifold_loss(routing_BP: Tensor, targets_BKP: Tensor, weight_BK: Tensor) ->
 
 
 def routing_entropy(routing_BLE: Tensor) -> Tensor:
-    """mean_b Σ_l H(r_b,l), H(p) = −Σ_e p_e log p_e."""
-    return -torch.special.xlogy(routing_BLE, routing_BLE).sum(-1).sum(-1).mean()
+    """mean_b Σ_l H(r_b,l), H(p) = −Σ_e p_e log p_e with 0·log 0 = 0 and finite gradients
+    (:func:`moealign.nn.functional.plogp`)."""
+    return -plogp(routing_BLE).sum(-1).sum(-1).mean()
 
 
 def lambda_at(step: int, lambda_max: float, warmup_steps: int) -> float:
