@@ -154,10 +154,13 @@ def _collapse_prior(tmp_path):
 
 @pytest.mark.parametrize("policy", ["reduce_lambda", "stop"])
 def test_forced_collapse_triggers_the_configured_guardrail(tmp_path, policy):
-    # A prior concentrated on expert 0 with a huge λ drives every task's routing onto it.
+    # A prior concentrated on expert 0 with a huge λ drives every task's routing onto it. Top-1
+    # routing, so that the collapse shows in the usage entropy: with top-2 of 4 experts it
+    # cannot fall below 0.5 (expert 0 plus one other per token), too close to the 0.6 threshold.
     config = tiny_config(
         tmp_path,
         f"name={policy}",
+        "model.top_k=1",
         "train.steps=30",
         "optim.lr=1e-2",
         "loss.balance_coef=0.0",
