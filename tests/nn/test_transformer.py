@@ -77,18 +77,8 @@ def test_parameter_counts_and_dense_matched_baseline():
 # The initialisation rule (DESIGN.md §2, MoETransformer docstring): embeddings and attention
 # matrices N(0, init_std²); every FFN matrix (dense SwiGLU, shared expert, routed experts)
 # N(0, 1/fan_in); every residual output projection (attention out, FFN/expert down) × 1/√(2L).
-INIT = dict(
-    vocab_size=64,
-    d_model=64,
-    n_layers=4,
-    n_heads=4,
-    max_seq_len=16,
-    n_experts=8,
-    top_k=2,
-    expert_d_ff=48,
-    d_ff=96,
-    moe_every=2,
-    shared_d_ff=32,
+INIT = TINY | dict(
+    d_model=64, n_layers=4, n_experts=8, expert_d_ff=48, d_ff=96, moe_every=2, shared_d_ff=32
 )
 
 

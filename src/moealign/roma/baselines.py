@@ -186,6 +186,18 @@ def _own_routing(routed: RoutedModel, batch: ChoiceBatch, layers: Sequence[int])
         return routing_per_layer(routed.forward(batch.input_ids_RS), layers, batch)
 
 
+def _answer_with(
+    routed: RoutedModel,
+    batch: ChoiceBatch,
+    layers: Sequence[int],
+    routing_BLE: Tensor,
+    result: CaptureBuilder,
+) -> None:
+    """Add ``batch``'s answers, each question routed by its row of ``routing_BLE``."""
+    with torch.no_grad(), routed.override_routing(_fixed_overrides(layers, batch, routing_BLE)):
+        result.add(routed.forward(batch.input_ids_RS), batch, layers)
+
+
 def oracle_capture(
     routed: RoutedModel,
     tokenizer: Tokenizer,
@@ -217,11 +229,7 @@ def oracle_capture(
                 steps,
                 lr,
             )
-            with (
-                torch.no_grad(),
-                routed.override_routing(_fixed_overrides(layers, batch, routing_BLE)),
-            ):
-                result.add(routed.forward(batch.input_ids_RS), batch, layers)
+            _answer_with(routed, batch, layers, routing_BLE, result)
     return result.build()
 
 
@@ -281,11 +289,7 @@ def c3po_ngd_capture(
                 has_B11 = torch.zeros(len(rows), 1, 1, dtype=torch.bool, device=device)
                 has_B11[owner_N] = True
                 routing_BLE = torch.where(has_B11, descended_BLE, own_BLE)
-            with (
-                torch.no_grad(),
-                routed.override_routing(_fixed_overrides(layers, batch, routing_BLE)),
-            ):
-                result.add(routed.forward(batch.input_ids_RS), batch, layers)
+            _answer_with(routed, batch, layers, routing_BLE, result)
     return result.build()
 
 

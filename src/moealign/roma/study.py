@@ -189,6 +189,20 @@ class RomaStudy:
             c.eval_batch_size,
         )
 
+    def _oracle(self, examples: Sequence[TaskExample]) -> Capture:
+        c = self.config
+        return oracle_capture(
+            self.routed,
+            self.tokenizer,
+            examples,
+            self.layers,
+            c.oracle_steps,
+            c.oracle_lr,
+            c.token,
+            c.continuation,
+            c.eval_batch_size,
+        )
+
     def _neighbours(self, query, reference, seed: int, query_ids=None, reference_ids=None):
         c = self.config
         return find_neighbours(
@@ -226,17 +240,7 @@ class RomaStudy:
         recorded as ``targets_s``), then the routers trained toward it, evaluated."""
         c = self.config
         start = time.perf_counter()
-        oracle = oracle_capture(
-            self.routed,
-            self.tokenizer,
-            examples,
-            self.layers,
-            c.oracle_steps,
-            c.oracle_lr,
-            c.token,
-            c.continuation,
-            c.eval_batch_size,
-        )
+        oracle = self._oracle(examples)
         targets_s = time.perf_counter() - start
         trained = self._train_and_evaluate(
             lambda: oracle_tuning(
@@ -314,17 +318,7 @@ class RomaStudy:
             if "oracle" not in methods:
                 continue
             start = time.perf_counter()
-            oracle = oracle_capture(
-                self.routed,
-                self.tokenizer,
-                examples,
-                self.layers,
-                c.oracle_steps,
-                c.oracle_lr,
-                c.token,
-                c.continuation,
-                c.eval_batch_size,
-            )
+            oracle = self._oracle(examples)
             fixed["oracle"][name] = _evaluation(examples, oracle)
             _record(timings, "oracle", name, start)
             log.info("oracle %s: %.3f", name, fixed["oracle"][name].macro_accuracy)
