@@ -28,9 +28,9 @@ A question without neighbours keeps its routing under both C3PO variants.
 
 Oracle Tuning (a trained baseline of the RoMA paper, :func:`oracle_tuning`) fine-tunes the
 routers toward the oracle routing r_i* of the training questions: L = mean_i ‖r_i(θ) − r_i*‖²
-over the chosen routers (:mod:`moealign.roma.training`), the
-regression alone (our reading: research-roma.md §6 notes the paper does not say how it was
-trained). Its inference costs what the base model's does.
+over the chosen routers (:mod:`moealign.roma.training`), the regression alone. That is our
+reading: the paper says "fine-tune routers toward oracle routing weights" and not how
+(research-roma.md §1.5, §6). Its inference costs what the base model's does.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from moealign.roma.choices import (
 from moealign.roma.neighbours import Neighbourhood
 from moealign.roma.training import RouterTrainingConfig, TrainingLog, train_routers
 
-# Floor of the probabilities whose log initialises the oracle's routing logits.
+# Floor of the probabilities whose log initialises the routing logits of a descent.
 _LOG_FLOOR = 1e-12
 
 

@@ -236,8 +236,8 @@ class RomaStudy:
         )
 
     def _oracle_tuning(self, examples, seed: int) -> dict:
-        """Oracle Tuning from the base model: the oracle routing of ``examples`` (its time
-        recorded as ``targets_s``), then the routers trained toward it, evaluated."""
+        """Oracle Tuning from the base model: the oracle routing of ``examples`` (its time and
+        accuracy recorded in the history), then the routers trained toward it, evaluated."""
         c = self.config
         start = time.perf_counter()
         oracle = self._oracle(examples)
