@@ -1,11 +1,13 @@
 """Routing alignment in training (DESIGN.md §4): λ schedules, priors, the aux term, guardrails."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers_saturated import saturated_logits
 from helpers_train import tiny_config
 from moealign.alignment.loss import routing_alignment_loss
 from moealign.alignment.term import RoutingPrior, build_alignment
@@ -131,10 +133,13 @@ def _collapse_prior(tmp_path):
 
 @pytest.mark.parametrize("policy", ["reduce_lambda", "stop"])
 def test_forced_collapse_triggers_the_configured_guardrail(tmp_path, policy):
-    # A prior concentrated on expert 0 with a huge λ drives every task's routing onto it.
+    # A prior concentrated on expert 0 with a huge λ drives every task's routing onto it. Top-1
+    # routing, so that the collapse shows in the usage entropy: with top-2 of 4 experts it
+    # cannot fall below 0.5 (expert 0 plus one other per token), too close to the 0.6 threshold.
     config = tiny_config(
         tmp_path,
         f"name={policy}",
+        "model.top_k=1",
         "train.steps=30",
         "optim.lr=1e-2",
         "loss.balance_coef=0.0",
@@ -167,3 +172,25 @@ def test_alignment_config_errors():
         load_config(None, ["alignment.prior=gaussian"])
     with pytest.raises(ConfigError, match="guardrails.factor"):
         load_config(None, ["guardrails.factor=1.5"])
+
+
+def test_entropy_bonus_is_finite_when_routing_has_collapsed_to_exact_zeros():
+    """The bonus switches on when routing collapses, i.e. when fp32 probabilities reach 0."""
+    term = build_alignment(AlignmentConfig(schedule="fixed", lambda_target=0.5), 1, 4)
+    term.entropy_bonus = 0.2
+    logits = saturated_logits().requires_grad_(True)
+    logits64 = logits.detach().double().requires_grad_(True)
+    output = SimpleNamespace(routing=[SimpleNamespace(probs=torch.softmax(logits, -1))])
+    batch = {"task_ids": torch.tensor([0, 1] * 6)}
+    loss = term(batch, output, step=0)["align_loss"]
+    probs64 = torch.softmax(logits64, -1)
+    kl64 = (
+        sum((p * (p * 4).log()).sum() for p in (probs64[0::2].mean(0), probs64[1::2].mean(0))) / 2
+    )
+    entropy64 = -(probs64 * probs64.log()).sum(-1).mean() / math.log(4)
+    loss64 = 0.5 * kl64 - 0.2 * entropy64
+    loss.backward()
+    loss64.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers_saturated import saturated_logits
 from moealign.alignment.loss import routing_alignment_loss, task_routing_distributions
 
 
@@ -80,3 +81,23 @@ def test_task_distributions_and_shape_errors():
         task_routing_distributions(probs, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="prior has 2 layers but 1 were given"):
         routing_alignment_loss([probs], torch.tensor([0, 0, 0]), torch.full((2, 2), 0.5))
+
+
+def test_exact_zero_probabilities_give_finite_values_and_gradients():
+    """fp32 logit gaps >= 104: some p(e|τ) are exactly 0; KL and its gradient stay finite and
+    match the float64 computation (where those probabilities are tiny but positive)."""
+    logits = saturated_logits(n_tokens=12).requires_grad_(True)
+    logits64 = logits.detach().double().requires_grad_(True)
+    task_ids = torch.tensor([0, 1] * 6)  # task 0 holds the even tokens: p(2|0) = 0 exactly
+    prior = torch.softmax(torch.randn(1, 4, generator=torch.Generator().manual_seed(3)), -1)
+    loss = routing_alignment_loss([torch.softmax(logits, -1)], task_ids, prior)
+    _, p_NE = task_routing_distributions(torch.softmax(logits, -1).detach(), task_ids)
+    assert (p_NE == 0).any()
+    p64 = [torch.softmax(logits64, -1)[task_ids == t].mean(0) for t in (0, 1)]
+    q64 = prior[0].double()
+    loss64 = sum((p * (p.log() - q64.log())).sum() for p in p64) / 2
+    loss.backward()
+    loss64.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=1e-5, atol=1e-6)

@@ -123,22 +123,31 @@ def test_all_tasks_excluded_raises():
         ctgi({"t": correctness(99.9)}, {"t": correctness(99.5)})
 
 
-def test_single_task_bootstrap_matches_scipy_paired_bootstrap():
+@pytest.mark.parametrize(
+    ("bounds", "statistic"),
+    [
+        (("ci_low", "ci_high"), lambda m, b: (m.mean() - b.mean()) / (1.0 - b.mean())),
+        (("gain_ci_low", "gain_ci_high"), lambda m, b: m.mean() - b.mean()),  # the plain gain
+    ],
+)
+def test_single_task_bootstrap_matches_scipy_paired_bootstrap(bounds, statistic):
     rng = np.random.default_rng(5)
     baseline = rng.binomial(1, 0.5, size=400).astype(float)
     model = np.where(rng.random(400) < 0.3, 1.0, baseline)
     result = ctgi({"t": model}, {"t": baseline}, n_resamples=4000, seed=3)
     oracle = scipy_stats.bootstrap(
         (model, baseline),
-        lambda m, b: (m.mean() - b.mean()) / (1.0 - b.mean()),
+        statistic,
         paired=True,
         vectorized=False,
         n_resamples=4000,
         method="percentile",
         rng=np.random.default_rng(4),
     ).confidence_interval
-    assert result.ci_low == pytest.approx(oracle.low, abs=0.015)
-    assert result.ci_high == pytest.approx(oracle.high, abs=0.015)
+    # Two independent bootstraps of 4000 replicates: their percentiles agree to about 0.01.
+    assert getattr(result, bounds[0]) == pytest.approx(oracle.low, abs=0.015)
+    assert getattr(result, bounds[1]) == pytest.approx(oracle.high, abs=0.015)
+    assert result.accuracy_gain == pytest.approx(model.mean() - baseline.mean())
 
 
 def test_multi_task_bootstrap_matches_loop_reference():
@@ -205,3 +214,85 @@ def test_transfer_ratio_hand_worked():
     assert transfer_ratio([1.0, 3.0], 4.0) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="indomain_gain"):
         transfer_ratio(1.0, [1.0, -1.0])
+
+
+# --- CTGI beside the plain held-out gain; the small-headroom warning --------------------------
+
+# The RoMA study's C3PO row (docs/roma_study.md, 60 questions per held-out task): correct
+# answers of base, C3PO and oracle. CTGI = mean(−1/6, 0/5, 1/3) = +0.056 while the plain held-out
+# gain is mean(−1, 0, +1)/60 = 0: two tasks with 5 and 3 questions of headroom (8.3 and 5
+# points, under 10) carry (12 + 20)/(10 + 12 + 20) = 76% of the CTGI weight (weights ∝ 1/h).
+C3PO_ROW = {
+    "min": (14, 13, 20),
+    "sort_then_reverse": (31, 31, 36),
+    "cipher_then_reverse": (32, 33, 35),
+}
+
+
+def c3po_row_answers():
+    def answers(n_correct):
+        return np.r_[np.ones(n_correct), np.zeros(60 - n_correct)]
+
+    base = {t: answers(b) for t, (b, _, _) in C3PO_ROW.items()}
+    c3po = {t: answers(m) for t, (_, m, _) in C3PO_ROW.items()}
+    oracle = {t: answers(u) for t, (_, _, u) in C3PO_ROW.items()}
+    return c3po, base, oracle
+
+
+def test_ctgi_reports_the_plain_gain_and_warns_when_small_headroom_dominates():
+    c3po, base, oracle = c3po_row_answers()
+    result = ctgi(c3po, base, upper_bound=oracle, n_resamples=500)
+    assert result.value == pytest.approx((-1 / 6 + 0 + 1 / 3) / 3)
+    assert result.accuracy_gain == pytest.approx(0.0, abs=1e-15)
+    assert result.gain_ci_low < 0 < result.gain_ci_high
+    assert result.headroom == pytest.approx(
+        {"min": 0.1, "sort_then_reverse": 5 / 60, "cipher_then_reverse": 3 / 60}
+    )
+    assert result.small_headroom_share == pytest.approx(32 / 42)
+    # "min" has exactly 10 points of headroom: not under 10.
+    assert result.small_headroom_tasks == ["cipher_then_reverse", "sort_then_reverse"]
+    assert "76%" in result.warning and "cipher_then_reverse" in result.warning
+    # The same from accuracies (percent units, thresholds in points).
+    percent = ctgi_from_accuracies(
+        {t: 100 * m / 60 for t, (_, m, _) in C3PO_ROW.items()},
+        {t: 100 * b / 60 for t, (b, _, _) in C3PO_ROW.items()},
+        upper_bound={t: 100 * u / 60 for t, (_, _, u) in C3PO_ROW.items()},
+        min_headroom=1.0,
+        small_headroom=10.0,
+    )
+    assert percent.small_headroom_share == pytest.approx(32 / 42)
+    assert percent.accuracy_gain == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_warning_when_small_headroom_tasks_carry_at_most_half_the_weight():
+    # Headrooms 0.05 and 0.5: weights 20 and 2, the small one carries 91%: a warning.
+    # Headrooms 0.2 and 0.5: no task under 10 points, no warning.
+    def answers(accuracy, n=100):
+        return correctness(accuracy, n)
+
+    warned = ctgi(
+        {"a": answers(3), "b": answers(20)},
+        {"a": answers(2), "b": answers(10)},
+        upper_bound={"a": answers(7), "b": answers(60)},
+        n_resamples=100,
+    )
+    assert warned.small_headroom_share == pytest.approx(20 / 22)
+    assert warned.warning is not None
+    calm = ctgi(
+        {"a": answers(30), "b": answers(20)},
+        {"a": answers(20), "b": answers(10)},
+        upper_bound={"a": answers(40), "b": answers(60)},
+        n_resamples=100,
+    )
+    assert calm.small_headroom_share == 0.0 and calm.small_headroom_tasks == []
+    assert calm.warning is None
+    assert calm.accuracy_gain == pytest.approx(0.1)
+
+
+def test_plain_gain_covers_every_task_including_those_without_headroom():
+    model = {"easy": correctness(99.0), "hard": correctness(60.0)}
+    baseline = {"easy": correctness(99.5), "hard": correctness(50.0)}
+    oracle = {"easy": correctness(99.8), "hard": correctness(70.0)}
+    result = ctgi(model, baseline, upper_bound=oracle, n_resamples=200)
+    assert set(result.excluded_tasks) == {"easy"}
+    assert result.accuracy_gain == pytest.approx((-0.005 + 0.1) / 2)

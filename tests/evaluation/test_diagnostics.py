@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+from helpers_saturated import saturated_logits
 from moealign.evaluation.diagnostics import (
     dead_experts,
+    entropy,
     expert_utilisation,
     max_violation,
     token_entropy,
@@ -41,3 +43,18 @@ def test_entropies():
     probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     assert token_entropy(probs, normalized=False).item() == pytest.approx(math.log(2) / 2)
     assert token_entropy(torch.full((3, 8), 1 / 8)).item() == pytest.approx(1.0)
+
+
+def test_entropies_are_finite_with_finite_gradients_at_exact_zero_probabilities():
+    logits = saturated_logits().requires_grad_(True)
+    logits64 = logits.detach().double().requires_grad_(True)
+    probs, probs64 = torch.softmax(logits, -1), torch.softmax(logits64, -1)
+    assert (probs == 0).any()
+    value = token_entropy(probs) + entropy(probs, normalized=False).sum()
+    reference = -(probs64 * probs64.log()).sum(-1)
+    value64 = reference.mean() / math.log(4) + reference.sum()
+    value.backward()
+    value64.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(value, value64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=1e-5, atol=1e-6)

@@ -124,8 +124,69 @@ def test_logit_dropout_and_jitter_act_only_in_training():
     assert torch.equal(first.logits, second.logits)
     router.train()
     noisy = router(x)
-    assert (noisy.logits == 0).any()  # dropped logits
+    assert torch.isneginf(noisy.logits).any()  # dropped experts
     assert not torch.allclose(noisy.logits, first.logits)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "hierarchical", "mpi"])
+def test_logit_dropout_matches_float64_reference_with_a_fixed_mask(kind):
+    """Dropped experts get logit −inf; kept logits are those of evaluation (no 1/(1−p) scale,
+    one temperature); at least one expert per token stays (DESIGN.md §4)."""
+    torch.manual_seed(0)
+    layer = MoELayer(12, 16, 6, 2, router=kind, temperature=0.7, logit_dropout=0.6)
+    x = torch.randn(40, 12)
+    layer.eval()
+    _, evaluated = layer(x)
+    layer.train()
+    torch.manual_seed(123)
+    _, trained = layer(x)
+    # The mask: one U[0, 1) draw per (token, expert) in float32 from the same seed; an expert
+    # is dropped when its draw is < p, except the token's largest draw (kept at least one).
+    torch.manual_seed(123)
+    draws = torch.rand(40, 6)
+    keep = (draws >= 0.6) | (draws == draws.amax(-1, keepdim=True))
+    assert (~keep).any() and (keep.sum(-1) == 1).any()  # both cases occur at p = 0.6
+    assert torch.equal(torch.isneginf(trained.logits), ~keep)
+    assert torch.equal(trained.logits[keep], evaluated.logits[keep])  # same temperature
+    # float64 reference: softmax over the kept logits only.
+    with torch.no_grad():
+        logits64 = evaluated.logits.double().masked_fill(~keep, -math.inf)
+    probs64 = torch.softmax(logits64, -1)
+    torch.testing.assert_close(trained.probs.double(), probs64, rtol=1e-6, atol=1e-7)
+    assert torch.all(trained.probs[~keep] == 0)  # exactly zero, not just small
+    # The chosen experts are kept ones wherever the token kept at least K = 2 of them (the
+    # hierarchical router chooses inside its top group, which may keep fewer).
+    chosen_kept = keep.gather(-1, trained.topk_idx)
+    if kind != "hierarchical":
+        assert chosen_kept[keep.sum(-1) >= 2].all()
+    weights = trained.topk_weight.double()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(40, dtype=torch.float64))
+    assert torch.all(trained.topk_weight[~chosen_kept] == 0)
+
+
+def test_logit_dropout_keeps_losses_and_gradients_finite():
+    from moealign.alignment.loss import routing_alignment_loss
+
+    torch.manual_seed(1)
+    layer = MoELayer(8, 16, 4, 2, logit_dropout=0.5).train()
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    y, info = layer(x)
+    assert torch.isneginf(info.logits).any()
+    task_ids = torch.arange(32) % 3
+    align = routing_alignment_loss([info.probs], task_ids, torch.full((1, 4), 0.25))
+    from moealign.evaluation.diagnostics import token_entropy
+
+    loss = (
+        y.square().mean()
+        + info.load_balance_loss
+        + info.z_loss
+        + align
+        - token_entropy(info.probs).float()
+    )
+    assert torch.isfinite(loss)
+    loss.backward()
+    for tensor in (x.grad, *(p.grad for p in layer.parameters())):
+        assert torch.isfinite(tensor).all()
 
 
 @pytest.mark.parametrize(

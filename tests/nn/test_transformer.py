@@ -74,6 +74,76 @@ def test_parameter_counts_and_dense_matched_baseline():
     assert counts["total"] == sum(p.numel() for p in moe.parameters())
 
 
+# The initialisation rule (DESIGN.md §2, MoETransformer docstring): embeddings and attention
+# matrices N(0, init_std²); every FFN matrix (dense SwiGLU, shared expert, routed experts)
+# N(0, 1/fan_in); every residual output projection (attention out, FFN/expert down) × 1/√(2L).
+INIT = TINY | dict(
+    d_model=64, n_layers=4, n_experts=8, expert_d_ff=48, d_ff=96, moe_every=2, shared_d_ff=32
+)
+
+
+def assert_normal_std(weight, expected, role):
+    """A seeded N(0, σ²) sample of n values: its std is within 5 standard errors
+    (σ/√(2n)) of σ and its mean within 5 σ/√n of 0 (a statistical tolerance)."""
+    values = weight.detach().double().flatten()
+    n = values.numel()
+    assert abs(values.std().item() / expected - 1) < 5 / (2 * n) ** 0.5, role
+    assert abs(values.mean().item()) < 5 * expected / n**0.5, role
+
+
+def test_every_matrix_follows_the_initialisation_rule():
+    torch.manual_seed(0)
+    config = ModelConfig(**INIT)
+    model = MoETransformer(config)
+    depth = (2 * config.n_layers) ** -0.5
+    width = config.d_model
+    assert_normal_std(model.embed.weight, config.init_std, "embed")
+    for i, block in enumerate(model.blocks):
+        assert_normal_std(block.attn.qkv.weight, config.init_std, f"{i}.qkv")
+        assert_normal_std(block.attn.out.weight, config.init_std * depth, f"{i}.out")
+        ffn = block.ffn
+        if isinstance(ffn, MoELayer):
+            swiglus = [(ffn.experts, config.expert_d_ff), (ffn.shared_expert, config.shared_d_ff)]
+        else:
+            swiglus = [(ffn, config.d_ff)]
+        for swiglu, hidden in swiglus:
+            for name in ("w_gate", "w_up"):
+                weight = getattr(swiglu, name)
+                weight = weight.weight if isinstance(weight, torch.nn.Linear) else weight
+                assert_normal_std(weight, width**-0.5, f"{i}.{name}")
+            down = swiglu.w_down
+            down = down.weight if isinstance(down, torch.nn.Linear) else down
+            assert_normal_std(down, depth * hidden**-0.5, f"{i}.w_down")
+
+
+def test_dense_and_moe_models_start_from_the_same_distribution_per_matrix_role():
+    """The dense baseline of matched active width and the MoE model: per role (gate, up, down),
+    the weights divided by the rule's σ (fan-in, depth) are samples of one standard normal
+    (two-sample Kolmogorov–Smirnov), and the gate/up σ (fan-in D in both) is the same."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    config = ModelConfig(**INIT | dict(moe_every=1, shared_d_ff=0))
+    torch.manual_seed(0)
+    moe = MoETransformer(config)
+    torch.manual_seed(1)
+    dense = MoETransformer(config.dense_matched())
+    depth = (2 * config.n_layers) ** -0.5
+    for name, scale in (("w_gate", 1.0), ("w_up", 1.0), ("w_down", depth)):
+        expert_weights = torch.cat(
+            [getattr(layer.experts, name).detach().flatten() for layer in moe.moe_layers]
+        )
+        dense_weights = torch.cat(
+            [getattr(block.ffn, name).weight.detach().flatten() for block in dense.blocks]
+        )
+        fan_in_expert = getattr(moe.moe_layers[0].experts, name).shape[-1]
+        fan_in_dense = getattr(dense.blocks[0].ffn, name).weight.shape[-1]
+        standard_expert = expert_weights * fan_in_expert**0.5 / scale
+        standard_dense = dense_weights * fan_in_dense**0.5 / scale
+        assert scipy_stats.ks_2samp(standard_expert.numpy(), standard_dense.numpy()).pvalue > 1e-3
+        if name != "w_down":
+            ratio = expert_weights.std() / dense_weights.std()
+            assert abs(ratio.item() - 1) < 0.03, name
+
+
 def test_moe_every_and_shared_expert():
     model = MoETransformer(ModelConfig(**TINY | dict(n_layers=4, moe_every=2, shared_d_ff=8)))
     kinds = [isinstance(block.ffn, MoELayer) for block in model.blocks]

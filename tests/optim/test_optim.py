@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from moealign.config import load_config
 from moealign.optim.optimizers import (
     ADAMW,
     MATRIX,
@@ -167,13 +168,19 @@ def reference_directions(name: str, params: list[torch.Tensor]):
     return step
 
 
-@pytest.mark.parametrize("name", ["adamh", "muonh"])
+@pytest.mark.parametrize("name", ["adamh", "muonh", "adamh_released"])
 def test_hyperball_keeps_weight_norm_and_step_length(name):
+    """Every step moves by lr·c·R_W along the reference direction, then back to the sphere; with
+    AdamH's released bias correction by lr·c·R_W/(1 − β₁ᵗ)."""
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(24, 16)), nn.Parameter(torch.randn(3, 16, 24))]
-    optimizer_class = AdamH if name == "adamh" else MuonH
+    released = name == "adamh_released"
+    name = "adamh" if released else name
     lr = 0.01
-    optimizer = optimizer_class(params, lr=lr)
+    if name == "adamh":
+        optimizer = AdamH(params, lr=lr, bias_correction="released" if released else "paper")
+    else:
+        optimizer = MuonH(params, lr=lr)
     update_constant = 0.2 * math.sqrt(1024)
     assert optimizer.param_groups[0]["update_constant"] == pytest.approx(update_constant)
     reference_step = reference_directions(name, params)
@@ -186,6 +193,7 @@ def test_hyperball_keeps_weight_norm_and_step_length(name):
         directions = reference_step([p.grad for p in params])
         optimizer.step()
         after = [m.double() for p in params for m in p.detach().reshape(-1, *p.shape[-2:])]
+        step_lr = lr / (1 - 0.9 ** (step + 1)) if released else lr
         for w_old, w_new, direction in zip(before, after, directions, strict=True):
             radius = math.sqrt(w_old.shape[0])
             assert abs(w_new.norm().item() - radius) <= 1e-5 * radius
@@ -196,10 +204,42 @@ def test_hyperball_keeps_weight_norm_and_step_length(name):
             t, alpha = torch.linalg.lstsq(basis, w_old.flatten().unsqueeze(1)).solution.flatten()
             residual = w_old.flatten() - basis @ torch.stack([t, alpha])
             assert residual.norm().item() <= 1e-5 * radius
-            assert t.item() == pytest.approx(lr * update_constant * radius, rel=1e-4)
-            pre_projection = w_old - lr * update_constant * radius * unit_direction
+            assert t.item() == pytest.approx(step_lr * update_constant * radius, rel=1e-4)
+            pre_projection = w_old - step_lr * update_constant * radius * unit_direction
             expected = radius * pre_projection / pre_projection.norm()
             torch.testing.assert_close(w_new, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("bias_correction", "degrees"),
+    [("paper", math.degrees(math.atan(0.064))), ("released", math.degrees(math.atan(0.64)))],
+)
+def test_adamh_first_step_rotation_by_hand(bias_correction, degrees):
+    """W = I₂ (on its sphere, R = √2), G = [[1, 1], [1, −1]] ⟂ W. At t = 1, m̂ = G and v̂ = G²,
+    so normalize(U) = sign(G)/2 ⟂ W and W − s·R·Û turns W by atan(s): s = lr·c = 0.01·6.4 (paper,
+    3.66°) or lr·c/(1 − β₁) = 0.64 (released: 32.62°). The projection back to the sphere keeps
+    the angle."""
+    weight = nn.Parameter(torch.eye(2, dtype=torch.float64))
+    optimizer = AdamH([weight], lr=0.01, betas=(0.9, 0.95), bias_correction=bias_correction)
+    assert optimizer.param_groups[0]["update_constant"] == pytest.approx(6.4)
+    weight.grad = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    optimizer.step()
+    new = weight.detach()
+    assert new.norm().item() == pytest.approx(math.sqrt(2), rel=1e-12)
+    cosine = (new * torch.eye(2, dtype=torch.float64)).sum() / 2  # ‖W‖ = ‖W'‖ = √2
+    assert math.degrees(math.acos(cosine.item())) == pytest.approx(degrees, rel=1e-6)
+
+
+def test_adamh_bias_correction_comes_from_the_run_config():
+    config = load_config(None, ["optim.name=adamh", 'optim.options={bias_correction="released"}'])
+    optimizer = build_optimizer(TinyMoE(), config.optim.name, lr=0.01, **config.optim.options)
+    matrix_group = next(g for g in optimizer.param_groups if g["algorithm"] == MATRIX)
+    assert matrix_group["bias_correction"] == "released"
+    assert AdamH([nn.Parameter(torch.randn(4, 4))]).param_groups[0]["bias_correction"] == "paper"
+    with pytest.raises(ValueError, match=r"bias_correction='both'.*'paper'"):
+        build_optimizer(TinyMoE(), "adamh", lr=0.01, bias_correction="both")
+    with pytest.raises(ValueError, match=r"\['bias_correction'\].*'muonh'"):
+        build_optimizer(TinyMoE(), "muonh", lr=0.01, bias_correction="released")
 
 
 @pytest.mark.parametrize("optimizer_class", [AdamH, MuonH])
@@ -294,6 +334,26 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name, tmp_path):
         resumed.step()
     for original, restored in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(original, restored)
+
+
+def test_adamh_state_saved_before_bias_correction_existed_resumes_in_the_paper_form():
+    """Checkpoints written before the option have no "bias_correction" in their groups; they
+    were trained with the paper form, which is the constructor's default."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(6, 4))
+    optimizer = AdamH([weight], lr=0.01)
+    weight.grad = torch.randn(6, 4)
+    optimizer.step()
+    state = copy.deepcopy(optimizer.state_dict())
+    del state["param_groups"][0]["bias_correction"]
+    resumed = AdamH([nn.Parameter(weight.detach().clone())], lr=0.01)
+    resumed.load_state_dict(state)
+    assert resumed.param_groups[0]["bias_correction"] == "paper"
+    weight.grad = torch.randn(6, 4)
+    resumed.param_groups[0]["params"][0].grad = weight.grad.clone()
+    optimizer.step()
+    resumed.step()
+    assert torch.equal(weight, resumed.param_groups[0]["params"][0])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers_questions import task_questions
+from helpers_saturated import saturated_logits
 from moealign.config import ConfigError
 from moealign.data.tokenizer import ByteTokenizer
 from moealign.evaluation.multiple_choice import option_log_likelihoods
@@ -23,7 +24,9 @@ from moealign.roma import (
     RomaConfig,
     RouterTrainingConfig,
     c3po_capture,
+    c3po_ngd_capture,
     capture,
+    descend_core_routing,
     encode_question,
     find_neighbours,
     lambda_at,
@@ -31,9 +34,11 @@ from moealign.roma import (
     manifold_loss,
     neighbour_mixture,
     oracle_capture,
+    oracle_tuning,
+    routing_entropy,
     train_routers,
 )
-from moealign.roma.choices import collate, option_scores, routing_vector
+from moealign.roma.choices import collate, option_scores, replace_at_positions, routing_vector
 
 TOKENIZER = ByteTokenizer()
 LAYERS = [1, 2]
@@ -354,6 +359,19 @@ def test_ablation_regularizers_train(questions, regularizer):
         assert log.regularizer[0] == 0.0 and log.regularizer[1] > 0.0  # change from θ_0
 
 
+def test_entropy_regularizer_is_finite_at_exact_zero_routing_probabilities():
+    logits = saturated_logits(n_tokens=6, n_experts=4).view(3, 2, 4).requires_grad_(True)
+    logits64 = logits.detach().double().requires_grad_(True)
+    value = routing_entropy(torch.softmax(logits, -1))
+    probs64 = torch.softmax(logits64, -1)
+    value64 = -(probs64 * probs64.log()).sum(-1).sum(-1).mean()
+    value.backward()
+    value64.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(value.double(), value64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=1e-5, atol=1e-6)
+
+
 # --- C3PO and the oracle ---------------------------------------------------------------------
 
 
@@ -391,6 +409,101 @@ def test_oracle_routing_beats_base_and_changes_no_weight(questions):
     assert all(torch.equal(v, routed.model.state_dict()[k]) for k, v in before.items())
 
 
+def test_core_routing_descent_on_a_toy_objective_moves_only_core_experts():
+    """C3PO's NGD step on a toy loss: ‖ω − target‖², the target putting 0.35 on expert 3,
+    outside the 2 core experts of the first row. Only the core experts' weights move, keeping
+    their total mass; the loss falls as far as that restriction allows."""
+    own_BLE = torch.tensor([[[0.5, 0.3, 0.15, 0.05]], [[0.1, 0.2, 0.3, 0.4]]])
+    target_BLE = torch.tensor([[[0.05, 0.55, 0.05, 0.35]], [[0.7, 0.1, 0.1, 0.1]]])
+
+    def loss_fn(routing_BLE):
+        return (routing_BLE - target_BLE).square().sum()
+
+    routing_BLE = descend_core_routing(own_BLE, loss_fn, steps=200, lr=0.1, core_experts=2)
+    core_BLE = torch.tensor([[[True, True, False, False]], [[False, False, True, True]]])
+    assert torch.equal(routing_BLE[~core_BLE], own_BLE[~core_BLE])  # bit for bit
+    torch.testing.assert_close(routing_BLE.sum(-1), own_BLE.sum(-1))
+    assert loss_fn(routing_BLE) < loss_fn(own_BLE)
+    # The restricted optimum by hand: row 1 splits its core mass 0.8 as argmin_a (a − 0.05)² +
+    # (0.8 − a − 0.55)², a = 0.15; row 2's 0.7 as argmin_c (c − 0.1)² + (0.7 − c − 0.1)², c = 0.35.
+    expected = torch.tensor([[[0.15, 0.65, 0.15, 0.05]], [[0.1, 0.2, 0.35, 0.35]]])
+    torch.testing.assert_close(routing_BLE, expected, atol=2e-3, rtol=0)
+    # Every expert in the core: the plain routing descent of the oracle reaches the target.
+    free = descend_core_routing(own_BLE, loss_fn, steps=400, lr=0.1, core_experts=None)
+    torch.testing.assert_close(free, target_BLE, atol=2e-3, rtol=0)
+
+
+def _neighbour_loss(routed, references, hood, routing_QP):
+    """Σ_j W_qj CE_j(ω_q) per test question q: each neighbour j answered with q's routing ω_q at
+    its routed token (through capture and the override hook, independently of the NGD code)."""
+    losses = torch.zeros(len(hood.index_QK))
+    for q in range(len(hood.index_QK)):
+        pairs = zip(hood.index_QK[q].tolist(), hood.weight_QK[q].tolist(), strict=True)
+        chosen = [(j, w) for j, w in pairs if j >= 0]
+        examples = [references[j] for j, _ in chosen]
+        routing_LE = routing_QP[q].view(len(LAYERS), -1)
+
+        def overrides_for(rows, batch, routing_LE=routing_LE):
+            def fixed(slot):
+                return replace_at_positions(
+                    batch, lambda current: routing_LE[slot].expand_as(current)
+                )
+
+            return {layer: fixed(slot) for slot, layer in enumerate(LAYERS)}
+
+        result = capture(routed, TOKENIZER, examples, LAYERS, overrides_for=overrides_for)
+        losses[q] = -sum(
+            w * lp for (_, w), lp in zip(chosen, result.gold_log_prob_N.tolist(), strict=True)
+        )
+    return losses
+
+
+def test_c3po_ngd_lowers_the_neighbour_loss_and_moves_only_core_experts(questions):
+    routed = MoealignRouted(tiny_model())
+    before = {k: v.clone() for k, v in routed.model.state_dict().items()}
+    tests, references = questions[:6], questions[6:]
+    base = capture(routed, TOKENIZER, tests, LAYERS)
+    embed = HashedTrigramEncoder().encode
+    hood = find_neighbours(embed([q.prompt for q in tests]), embed([q.prompt for q in references]))
+    ngd = c3po_ngd_capture(
+        routed, TOKENIZER, tests, LAYERS, hood, references, steps=10, lr=0.2, core_experts=2
+    )
+    assert all(torch.equal(v, routed.model.state_dict()[k]) for k, v in before.items())
+    # The first chosen layer (its input does not depend on the re-mixing): non-core experts
+    # keep their base weight bit for bit, the core experts' total is kept, and it moved.
+    first_base, first_ngd = base.routing_NP[:, :4], ngd.routing_NP[:, :4]
+    core = torch.zeros_like(first_base, dtype=torch.bool)
+    core.scatter_(-1, first_base.topk(2, dim=-1).indices, True)
+    assert torch.equal(first_ngd[~core], first_base[~core])
+    torch.testing.assert_close(first_ngd.sum(-1), first_base.sum(-1))
+    assert not torch.allclose(first_ngd, first_base)
+    # The surrogate objective: the kernel-weighted loss of the neighbours under ω_q fell.
+    base_loss = _neighbour_loss(routed, references, hood, base.routing_NP)
+    ngd_loss = _neighbour_loss(routed, references, hood, ngd.routing_NP)
+    assert (ngd_loss < base_loss).all()
+
+
+def test_oracle_tuning_reaches_base_accuracy_on_its_training_questions(questions):
+    routed = MoealignRouted(tiny_model())
+    base = capture(routed, TOKENIZER, questions, LAYERS)
+    oracle = oracle_capture(routed, TOKENIZER, questions, LAYERS, steps=30, lr=0.5)
+    assert oracle.correct_N.sum() > base.correct_N.sum()
+    before = {k: v.clone() for k, v in routed.model.state_dict().items()}
+    config = RouterTrainingConfig(lr=1e-2, epochs=5, batch_size=8)
+    log = oracle_tuning(routed, TOKENIZER, questions, LAYERS, oracle.routing_NP, config, seed=0)
+    tuned = capture(routed, TOKENIZER, questions, LAYERS)
+    assert tuned.correct_N.sum() >= base.correct_N.sum()
+    # The objective is ‖r_i(θ) − r_i*‖² alone (λ = 1 from the first step, no CE term), and only
+    # the chosen routers moved.
+    assert log.lam == [1.0] * len(log.lam)
+    first = (base.routing_NP - oracle.routing_NP).square().sum(-1).mean()
+    last = (tuned.routing_NP - oracle.routing_NP).square().sum(-1).mean()
+    assert last < first
+    router_keys = {f"blocks.{i}.ffn.router.weight" for i in LAYERS}
+    for key, value in before.items():
+        assert torch.equal(value, routed.model.state_dict()[key]) != (key in router_keys), key
+
+
 # --- config ----------------------------------------------------------------------------------
 
 
@@ -406,7 +519,14 @@ def test_config_loads_and_names_bad_fields(tmp_path):
     assert RomaConfig(layers=2).layer_indices(4) == [2, 3]
     assert RomaConfig(layers="all").layer_indices(4) == [0, 1, 2, 3]
     assert load_roma_config(None, ['layers="all"', "k=5"]).k == 5
-    assert config.methods == ("router_tuning", "roma", "c3po", "oracle")
+    assert config.methods == (
+        "router_tuning",
+        "roma",
+        "oracle_tuning",
+        "c3po",
+        "c3po_ngd",
+        "oracle",
+    )
     assert load_roma_config(None, ['methods=["oracle", "roma"]']).methods == ("oracle", "roma")
     for override, fragment in [
         ("k=0", "k"),

@@ -8,7 +8,8 @@ import pytest
 
 from helpers_cli import run_cli
 from moealign.config import load_config
-from moealign.roma.study import METHODS, SETS
+from moealign.evaluation.tasks import TaskEvaluation, TaskResult
+from moealign.roma.study import METHODS, SETS, markdown_tables, summarise
 from moealign.training.trainer import Trainer
 
 BASE = [
@@ -41,6 +42,7 @@ STUDY = [
     "epochs=1",
     "batch_size=8",
     "oracle_steps=3",
+    "c3po_ngd_steps=2",
     "lambda_warmup_steps=2",
     "device=cpu",
 ]
@@ -81,7 +83,11 @@ def test_roma_study_end_to_end(tmp_path):
             "p_value",
         }
     assert results["seeds"]["0"]["roma"]["regularizer_first"] > 0
-    assert results["c3po_cost"]["seen"]["ratio"] > 0
+    # Every method but the base reports its evaluation time against the base model's.
+    assert set(results["inference_cost"]) == set(METHODS) - {"base"}
+    for method, cost in results["inference_cost"].items():
+        assert all(cost[name]["ratio"] > 0 for name in SETS), method
+    assert results["seeds"]["0"]["oracle_tuning"]["oracle_targets_s"] > 0
     table = (out / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
     assert "| roma |" in result.stdout
@@ -110,7 +116,7 @@ def test_roma_study_end_to_end(tmp_path):
     assert restricted["summary"]["gap_closure"]["roma"]["seen"]["mean"] is None  # no oracle
     assert restricted["summary"]["ctgi"]["roma"]["mean"] is None
     assert "roma_minus_router_tuning" not in restricted["summary"]
-    assert restricted["c3po_cost"] is None
+    assert set(restricted["inference_cost"]) == {"roma"}
     assert set(restricted["seeds"]["0"]) == {
         "train_examples",
         "successful",
@@ -118,7 +124,7 @@ def test_roma_study_end_to_end(tmp_path):
         "roma",
     }
     table = (only / "results.md").read_text()
-    assert "| roma |" in table and "| oracle |" not in table and "C3PO" not in table
+    assert "| roma |" in table and "| oracle |" not in table and "| c3po |" not in table
 
 
 def test_roma_cli_reports_a_missing_run(tmp_path):
@@ -127,3 +133,45 @@ def test_roma_cli_reports_a_missing_run(tmp_path):
     )
     assert result.returncode == 2
     assert "base" in result.stderr and "no config.json" in result.stderr
+
+
+def _evaluation(correct_by_task: dict[str, int], n: int = 60) -> TaskEvaluation:
+    results = {}
+    for task, n_correct in correct_by_task.items():
+        correct = [1] * n_correct + [0] * (n - n_correct)
+        results[task] = TaskResult(task, "multiple_choice", n_correct / n, correct, [], [])
+    return TaskEvaluation(results)
+
+
+def test_summary_reports_ctgi_beside_the_plain_gain_and_warns_on_small_headroom():
+    """The study doc's C3PO row by hand (60 questions per task): CTGI +0.056 from per-task
+    gains −1/6, 0/5, +1/3, while the plain held-out gain is 0; tasks with 5 and 3 questions of
+    headroom (under 10 points) carry 76% of the CTGI weight."""
+    seen = {"copy": 50}
+    heldout = {
+        "base": {"min": 14, "sort_then_reverse": 31, "cipher_then_reverse": 32},
+        "c3po": {"min": 13, "sort_then_reverse": 31, "cipher_then_reverse": 33},
+        "oracle": {"min": 20, "sort_then_reverse": 36, "cipher_then_reverse": 35},
+    }
+    per_seed = {
+        method: {"0": {"seen": _evaluation(seen), "heldout": _evaluation(answers)}}
+        for method, answers in heldout.items()
+    }
+    summary = summarise(per_seed, [0])
+    c3po = summary["ctgi"]["c3po"]
+    assert c3po["mean"] == pytest.approx((-1 / 6 + 0 + 1 / 3) / 3)
+    assert c3po["accuracy_gain"] == pytest.approx(0.0, abs=1e-12)
+    entry = c3po["per_seed"][0]
+    assert entry["gain_ci_low"] < 0 < entry["gain_ci_high"]
+    assert entry["small_headroom_share"] == pytest.approx(32 / 42)
+    results = {"base_run": "b", "config": {"seeds": [0]}, "summary": summary, "inference_cost": {}}
+    table = markdown_tables(results)
+    row = next(line for line in table.splitlines() if line.startswith("| c3po |"))
+    assert "| +0.0 [" in row and "| +0.056 [" in row
+    assert "c3po, seed 0: tasks with headroom under 0.1" in table and "76%" in table
+    # The references' CTGI is 0 and 1 by construction: no warning for them.
+    assert "- base," not in table and "- oracle," not in table
+    # Without the oracle: the plain gain, no CTGI.
+    no_oracle = summarise({m: per_seed[m] for m in ("base", "c3po")}, [0])
+    assert no_oracle["ctgi"]["c3po"]["mean"] is None
+    assert no_oracle["ctgi"]["c3po"]["accuracy_gain"] == pytest.approx(0.0, abs=1e-12)

@@ -286,13 +286,17 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
     # Target loss defaults to the baseline's mean final validation loss (2.1).
     assert "Target validation loss 2.1." in markdown
     # CTGI of 'better' vs 'base' on held-out tasks with U = 1 (DESIGN.md §7), its paired
-    # interval over the (seed, example) pairs, and TR = mean held-out / mean in-domain gain.
+    # interval over the (seed, example) pairs, beside the plain held-out gain and its interval
+    # from the same resamples, and TR = mean held-out / mean in-domain gain.
     gains = [(0.6 - 0.2) / (1 - 0.2), (0.55 - 0.4) / (1 - 0.4)]
     expected = _pooled_ctgi("better", "base")
     assert expected.value == pytest.approx(np.mean(gains))
     heldout_gain, indomain_gain = (0.4 + 0.15) / 2, (0.05 + 0.05) / 2
+    assert expected.accuracy_gain == pytest.approx(heldout_gain)
+    assert expected.warning is None  # headrooms 80 and 60 points
     assert (
-        f"| better | base | 0,1,2 | {heldout_gain:+.3f} | {indomain_gain:+.3f} | "
+        f"| better | base | 0,1,2 | {heldout_gain:+.3f} "
+        f"[{expected.gain_ci_low:+.3f}, {expected.gain_ci_high:+.3f}] | {indomain_gain:+.3f} | "
         f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}] | "
         f"{heldout_gain / indomain_gain:.4g} | none |"
     ) in markdown

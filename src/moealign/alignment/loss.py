@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from moealign.nn.functional import plogp
+
 
 def task_routing_distributions(probs_TE: Tensor, task_ids_T: Tensor) -> tuple[Tensor, Tensor]:
     """Per-task routing distributions p(e|τ) = mean of probs_te over the tokens of task τ.
@@ -39,7 +41,8 @@ def routing_alignment_loss(
     ``probs_per_layer``: the full routing softmax (T, E) of each of the L MoE layers, for the
     same T tokens; ``task_ids_T``: each token's task (−1 = none, ignored); ``prior_LE``: the
     fixed prior q_l per layer (no gradient flows into it). Zero (with a graph) when the batch
-    holds no task tokens.
+    holds no task tokens. KL(p ‖ q) = Σ_e p_e log p_e − p_e log q_e with 0·log 0 = 0 and
+    finite gradients where p_e = 0 (:func:`moealign.nn.functional.plogp`).
     """
     if len(probs_per_layer) != prior_LE.shape[0]:
         raise ValueError(
@@ -50,7 +53,7 @@ def routing_alignment_loss(
     n_tasks = 0
     for probs_TE, prior_E in zip(probs_per_layer, prior_LE, strict=True):
         tasks, p_NE = task_routing_distributions(probs_TE.float(), task_ids_T)
-        kl_N = (torch.special.xlogy(p_NE, p_NE) - p_NE * prior_E.to(p_NE).log()).sum(-1)
+        kl_N = (plogp(p_NE) - torch.special.xlogy(p_NE, prior_E.to(p_NE))).sum(-1)
         total = total + kl_N.sum()
         n_tasks = tasks.shape[0]
     if n_tasks == 0:

@@ -13,6 +13,14 @@ U(t) − A_b(t) is below ``min_headroom`` are flagged and excluded (the ratio is
 percentages). The 95% interval is a paired percentile bootstrap over examples: within each task
 the same resampled items score model, baseline and upper bound.
 
+CTGI is reported beside the plain held-out accuracy gain ΔA = mean_t (A_m(t) − A_b(t)) over
+every held-out task, with its paired interval from the same resamples. With h_t = U(t) − A_b(t),
+CTGI = (1/n) Σ_t ΔA_t / h_t: task t's accuracy change carries the share w_t = (1/h_t) / Σ_t'
+(1/h_t') of CTGI's weight, against 1/n in ΔA, so tasks with little headroom dominate (one
+question more on a task with 3 questions of headroom counts as much as ten more on one with 30).
+``small_headroom_share`` = Σ w_t over the included tasks with h_t < ``small_headroom`` (10
+points by default); when it is over one half, ``warning`` says so.
+
 Companion scalar: transfer ratio TR_m = mean held-out gain (A_m − A_b) / mean in-domain gain.
 """
 
@@ -26,27 +34,55 @@ import numpy as np
 
 from moealign.evaluation.stats import bootstrap_indices, percentile_interval
 
+# Above this share of CTGI's weight on small-headroom tasks, CTGI carries a warning.
+SMALL_HEADROOM_SHARE_WARNING = 0.5
+
 
 @dataclass(frozen=True)
 class CTGIEstimate:
-    """CTGI point estimate.
+    """CTGI point estimate beside the plain accuracy gain (module docstring).
 
     ``per_task_gain``: G_m(t) of the included tasks; ``excluded_tasks``: task → headroom
-    U(t) − A_b(t) for the tasks left out because the headroom is below ``min_headroom``.
+    U(t) − A_b(t) for the tasks left out because the headroom is below ``min_headroom``;
+    ``accuracy_gain``: mean over every task of A_m(t) − A_b(t); ``headroom``: h_t of the
+    included tasks; ``small_headroom_share``: the share of CTGI's weight on included tasks with
+    h_t < ``small_headroom``.
     """
 
     value: float
     per_task_gain: dict[str, float]
     excluded_tasks: dict[str, float]
+    accuracy_gain: float
+    headroom: dict[str, float]
+    small_headroom: float
+    small_headroom_share: float
+
+    @property
+    def small_headroom_tasks(self) -> list[str]:
+        return sorted(t for t, h in self.headroom.items() if _below(h, self.small_headroom))
+
+    @property
+    def warning(self) -> str | None:
+        """A warning when small-headroom tasks carry over half of CTGI's weight, else None."""
+        if self.small_headroom_share <= SMALL_HEADROOM_SHARE_WARNING:
+            return None
+        return (
+            f"tasks with headroom under {self.small_headroom:g} "
+            f"({', '.join(self.small_headroom_tasks)}) carry {self.small_headroom_share:.0%} of "
+            "the CTGI weight: it amplifies their accuracy changes; read it with the plain gain"
+        )
 
 
 @dataclass(frozen=True)
 class CTGIResult(CTGIEstimate):
-    """CTGI with its paired bootstrap percentile interval [ci_low, ci_high]."""
+    """CTGI with its paired bootstrap percentile interval [ci_low, ci_high], and the plain
+    accuracy gain's [gain_ci_low, gain_ci_high] from the same resamples."""
 
     ci_low: float
     ci_high: float
     confidence: float
+    gain_ci_low: float
+    gain_ci_high: float
 
 
 def normalized_gain(
@@ -58,9 +94,10 @@ def normalized_gain(
     return (model_accuracy - baseline_accuracy) / (upper_bound - baseline_accuracy)
 
 
-def _below_headroom(headroom: float, min_headroom: float) -> bool:
-    # isclose keeps a task with exactly min_headroom (e.g. 0.03 − 0.02 = 0.00999...) included.
-    return headroom < min_headroom and not math.isclose(headroom, min_headroom)
+def _below(headroom: float, threshold: float) -> bool:
+    # isclose counts a headroom of exactly the threshold (e.g. 0.03 − 0.02 = 0.00999...) as
+    # not below it.
+    return headroom < threshold and not math.isclose(headroom, threshold)
 
 
 def _check_same_tasks(model: Mapping, baseline: Mapping, upper_bound: object) -> list[str]:
@@ -89,21 +126,25 @@ def ctgi_from_accuracies(
     *,
     upper_bound: float | Mapping[str, float],
     min_headroom: float,
+    small_headroom: float = 0.10,
 ) -> CTGIEstimate:
     """CTGI from per-task accuracies (no interval), e.g. for published tables.
 
-    ``upper_bound``, ``min_headroom`` and the accuracies share one unit (fractions or percent);
-    ``upper_bound`` is one value for all tasks or a per-task mapping (oracle accuracies).
+    ``upper_bound``, ``min_headroom``, ``small_headroom`` and the accuracies share one unit
+    (fractions or percent: pass ``small_headroom=10.0`` with percentages); ``upper_bound`` is
+    one value for all tasks or a per-task mapping (oracle accuracies).
     """
     tasks = _check_same_tasks(model_accuracy, baseline_accuracy, upper_bound)
     per_task_gain: dict[str, float] = {}
     excluded_tasks: dict[str, float] = {}
+    included_headroom: dict[str, float] = {}
     for task in tasks:
         upper = float(_task_upper_bound(upper_bound, task))
         headroom = upper - float(baseline_accuracy[task])
-        if _below_headroom(headroom, min_headroom):
+        if _below(headroom, min_headroom):
             excluded_tasks[task] = headroom
         else:
+            included_headroom[task] = headroom
             per_task_gain[task] = float(
                 normalized_gain(float(model_accuracy[task]), float(baseline_accuracy[task]), upper)
             )
@@ -111,10 +152,18 @@ def ctgi_from_accuracies(
         raise ValueError(
             f"every task has headroom U − A_b below min_headroom={min_headroom}: {excluded_tasks}"
         )
+    inverse = {task: 1.0 / h for task, h in included_headroom.items()}
+    small = sum(w for t, w in inverse.items() if _below(included_headroom[t], small_headroom))
     return CTGIEstimate(
         value=float(np.mean(list(per_task_gain.values()))),
         per_task_gain=per_task_gain,
         excluded_tasks=excluded_tasks,
+        accuracy_gain=float(
+            np.mean([float(model_accuracy[t]) - float(baseline_accuracy[t]) for t in tasks])
+        ),
+        headroom=included_headroom,
+        small_headroom=small_headroom,
+        small_headroom_share=small / sum(inverse.values()),
     )
 
 
@@ -136,6 +185,7 @@ def ctgi(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    small_headroom: float = 0.10,
 ) -> CTGIResult:
     """CTGI over held-out tasks with a paired bootstrap interval. DESIGN.md §7.
 
@@ -144,13 +194,15 @@ def ctgi(
     (1.0 = 100% for 0/1 correctness), or per task either a constant or the oracle's per-example
     correctness on the same examples. Tasks with U(t) − A_b(t) < ``min_headroom`` (same units as
     the accuracies; 0.01 = 1 point) on the full data are excluded and listed in
-    ``excluded_tasks``.
+    ``excluded_tasks``. ``small_headroom`` (same units; 0.10 = 10 points) sets the warning of
+    the module docstring.
 
-    Bootstrap: for each of ``n_resamples`` replicates and each included task, draw that task's
-    examples with replacement, apply the same indices to model, baseline and an oracle upper
-    bound, recompute the accuracies and CTGI; the interval is the percentile interval of the
-    replicates. If a replicate leaves a task with zero headroom the gain is inf/nan and so may
-    the interval be: raise ``min_headroom`` or use more examples.
+    Bootstrap: for each of ``n_resamples`` replicates and each task, draw that task's examples
+    with replacement, apply the same indices to model, baseline and an oracle upper bound,
+    recompute the accuracies, CTGI (included tasks) and the plain gain (every task); the
+    intervals are the percentile intervals of the replicates. If a replicate leaves a task with
+    zero headroom the gain is inf/nan and so may the interval be: raise ``min_headroom`` or use
+    more examples.
     """
     if n_resamples <= 0:
         raise ValueError(f"n_resamples must be a positive number of replicates, got {n_resamples}")
@@ -183,11 +235,13 @@ def ctgi(
         {task: acc_S[1] for task, acc_S in accuracy_by_task.items()},
         upper_bound={task: upper_accuracy(task, acc_S) for task, acc_S in accuracy_by_task.items()},
         min_headroom=min_headroom,
+        small_headroom=small_headroom,
     )
 
     rng = np.random.default_rng(seed)
-    gain_sum_R = np.zeros(n_resamples)
-    for task in estimate.per_task_gain:
+    normalized_sum_R = np.zeros(n_resamples)
+    accuracy_gain_sum_R = np.zeros(n_resamples)
+    for task in tasks:
         scores_SN = scores_by_task[task]
         accuracy_RS = np.concatenate(
             [
@@ -195,18 +249,24 @@ def ctgi(
                 for index_RN in bootstrap_indices(scores_SN.shape[1], n_resamples, rng)
             ]
         )
+        accuracy_gain_sum_R += accuracy_RS[:, 0] - accuracy_RS[:, 1]
+        if task not in estimate.per_task_gain:
+            continue
         with np.errstate(divide="ignore", invalid="ignore"):
-            gain_sum_R += normalized_gain(
+            normalized_sum_R += normalized_gain(
                 accuracy_RS[:, 0], accuracy_RS[:, 1], upper_accuracy(task, accuracy_RS)
             )
-    ci_low, ci_high = percentile_interval(gain_sum_R / len(estimate.per_task_gain), confidence)
+    ci_low, ci_high = percentile_interval(
+        normalized_sum_R / len(estimate.per_task_gain), confidence
+    )
+    gain_ci_low, gain_ci_high = percentile_interval(accuracy_gain_sum_R / len(tasks), confidence)
     return CTGIResult(
-        value=estimate.value,
-        per_task_gain=estimate.per_task_gain,
-        excluded_tasks=estimate.excluded_tasks,
+        **vars(estimate),
         ci_low=ci_low,
         ci_high=ci_high,
         confidence=confidence,
+        gain_ci_low=gain_ci_low,
+        gain_ci_high=gain_ci_high,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moealign.nn.functional import plogp
 from moealign.nn.moe import MoELayer
 from moealign.nn.routers import MPIRouter
 
@@ -38,15 +39,17 @@ def dead_experts(counts: Tensor) -> Tensor:
 def usage_entropy(counts: Tensor, normalized: bool = True) -> Tensor:
     """Entropy of the expert-usage histogram, H(c/Σc); divided by log E when ``normalized``."""
     p = counts.double() / counts.double().sum(-1, keepdim=True)
-    entropy = -torch.special.xlogy(p, p).sum(-1)
+    entropy = -plogp(p).sum(-1)
     return entropy / torch.log(torch.tensor(float(counts.shape[-1]))) if normalized else entropy
 
 
 def entropy(probs: Tensor, normalized: bool = True) -> Tensor:
     """H(p) = −Σ_e p_e log p_e of each distribution over the last dimension (E experts),
-    divided by log E when ``normalized`` (1 = uniform routing, 0 = one expert)."""
+    divided by log E when ``normalized`` (1 = uniform routing, 0 = one expert). 0·log 0 = 0
+    with a finite gradient (DESIGN.md §4; :func:`moealign.nn.functional.plogp`), so it can be
+    trained through (the guardrails' entropy bonus) also where routing has collapsed."""
     p = probs.double()
-    value = -torch.special.xlogy(p, p).sum(-1)
+    value = -plogp(p).sum(-1)
     return value / torch.log(torch.tensor(float(probs.shape[-1]))) if normalized else value
 
 

@@ -55,6 +55,17 @@ def count_slots_per_expert(expert_of_slot_S: Tensor, n_experts: int) -> Tensor:
     return counts.scatter_add_(0, ids_S, torch.ones_like(ids_S))[:n_experts]
 
 
+def init_swiglu_(w_gate: Tensor, w_up: Tensor, w_down: Tensor, residual_scale: float = 1.0) -> None:
+    """The one FFN initialisation rule (DESIGN.md §2), in place, for a dense SwiGLU ((out, in)
+    weights) and stacked experts ((E, out, in)) alike: every matrix N(0, 1/fan_in), fan_in =
+    ``in`` (the last dimension: D for W_gate/W_up, the hidden width for W_down), and the
+    residual output projection W_down also × ``residual_scale`` (the model's depth scaling).
+    """
+    with torch.no_grad():
+        for weight, scale in ((w_gate, 1.0), (w_up, 1.0), (w_down, residual_scale)):
+            nn.init.normal_(weight, std=scale / math.sqrt(weight.shape[-1]))
+
+
 def expert_forward_grouped(
     x_SD: Tensor, w_gate_EFD: Tensor, w_up_EFD: Tensor, w_down_EDF: Tensor, offsets_E: Tensor
 ) -> Tensor:
@@ -92,9 +103,10 @@ class SwiGLUExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        for weight in (self.w_gate, self.w_up, self.w_down):
-            nn.init.normal_(weight, std=1.0 / math.sqrt(weight.shape[-1]))
+    def reset_parameters(self, residual_scale: float = 1.0) -> None:
+        """Each expert's matrices by the FFN rule of :func:`init_swiglu_` (as a dense SwiGLU
+        of the same shapes)."""
+        init_swiglu_(self.w_gate, self.w_up, self.w_down, residual_scale)
 
     def forward(
         self,

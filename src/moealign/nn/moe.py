@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moealign.nn.experts import SwiGLUExperts, count_slots_per_expert
+from moealign.nn.experts import SwiGLUExperts, count_slots_per_expert, init_swiglu_
 from moealign.nn.losses import BALANCE_SCOPES, load_balance_loss, z_loss
 from moealign.nn.routers import MPIRouter, Router, SoftmaxTopKRouter, build_router
 
@@ -38,13 +38,21 @@ class RoutingInfo:
 
 
 class SwiGLU(nn.Module):
-    """Dense SwiGLU FFN y = W_down (silu(W_gate x) ⊙ W_up x): dense baseline and shared expert."""
+    """Dense SwiGLU FFN y = W_down (silu(W_gate x) ⊙ W_up x): dense baseline and shared expert.
+
+    Initialised by the same fan-in rule as the routed experts (:func:`init_swiglu_`), not by
+    ``nn.Linear``'s U(±1/√fan_in) (std 1/√(3·fan_in)), so dense and MoE models start alike.
+    """
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
         self.w_gate = nn.Linear(d_model, d_ff, bias=False)
         self.w_up = nn.Linear(d_model, d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, residual_scale: float = 1.0) -> None:
+        init_swiglu_(self.w_gate.weight, self.w_up.weight, self.w_down.weight, residual_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

@@ -8,8 +8,9 @@ factor, None when dropless).
 
 Kinds: ``softmax_topk`` (Mixtral), ``switch`` (top-1 Switch Transformer), ``hierarchical``
 (nested: p(e|x) = p(g|x)·p(e|g,x)) and ``mpi`` (Manifold Power Iteration, §3). Options shared by
-all kinds: ``temperature``, ``logit_dropout``, ``jitter``, ``expert_bias`` (aux-loss-free,
-DeepSeek-V3), ``bias_update_rate``, ``capacity_factor`` and ``normalize_topk``.
+all kinds: ``temperature``, ``logit_dropout`` (in training, :func:`drop_logits`), ``jitter``,
+``expert_bias`` (aux-loss-free, DeepSeek-V3), ``bias_update_rate``, ``capacity_factor`` and
+``normalize_topk``.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class Router(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = self.compute_logits(x_TD, expert_weight_EFD) / self.temperature
         if self.training and self.logit_dropout > 0:
-            logits_TE = F.dropout(logits_TE, p=self.logit_dropout)
+            logits_TE = drop_logits(logits_TE, self.logit_dropout)
         probs_TE = self.compute_probs(logits_TE)
         selection_TE = self.selection_scores(logits_TE, probs_TE)
         if self.expert_bias is not None:
@@ -424,6 +425,23 @@ def build_router(kind: str, d_model: int, n_experts: int, top_k: int, **options)
         return ROUTER_CLASSES[kind](d_model, n_experts, top_k, **options)
     except TypeError as error:
         raise ValueError(f"router option not accepted by router={kind!r}: {error}") from None
+
+
+def drop_logits(logits_TE: Tensor, p: float) -> Tensor:
+    """Logit dropout (DESIGN.md §4): drop expert e for token t by setting logit_te to −inf.
+
+    One draw u_te ~ U[0, 1) per token and expert (float32, from the global generator);
+    keep_te = (u_te ≥ p) or (u_te = max_e' u_te'), so each expert is dropped with probability p
+    and every token keeps at least one expert (where all draws fall under p, the one with the
+    largest draw, a uniformly random expert). Kept logits are left as they are: no 1/(1−p)
+    rescaling as in ``F.dropout`` (which would also set a dropped logit to 0, *raising* a
+    negative one), so training and evaluation share one temperature. A dropped expert gets
+    probability exactly 0; it is selected only when a token keeps fewer than K experts, and then
+    with weight 0.
+    """
+    draws_TE = torch.rand(logits_TE.shape, device=logits_TE.device, dtype=torch.float32)
+    keep_TE = (draws_TE >= p) | (draws_TE == draws_TE.amax(-1, keepdim=True))
+    return logits_TE.masked_fill(~keep_TE, -math.inf)
 
 
 def capacity_keep_mask(topk_idx_TK: Tensor, n_experts: int, capacity_factor: float) -> Tensor:

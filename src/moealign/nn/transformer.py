@@ -90,7 +90,19 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """Decoder-only LM; ``model(input_ids_BS)`` → :class:`TransformerOutput`."""
+    """Decoder-only LM; ``model(input_ids_BS)`` → :class:`TransformerOutput`.
+
+    Initialisation, one rule for every model (DESIGN.md §2), so that a dense baseline and an MoE
+    model differ only in their FFN's routing, not in their starting scale:
+
+    * embeddings (and the tied head) and the attention matrices: N(0, ``init_std``²);
+    * every FFN matrix, whether of the dense SwiGLU, the shared expert or a routed expert:
+      N(0, 1/fan_in) (:func:`moealign.nn.experts.init_swiglu_`);
+    * depth scaling (GPT-2) on every residual output projection, i.e. on each matrix that writes
+      into the residual stream: attention ``out``, the dense FFN's ``w_down``, the experts' and
+      the shared expert's ``w_down``: their σ × 1/√(2L), L blocks of two residual branches;
+    * routers: N(0, 1/D) (:class:`moealign.nn.routers.Router`).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -107,10 +119,15 @@ class MoETransformer(nn.Module):
         std = self.config.init_std
         nn.init.normal_(self.embed.weight, std=std)
         nn.init.normal_(self.lm_head.weight, std=std)
+        depth_scale = 1.0 / math.sqrt(2 * self.config.n_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.qkv.weight, std=std)
-            # Scale residual-branch outputs by depth (GPT-2) so deep stacks start stable.
-            nn.init.normal_(block.attn.out.weight, std=std / math.sqrt(2 * self.config.n_layers))
+            nn.init.normal_(block.attn.out.weight, std=std * depth_scale)
+            ffn = block.ffn
+            swiglus = [ffn] if isinstance(ffn, SwiGLU) else [ffn.experts, ffn.shared_expert]
+            for swiglu in swiglus:
+                if swiglu is not None:
+                    swiglu.reset_parameters(residual_scale=depth_scale)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ ADAMW_GROUP_DEFAULTS: dict[str, Any] = {"betas": (0.9, 0.95), "eps": 1e-8, "weig
 # Relative distance to the sphere below which project_to_sphere leaves a tensor untouched.
 SPHERE_RTOL = 1e-6
 OPTIMIZER_NAMES = ("adamw", "muon", "adamh", "muonh")
+BIAS_CORRECTIONS = ("paper", "released")
+BiasCorrection = Literal["paper", "released"]
 HEAD_PARAMETER_NAMES = (("lm_head", "weight"), ("output", "weight"))
 
 
@@ -183,6 +185,7 @@ _GROUP_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adjust_lr_fn": (lambda v: v in ADJUST_LR_FNS, f"one of {ADJUST_LR_FNS}"),
     "update_constant": (lambda v: v > 0.0, "a number > 0"),
     "reference_width": (lambda v: v > 0, "a number > 0"),
+    "bias_correction": (lambda v: v in BIAS_CORRECTIONS, f"one of {BIAS_CORRECTIONS}"),
 }
 
 
@@ -242,6 +245,15 @@ class MatrixOptimizerWithAdamW(torch.optim.Optimizer, abc.ABC):
 
     def _complete_group(self, param_group: dict[str, Any]) -> None:
         """Hook for subclasses to derive group values from other values before validation."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also on ``load_state_dict``: a matrix group saved before one of today's options
+        existed gets that option's constructor value (what it was trained with)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            if group.get("algorithm", MATRIX) == MATRIX:
+                for key, value in getattr(self, "_matrix_defaults", {}).items():
+                    group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -400,11 +412,16 @@ class HyperballOptimizer(MatrixOptimizerWithAdamW):
 
     def _matrix_step(self, param: Tensor, group: dict[str, Any]) -> None:
         direction = self._direction(param, group)
-        hyperball_step_(param, direction, group["lr"], group["update_constant"])
+        lr = group["lr"] * self._step_size_factor(param, group)
+        hyperball_step_(param, direction, lr, group["update_constant"])
 
     @abc.abstractmethod
     def _direction(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """The base optimizer's direction U for ``param``; each subclass defines it."""
+
+    def _step_size_factor(self, param: Tensor, group: dict[str, Any]) -> float:
+        """A factor on lr for this step (1: the step norm is lr·c·R_W, the Hyperball rule)."""
+        return 1.0
 
 
 class AdamH(HyperballOptimizer):
@@ -412,6 +429,17 @@ class AdamH(HyperballOptimizer):
 
     m ← β₁m + (1−β₁)G, v ← β₂v + (1−β₂)G², m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ) (the arithmetic of
     torch.optim.Adam). eps defaults to 1e-8 (the released MPI code uses 1e-7).
+
+    ``bias_correction`` says where the first moment's 1/(1−β₁ᵗ) goes (research-mpi.md §2.1):
+
+    * ``"paper"`` (default; the Hyperball rule as the papers state it, a fixed update norm):
+      W ← R·normalize(W − lr·c·R·normalize(m̂/(√v̂ + ε))). The factor sits inside the
+      normalisation, where it cancels: every step, the first included, moves by lr·c·R.
+    * ``"released"`` (the MPI authors' AdamwH code, ``step_size = lr / bias_correction1``):
+      W ← R·normalize(W − (lr/(1−β₁ᵗ))·c·R·normalize(m/(√v̂ + ε))). Early steps are larger by
+      1/(1−β₁ᵗ): 10× at t = 1 with β₁ = 0.9, tending to 1. For a gradient orthogonal to W the
+      first step turns W by atan(s) with s = lr·c/(1−β₁) (lr 0.01, c 6.4: 32.6°) instead of
+      atan(lr·c) (3.7°).
     """
 
     def __init__(
@@ -422,8 +450,9 @@ class AdamH(HyperballOptimizer):
         eps: float = 1e-8,
         update_constant: float | None = None,
         reference_width: int = 1024,
+        bias_correction: BiasCorrection = "paper",
     ) -> None:
-        matrix_defaults = {"betas": tuple(betas), "eps": eps}
+        matrix_defaults = {"betas": tuple(betas), "eps": eps, "bias_correction": bias_correction}
         super().__init__(params, lr, matrix_defaults, update_constant, reference_width)
 
     def _direction(self, param: Tensor, group: dict[str, Any]) -> Tensor:
@@ -435,7 +464,14 @@ class AdamH(HyperballOptimizer):
         state["exp_avg"].lerp_(grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        if group["bias_correction"] == "released":
+            return state["exp_avg"] / denominator  # 1/(1−β₁ᵗ) goes on the step size instead
         return state["exp_avg"] / denominator / (1 - beta1**step)
+
+    def _step_size_factor(self, param: Tensor, group: dict[str, Any]) -> float:
+        if group["bias_correction"] == "released":
+            return 1.0 / (1.0 - group["betas"][0] ** self.state[param]["step"].item())
+        return 1.0
 
 
 class MuonH(HyperballOptimizer):
@@ -443,6 +479,9 @@ class MuonH(HyperballOptimizer):
 
     The released MPI code uses momentum 0.9 and Polar-Express coefficients; here momentum and
     ``ns_coefficients`` are options with Keller Jordan's defaults (0.95, quintic (a, b, c)).
+    Muon's momentum has no bias correction, in the papers and in the released MuonH alike, so
+    the step norm is lr·c·R from the first step and AdamH's ``bias_correction`` has no
+    counterpart here.
     """
 
     def __init__(
@@ -481,7 +520,7 @@ _HYPERBALL_OPTIONS = ("update_constant", "reference_width")
 ACCEPTED_OPTIONS: dict[str, tuple[str, ...]] = {
     "adamw": ("eps",),
     "muon": (*_MUON_OPTIONS, "adjust_lr_fn", "adamw_eps"),
-    "adamh": ("eps", *_HYPERBALL_OPTIONS, "adamw_eps"),
+    "adamh": ("eps", *_HYPERBALL_OPTIONS, "bias_correction", "adamw_eps"),
     "muonh": (*_MUON_OPTIONS, *_HYPERBALL_OPTIONS, "adamw_eps"),
 }
 
@@ -506,7 +545,9 @@ def build_optimizer(
          nanoGPT and the MPI code).
     "adamw" returns a plain ``torch.optim.AdamW`` over the same three groups. ``options`` name
     the knobs of each optimizer (see ``ACCEPTED_OPTIONS``), e.g. momentum, ns_steps,
-    update_constant, reference_width, eps, adjust_lr_fn, ns_dtype, adamw_eps.
+    update_constant, reference_width, eps, adjust_lr_fn, ns_dtype, adamw_eps, and AdamH's
+    bias_correction ("paper" | "released"; from a run config: ``optim.options =
+    {bias_correction = "released"}``).
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"optim.name={name!r} is not supported; accepted: {OPTIMIZER_NAMES}")

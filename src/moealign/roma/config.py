@@ -15,7 +15,7 @@ from moealign.config import ConfigError, _Validated, bounded, load_config
 REGULARIZERS = ("manifold", "l1", "l2", "entropy", "none")
 NEIGHBOUR_MODES = ("knn", "epsilon", "random")
 ENCODERS = ("minilm", "builtin")
-TRAINED_METHODS = ("router_tuning", "roma", "c3po", "oracle")
+TRAINED_METHODS = ("router_tuning", "roma", "oracle_tuning", "c3po", "c3po_ngd", "oracle")
 DEFAULT_LAYERS = 5  # RoMA trains the routers of the last 5 MoE layers (DESIGN.md §5)
 
 
@@ -35,14 +35,26 @@ class RomaConfig(_Validated):
     ``train_examples_per_task`` training examples per seen task (drawn per seed), batches of
     ``batch_size``; loss CE + λ(t)·R with λ(t) = ``lambda_max`` · min(1, t /
     ``lambda_warmup_steps``) and R the ``regularizer`` ("manifold" = RoMA; "none" = router
-    tuning; "l1"/"l2"/"entropy" = ablations). C3PO mixes with weight ``c3po_alpha`` on the
-    sample's own routing; the oracle takes ``oracle_steps`` Adam steps of ``oracle_lr`` on the
-    routing logits. Evaluation uses at most ``eval_examples_per_task`` examples per task.
+    tuning; "l1"/"l2"/"entropy" = ablations). C3PO kernel regression mixes with weight
+    ``c3po_alpha`` on the sample's own routing; C3PO neighbourhood gradient descent takes
+    ``c3po_ngd_steps`` Adam steps of ``c3po_ngd_lr`` on the routing of the ``c3po_core_experts``
+    experts the sample weighs most per layer (C3PO: about 10 steps; 20 core experts of 64, the
+    share 3 is of 8); the oracle takes ``oracle_steps`` Adam steps of ``oracle_lr`` on the
+    routing logits, and Oracle Tuning trains the routers toward the oracle routing of the
+    training questions (with ``lr``, ``epochs``, ``batch_size``). Evaluation uses at most
+    ``eval_examples_per_task`` examples per task.
     ``continuation``: options scored by their text's log-likelihood ("text") or by the
     next-token logit of their letter ("letter"; :mod:`moealign.roma.choices`). ``seeds``: one
-    router-tuning/RoMA/C3PO run per seed. ``methods``: which of router tuning, RoMA, C3PO and
-    the oracle run (the base model is always evaluated, as the reference); an ablation that
-    changes only RoMA runs ``methods = ["roma"]``. Oracle-gap closure and CTGI need the oracle.
+    run per seed of every method but the base and the oracle. ``methods``: which of
+    ``TRAINED_METHODS`` run (the base model is always evaluated, as the reference); an ablation
+    that changes only RoMA runs ``methods = ["roma"]``. Oracle-gap closure and CTGI need the
+    oracle.
+
+    Defaults follow the paper where it states them (last 5 layers, Last1 token, kNN with
+    k = 3). The rest are ours, sized to a CPU study, and differ from the released RoMA code
+    (research-roma.md §1.2): σ = 0.5 on the Euclidean distance of unit embeddings (code: 0.4 on
+    1 − cos), λ_max = 1 with 20 warm-up steps (code: 0.8 over 2000 steps), AdamW lr 1e-3 (code:
+    7e-5), batches of 16 (code: 32), k = 3 (code: 5).
     """
 
     layers: int | Literal["all"] | None = None
@@ -64,10 +76,15 @@ class RomaConfig(_Validated):
     eval_examples_per_task: int = bounded(100, ge=1)
     eval_batch_size: int = bounded(64, ge=1)
     c3po_alpha: float = bounded(0.5, ge=0, le=1)
+    c3po_ngd_steps: int = bounded(10, ge=1)
+    c3po_ngd_lr: float = bounded(0.2, gt=0)
+    c3po_core_experts: int = bounded(3, ge=1)
     oracle_steps: int = bounded(20, ge=1)
     oracle_lr: float = bounded(0.2, gt=0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[Literal["router_tuning", "roma", "c3po", "oracle"], ...] = TRAINED_METHODS
+    methods: tuple[
+        Literal["router_tuning", "roma", "oracle_tuning", "c3po", "c3po_ngd", "oracle"], ...
+    ] = TRAINED_METHODS
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:

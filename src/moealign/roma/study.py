@@ -7,9 +7,13 @@ in multiple-choice form:
 * ``base``: the pretrained model;
 * ``router_tuning``: routers of the chosen layers trained with the CE only (λ = 0);
 * ``roma``: the same with the configured regulariser (``manifold`` = RoMA);
-* ``c3po``: test-time kernel-regression re-mixing towards the successful training neighbours,
-  with its extra inference time measured;
+* ``oracle_tuning``: routers trained toward the oracle routing of the training questions;
+* ``c3po``: test-time kernel-regression re-mixing towards the successful training neighbours;
+* ``c3po_ngd``: C3PO's neighbourhood gradient descent on the core experts' routing;
 * ``oracle``: per-question routing optimised with the label (the upper bound).
+
+Every method's evaluation is timed: its inference cost is reported against the base model's
+(test-time methods include embedding the questions and the neighbour search).
 
 Questions are the suite's multiple-choice view (:func:`multiple_choice_questions`), in the
 form the base model was trained on (``data.format``): lettered options in the prompt, or the
@@ -21,7 +25,8 @@ serves as C3PO's reference set. ``base`` and ``oracle`` do not depend on the see
 to ``OUT/results.json`` (per method × seed × set: per-task accuracy and per-example
 correctness in :meth:`TaskEvaluation.to_dict` form; summaries: accuracy mean ± 95% t half
 width over seeds, oracle-gap closure (A_m − A_base)/(A_oracle − A_base), CTGI on the held-out
-tasks with a paired bootstrap interval, the RoMA − router-tuning paired t-test, C3PO's cost)
+tasks with a paired bootstrap interval beside the plain held-out gain, the RoMA −
+router-tuning paired t-test, each method's inference cost)
 and ``OUT/results.md`` (the tables).
 """
 
@@ -31,6 +36,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,12 @@ from moealign.evaluation.tasks import TaskEvaluation
 from moealign.io import atomic_write_json, atomic_write_text
 from moealign.nn.routed import MoealignRouted
 from moealign.nn.transformer import MoETransformer
-from moealign.roma.baselines import c3po_capture, oracle_capture
+from moealign.roma.baselines import (
+    c3po_capture,
+    c3po_ngd_capture,
+    oracle_capture,
+    oracle_tuning,
+)
 from moealign.roma.choices import Capture, capture, task_evaluation
 from moealign.roma.config import RomaConfig
 from moealign.roma.encoders import TextEncoder, build_encoder
@@ -58,7 +69,7 @@ from moealign.training.runs import read_run_config
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "router_tuning", "roma", "c3po", "oracle")
+METHODS = ("base", "router_tuning", "roma", "oracle_tuning", "c3po", "c3po_ngd", "oracle")
 SETS = ("seen", "heldout")
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
@@ -179,6 +190,20 @@ class RomaStudy:
             c.eval_batch_size,
         )
 
+    def _oracle(self, examples: Sequence[TaskExample]) -> Capture:
+        c = self.config
+        return oracle_capture(
+            self.routed,
+            self.tokenizer,
+            examples,
+            self.layers,
+            c.oracle_steps,
+            c.oracle_lr,
+            c.token,
+            c.continuation,
+            c.eval_batch_size,
+        )
+
     def _neighbours(self, query, reference, seed: int, query_ids=None, reference_ids=None):
         c = self.config
         return find_neighbours(
@@ -194,9 +219,50 @@ class RomaStudy:
         )
 
     def _train(self, examples, regularizer: str, targets, neighbourhood, seed: int) -> dict:
+        """Router tuning (``regularizer="none"``) or RoMA from the base model, evaluated."""
         c = self.config
-        self.model.load_state_dict(self.base_state)
-        training = RouterTrainingConfig(
+        return self._train_and_evaluate(
+            lambda: train_routers(
+                self.routed,
+                self.tokenizer,
+                examples,
+                self.layers,
+                self._training_config(regularizer),
+                token=c.token,
+                continuation=c.continuation,
+                targets_NP=targets,
+                neighbourhood=neighbourhood,
+                seed=seed,
+            )
+        )
+
+    def _oracle_tuning(self, examples, seed: int) -> dict:
+        """Oracle Tuning from the base model: the oracle routing of ``examples`` (its time and
+        accuracy recorded in the history), then the routers trained toward it, evaluated."""
+        c = self.config
+        start = time.perf_counter()
+        oracle = self._oracle(examples)
+        targets_s = time.perf_counter() - start
+        trained = self._train_and_evaluate(
+            lambda: oracle_tuning(
+                self.routed,
+                self.tokenizer,
+                examples,
+                self.layers,
+                oracle.routing_NP,
+                self._training_config("none"),
+                token=c.token,
+                continuation=c.continuation,
+                seed=seed,
+            )
+        )
+        trained["history"]["oracle_targets_s"] = targets_s
+        trained["history"]["oracle_train_accuracy"] = float(oracle.correct_N.float().mean())
+        return trained
+
+    def _training_config(self, regularizer: str) -> RouterTrainingConfig:
+        c = self.config
+        return RouterTrainingConfig(
             regularizer=regularizer,
             lambda_max=c.lambda_max,
             lambda_warmup_steps=c.lambda_warmup_steps,
@@ -205,22 +271,21 @@ class RomaStudy:
             epochs=c.epochs,
             batch_size=c.batch_size,
         )
-        history = train_routers(
-            self.routed,
-            self.tokenizer,
-            examples,
-            self.layers,
-            training,
-            token=c.token,
-            continuation=c.continuation,
-            targets_NP=targets,
-            neighbourhood=neighbourhood,
-            seed=seed,
-        )
-        evaluations = {name: self._capture(ex) for name, ex in self.eval_sets.items()}
+
+    def _train_and_evaluate(self, train) -> dict:
+        """``train()`` from the base routers, then every evaluation set (timed); the base
+        routers are restored afterwards."""
+        self.model.load_state_dict(self.base_state)
+        history = train()
+        evaluations, seconds = {}, {}
+        for name, examples in self.eval_sets.items():
+            start = time.perf_counter()
+            evaluations[name] = _evaluation(examples, self._capture(examples))
+            seconds[name] = time.perf_counter() - start
         self.model.load_state_dict(self.base_state)
         return {
-            "evaluations": {n: _evaluation(self.eval_sets[n], r) for n, r in evaluations.items()},
+            "evaluations": evaluations,
+            "seconds": seconds,
             "history": {
                 "ce_first": history.ce[0],
                 "ce_last": history.ce[-1],
@@ -238,34 +303,25 @@ class RomaStudy:
         out.mkdir(parents=True, exist_ok=True)
         methods = [m for m in METHODS if m == "base" or m in c.methods]
         per_seed: dict[str, dict[str, dict[str, TaskEvaluation]]] = {m: {} for m in methods}
-        timings: dict[str, float] = {}
+        timings: dict[str, dict[str, list[float]]] = {}  # method → set → seconds per run
         fixed: dict[str, dict[str, TaskEvaluation]] = {m: {} for m in ("base", "oracle")}
-        eval_embeddings = {}
+        test_time = [m for m in ("c3po", "c3po_ngd") if m in methods]
+        eval_embeddings, embed_s = {}, {}
         for name, examples in self.eval_sets.items():
             start = time.perf_counter()
             fixed["base"][name] = _evaluation(examples, self._capture(examples))
-            timings[f"base_{name}_s"] = time.perf_counter() - start
+            _record(timings, "base", name, start)
             log.info("base %s: %.3f", name, fixed["base"][name].macro_accuracy)
-            if "c3po" in methods:
+            if test_time:
                 start = time.perf_counter()
                 eval_embeddings[name] = self.encoder.encode([e.prompt for e in examples])
-                timings[f"c3po_embed_{name}_s"] = time.perf_counter() - start
+                embed_s[name] = time.perf_counter() - start
             if "oracle" not in methods:
                 continue
             start = time.perf_counter()
-            oracle = oracle_capture(
-                self.routed,
-                self.tokenizer,
-                examples,
-                self.layers,
-                c.oracle_steps,
-                c.oracle_lr,
-                c.token,
-                c.continuation,
-                c.eval_batch_size,
-            )
+            oracle = self._oracle(examples)
             fixed["oracle"][name] = _evaluation(examples, oracle)
-            timings[f"oracle_{name}_s"] = time.perf_counter() - start
+            _record(timings, "oracle", name, start)
             log.info("oracle %s: %.3f", name, fixed["oracle"][name].macro_accuracy)
         seeds_info = {}
         for seed in c.seeds:
@@ -283,6 +339,7 @@ class RomaStudy:
                 )
             embeddings = self.encoder.encode([e.prompt for e in train])
             references_SP = targets.routing_NP[success_S]
+            successful = [train[i] for i in success_S.tolist()]
             neighbourhood = self._neighbours(
                 embeddings,
                 embeddings[success_S],
@@ -290,40 +347,62 @@ class RomaStudy:
                 query_ids=torch.arange(len(train)),
                 reference_ids=success_S,
             )
-            for name, examples in self.eval_sets.items() if "c3po" in methods else ():
-                start = time.perf_counter()
-                test_neighbours = self._neighbours(
-                    eval_embeddings[name], embeddings[success_S], seed
-                )
-                remixed = c3po_capture(
-                    self.routed,
-                    self.tokenizer,
-                    examples,
-                    self.layers,
-                    test_neighbours,
-                    references_SP,
-                    c.c3po_alpha,
-                    c.token,
-                    c.continuation,
-                    c.eval_batch_size,
-                )
-                elapsed = time.perf_counter() - start + timings[f"c3po_embed_{name}_s"]
-                timings.setdefault(f"c3po_{name}_s", []).append(elapsed)
-                per_seed["c3po"].setdefault(key, {})[name] = _evaluation(examples, remixed)
+            for method in test_time:
+                for name, examples in self.eval_sets.items():
+                    # The test questions' embeddings (timed once above) count for each seed.
+                    start = time.perf_counter() - embed_s[name]
+                    test_neighbours = self._neighbours(
+                        eval_embeddings[name], embeddings[success_S], seed
+                    )
+                    if method == "c3po":
+                        remixed = c3po_capture(
+                            self.routed,
+                            self.tokenizer,
+                            examples,
+                            self.layers,
+                            test_neighbours,
+                            references_SP,
+                            c.c3po_alpha,
+                            c.token,
+                            c.continuation,
+                            c.eval_batch_size,
+                        )
+                    else:
+                        remixed = c3po_ngd_capture(
+                            self.routed,
+                            self.tokenizer,
+                            examples,
+                            self.layers,
+                            test_neighbours,
+                            successful,
+                            c.c3po_ngd_steps,
+                            c.c3po_ngd_lr,
+                            c.c3po_core_experts,
+                            c.token,
+                            c.continuation,
+                            c.eval_batch_size,
+                        )
+                    _record(timings, method, name, start)
+                    per_seed[method].setdefault(key, {})[name] = _evaluation(examples, remixed)
             seeds_info[key] = {
                 "train_examples": len(train),
                 "successful": int(success_S.numel()),
                 "mean_neighbours": float(neighbourhood.valid_QK.sum(-1).float().mean()),
             }
             trainings = {
-                "router_tuning": ("none", None, None),
-                "roma": (c.regularizer, references_SP, neighbourhood),
+                "router_tuning": partial(self._train, train, "none", None, None, seed),
+                "roma": partial(
+                    self._train, train, c.regularizer, references_SP, neighbourhood, seed
+                ),
+                "oracle_tuning": partial(self._oracle_tuning, train, seed),
             }
-            for method, (regularizer, targets_SP, pairs) in trainings.items():
+            for method, run_training in trainings.items():
                 if method in methods:
-                    trained = self._train(train, regularizer, targets_SP, pairs, seed)
+                    trained = run_training()
                     per_seed[method][key] = trained["evaluations"]
                     seeds_info[key][method] = trained["history"]
+                    for name, seconds in trained["seconds"].items():
+                        timings.setdefault(method, {}).setdefault(name, []).append(seconds)
             for method in methods:
                 if method not in fixed:
                     accuracy = {
@@ -351,10 +430,8 @@ class RomaStudy:
                 for method, seeds in per_seed.items()
             },
             "summary": summarise(per_seed, c.seeds),
-            "c3po_cost": (
-                c3po_cost(timings, {n: len(ex) for n, ex in self.eval_sets.items()})
-                if "c3po" in per_seed
-                else None
+            "inference_cost": inference_cost(
+                timings, {n: len(ex) for n, ex in self.eval_sets.items()}
             ),
             "seeds": seeds_info,
         }
@@ -383,23 +460,35 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _ctgi_entry(method, base, oracle, seed: str) -> dict[str, Any]:
+    """CTGI on the held-out tasks (oracle upper bound) beside the plain held-out gain A_m − A_b
+    with its paired interval; without an oracle only the gain (which needs no upper bound)."""
+    empty = {"value": None, "ci_low": None, "ci_high": None}
     try:
         estimate = ctgi(
             method["heldout"].correct_by_task(),
             base["heldout"].correct_by_task(),
-            upper_bound=oracle["heldout"].correct_by_task(),
+            upper_bound=oracle["heldout"].correct_by_task() if oracle is not None else 1.0,
             min_headroom=MIN_HEADROOM,
             n_resamples=1000,
             seed=int(seed),
         )
     except ValueError as err:  # no held-out task with headroom
-        return {"value": None, "ci_low": None, "ci_high": None, "reason": str(err)}
-    return {
+        return empty | {"accuracy_gain": None, "reason": str(err)}
+    gain = {
+        "accuracy_gain": estimate.accuracy_gain,
+        "gain_ci_low": estimate.gain_ci_low,
+        "gain_ci_high": estimate.gain_ci_high,
+    }
+    if oracle is None:
+        return empty | gain | {"reason": "no oracle run"}
+    return gain | {
         "value": estimate.value,
         "ci_low": _finite_or_none(estimate.ci_low),
         "ci_high": _finite_or_none(estimate.ci_high),
         "per_task_gain": estimate.per_task_gain,
         "excluded_tasks": estimate.excluded_tasks,
+        "small_headroom_share": estimate.small_headroom_share,
+        "warning": estimate.warning,
     }
 
 
@@ -407,9 +496,10 @@ def summarise(
     per_seed: dict[str, dict[str, dict[str, TaskEvaluation]]], seeds: Sequence[int]
 ) -> dict[str, Any]:
     """Accuracy (mean ± 95% t half width over seeds, and per task), oracle-gap closure, CTGI on
-    the held-out tasks (paired bootstrap, oracle per-example correctness as the upper bound),
-    and the RoMA − router-tuning paired t-test over seeds. Gap closure and CTGI are None
-    without the oracle in ``per_seed``; the t-test needs both RoMA and router tuning."""
+    the held-out tasks (paired bootstrap, oracle per-example correctness as the upper bound)
+    beside the plain held-out gain over the base with its paired interval, and the RoMA −
+    router-tuning paired t-test over seeds. Gap closure and CTGI are None without the oracle
+    in ``per_seed``; the t-test needs both RoMA and router tuning."""
     keys = [str(s) for s in seeds]
     has_oracle = "oracle" in per_seed
     summary: dict[str, Any] = {"accuracy": {}, "per_task": {}, "gap_closure": {}, "ctgi": {}}
@@ -442,14 +532,15 @@ def summarise(
             ]
             summary["gap_closure"][method][name] = {"per_seed": gaps, "mean": _mean(gaps)}
         estimates = [
-            _ctgi_entry(by_seed[k], per_seed["base"][k], per_seed["oracle"][k], k)
-            if has_oracle
-            else {"value": None, "ci_low": None, "ci_high": None, "reason": "no oracle run"}
+            _ctgi_entry(
+                by_seed[k], per_seed["base"][k], per_seed["oracle"][k] if has_oracle else None, k
+            )
             for k in keys
         ]
         summary["ctgi"][method] = {
             "per_seed": estimates,
             "mean": _mean([e["value"] for e in estimates]),
+            "accuracy_gain": _mean([e["accuracy_gain"] for e in estimates]),
         }
     if len(keys) >= 2 and {"roma", "router_tuning"} <= per_seed.keys():
         summary["roma_minus_router_tuning"] = {}
@@ -466,18 +557,31 @@ def summarise(
     return summary
 
 
-def c3po_cost(timings: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
-    """C3PO's inference time (embedding the question, neighbour search, re-mixed forward)
-    against the base model's plain evaluation of the same questions."""
-    cost = {}
-    for name, size in sizes.items():
-        base = timings[f"base_{name}_s"]
-        c3po = float(np.mean(timings[f"c3po_{name}_s"]))
-        cost[name] = {
-            "base_ms_per_example": 1000 * base / size,
-            "c3po_ms_per_example": 1000 * c3po / size,
-            "ratio": c3po / base,
-        }
+def _record(timings: dict[str, dict[str, list[float]]], method: str, name: str, start: float):
+    """Append the seconds since ``start`` to ``timings[method][name]``."""
+    timings.setdefault(method, {}).setdefault(name, []).append(time.perf_counter() - start)
+
+
+def inference_cost(
+    timings: dict[str, dict[str, list[float]]], sizes: dict[str, int]
+) -> dict[str, Any]:
+    """Per method other than the base and set: its evaluation time per question (mean over
+    seeds) against the base model's plain evaluation of the same questions. For C3PO (either
+    surrogate) it includes embedding the questions and the neighbour search; for the trained
+    methods it is the plain forward (ratio ≈ 1: their cost is in training); the oracle's is
+    the per-question descent it needs the label for."""
+    cost: dict[str, Any] = {}
+    for method, by_set in timings.items():
+        if method == "base":
+            continue
+        cost[method] = {}
+        for name, seconds in by_set.items():
+            base, mean = timings["base"][name][0], float(np.mean(seconds))
+            cost[method][name] = {
+                "base_ms_per_example": 1000 * base / sizes[name],
+                "ms_per_example": 1000 * mean / sizes[name],
+                "ratio": mean / base,
+            }
     return cost
 
 
@@ -490,6 +594,21 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _with_interval(
+    mean: float | None, per_seed: list[dict], low_key: str, high_key: str, scale: float = 1.0
+) -> str:
+    """``mean`` (×``scale``) and the mean over seeds of each bound; n/a where one is missing."""
+    if mean is None:
+        return "n/a"
+    digits = 1 if scale != 1.0 else 3
+    text = f"{scale * mean:+.{digits}f}"
+    bounds = [(e.get(low_key), e.get(high_key)) for e in per_seed]
+    if all(low is not None and high is not None for low, high in bounds):
+        low, high = scale * np.mean(bounds, axis=0)
+        return text + f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+    return text + " [interval n/a]"
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
     """The main table (method × set accuracy, gap closure, CTGI) and the per-task table, for
     the methods the study ran."""
@@ -500,9 +619,11 @@ def markdown_tables(results: dict[str, Any]) -> str:
         f"# RoMA study: {results['base_run']}",
         "",
         f"Accuracy (%) mean ± 95% t half width over seeds {list(seeds)}; gap closure ="
-        " (A − A_base)/(A_oracle − A_base) on the macro accuracy; CTGI on the held-out tasks"
-        " (oracle upper bound; mean over seeds of the value and of its 95% bootstrap bounds;"
-        " n/a where bootstrap resamples left a task with no oracle headroom).",
+        " (A − A_base)/(A_oracle − A_base) on the macro accuracy; Δ held-out = the plain"
+        " held-out accuracy gain over the base (points; mean over tasks) and CTGI on the"
+        " held-out tasks (oracle upper bound), each with its paired 95% bootstrap interval"
+        " (means over seeds of the value and of the bounds; n/a where bootstrap resamples left a"
+        " task with no oracle headroom). CTGI weighs a task's gain by 1/headroom.",
         "",
     ]
     rows = []
@@ -510,13 +631,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         accuracy = summary["accuracy"][method]
         gaps = summary["gap_closure"][method]
         ctgi_entry = summary["ctgi"][method]
-        bounds = [(e["ci_low"], e["ci_high"]) for e in ctgi_entry["per_seed"]]
-        ctgi_cell = _number(ctgi_entry["mean"])
-        if all(low is not None and high is not None for low, high in bounds):
-            low, high = np.mean(bounds, axis=0)
-            ctgi_cell += f" [{low:.3f}, {high:.3f}]"
-        else:
-            ctgi_cell += " [interval n/a]"
+        per_seed = ctgi_entry["per_seed"]
         rows.append(
             [
                 method,
@@ -524,11 +639,23 @@ def markdown_tables(results: dict[str, Any]) -> str:
                 _cell(accuracy["heldout"]),
                 _number(gaps["seen"]["mean"]),
                 _number(gaps["heldout"]["mean"]),
-                ctgi_cell,
+                _with_interval(
+                    ctgi_entry["accuracy_gain"], per_seed, "gain_ci_low", "gain_ci_high", 100
+                ),
+                _with_interval(ctgi_entry["mean"], per_seed, "ci_low", "ci_high"),
             ]
         )
     header = ["method", "seen", "held-out", "gap closure seen", "gap closure held-out"]
-    lines.append(to_markdown(Table([*header, "CTGI held-out"], rows)))
+    lines.append(to_markdown(Table([*header, "Δ held-out", "CTGI held-out"], rows)))
+    warnings = [
+        f"- {method}, seed {seed}: {entry['warning']}"
+        for method in methods
+        if method not in ("base", "oracle")  # CTGI 0 and 1 by construction
+        for seed, entry in zip(seeds, summary["ctgi"][method]["per_seed"], strict=True)
+        if entry.get("warning")
+    ]
+    if warnings:
+        lines += ["", "CTGI warnings (read these CTGI values with the plain gain):", "", *warnings]
     if "roma_minus_router_tuning" in summary:
         lines += ["", "RoMA − router tuning (paired t-test over seeds):", ""]
         for name, entry in summary["roma_minus_router_tuning"].items():
@@ -538,14 +665,33 @@ def markdown_tables(results: dict[str, Any]) -> str:
                 + (f" ± {100 * half:.2f}" if half is not None else "")
                 + (f", p = {entry['p_value']:.3f}" if entry["p_value"] is not None else "")
             )
-    cost = results["c3po_cost"] or {}
+    cost = results["inference_cost"]
     if cost:
-        lines += ["", "C3PO inference cost (ms per question, ratio to the base model):", ""]
-    for name, entry in cost.items():
-        lines.append(
-            f"- {name}: base {entry['base_ms_per_example']:.2f}, C3PO "
-            f"{entry['c3po_ms_per_example']:.2f} ({entry['ratio']:.2f}×)"
-        )
+        lines += [
+            "",
+            "Inference cost (ms per question, ratio to the base model's evaluation; C3PO includes"
+            " embedding the question and the neighbour search):",
+            "",
+        ]
+        base = next(iter(cost.values()))
+        rows = [
+            [
+                "base",
+                *(f"{base[n]['base_ms_per_example']:.2f}" for n in SETS),
+                *["1.00"] * len(SETS),
+            ]
+        ]
+        rows += [
+            [
+                method,
+                *(f"{cost[method][n]['ms_per_example']:.2f}" for n in SETS),
+                *(f"{cost[method][n]['ratio']:.2f}" for n in SETS),
+            ]
+            for method in METHODS
+            if method in cost
+        ]
+        header = ["method", *(f"{n} ms" for n in SETS), *(f"{n} ×" for n in SETS)]
+        lines.append(to_markdown(Table(header, rows)))
     for name in SETS:
         tasks = list(summary["per_task"]["base"][name])
         lines += ["", f"Per-task accuracy (%), {name}:", ""]

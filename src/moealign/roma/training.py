@@ -6,6 +6,8 @@ r_i(θ) computed in the same forward pass (so every term has a gradient w.r.t. �
 
     L = mean_i CE_i + λ(t) · mean_i R_i,      λ(t) = λ_max · min(1, t / T_warm)
 
+(without the CE term when ``task_loss`` is off: Oracle Tuning, :mod:`moealign.roma.baselines`)
+
 with t the optimizer steps taken and the regulariser R (``regularizer``):
 
     manifold  R_i = Σ_{j∈N(i)} W_ij ‖r_i(θ) − r_j‖²     (RoMA; r_j fixed targets of the base model)
@@ -14,7 +16,9 @@ with t the optimizer steps taken and the regulariser R (``regularizer``):
     l2        R   = Σ (θ − θ_0)²
     none      R   = 0                                    (router tuning)
 
-optimised with AdamW. The frozen model runs in eval mode (no dropout, jitter or expert-bias
+optimised with AdamW. The l1/l2 penalties on θ − θ_0 (the routers' change from the base model)
+are our reading of the RoMA paper's L1/L2 regulariser ablation, which does not say what they
+act on. The frozen model runs in eval mode (no dropout, jitter or expert-bias
 updates).
 """
 
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 
 from moealign.data.tasks import TaskExample
 from moealign.data.tokenizer import Tokenizer
+from moealign.nn.functional import plogp
 from moealign.nn.routed import RoutedModel
 from moealign.roma.choices import (
     ChoiceBatch,
@@ -52,8 +57,9 @@ def manifold_loss(routing_BP: Tensor, targets_BKP: Tensor, weight_BK: Tensor) ->
 
 
 def routing_entropy(routing_BLE: Tensor) -> Tensor:
-    """mean_b Σ_l H(r_b,l), H(p) = −Σ_e p_e log p_e."""
-    return -torch.special.xlogy(routing_BLE, routing_BLE).sum(-1).sum(-1).mean()
+    """mean_b Σ_l H(r_b,l), H(p) = −Σ_e p_e log p_e with 0·log 0 = 0 and finite gradients
+    (:func:`moealign.nn.functional.plogp`)."""
+    return -plogp(routing_BLE).sum(-1).sum(-1).mean()
 
 
 def lambda_at(step: int, lambda_max: float, warmup_steps: int) -> float:
@@ -65,7 +71,8 @@ def lambda_at(step: int, lambda_max: float, warmup_steps: int) -> float:
 
 @dataclass
 class RouterTrainingConfig:
-    """The training knobs of :func:`train_routers` (a view of :class:`RomaConfig`)."""
+    """The training knobs of :func:`train_routers` (a view of :class:`RomaConfig`);
+    ``task_loss=False`` trains on λ(t)·R alone."""
 
     regularizer: str = "manifold"
     lambda_max: float = 1.0
@@ -74,6 +81,7 @@ class RouterTrainingConfig:
     weight_decay: float = 0.01
     epochs: int = 3
     batch_size: int = 16
+    task_loss: bool = True
 
 
 @dataclass
@@ -177,7 +185,9 @@ def train_routers(
                     initial,
                 )
                 lam = lambda_at(step, config.lambda_max, config.lambda_warmup_steps)
-                loss = ce if config.regularizer == "none" else ce + lam * penalty
+                loss = ce if config.task_loss else torch.zeros_like(ce)
+                if config.regularizer != "none":
+                    loss = loss + lam * penalty
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"the loss became {loss.item()} at step {step}")
                 optimizer.zero_grad(set_to_none=True)

@@ -387,9 +387,10 @@ def _task_accuracy(run_set: RunSet) -> dict[str, dict[str, dict[str, tuple[float
 
 def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
     """Per variant, against its baseline (the study's per-variant baseline, else ``baseline``):
-    mean held-out and in-domain accuracy gains, CTGI with its paired bootstrap 95% interval over
-    (seed, example) pairs and the transfer ratio
-    (:func:`moealign.studies.transfer.variant_transfer`)."""
+    mean held-out and in-domain accuracy gains (the held-out one with its paired bootstrap 95%
+    interval), CTGI with its paired bootstrap 95% interval over (seed, example) pairs and a
+    warning when tasks with headroom under 10 points carry over half its weight, and the
+    transfer ratio (:func:`moealign.studies.transfer.variant_transfer`)."""
     rows = []
     for variant in run_set.variants:
         base = run_set.baseline_of(variant, baseline)
@@ -403,11 +404,13 @@ def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
         if found is None:
             continue
         estimate = found.ctgi
-        ctgi_text = (
-            f"{estimate.value:+.3f} [{estimate.ci_low:+.3f}, {estimate.ci_high:+.3f}]"
-            if estimate is not None
-            else "–"
-        )
+        heldout_text = f"{found.heldout_gain:+.3f}"
+        ctgi_text = "–"
+        if estimate is not None:
+            heldout_text += f" [{estimate.gain_ci_low:+.3f}, {estimate.gain_ci_high:+.3f}]"
+            ctgi_text = f"{estimate.value:+.3f} [{estimate.ci_low:+.3f}, {estimate.ci_high:+.3f}]"
+            if estimate.warning:
+                ctgi_text += f" (warning: {estimate.warning})"
         excluded = (
             ", ".join(sorted(estimate.excluded_tasks)) or "none"
             if estimate is not None
@@ -418,7 +421,7 @@ def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
                 variant,
                 base,
                 ",".join(map(str, found.seeds)),
-                f"{found.heldout_gain:+.3f}",
+                heldout_text,
                 f"{found.indomain_gain:+.3f}",
                 ctgi_text,
                 format_number(found.transfer_ratio),
@@ -434,7 +437,7 @@ def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
             "variant",
             "baseline",
             "seeds",
-            "Δ held-out acc",
+            "Δ held-out acc [95% CI]",
             "Δ in-domain acc",
             "CTGI [95% CI]",
             "transfer ratio",
@@ -515,7 +518,10 @@ def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> li
                     "CTGI (DESIGN.md §7) against each variant's baseline, upper bound 1: mean "
                     "over held-out tasks of (A_m − A_b)/(1 − A_b), tasks with headroom under 1 "
                     "point excluded; 95% paired percentile bootstrap over (seed, example) pairs "
-                    "(runs of one seed answer the same examples). Transfer ratio: mean held-out "
+                    "(runs of one seed answer the same examples), beside the plain held-out "
+                    "accuracy gain and its interval from the same resamples; a task's weight in "
+                    "CTGI is ∝ 1/headroom, so a warning marks CTGI values where tasks with under "
+                    "10 points of headroom carry over half of it. Transfer ratio: mean held-out "
                     "gain / mean in-domain (seen-task test) gain."
                 ),
                 transfer_table(run_set, baseline),
