@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from moealign import __version__
 from moealign.config import ConfigError, load_config
 from moealign.studies import ablate, report
 from moealign.tables import Table, to_text
@@ -203,6 +204,26 @@ def _run_roma(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `moealign train`")
+    parser.add_argument("out", metavar="OUT", help="the Hugging Face model directory to write")
+    parser.add_argument(
+        "--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest)"
+    )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from moealign.integrations.hf_export import export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, args.step)
+    except ValueError as err:  # an existing OUT, a model Mixtral cannot express
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run_dir} to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train a model from a config", add_arguments=_train_arguments, run=_run_train
@@ -235,6 +256,11 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_analyze_arguments,
         run=_run_analyze,
     ),
+    "export": Command(
+        help="export a run's checkpoint as a Hugging Face model directory (with its tokenizer)",
+        add_arguments=_export_arguments,
+        run=_run_export,
+    ),
     "roma": Command(
         help="RoMA study: router tuning, RoMA, C3PO and oracle routing on a pretrained run",
         add_arguments=_roma_arguments,
@@ -260,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, adapt and analyse MoE routers.",
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"moealign {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(

@@ -1,5 +1,11 @@
 """Tokenizers behind one interface (DESIGN.md §7): raw bytes, or a byte-level BPE trained with
-Hugging Face ``tokenizers`` and cached on disk by a fingerprint of its training data."""
+Hugging Face ``tokenizers`` and cached on disk by a fingerprint of its training data.
+
+Both save themselves as Hugging Face tokenizer files (:meth:`~Tokenizer.save_pretrained`:
+``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), which
+``transformers.AutoTokenizer.from_pretrained`` loads with the same ids; BOS and EOS are both
+``<|endoftext|>`` (as in GPT-2: moealign separates documents with EOS and adds no BOS), PAD is
+``<|pad|>``, and no special token is added on encoding (no post-processor)."""
 
 from __future__ import annotations
 
@@ -11,10 +17,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = EOS_TOKEN
 PAD_TOKEN = "<|pad|>"
 _BYTE_TOKENIZER_KIND = "moealign-byte"
 # Bump when the BPE recipe below changes, so cached files of the old recipe are not reused.
@@ -35,6 +42,8 @@ class Tokenizer(Protocol):
 
     def save(self, path: str | os.PathLike) -> None: ...
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None: ...
+
 
 def _write_atomically(path: Path, text: str) -> None:
     """Write to a temporary file in the same directory, then ``os.replace`` it into place, so a
@@ -48,6 +57,53 @@ def _write_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → character map, the alphabet of the ``tokenizers`` ByteLevel
+    pre-tokenizer and decoder: printable Latin-1 bytes map to themselves, the other bytes to
+    the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+def byte_level_tokenizer() -> HFTokenizer:
+    """The ``tokenizers`` twin of :class:`ByteTokenizer`: a byte-level BPE without merges whose
+    256 base tokens are the bytes in id order (ByteLevel pre-tokenizer without its regex
+    split, ByteLevel decoder), then EOS = 256 and PAD = 257."""
+    alphabet = _bytes_to_unicode()
+    tokenizer = HFTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in (EOS_TOKEN, PAD_TOKEN)]
+    )
+    return tokenizer
+
+
+def save_hf_tokenizer(
+    tokenizer: HFTokenizer, directory: str | os.PathLike, split_special_tokens: bool
+) -> Path:
+    """Write ``tokenizer`` to ``directory`` as the files ``AutoTokenizer.from_pretrained`` reads:
+    ``tokenizer.json``, ``tokenizer_config.json`` (BOS = EOS = ``<|endoftext|>``, PAD =
+    ``<|pad|>``, no cleanup of spaces on decoding) and ``special_tokens_map.json``, each
+    atomically. ``split_special_tokens``: encode the literal text of a special token as
+    ordinary text (the byte tokenizer) instead of as the special id (the BPE tokenizer)."""
+    directory = Path(directory)
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": split_special_tokens,
+    }
+    _write_atomically(directory / "tokenizer.json", tokenizer.to_str())
+    _write_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2))
+    _write_atomically(directory / "special_tokens_map.json", json.dumps(special, indent=2))
+    return directory
 
 
 class ByteTokenizer:
@@ -67,6 +123,10 @@ class ByteTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         _write_atomically(Path(path), json.dumps({"kind": _BYTE_TOKENIZER_KIND}))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Hugging Face files of :func:`byte_level_tokenizer` (see :func:`save_hf_tokenizer`)."""
+        save_hf_tokenizer(byte_level_tokenizer(), directory, split_special_tokens=True)
 
 
 class BPETokenizer:
@@ -94,6 +154,10 @@ class BPETokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         _write_atomically(Path(path), self._tokenizer.to_str())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Hugging Face files of this tokenizer (see :func:`save_hf_tokenizer`)."""
+        save_hf_tokenizer(self._tokenizer, directory, split_special_tokens=False)
 
 
 def load_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:

@@ -7,6 +7,11 @@
   native gates holding the effective rows.
 * :func:`import_pretrained` loads a Mixtral-architecture checkpoint into a
   :class:`MoETransformer`.
+* :func:`export_run` (``moealign export RUN_DIR OUT``) turns a run directory's checkpoint into a
+  complete model directory: weights, config and generation config with the tokenizer's
+  BOS/EOS/PAD ids (greedy by default, stopping at EOS like moealign's decoding), and the
+  tokenizer files, so that ``AutoModelForCausalLM``, ``AutoTokenizer`` and
+  ``pipeline("text-generation")`` work on it as they do on any hub model.
 
 Layouts. Experts: transformers ``gate_up_proj`` (E, 2F, D) = [w_gate; w_up] along F, and
 ``down_proj`` (E, D, F) = w_down. Attention: moealign's fused ``qkv`` rows are [q; k; v], and its
@@ -19,6 +24,8 @@ and k are permuted alike.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,10 +33,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from moealign.config import RunConfig
+from moealign.data.build import build_data_tokenizer
+from moealign.evaluation.run import load_run_config
 from moealign.integrations.hf import MoealignGate, detect_family, moe_blocks
 from moealign.nn.moe import MoELayer
 from moealign.nn.routers import MPIRouter, Router, SoftmaxTopKRouter
 from moealign.nn.transformer import ModelConfig, MoETransformer
+from moealign.training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    step_dir_name,
+)
+from moealign.training.runs import CHECKPOINT_DIR, TOKENIZER_DIR
 
 EXPORTABLE_ROUTERS = (SoftmaxTopKRouter, MPIRouter)
 
@@ -124,9 +143,13 @@ def _check_exportable(config: ModelConfig) -> None:
         )
 
 
-def mixtral_config(config: ModelConfig):
-    """The ``MixtralConfig`` of a :class:`MoETransformer`'s architecture."""
+def mixtral_config(config: ModelConfig, special_ids: dict[str, int | None] | None = None):
+    """The ``MixtralConfig`` of a :class:`MoETransformer`'s architecture; ``special_ids`` sets
+    ``bos_token_id``/``eos_token_id``/``pad_token_id`` (default: none)."""
     from transformers import MixtralConfig
+
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    ids |= special_ids or {}
 
     return MixtralConfig(
         vocab_size=config.vocab_size,
@@ -143,14 +166,13 @@ def mixtral_config(config: ModelConfig):
         num_experts_per_tok=config.top_k,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         initializer_range=config.init_std,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+        **ids,
     )
 
 
-def to_mixtral(model: MoETransformer):
-    """A ``MixtralForCausalLM`` (float32, eval mode) computing the same logits as ``model``."""
+def to_mixtral(model: MoETransformer, special_ids: dict[str, int | None] | None = None):
+    """A ``MixtralForCausalLM`` (float32, eval mode) computing the same logits as ``model``
+    (``special_ids``: see :func:`mixtral_config`)."""
     from transformers import MixtralForCausalLM
 
     config = model.config
@@ -180,7 +202,7 @@ def to_mixtral(model: MoETransformer):
             ),
             prefix + "mlp.experts.down_proj": moe.experts.w_down,
         }
-    hf_model = MixtralForCausalLM(mixtral_config(config))
+    hf_model = MixtralForCausalLM(mixtral_config(config, special_ids))
     with torch.no_grad():
         hf_model.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
     return hf_model.eval()
@@ -284,6 +306,81 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
+def _run_checkpoint(run_dir: Path, step: int | None) -> Checkpoint:
+    directory = run_dir / CHECKPOINT_DIR
+    if step is None:
+        checkpoint = load_latest(directory, fallback=True)
+        if checkpoint is None:
+            raise CheckpointError(f"run directory {run_dir} holds no checkpoint to export")
+        return checkpoint
+    path = directory / step_dir_name(step)
+    if not path.is_dir():
+        steps = [int(p.name.removeprefix("step_")) for p in list_checkpoints(directory)]
+        raise CheckpointError(
+            f"--step {step}: run directory {run_dir} has no checkpoint of that step; "
+            f"its checkpoints are at steps {steps}"
+        )
+    return load_checkpoint(path)
+
+
+def _write_run_tokenizer(run_dir: Path, config: RunConfig, directory: Path):
+    """Copy the run's saved tokenizer files (or, for a run from before they were saved, rebuild
+    its tokenizer from the config) into ``directory``; returns them loaded by AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    saved = run_dir / TOKENIZER_DIR
+    if saved.is_dir():
+        shutil.copytree(saved, directory, dirs_exist_ok=True)
+    else:
+        build_data_tokenizer(config.data).save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> Path:
+    """Export a run directory's checkpoint (the newest good one, or that of ``step``) as a
+    complete Hugging Face model directory ``out``: ``model.safetensors`` and ``config.json``
+    (Mixtral, :func:`to_mixtral`) with the tokenizer's BOS/EOS/PAD ids,
+    ``generation_config.json`` (greedy, stopping at EOS or at ``model.max_seq_len`` tokens, as
+    :func:`moealign.evaluation.generation.greedy_generate` does) and the run's tokenizer files.
+
+    ``out`` must not exist or be an empty directory; the export is written next to it and
+    moved into place, so a failed export leaves nothing behind. Raises
+    :class:`~moealign.training.checkpoint.CheckpointError` for a missing run, step or
+    checkpoint and ``ValueError`` for a model Mixtral cannot express.
+    """
+    from transformers import GenerationConfig
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"OUT={str(out)!r} exists and is not an empty directory; choose another")
+    config = load_run_config(run_dir)
+    _check_exportable(config.model)
+    checkpoint = _run_checkpoint(run_dir, step)
+    model = MoETransformer(config.model)
+    checkpoint.load_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        tokenizer = _write_run_tokenizer(run_dir, config, tmp)
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        hf_model = to_mixtral(model, ids)
+        hf_model.generation_config = GenerationConfig(
+            **ids, do_sample=False, max_length=config.model.max_seq_len
+        )
+        hf_model.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def import_pretrained(source, **from_pretrained_options) -> MoETransformer:
     """A :class:`MoETransformer` from a Mixtral-architecture transformers model, or from a local
     directory / hub name loaded with ``AutoModelForCausalLM.from_pretrained(source,
@@ -299,6 +396,7 @@ def import_pretrained(source, **from_pretrained_options) -> MoETransformer:
 
 __all__ = [
     "export_pretrained",
+    "export_run",
     "from_mixtral",
     "import_pretrained",
     "linear_router_weight",

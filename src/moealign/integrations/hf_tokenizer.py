@@ -34,4 +34,7 @@ class TransformersTokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def save(self, path: str | os.PathLike) -> None:
-        self._tokenizer.save_pretrained(path)
+        self.save_pretrained(path)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self._tokenizer.save_pretrained(directory)

@@ -7,6 +7,7 @@ Layout (DESIGN.md §8)::
       meta.json          seed, package versions, git commit, host, device, command line, times
       metrics.jsonl      one JSON object per logged step, appended and flushed
       checkpoints/       step_* directories (moealign.training.checkpoint)
+      tokenizer/         the run's tokenizer as Hugging Face files (AutoTokenizer loads it)
       final_eval.json    the evaluation at the end of training
 
 An existing run is never overwritten by accident: opening a directory that already holds a
@@ -44,6 +45,7 @@ META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 CHECKPOINT_DIR = "checkpoints"
+TOKENIZER_DIR = "tokenizer"
 # Changes that do not alter the result: the budget, the dashboards the metrics go to, and the
 # parallel layout (a resume on another number of ranks keeps world size × grad_accum, so the
 # global batch and its micro-batches stay the same; checkpoints hold whole tensors).

@@ -64,7 +64,7 @@ from moealign.training.checkpoint import (
     save_checkpoint,
 )
 from moealign.training.loggers import LoggerGroup, build_loggers
-from moealign.training.runs import RunDirectory, peak_memory_bytes, utc_now
+from moealign.training.runs import TOKENIZER_DIR, RunDirectory, peak_memory_bytes, utc_now
 
 __all__ = ["AuxTerm", "Trainer", "TrainResult"]
 
@@ -301,6 +301,8 @@ class Trainer:
             if self.dist.is_main
             else None
         )
+        if self.run is not None:
+            self.data.tokenizer.save_pretrained(run_path / TOKENIZER_DIR)
         self.checkpoint_dir = run_path / "checkpoints"
         if resume:
             self._restore()
