@@ -3,8 +3,8 @@
 * :func:`export_pretrained` saves a model so ``AutoModelForCausalLM.from_pretrained`` loads it
   with identical logits: a :class:`MoETransformer` becomes a ``MixtralForCausalLM`` (softmax
   top-k routers; MPI routers as their precomputed R_eff, DESIGN.md §3), and a transformers
-  model whose gates were swapped (:func:`~moealign.integrations.hf.swap_routers`) is saved with
-  native gates holding the effective rows.
+  model whose gates were swapped (:func:`~moealign.integrations.hf.swap_routers`) is saved as
+  it is: a swapped gate's state dict is its native router's weight, the effective rows.
 * :func:`import_pretrained` loads a Mixtral-architecture checkpoint into a
   :class:`MoETransformer`.
 * :func:`export_run` (``moealign export RUN_DIR OUT``) turns a run directory's checkpoint into a
@@ -26,8 +26,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,9 +34,10 @@ from torch import Tensor, nn
 from moealign.config import RunConfig
 from moealign.data.build import build_data_tokenizer
 from moealign.evaluation.run import load_run_config
-from moealign.integrations.hf import MoealignGate, detect_family, moe_blocks
+from moealign.integrations.hf import detect_family
+from moealign.integrations.router_weights import linear_router_weight
 from moealign.nn.moe import MoELayer
-from moealign.nn.routers import MPIRouter, Router, SoftmaxTopKRouter
+from moealign.nn.routers import MPIRouter
 from moealign.nn.transformer import ModelConfig, MoETransformer
 from moealign.training.checkpoint import (
     Checkpoint,
@@ -49,72 +48,6 @@ from moealign.training.checkpoint import (
     step_dir_name,
 )
 from moealign.training.runs import CHECKPOINT_DIR, TOKENIZER_DIR
-
-EXPORTABLE_ROUTERS = (SoftmaxTopKRouter, MPIRouter)
-
-
-def linear_router_weight(router: Router, drive_EFD: Tensor | None, normalize_topk: bool) -> Tensor:
-    """The (E, D) weight W of a plain softmax top-k router that routes exactly like ``router``:
-    logits = x Wᵀ with W = R/τ (softmax top-k) or R_eff/τ (MPI, DESIGN.md §3).
-
-    Refuses (ValueError naming the option) what a native softmax top-k router cannot express:
-    other router kinds, a non-zero expert bias, a capacity factor, or a top-k renormalisation
-    other than ``normalize_topk`` (the target's)."""
-    if type(router) not in EXPORTABLE_ROUTERS:
-        raise ValueError(
-            f"router kind={router.kind!r} cannot be exported; exportable kinds: softmax_topk, mpi"
-        )
-    if router.expert_bias is not None and bool(router.expert_bias.any()):
-        raise ValueError(
-            "router expert_bias is non-zero: a transformers softmax router has no selection bias"
-        )
-    if router.capacity_factor is not None:
-        raise ValueError(
-            f"router capacity_factor={router.capacity_factor} cannot be exported: transformers "
-            "MoE layers are dropless (use capacity_factor=None)"
-        )
-    if router.normalize_topk != normalize_topk:
-        raise ValueError(
-            f"router normalize_topk={router.normalize_topk} does not match the target's top-k "
-            f"renormalisation ({normalize_topk})"
-        )
-    with torch.no_grad():
-        if isinstance(router, MPIRouter):
-            rows_ED = router.effective_weight(drive_EFD)
-        else:
-            rows_ED = router.weight
-        return (rows_ED / router.temperature).detach().clone()
-
-
-# --- transformers model with swapped gates → native checkpoint ----------------------------------
-
-
-@contextmanager
-def native_gates(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every :class:`MoealignGate` of a transformers model is replaced by its
-    family's native router holding the equivalent linear weight; restored on exit."""
-    swapped = []
-    try:
-        for block in moe_blocks(model):
-            gate = block.mlp.gate
-            if not isinstance(gate, MoealignGate):
-                continue
-            native = gate.native_class(model.config)
-            drive = gate.router_drive_matrix() if isinstance(gate.router, MPIRouter) else None
-            weight = linear_router_weight(
-                gate.router, drive, bool(getattr(native, "norm_topk_prob", True))
-            )
-            with torch.no_grad():
-                native.weight.copy_(weight)
-            dtype = block.mlp.experts.down_proj.dtype
-            native = native.to(device=gate.router.weight.device, dtype=dtype)
-            block.mlp.gate = native.train(gate.training)
-            swapped.append((block.mlp, gate))
-        yield model
-    finally:
-        for mlp, gate in swapped:
-            mlp.gate = gate
-
 
 # --- MoETransformer ↔ Mixtral -------------------------------------------------------------------
 
@@ -301,8 +234,7 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
         to_mixtral(model).save_pretrained(path)
         return path
     detect_family(model)
-    with native_gates(model):
-        model.save_pretrained(path)
+    model.save_pretrained(path)  # swapped gates save their native weight (MoealignGate)
     return path
 
 
@@ -399,9 +331,7 @@ __all__ = [
     "export_run",
     "from_mixtral",
     "import_pretrained",
-    "linear_router_weight",
     "mixtral_config",
-    "native_gates",
     "rotary_permutation",
     "to_mixtral",
 ]
