@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from helpers_hf import FAMILIES, batch, tiny_model
 from helpers_questions import task_questions
 from moealign.data.tasks import TaskExample
-from moealign.data.tokenizer import ByteTokenizer
+from moealign.data.tokenizer import ByteTokenizer, TransformersTokenizer
 from moealign.integrations.hf import (
     HFRouted,
     MoealignGate,
@@ -25,7 +25,6 @@ from moealign.integrations.hf import (
     router_rows,
     swap_routers,
 )
-from moealign.integrations.hf_tokenizer import TransformersTokenizer
 from moealign.roma import (
     HashedTrigramEncoder,
     Neighbourhood,

@@ -160,6 +160,57 @@ class BPETokenizer:
         save_hf_tokenizer(self._tokenizer, directory, split_special_tokens=False)
 
 
+class TransformersTokenizer:
+    """A transformers tokenizer (``PreTrainedTokenizerBase``) behind the moealign interface, for
+    ``data.tokenizer = "hf:PATH"`` and for RoMA on a Hugging Face model (DESIGN.md §5).
+
+    ``encode`` adds no special tokens (prompts and answers are concatenated as ids, the
+    answer ending in ``eos_id``); ``eos_id`` is the tokenizer's EOS, ``pad_id`` its PAD or,
+    lacking one, its EOS (rows are right-padded, and under causal attention no real token sees
+    the padding); ``vocab_size`` counts added tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"tokenizer={type(tokenizer).__name__} has eos_token_id=None; accepted: a "
+                "tokenizer with an EOS token (answers end with it); set tokenizer.eos_token"
+            )
+        self._tokenizer = tokenizer
+        self.eos_id: int = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_id: int = self.eos_id if pad is None else pad
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.save_pretrained(path)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self._tokenizer.save_pretrained(directory)
+
+
+def load_transformers_tokenizer(path_or_name: str) -> TransformersTokenizer:
+    """``AutoTokenizer.from_pretrained(path_or_name)`` as a :class:`TransformersTokenizer`;
+    ValueError (one line) when it cannot be loaded or has no EOS."""
+    from transformers import AutoTokenizer  # optional dependency (the "hf" extra)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_name)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"no Hugging Face tokenizer at {path_or_name!r} ({reason}); accepted: a directory "
+            "with tokenizer files (tokenizer.json or a slow tokenizer's vocabulary) or a "
+            "hub name"
+        ) from None
+    return TransformersTokenizer(tokenizer)
+
+
 def load_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
     """Load what :meth:`ByteTokenizer.save` or :meth:`BPETokenizer.save` wrote."""
     path = Path(path)
@@ -219,9 +270,11 @@ def build_tokenizer(
     texts: Iterable[str] | None = None,
     vocab_size: int = 4096,
     cache_dir: str | os.PathLike | None = None,
-) -> ByteTokenizer | BPETokenizer:
+) -> Tokenizer:
     """``"byte"``: :class:`ByteTokenizer`; ``"bpe"``: :func:`train_bpe_tokenizer` (needs
-    ``texts`` and ``cache_dir``)."""
+    ``texts`` and ``cache_dir``); ``"hf:PATH"``: :func:`load_transformers_tokenizer`."""
+    if kind.startswith("hf:"):
+        return load_transformers_tokenizer(kind[3:])
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
@@ -231,4 +284,4 @@ def build_tokenizer(
                 f"cache_dir={cache_dir!r})"
             )
         return train_bpe_tokenizer(texts, vocab_size, cache_dir)
-    raise ValueError(f"kind={kind!r} is not a tokenizer kind; accepted: 'byte', 'bpe'")
+    raise ValueError(f"kind={kind!r} is not a tokenizer kind; accepted: 'byte', 'bpe', 'hf:PATH'")
