@@ -190,7 +190,23 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def _roma_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", metavar="RUN_DIR", required=True, help="pretrained run")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--base", metavar="RUN_DIR", help="pretrained run")
+    model.add_argument(
+        "--hf-model", metavar="PATH", help="a transformers MoE model (directory or hub name)"
+    )
+    parser.add_argument(
+        "--questions",
+        metavar="FILE.jsonl",
+        help="with --hf-model: one JSON question per line (question, options, answer, task)",
+    )
+    parser.add_argument(
+        "--heldout-tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help="with --hf-model: the tasks held out of training (the held-out set)",
+    )
     _add_config_arguments(parser)
     parser.add_argument("--out", metavar="DIR", required=True, help="results directory")
 
@@ -199,7 +215,15 @@ def _run_roma(args: argparse.Namespace) -> int:
     from moealign.roma.config import load_roma_config
     from moealign.roma.study import RomaStudy, markdown_tables
 
-    study = RomaStudy(args.base, load_roma_config(args.config, args.overrides))
+    if bool(args.hf_model) != bool(args.questions):
+        raise ConfigError("--questions", "is given with --hf-model and only with it")
+    if args.base and args.heldout_tasks:
+        raise ConfigError("--heldout-tasks", "is given with --hf-model only (a run holds its own)")
+    config = load_roma_config(args.config, args.overrides)
+    if args.hf_model:
+        study = RomaStudy.from_hf_model(args.hf_model, args.questions, args.heldout_tasks, config)
+    else:
+        study = RomaStudy.from_run(args.base, config)
     print(markdown_tables(study.run(args.out)))
     return 0
 
@@ -262,7 +286,8 @@ COMMANDS: dict[str, Command] = {
         run=_run_export,
     ),
     "roma": Command(
-        help="RoMA study: router tuning, RoMA, C3PO and oracle routing on a pretrained run",
+        help="RoMA study: router tuning, RoMA, C3PO and oracle routing on a pretrained run or "
+        "a transformers MoE model",
         add_arguments=_roma_arguments,
         run=_run_roma,
     ),

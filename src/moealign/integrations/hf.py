@@ -87,11 +87,13 @@ def _supported_list() -> str:
 
 
 def detect_family(model: nn.Module) -> Family:
-    """The :class:`Family` of a transformers model, from ``model.config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """The :class:`Family` of a transformers model (or of its config, before loading the
+    weights), from ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", model), "model_type", None)
     if model_type not in FAMILIES:
+        name = type(model).__name__.removesuffix("Config")
         raise ValueError(
-            f"model={type(model).__name__} (model_type={model_type!r}) is not a supported "
+            f"model={name} (model_type={model_type!r}) is not a supported "
             f"Hugging Face MoE family; supported: {_supported_list()}"
         )
     return FAMILIES[model_type]
