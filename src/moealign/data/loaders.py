@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,10 @@ def _field_text(record: Any, field: str, where: str) -> str:
     return value
 
 
-def load_jsonl(
-    path: str | os.PathLike, text_field: str = "text", task_field: str | None = None
-) -> list[Document]:
-    """One document per non-blank line of a JSON-lines file, named ``"<path>:<line>"``; the
-    text is ``record[text_field]`` and, when ``task_field`` is given, the task label is
-    ``record[task_field]``."""
-    text = read_utf8_file(path)
-    documents = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
+    """(line number, ``"<path> line <n>"``, parsed record) for each non-blank line of a
+    JSON-lines file; ValueError naming the line of invalid JSON."""
+    for line_number, line in enumerate(read_utf8_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {line_number}"
@@ -69,6 +64,17 @@ def load_jsonl(
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{where} is not valid JSON: {error.msg}") from None
+        yield line_number, where, record
+
+
+def load_jsonl(
+    path: str | os.PathLike, text_field: str = "text", task_field: str | None = None
+) -> list[Document]:
+    """One document per non-blank line of a JSON-lines file, named ``"<path>:<line>"``; the
+    text is ``record[text_field]`` and, when ``task_field`` is given, the task label is
+    ``record[task_field]``."""
+    documents = []
+    for line_number, where, record in jsonl_records(path):
         documents.append(
             Document(
                 name=f"{path}:{line_number}",

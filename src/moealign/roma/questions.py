@@ -9,12 +9,11 @@ splits the rest into a training pool and a test set.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 from moealign.data.corpus import Document, split_documents
-from moealign.data.loaders import read_utf8_file
+from moealign.data.loaders import jsonl_records
 from moealign.data.tasks import OPTION_LETTERS, TaskExample
 
 FIELDS = ("question", "options", "answer", "task")
@@ -52,16 +51,7 @@ def load_questions(path: str | os.PathLike) -> list[TaskExample]:
     """The questions of a JSONL file as multiple-choice :class:`TaskExample` s (prompt = the
     question, answer = the gold letter), in file order; ValueError naming the file and line of
     a bad record."""
-    questions = []
-    for number, line in enumerate(read_utf8_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where} is not valid JSON: {error.msg}") from None
-        questions.append(_question(record, where))
+    questions = [_question(record, where) for _, where, record in jsonl_records(path)]
     if not questions:
         raise ValueError(f"{path} holds no question")
     return questions
