@@ -98,8 +98,10 @@ def test_keep_routing_continues_mpi_on_a_plain_reload(family, tmp_path):
     model, input_ids = swapped(family), batch()
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    pretrained = tiny_model(family)  # its rows are no MPI router's effective rows
     with pytest.raises(ValueError, match="not one an mpi router with c_prime=4.0"):
-        swap_routers(tiny_model(family), kind="mpi", keep_routing=True)  # raw pretrained rows
+        swap_routers(pretrained, kind="mpi", keep_routing=True)
+    assert not any(isinstance(b.mlp.gate, MoealignGate) for b in moe_blocks(pretrained))
     swap_routers(reloaded, kind="mpi", keep_routing=True, **MPI)
     torch.testing.assert_close(
         logits(reloaded, input_ids), logits(model, input_ids), rtol=0, atol=1e-5

@@ -168,7 +168,6 @@ class MoealignGate(nn.Module):
         self,
         router: Router,
         experts: nn.Module,
-        native_class: type,
         family: Family,
         native_normalize_topk: bool,
         native_dtype: torch.dtype,
@@ -176,7 +175,6 @@ class MoealignGate(nn.Module):
         super().__init__()
         self.router = router
         self._experts = (experts,)  # a tuple keeps the experts out of this module's state_dict
-        self.native_class = native_class
         self.family = family
         self.native_normalize_topk = native_normalize_topk
         self.native_dtype = native_dtype
@@ -275,7 +273,9 @@ def swap_routers(
     from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
     maybe_install_capturing_hooks(model.base_model)
-    for block in moe_blocks(model):
+    blocks = moe_blocks(model)
+    new_gates = []  # all built (and checked) before any block changes
+    for block in blocks:
         gate = block.mlp.gate
         if isinstance(gate, MoealignGate):
             raise ValueError(
@@ -287,7 +287,7 @@ def swap_routers(
         router_options = {"normalize_topk": normalize_topk, **options}
         router = build_router(kind, d_model, n_experts, gate.top_k, **router_options)
         new_gate = MoealignGate(
-            router, block.mlp.experts, type(gate), family, normalize_topk, gate.weight.dtype
+            router, block.mlp.experts, family, normalize_topk, gate.weight.dtype
         )
         rows = gate.weight
         if keep_routing:
@@ -295,12 +295,14 @@ def swap_routers(
             rows = router_rows_for(router, gate.weight, drive, normalize_topk)
         with torch.no_grad():
             router.weight.copy_(rows.float())
-        router.to(gate.weight.device).train(gate.training)
+        router.to(gate.weight.device)
         new_gate.train(gate.training)
         for hook_id, hook in gate._forward_hooks.items():  # transformers' output capture
             new_gate.register_forward_hook(
                 hook, with_kwargs=hook_id in gate._forward_hooks_with_kwargs
             )
+        new_gates.append(new_gate)
+    for block, new_gate in zip(blocks, new_gates, strict=True):
         block.mlp.gate = new_gate
         block.mlp.register_load_state_dict_pre_hook(_load_native_weight)
     return model
