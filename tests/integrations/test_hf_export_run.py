@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from moealign.cli import main
+from moealign.config import load_config
 from moealign.data import ByteTokenizer, encode_example
 from moealign.data.build import build_data_suite
 from moealign.evaluation.generation import greedy_generate
@@ -102,3 +103,14 @@ def test_export_of_an_earlier_step_and_bad_requests(trained_run, tmp_path, capsy
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_export_refuses_a_model_mixtral_cannot_express(tmp_path, capsys):
+    config = load_config(None, ["model.ffn=dense"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config.to_dict()))
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        "error: this MoETransformer cannot be exported as Mixtral: ffn='dense' (needs 'moe')\n"
+    )
+    assert not (tmp_path / "out").exists()
