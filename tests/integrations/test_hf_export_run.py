@@ -8,6 +8,9 @@ import json
 
 import pytest
 import torch
+
+pytest.importorskip("transformers")  # its loaders, generate and pipeline are under test
+
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from moealign.cli import main

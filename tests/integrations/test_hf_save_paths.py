@@ -10,6 +10,9 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+pytest.importorskip("transformers")  # the models under test are its own
+
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from helpers_hf import FAMILIES, SOFTMAX_FAMILIES, batch, tiny_model

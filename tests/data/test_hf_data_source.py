@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
+
+pytest.importorskip("transformers")  # datasets and transformers read the data and tokenizer
+
+import pandas as pd
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from helpers_cli import cli_env

@@ -5,6 +5,9 @@ import json
 
 import pytest
 from tokenizers import pre_tokenizers
+
+pytest.importorskip("transformers")  # its AutoTokenizer is the client under test
+
 from transformers import AutoTokenizer
 
 from moealign.data.batching import ANSWER_SEPARATOR

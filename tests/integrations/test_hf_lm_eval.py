@@ -8,9 +8,11 @@ import json
 import math
 from dataclasses import replace
 
-import lm_eval
 import pytest
 import torch
+
+lm_eval = pytest.importorskip("lm_eval")  # the client under test (the "eval" extra)
+
 from lm_eval.tasks import TaskManager
 
 from moealign.cli import main
