@@ -17,6 +17,7 @@ defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -25,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
+
+from moealign import __version__
 
 __all__ = ["COMMANDS", "Command", "HelpFormatter", "build_parser", "configure_logging", "main"]
 
@@ -400,26 +403,78 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def _roma_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", metavar="RUN_DIR", required=True, help="pretrained run")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--base", metavar="RUN_DIR", help="pretrained run")
+    model.add_argument(
+        "--hf-model", metavar="PATH", help="a transformers MoE model (directory or hub name)"
+    )
+    parser.add_argument(
+        "--questions",
+        metavar="FILE.jsonl",
+        help="with --hf-model: one JSON question per line (question, options, answer, task)",
+    )
+    parser.add_argument(
+        "--heldout-tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help="with --hf-model: the tasks held out of training (the held-out set)",
+    )
     _add_config_arguments(parser)
     parser.add_argument("--out", metavar="DIR", required=True, help="results directory")
 
 
 def _run_roma(args: argparse.Namespace) -> int:
+    from moealign.config import ConfigError
     from moealign.roma.config import load_roma_config
     from moealign.training.preflight import check_device, check_writable_folder
     from moealign.training.runs import RunLock
 
+    if bool(args.hf_model) != bool(args.questions):
+        raise ConfigError("--questions", "is given with --hf-model and only with it")
+    if args.base and args.heldout_tasks:
+        raise ConfigError("--heldout-tasks", "is given with --hf-model only (a run holds its own)")
     config = load_roma_config(args.config, args.overrides)
     check_device(config.device, "device")
-    _check_run_argument(args.base, "--base")
+    if args.base:
+        _check_run_argument(args.base, "--base")
+    else:
+        _check_model_folder(args.hf_model, "--hf-model", needs_tokenizer=True)
+        if not Path(args.questions).is_file():
+            raise ConfigError("--questions", f"got {args.questions!r}, which is not a file")
     check_writable_folder(args.out, "--out")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    with RunLock(args.base, shared=True), RunLock(args.out):
+    base_lock = RunLock(args.base, shared=True) if args.base else contextlib.nullcontext()
+    with base_lock, RunLock(args.out):
         from moealign.roma.study import RomaStudy, markdown_tables
 
-        study = RomaStudy(args.base, config)
+        if args.hf_model:
+            study = RomaStudy.from_hf_model(
+                args.hf_model, args.questions, args.heldout_tasks, config
+            )
+        else:
+            study = RomaStudy.from_run(args.base, config)
         print(markdown_tables(study.run(args.out)))
+    return 0
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `moealign train`")
+    parser.add_argument("out", metavar="OUT", help="the Hugging Face model directory to write")
+    parser.add_argument(
+        "--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest)"
+    )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from moealign.integrations.hf_export import export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, args.step)
+    except ValueError as err:  # an existing OUT, a model Mixtral cannot express
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run_dir} to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -457,8 +512,14 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_analyze_arguments,
         run=_run_analyze,
     ),
+    "export": Command(
+        help="export a run's checkpoint as a Hugging Face model directory (with its tokenizer)",
+        add_arguments=_export_arguments,
+        run=_run_export,
+    ),
     "roma": Command(
-        help="RoMA study: router tuning, RoMA, C3PO and oracle routing on a pretrained run",
+        help="RoMA study: router tuning, RoMA, C3PO and oracle routing on a pretrained run or "
+        "a transformers MoE model",
         add_arguments=_roma_arguments,
         run=_run_roma,
     ),
@@ -485,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (for bug reports)"
     )
+    parser.add_argument("--version", action="version", version=f"moealign {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(

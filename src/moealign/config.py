@@ -383,6 +383,10 @@ class ModelConfig(_Validated):
         return model if device is None else model.to(device)
 
 
+# Local data files that data.source = "hf" reads, by suffix: the datasets builder for each.
+HF_FILE_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
 @dataclass
 class DataConfig(_Validated):
     """Which data to train on (DESIGN.md §7); built by
@@ -397,11 +401,22 @@ class DataConfig(_Validated):
     ``multiple_choice`` (:func:`moealign.data.multiple_choice_view` with ``n_options`` options,
     seeded by ``seed``: the prompt lists lettered options and the answer is the gold letter).
     ``tokenizer``: ``byte`` (258 ids) or ``bpe`` (``vocab_size`` ids, trained on the text and
-    cached in ``cache_dir``).
+    cached in ``cache_dir``), or ``hf:PATH`` (``AutoTokenizer.from_pretrained(PATH)``, a local
+    directory or a hub name; ``model.vocab_size`` is then taken from it).
+
+    ``source = "hf"`` reads text with ``datasets.load_dataset``: ``hf_dataset`` (a dataset
+    name, with its configuration ``hf_config``) or local ``paths`` (``.json``/``.jsonl``,
+    ``.csv`` or ``.parquet`` files of one kind, the split "train"), the ``text_column`` of
+    split ``hf_split`` (any ``datasets`` split expression, e.g. ``train[:90%]``), the
+    documents in order up to ``text_max_bytes``. Validation documents come from
+    ``hf_val_split`` (e.g. ``validation`` or ``train[90%:]``), or when it is empty from a
+    deterministic document-level split of ``hf_split``. ``hf_streaming`` reads the rows
+    as a stream (for sets too large to download whole), stopping at ``text_max_bytes``.
+    Datasets are cached under ``cache_dir``/datasets.
     """
 
-    source: Literal["tasks", "text", "mixed", "files"] = "mixed"
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    source: Literal["tasks", "text", "mixed", "files", "hf"] = "mixed"
+    tokenizer: str = "byte"
     vocab_size: int = bounded(4096, ge=258)
     tasks: tuple[str, ...] = ()
     heldout_tasks: tuple[str, ...] | None = None
@@ -413,6 +428,12 @@ class DataConfig(_Validated):
     text_max_bytes: int = bounded(2_000_000, ge=1000)
     text_to_task_ratio: float = bounded(1.0, gt=0)
     paths: tuple[str, ...] = ()
+    hf_dataset: str = ""
+    hf_config: str = ""
+    hf_split: str = "train"
+    hf_val_split: str = ""
+    hf_streaming: bool = False
+    text_column: str = "text"
     cache_dir: str = ".cache/moealign"
     seed: int = bounded(0, ge=0, lt=2**64)
 
@@ -420,6 +441,42 @@ class DataConfig(_Validated):
         super().__post_init__()
         if self.source == "files" and not self.paths:
             raise ConfigError("paths", "got (); expected at least one path when source='files'")
+        if self.tokenizer not in ("byte", "bpe") and not (
+            self.tokenizer.startswith("hf:") and self.tokenizer[3:].strip()
+        ):
+            raise ConfigError(
+                "tokenizer",
+                f"got {self.tokenizer!r}; expected 'byte', 'bpe' or 'hf:PATH' (a Hugging Face "
+                "tokenizer directory or name)",
+            )
+        if self.source == "hf":
+            self._check_hf_source()
+
+    def _check_hf_source(self) -> None:
+        if bool(self.hf_dataset) == bool(self.paths):
+            raise ConfigError(
+                "hf_dataset",
+                f"got hf_dataset={self.hf_dataset!r} and paths={list(self.paths)}; with "
+                "source='hf' expected exactly one: a datasets name or local data files",
+            )
+        kinds = {HF_FILE_KINDS.get(Path(path).suffix.lower()) for path in self.paths}
+        if None in kinds or len(kinds) > 1:
+            raise ConfigError(
+                "paths",
+                f"got {list(self.paths)}; with source='hf' expected files of one kind: "
+                ".json/.jsonl, .csv or .parquet",
+            )
+        for name in ("hf_split", "text_column"):
+            if not getattr(self, name).strip():
+                raise ConfigError(name, "got ''; expected a non-empty name")
+
+    @property
+    def hf_builder(self) -> str:
+        """What ``datasets.load_dataset`` loads: ``hf_dataset``, or the packaged builder of the
+        local ``paths`` (``json``, ``csv`` or ``parquet``)."""
+        if self.hf_dataset:
+            return self.hf_dataset
+        return HF_FILE_KINDS[Path(self.paths[0]).suffix.lower()]
 
 
 @dataclass
@@ -671,6 +728,14 @@ class RunConfig(_Validated):
         check_run_name(self.name)
         if not self.out_dir or "\0" in self.out_dir:
             raise ConfigError("out_dir", f"got {self.out_dir!r}; expected a folder path")
+        if self.data.tokenizer.startswith("hf:"):  # the model's vocabulary is the tokenizer's
+            from moealign.data.tokenizer import load_transformers_tokenizer
+
+            try:
+                tokenizer = load_transformers_tokenizer(self.data.tokenizer[3:])
+            except ValueError as err:
+                raise ConfigError("data.tokenizer", str(err)) from None
+            self.model.vocab_size = tokenizer.vocab_size
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 "train.seq_len",

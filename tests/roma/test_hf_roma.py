@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from helpers_hf import FAMILIES, batch, tiny_model
 from helpers_questions import task_questions
 from moealign.data.tasks import TaskExample
-from moealign.data.tokenizer import ByteTokenizer
+from moealign.data.tokenizer import ByteTokenizer, TransformersTokenizer
 from moealign.integrations.hf import (
     HFRouted,
     MoealignGate,
@@ -25,7 +25,6 @@ from moealign.integrations.hf import (
     router_rows,
     swap_routers,
 )
-from moealign.integrations.hf_tokenizer import TransformersTokenizer
 from moealign.roma import (
     HashedTrigramEncoder,
     Neighbourhood,
@@ -212,6 +211,16 @@ def test_gradient_into_the_override_matches_finite_differences(variant):
 @pytest.mark.parametrize("variant", ["qwen2_moe", "qwen3_moe+softmax_topk"])
 def test_context_validates_and_restores_routing_after_an_error(variant):
     routed, input_ids = routed_model(variant), batch()
+
+    def hooks() -> list[tuple[list[int], list[int]]]:
+        # A swapped gate carries transformers' output-capturing hook (swap_routers).
+        return [
+            (list(block.mlp._forward_pre_hooks), list(block.mlp.gate._forward_hooks))
+            for block in moe_blocks(routed.model)
+        ]
+
+    before = hooks()
+    assert all(not pre and len(post) == (variant != "qwen2_moe") for pre, post in before)
     with torch.no_grad():
         expected = routed.model(input_ids).logits
         n_experts = router_rows(moe_blocks(routed.model)[0].mlp.gate).shape[0]
@@ -220,8 +229,8 @@ def test_context_validates_and_restores_routing_after_an_error(variant):
                 assert not torch.equal(routed.model(input_ids).logits, expected)
                 raise RuntimeError("inside")
         assert torch.equal(routed.model(input_ids).logits, expected)
+        assert hooks() == before
         for block in moe_blocks(routed.model):
-            assert not block.mlp._forward_pre_hooks and not block.mlp.gate._forward_hooks
             if isinstance(block.mlp.gate, MoealignGate):
                 assert block.mlp.gate.probs_override is None
         with pytest.raises(ValueError, match="overrides has layer 2; accepted: .* 0..1"):

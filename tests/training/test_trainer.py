@@ -42,7 +42,13 @@ def test_loss_goes_down_and_run_directory_is_complete(tmp_path):
         "meta.json",
         "metrics.jsonl",
         "checkpoints",
+        "tokenizer",
         "final_eval.json",
+    }
+    assert {p.name for p in (run / "tokenizer").iterdir()} == {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
     }
     assert json.loads((run / "config.json").read_text()) == config.to_dict()
     records = read_records(run)

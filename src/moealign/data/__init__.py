@@ -17,7 +17,13 @@ from moealign.data.batching import (
     task_examples_to_sequences,
 )
 from moealign.data.corpus import Document, split_documents, stdlib_documents
-from moealign.data.loaders import load_hf_dataset, load_jsonl, load_text_files, read_utf8_file
+from moealign.data.loaders import (
+    DatasetError,
+    load_hf_dataset,
+    load_jsonl,
+    load_text_files,
+    read_utf8_file,
+)
 from moealign.data.tasks import (
     TASK_FAMILIES,
     TASK_IDS,
@@ -34,8 +40,10 @@ from moealign.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,
+    TransformersTokenizer,
     build_tokenizer,
     load_tokenizer,
+    load_transformers_tokenizer,
     train_bpe_tokenizer,
 )
 
@@ -48,12 +56,14 @@ __all__ = [
     "BPETokenizer",
     "BatchStream",
     "ByteTokenizer",
+    "DatasetError",
     "Document",
     "TaskExample",
     "TaskFamily",
     "TaskSuite",
     "TaskSuiteConfig",
     "Tokenizer",
+    "TransformersTokenizer",
     "build_task_suite",
     "build_tokenizer",
     "encode_example",
@@ -65,6 +75,7 @@ __all__ = [
     "load_jsonl",
     "load_text_files",
     "load_tokenizer",
+    "load_transformers_tokenizer",
     "mixed_batch_stream",
     "multiple_choice_view",
     "pack_lm_blocks",

@@ -2,7 +2,8 @@
 
 Sources: ``tasks`` (the synthetic multi-task suite), ``text`` (the Python standard library's
 sources, packed into blocks), ``mixed`` (both, ``text_to_task_ratio`` text batches per task
-batch) and ``files`` (local ``.txt`` files, or ``.jsonl`` files with a ``text`` field); task
+batch), ``files`` (local ``.txt`` files, or ``.jsonl`` files with a ``text`` field) and ``hf``
+(a text column read with ``datasets.load_dataset``: :func:`hf_documents`); task
 examples are plain or in their multiple-choice view (``data.format``). The
 training stream is a resumable :class:`moealign.data.BatchStream` over the train splits; the
 validation batches are the first ``train.eval_batches`` batches of a stream over the
@@ -19,6 +20,7 @@ import torch
 from moealign.config import ConfigError, DataConfig, RunConfig
 from moealign.data import (
     BatchStream,
+    DatasetError,
     Document,
     TaskExample,
     TaskSuite,
@@ -27,6 +29,7 @@ from moealign.data import (
     build_task_suite,
     build_tokenizer,
     lm_sequences,
+    load_hf_dataset,
     load_jsonl,
     load_text_files,
     multiple_choice_view,
@@ -43,6 +46,7 @@ __all__ = [
     "build_data_tokenizer",
     "build_training_data",
     "formatted_examples",
+    "hf_documents",
 ]
 
 Sequences = dict[str, torch.Tensor]
@@ -60,7 +64,37 @@ class TrainingData:
     suite: TaskSuite | None = None
 
 
+def hf_documents(data: DataConfig, split: str) -> list[Document]:
+    """The ``data.text_column`` documents of ``split`` of the ``datasets`` data that ``data``
+    names (``source = "hf"``), up to ``text_max_bytes``; ConfigError naming the field at
+    fault (the dataset, the split, the column) for data that cannot be read."""
+    options = {"cache_dir": str(Path(data.cache_dir) / "datasets")}
+    if data.paths:
+        options["data_files"] = list(data.paths)
+    if data.hf_config:
+        options["name"] = data.hf_config
+    try:
+        return load_hf_dataset(
+            data.hf_builder,
+            split=split,
+            text_field=data.text_column,
+            streaming=data.hf_streaming,
+            max_bytes=data.text_max_bytes,
+            **options,
+        )
+    except DatasetError as err:
+        field = {
+            "dataset": "paths" if data.paths else "hf_dataset",
+            "split": "hf_split" if split == data.hf_split else "hf_val_split",
+            "column": "text_column",
+            "max_bytes": "text_max_bytes",
+        }[err.part]
+        raise ConfigError(f"data.{field}", str(err)) from None
+
+
 def _documents(data: DataConfig) -> list[Document]:
+    if data.source == "hf":
+        return hf_documents(data, data.hf_split)
     if data.source == "files":
         documents: list[Document] = []
         for path in data.paths:
@@ -75,7 +109,11 @@ def _documents(data: DataConfig) -> list[Document]:
 def _text_splits(
     config: RunConfig, tokenizer: Tokenizer, documents: list[Document]
 ) -> tuple[Sequences, Sequences]:
-    train_docs, val_docs, _ = split_documents(documents, seed=config.data.seed)
+    data = config.data
+    if data.source == "hf" and data.hf_val_split:
+        train_docs, val_docs = documents, hf_documents(data, data.hf_val_split)
+    else:
+        train_docs, val_docs, _ = split_documents(documents, seed=data.seed)
     if not train_docs or not val_docs:
         raise ConfigError(
             "data",
@@ -137,7 +175,7 @@ def _task_splits(
 def build_data_tokenizer(data: DataConfig, documents: list[Document] | None = None) -> Tokenizer:
     """The tokenizer ``data`` trains with (a BPE one is trained on, or loaded from the cache
     for, the text ``documents``; None = read them as :func:`build_training_data` does)."""
-    if documents is None:
+    if documents is None and data.tokenizer == "bpe":
         documents = _documents(data) if data.source != "tasks" else []
     return build_tokenizer(
         data.tokenizer,
@@ -165,7 +203,7 @@ def build_training_data(config: RunConfig) -> TrainingData:
             )
         train: dict[str, Sequences] = {}
         val: dict[str, Sequences] = {}
-        if data.source in ("text", "mixed", "files"):
+        if data.source in ("text", "mixed", "files", "hf"):
             train["text"], val["text"] = _text_splits(config, tokenizer, documents)
         suite = None
         if data.source in ("tasks", "mixed"):

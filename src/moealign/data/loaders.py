@@ -6,6 +6,7 @@ Every loader returns :class:`~moealign.data.corpus.Document` objects and fails w
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,36 +75,79 @@ def load_jsonl(
     return documents
 
 
+class DatasetError(ValueError):
+    """A ``datasets`` split that cannot be read; ``part`` names what is at fault: ``dataset``
+    (unknown name, missing files, no network), ``split`` (unknown or without rows),
+    ``column`` (missing, or not text) or ``max_bytes`` (a first row over the budget)."""
+
+    def __init__(self, part: str, message: str):
+        super().__init__(message)
+        self.part = part
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def load_hf_dataset(
     path_or_name: str,
     split: str = "train",
     text_field: str = "text",
     task_field: str | None = None,
+    *,
+    streaming: bool = False,
+    max_bytes: int | None = None,
     **kwargs: Any,
 ) -> list[Document]:
-    """Documents from ``datasets.load_dataset(path_or_name, split=split, **kwargs)``: a hub name
-    for users with network, or a packaged builder on local files, e.g.
-    ``load_hf_dataset("json", data_files="train.jsonl")``. Documents are named
-    ``"<path_or_name>/<split>/<row>"``."""
+    """Documents from ``datasets.load_dataset(path_or_name, split=split, streaming=streaming,
+    **kwargs)``: a hub name for users with network, a local dataset directory, or a packaged
+    builder on local files, e.g. ``load_hf_dataset("json", data_files="train.jsonl")``.
+    Documents are named ``"<path_or_name>/<split>/<row>"``; with ``max_bytes`` only the longest
+    prefix of rows whose UTF-8 text fits the budget is read (a stream stops there).
+
+    Raises :class:`DatasetError` (a ValueError) in one line naming the dataset and split for a
+    dataset that cannot be loaded (unknown name, missing files, no network), an unknown split,
+    a missing column, a value that is not a string and a split without rows."""
     import datasets  # optional dependency (the "hf" extra)
 
-    dataset = datasets.load_dataset(path_or_name, split=split, **kwargs)
+    where = f"dataset {path_or_name!r} split {split!r}"
+    try:
+        dataset = datasets.load_dataset(path_or_name, split=split, streaming=streaming, **kwargs)
+        rows = iter(dataset)
+        first = next(rows, None)
+    except Exception as err:  # datasets raises many types; each becomes one line here
+        # datasets reports an unknown split as a ValueError naming the split, and a split
+        # without a single row as a StopIteration of its schema reader (an empty JSON file) or
+        # as a ValueError that the split "corresponds to no data" (a CSV of only its header).
+        if isinstance(err, StopIteration) or "corresponds to no data" in str(err):
+            raise DatasetError("split", f"{where} is empty: it has no rows") from None
+        part = "split" if isinstance(err, ValueError) and "split" in str(err).lower() else None
+        raise DatasetError(
+            part or "dataset", f"{where} cannot be loaded ({_first_line(err)})"
+        ) from None
+    if first is None:
+        raise DatasetError("split", f"{where} is empty: it has no rows")
     for field in (text_field, task_field):
-        if field is not None and field not in dataset.column_names:
-            raise ValueError(
-                f"dataset {path_or_name!r} split {split!r} has no column {field!r}; "
-                f"columns: {dataset.column_names}"
+        if field is not None and field not in first:
+            raise DatasetError(
+                "column", f"{where} has no column {field!r}; columns: {sorted(first)}"
             )
-    texts = dataset[text_field]
-    tasks = dataset[task_field] if task_field is not None else [None] * len(texts)
-    documents = []
-    for row, (text, task) in enumerate(zip(texts, tasks, strict=True)):
+    documents: list[Document] = []
+    total_bytes = 0
+    for row, record in enumerate(itertools.chain([first], rows)):
+        text = record[text_field]
         if not isinstance(text, str):
-            raise ValueError(
-                f"dataset {path_or_name!r} row {row} field {text_field!r} is a "
-                f"{type(text).__name__}, not a string"
+            raise DatasetError(
+                "column",
+                f"{where} row {row} field {text_field!r} is a {type(text).__name__}, not a string",
             )
-        documents.append(
-            Document(f"{path_or_name}/{split}/{row}", text, None if task is None else str(task))
-        )
+        size = len(text.encode("utf-8"))
+        if max_bytes is not None and total_bytes + size > max_bytes:
+            break
+        total_bytes += size
+        task = None if task_field is None else str(record[task_field])
+        documents.append(Document(f"{path_or_name}/{split}/{row}", text, task))
+    if not documents:
+        raise DatasetError("max_bytes", f"{where}: its first row alone exceeds {max_bytes} bytes")
     return documents

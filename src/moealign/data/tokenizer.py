@@ -1,5 +1,11 @@
 """Tokenizers behind one interface (DESIGN.md §7): raw bytes, or a byte-level BPE trained with
-Hugging Face ``tokenizers`` and cached on disk by a fingerprint of its training data."""
+Hugging Face ``tokenizers`` and cached on disk by a fingerprint of its training data.
+
+Both save themselves as Hugging Face tokenizer files (:meth:`~Tokenizer.save_pretrained`:
+``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), which
+``transformers.AutoTokenizer.from_pretrained`` loads with the same ids; BOS and EOS are both
+``<|endoftext|>`` (as in GPT-2: moealign separates documents with EOS and adds no BOS), PAD is
+``<|pad|>``, and no special token is added on encoding (no post-processor)."""
 
 from __future__ import annotations
 
@@ -10,12 +16,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from moealign.io import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = EOS_TOKEN
 PAD_TOKEN = "<|pad|>"
 _BYTE_TOKENIZER_KIND = "moealign-byte"
 # Bump when the BPE recipe below changes, so cached files of the old recipe are not reused.
@@ -36,6 +43,55 @@ class Tokenizer(Protocol):
 
     def save(self, path: str | os.PathLike) -> None: ...
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None: ...
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → character map, the alphabet of the ``tokenizers`` ByteLevel
+    pre-tokenizer and decoder: printable Latin-1 bytes map to themselves, the other bytes to
+    the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+def byte_level_tokenizer() -> HFTokenizer:
+    """The ``tokenizers`` twin of :class:`ByteTokenizer`: a byte-level BPE without merges whose
+    256 base tokens are the bytes in id order (ByteLevel pre-tokenizer without its regex
+    split, ByteLevel decoder), then EOS = 256 and PAD = 257."""
+    alphabet = _bytes_to_unicode()
+    tokenizer = HFTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in (EOS_TOKEN, PAD_TOKEN)]
+    )
+    return tokenizer
+
+
+def save_hf_tokenizer(
+    tokenizer: HFTokenizer, directory: str | os.PathLike, split_special_tokens: bool
+) -> Path:
+    """Write ``tokenizer`` to ``directory`` as the files ``AutoTokenizer.from_pretrained`` reads:
+    ``tokenizer.json``, ``tokenizer_config.json`` (BOS = EOS = ``<|endoftext|>``, PAD =
+    ``<|pad|>``, no cleanup of spaces on decoding) and ``special_tokens_map.json``, each
+    atomically. ``split_special_tokens``: encode the literal text of a special token as
+    ordinary text (the byte tokenizer) instead of as the special id (the BPE tokenizer)."""
+    directory = Path(directory)
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": split_special_tokens,
+    }
+    atomic_write_text(directory / "tokenizer.json", tokenizer.to_str())
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
+    atomic_write_text(directory / "special_tokens_map.json", json.dumps(special, indent=2))
+    return directory
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, then EOS = 256 and PAD = 257."""
@@ -54,6 +110,10 @@ class ByteTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps({"kind": _BYTE_TOKENIZER_KIND}))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Hugging Face files of :func:`byte_level_tokenizer` (see :func:`save_hf_tokenizer`)."""
+        save_hf_tokenizer(byte_level_tokenizer(), directory, split_special_tokens=True)
 
 
 class BPETokenizer:
@@ -81,6 +141,61 @@ class BPETokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, self._tokenizer.to_str())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Hugging Face files of this tokenizer (see :func:`save_hf_tokenizer`)."""
+        save_hf_tokenizer(self._tokenizer, directory, split_special_tokens=False)
+
+
+class TransformersTokenizer:
+    """A transformers tokenizer (``PreTrainedTokenizerBase``) behind the moealign interface, for
+    ``data.tokenizer = "hf:PATH"`` and for RoMA on a Hugging Face model (DESIGN.md §5).
+
+    ``encode`` adds no special tokens (prompts and answers are concatenated as ids, the
+    answer ending in ``eos_id``); ``eos_id`` is the tokenizer's EOS, ``pad_id`` its PAD or,
+    lacking one, its EOS (rows are right-padded, and under causal attention no real token sees
+    the padding); ``vocab_size`` counts added tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"tokenizer={type(tokenizer).__name__} has eos_token_id=None; accepted: a "
+                "tokenizer with an EOS token (answers end with it); set tokenizer.eos_token"
+            )
+        self._tokenizer = tokenizer
+        self.eos_id: int = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_id: int = self.eos_id if pad is None else pad
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.save_pretrained(path)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self._tokenizer.save_pretrained(directory)
+
+
+def load_transformers_tokenizer(path_or_name: str) -> TransformersTokenizer:
+    """``AutoTokenizer.from_pretrained(path_or_name)`` as a :class:`TransformersTokenizer`;
+    ValueError (one line) when it cannot be loaded or has no EOS."""
+    from transformers import AutoTokenizer  # optional dependency (the "hf" extra)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_name)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"no Hugging Face tokenizer at {path_or_name!r} ({reason}); accepted: a directory "
+            "with tokenizer files (tokenizer.json or a slow tokenizer's vocabulary) or a "
+            "hub name"
+        ) from None
+    return TransformersTokenizer(tokenizer)
 
 
 def load_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
@@ -142,9 +257,11 @@ def build_tokenizer(
     texts: Iterable[str] | None = None,
     vocab_size: int = 4096,
     cache_dir: str | os.PathLike | None = None,
-) -> ByteTokenizer | BPETokenizer:
+) -> Tokenizer:
     """``"byte"``: :class:`ByteTokenizer`; ``"bpe"``: :func:`train_bpe_tokenizer` (needs
-    ``texts`` and ``cache_dir``)."""
+    ``texts`` and ``cache_dir``); ``"hf:PATH"``: :func:`load_transformers_tokenizer`."""
+    if kind.startswith("hf:"):
+        return load_transformers_tokenizer(kind[3:])
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
@@ -154,4 +271,4 @@ def build_tokenizer(
                 f"cache_dir={cache_dir!r})"
             )
         return train_bpe_tokenizer(texts, vocab_size, cache_dir)
-    raise ValueError(f"kind={kind!r} is not a tokenizer kind; accepted: 'byte', 'bpe'")
+    raise ValueError(f"kind={kind!r} is not a tokenizer kind; accepted: 'byte', 'bpe', 'hf:PATH'")

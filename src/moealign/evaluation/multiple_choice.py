@@ -79,6 +79,7 @@ def option_log_likelihoods(
     examples: Sequence[TaskExample],
     continuation: Literal["text", "letter"] = "text",
     batch_size: int = 32,
+    with_eos: bool = True,
 ) -> list[list[float]]:
     """Per example, per option, log p(answer ids | prompt ids) = Σ over the option's answer ids
     (``ANSWER_SEPARATOR + option`` and EOS, as :func:`encode_example` encodes an answer) of the
@@ -86,6 +87,9 @@ def option_log_likelihoods(
 
     ``continuation="text"`` scores the option texts (``example.options``, the lm-eval-harness
     way); ``"letter"`` scores the option letters A, B, ... (the RoMA code's way).
+    ``with_eos=False`` leaves the closing EOS out of the sum, as lm-evaluation-harness's
+    ``multiple_choice`` tasks score a choice (its ``target_delimiter`` " " is
+    ``ANSWER_SEPARATOR``).
     """
     if continuation not in MULTIPLE_CHOICE_CONTINUATIONS:
         raise ValueError(
@@ -98,7 +102,9 @@ def option_log_likelihoods(
     pairs, n_options = [], []
     for index, example in enumerate(examples):
         candidates, _ = _option_candidates(example, index, continuation)
-        pairs += [encode_example(replace(example, answer=c), tokenizer) for c in candidates]
+        for candidate in candidates:
+            prompt_ids, answer_ids = encode_example(replace(example, answer=candidate), tokenizer)
+            pairs.append((prompt_ids, answer_ids if with_eos else answer_ids[:-1]))
         n_options.append(len(candidates))
     with evaluation_mode(model):
         flat = _continuation_log_likelihoods(model, pairs, tokenizer.pad_id, batch_size)

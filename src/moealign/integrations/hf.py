@@ -14,7 +14,13 @@ SwiGLU gate rows first, ``down_proj`` (E, D, F)), the layout of DESIGN.md §2.
   §3–4).
 * :func:`swap_routers` puts a moealign router (``softmax_topk`` or ``mpi``, DESIGN.md §2–3)
   initialised from the existing rows into each ``mlp.gate``; ``precompute_routers`` works on
-  the result.
+  the result. A swapped gate's state dict is its native router's: ``mlp.gate.weight`` holds
+  the effective router (R_eff/τ for MPI), so ``save_pretrained``, safetensors state dicts and
+  HF ``Trainer`` checkpoints reload in plain transformers with the same logits, and loading
+  such a weight into a swapped gate (or ``swap_routers(..., keep_routing=True)``) continues
+  the moealign parametrisation with the same routing
+  (:mod:`moealign.integrations.router_weights`). Swapped gates keep transformers' output
+  hooks, so ``output_router_logits=True`` (and the balance loss with ``labels``) works.
 * :class:`HFRouted` is the :class:`~moealign.nn.routed.RoutedModel` view used by RoMA (§5); its
   ``override_routing`` replaces chosen layers' routing distribution with forward hooks (C3PO,
   oracle routing).
@@ -28,12 +34,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
 
 from moealign.evaluation import diagnostics
 from moealign.evaluation.routing_stats import RoutingStats
+from moealign.integrations.router_weights import linear_router_weight, router_rows_for
 from moealign.nn.losses import load_balance_loss, z_loss
 from moealign.nn.moe import RoutingInfo
 from moealign.nn.routed import ProbsOverride, RoutedOutput, check_override_layers
@@ -84,11 +92,13 @@ def _supported_list() -> str:
 
 
 def detect_family(model: nn.Module) -> Family:
-    """The :class:`Family` of a transformers model, from ``model.config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """The :class:`Family` of a transformers model (or of its config, before loading the
+    weights), from ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", model), "model_type", None)
     if model_type not in FAMILIES:
+        name = type(model).__name__.removesuffix("Config")
         raise ValueError(
-            f"model={type(model).__name__} (model_type={model_type!r}) is not a supported "
+            f"model={name} (model_type={model_type!r}) is not a supported "
             f"Hugging Face MoE family; supported: {_supported_list()}"
         )
     return FAMILIES[model_type]
@@ -152,19 +162,41 @@ class MoealignGate(nn.Module):
     ``precompute_routers`` finds this module through ``router`` and ``router_drive_matrix``.
     ``probs_override`` (None by default; set by :meth:`HFRouted.override_routing`) maps the
     (T, E) routing softmax to the one to route with, applied by :meth:`Router.reroute`.
+
+    Its state dict is the native router's: ``weight`` = :meth:`native_weight` in the native
+    dtype (a router a native gate cannot express raises ValueError on saving); loading a
+    ``weight`` into the block sets the router's rows with :func:`router_rows_for` (a hook on
+    the block that :func:`swap_routers` registers).
     """
 
-    def __init__(self, router: Router, experts: nn.Module, native_class: type, family: Family):
+    def __init__(
+        self,
+        router: Router,
+        experts: nn.Module,
+        family: Family,
+        native_normalize_topk: bool,
+        native_dtype: torch.dtype,
+    ):
         super().__init__()
         self.router = router
         self._experts = (experts,)  # a tuple keeps the experts out of this module's state_dict
-        self.native_class = native_class
         self.family = family
+        self.native_normalize_topk = native_normalize_topk
+        self.native_dtype = native_dtype
         self.probs_override: Callable[[Tensor], Tensor] | None = None
+        self.register_state_dict_post_hook(_save_native_weight)
 
-    def router_drive_matrix(self) -> Tensor:
-        """The (E, F, D) matrix A of the MPI power step u = Aᵀ(A r) (DESIGN.md §3)."""
-        return expert_matrix(self._experts[0], getattr(self.router, "expert_matrix", "gate"))
+    def router_drive_matrix(self, experts: nn.Module | None = None) -> Tensor:
+        """The (E, F, D) matrix A of the MPI power step u = Aᵀ(A r) (DESIGN.md §3), of the
+        block's experts (or of ``experts``: anything with their ``gate_up_proj``/``down_proj``)."""
+        experts = self._experts[0] if experts is None else experts
+        return expert_matrix(experts, getattr(self.router, "expert_matrix", "gate"))
+
+    def native_weight(self) -> Tensor:
+        """The (E, D) weight of the native router that routes like this gate (fp32): R/τ, or
+        R_eff/τ for MPI (:func:`linear_router_weight`)."""
+        drive = self.router_drive_matrix() if isinstance(self.router, MPIRouter) else None
+        return linear_router_weight(self.router, drive, self.native_normalize_topk)
 
     def forward(self, hidden_states: Tensor) -> GateOutput:
         x_TD = hidden_states.reshape(-1, self.router.d_model)
@@ -178,12 +210,43 @@ class MoealignGate(nn.Module):
         return GateOutput(routed.logits, weight_TK, routed.topk_idx, routed.probs)
 
 
+def _save_native_weight(gate: MoealignGate, state: dict, prefix: str, metadata: dict) -> None:
+    """State-dict post hook: the router's entries become the native gate's ``weight``."""
+    for key in [key for key in state if key.startswith(prefix + "router.")]:
+        del state[key]
+    state[prefix + "weight"] = gate.native_weight().to(gate.native_dtype)
+
+
+def _load_native_weight(mlp: nn.Module, state: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre hook of a block whose gate was swapped: a native ``gate.weight``
+    becomes the moealign router's rows (for MPI from the experts' rows in the same state
+    dict, which the block sees and the gate does not), and the router's other entries, which
+    a native state dict lacks, keep their values."""
+    gate = mlp.gate
+    if not isinstance(gate, MoealignGate) or prefix + "gate.weight" not in state:
+        return
+    weight = state.pop(prefix + "gate.weight")
+    drive = None
+    if isinstance(gate.router, MPIRouter):
+        loaded = {
+            name: state.get(f"{prefix}experts.{name}", getattr(mlp.experts, name))
+            for name in ("gate_up_proj", "down_proj")
+        }
+        drive = gate.router_drive_matrix(SimpleNamespace(**loaded))
+    rows = router_rows_for(gate.router, weight, drive, gate.native_normalize_topk)
+    for key, value in gate.router.state_dict(prefix=prefix + "gate.router.").items():
+        state.setdefault(key, value)
+    state[prefix + "gate.router.weight"] = rows
+
+
 def _native_normalize_topk(gate: nn.Module) -> bool:
     # Mixtral's router always renormalises; the others follow config.norm_topk_prob.
     return bool(getattr(gate, "norm_topk_prob", True))
 
 
-def swap_routers(model: nn.Module, kind: str = "mpi", **options) -> nn.Module:
+def swap_routers(
+    model: nn.Module, kind: str = "mpi", *, keep_routing: bool = False, **options
+) -> nn.Module:
     """Replace every ``mlp.gate`` by a :class:`MoealignGate` holding a moealign router of
     ``kind`` whose rows R are the current router rows (DESIGN.md §2–3); returns ``model``.
 
@@ -191,11 +254,17 @@ def swap_routers(model: nn.Module, kind: str = "mpi", **options) -> nn.Module:
     same renormalisation as the family's ``norm_topk_prob``), so the model is unchanged until
     it is trained. ``mpi`` routes with C · normalize(W_gᵀW_g r) (§3), a new router to
     fine-tune; ``precompute_routers(model)`` then folds it into a plain router. ``options`` are
-    moealign router options (``temperature``, ``c_prime``, ``power_steps``, ...). Only the
-    softmax families can be swapped: DeepSeek-V3's sigmoid, bias-corrected, group-limited
-    routing has no moealign equivalent, and swapping would silently change the model.
-    Note: swapped gates are not recorded by transformers' ``output_router_logits``; read the
-    routing with :func:`capture_routing` instead.
+    moealign router options (``temperature``, ``c_prime``, ``power_steps``, ...).
+
+    ``keep_routing=True`` chooses R so that the new routers route exactly as the current gates
+    (:func:`~moealign.integrations.router_weights.router_rows_for`; for MPI a preimage of the
+    gate weight, which must be one MPI with these options computes): this continues the MPI
+    parametrisation of a model saved after an MPI swap and reloaded in plain transformers.
+
+    Only the softmax families can be swapped: DeepSeek-V3's sigmoid, bias-corrected,
+    group-limited routing has no moealign equivalent, and swapping would silently change the
+    model. transformers' output-capturing hooks are installed first and moved onto the new
+    gates, so ``output_router_logits=True`` records the swapped routers' logits.
     """
     family = detect_family(model)
     if family.scoring != SOFTMAX:
@@ -206,7 +275,12 @@ def swap_routers(model: nn.Module, kind: str = "mpi", **options) -> nn.Module:
         )
     if kind not in SWAP_KINDS:
         raise ValueError(f"kind={kind!r} is not accepted; choose one of {SWAP_KINDS}")
-    for block in moe_blocks(model):
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+    maybe_install_capturing_hooks(model.base_model)
+    blocks = moe_blocks(model)
+    new_gates = []  # all built (and checked) before any block changes
+    for block in blocks:
         gate = block.mlp.gate
         if isinstance(gate, MoealignGate):
             raise ValueError(
@@ -214,12 +288,28 @@ def swap_routers(model: nn.Module, kind: str = "mpi", **options) -> nn.Module:
                 "swap_routers takes a model with its native routers"
             )
         n_experts, d_model = gate.weight.shape
-        router_options = {"normalize_topk": _native_normalize_topk(gate), **options}
+        normalize_topk = _native_normalize_topk(gate)
+        router_options = {"normalize_topk": normalize_topk, **options}
         router = build_router(kind, d_model, n_experts, gate.top_k, **router_options)
+        new_gate = MoealignGate(
+            router, block.mlp.experts, family, normalize_topk, gate.weight.dtype
+        )
+        rows = gate.weight
+        if keep_routing:
+            drive = new_gate.router_drive_matrix() if isinstance(router, MPIRouter) else None
+            rows = router_rows_for(router, gate.weight, drive, normalize_topk)
         with torch.no_grad():
-            router.weight.copy_(gate.weight.float())
-        router = router.to(gate.weight.device).train(gate.training)
-        block.mlp.gate = MoealignGate(router, block.mlp.experts, type(gate), family)
+            router.weight.copy_(rows.float())
+        router.to(gate.weight.device)
+        new_gate.train(gate.training)
+        for hook_id, hook in gate._forward_hooks.items():  # transformers' output capture
+            new_gate.register_forward_hook(
+                hook, with_kwargs=hook_id in gate._forward_hooks_with_kwargs
+            )
+        new_gates.append(new_gate)
+    for block, new_gate in zip(blocks, new_gates, strict=True):
+        block.mlp.gate = new_gate
+        block.mlp.register_load_state_dict_pre_hook(_load_native_weight)
     return model
 
 

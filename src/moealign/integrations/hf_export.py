@@ -3,10 +3,15 @@
 * :func:`export_pretrained` saves a model so ``AutoModelForCausalLM.from_pretrained`` loads it
   with identical logits: a :class:`MoETransformer` becomes a ``MixtralForCausalLM`` (softmax
   top-k routers; MPI routers as their precomputed R_eff, DESIGN.md §3), and a transformers
-  model whose gates were swapped (:func:`~moealign.integrations.hf.swap_routers`) is saved with
-  native gates holding the effective rows.
+  model whose gates were swapped (:func:`~moealign.integrations.hf.swap_routers`) is saved as
+  it is: a swapped gate's state dict is its native router's weight, the effective rows.
 * :func:`import_pretrained` loads a Mixtral-architecture checkpoint into a
   :class:`MoETransformer`.
+* :func:`export_run` (``moealign export RUN_DIR OUT``) turns a run directory's checkpoint into a
+  complete model directory: weights, config and generation config with the tokenizer's
+  BOS/EOS/PAD ids (greedy by default, stopping at EOS like moealign's decoding), and the
+  tokenizer files, so that ``AutoModelForCausalLM``, ``AutoTokenizer`` and
+  ``pipeline("text-generation")`` work on it as they do on any hub model.
 
 Layouts. Experts: transformers ``gate_up_proj`` (E, 2F, D) = [w_gate; w_up] along F, and
 ``down_proj`` (E, D, F) = w_down. Attention: moealign's fused ``qkv`` rows are [q; k; v], and its
@@ -19,83 +24,29 @@ and k are permuted alike.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from moealign.integrations.hf import MoealignGate, detect_family, moe_blocks
+from moealign.config import RunConfig
+from moealign.data.build import build_data_tokenizer
+from moealign.integrations.hf import detect_family
+from moealign.integrations.router_weights import linear_router_weight
 from moealign.nn.moe import MoELayer
-from moealign.nn.routers import MPIRouter, Router, SoftmaxTopKRouter
+from moealign.nn.routers import MPIRouter
 from moealign.nn.transformer import ModelConfig, MoETransformer
-
-EXPORTABLE_ROUTERS = (SoftmaxTopKRouter, MPIRouter)
-
-
-def linear_router_weight(router: Router, drive_EFD: Tensor | None, normalize_topk: bool) -> Tensor:
-    """The (E, D) weight W of a plain softmax top-k router that routes exactly like ``router``:
-    logits = x Wᵀ with W = R/τ (softmax top-k) or R_eff/τ (MPI, DESIGN.md §3).
-
-    Refuses (ValueError naming the option) what a native softmax top-k router cannot express:
-    other router kinds, a non-zero expert bias, a capacity factor, or a top-k renormalisation
-    other than ``normalize_topk`` (the target's)."""
-    if type(router) not in EXPORTABLE_ROUTERS:
-        raise ValueError(
-            f"router kind={router.kind!r} cannot be exported; exportable kinds: softmax_topk, mpi"
-        )
-    if router.expert_bias is not None and bool(router.expert_bias.any()):
-        raise ValueError(
-            "router expert_bias is non-zero: a transformers softmax router has no selection bias"
-        )
-    if router.capacity_factor is not None:
-        raise ValueError(
-            f"router capacity_factor={router.capacity_factor} cannot be exported: transformers "
-            "MoE layers are dropless (use capacity_factor=None)"
-        )
-    if router.normalize_topk != normalize_topk:
-        raise ValueError(
-            f"router normalize_topk={router.normalize_topk} does not match the target's top-k "
-            f"renormalisation ({normalize_topk})"
-        )
-    with torch.no_grad():
-        if isinstance(router, MPIRouter):
-            rows_ED = router.effective_weight(drive_EFD)
-        else:
-            rows_ED = router.weight
-        return (rows_ED / router.temperature).detach().clone()
-
-
-# --- transformers model with swapped gates → native checkpoint ----------------------------------
-
-
-@contextmanager
-def native_gates(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every :class:`MoealignGate` of a transformers model is replaced by its
-    family's native router holding the equivalent linear weight; restored on exit."""
-    swapped = []
-    try:
-        for block in moe_blocks(model):
-            gate = block.mlp.gate
-            if not isinstance(gate, MoealignGate):
-                continue
-            native = gate.native_class(model.config)
-            drive = gate.router_drive_matrix() if isinstance(gate.router, MPIRouter) else None
-            weight = linear_router_weight(
-                gate.router, drive, bool(getattr(native, "norm_topk_prob", True))
-            )
-            with torch.no_grad():
-                native.weight.copy_(weight)
-            dtype = block.mlp.experts.down_proj.dtype
-            native = native.to(device=gate.router.weight.device, dtype=dtype)
-            block.mlp.gate = native.train(gate.training)
-            swapped.append((block.mlp, gate))
-        yield model
-    finally:
-        for mlp, gate in swapped:
-            mlp.gate = gate
-
+from moealign.training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    step_dir_name,
+)
+from moealign.training.runs import CHECKPOINT_DIR, TOKENIZER_DIR, read_run_config
 
 # --- MoETransformer ↔ Mixtral -------------------------------------------------------------------
 
@@ -124,9 +75,13 @@ def _check_exportable(config: ModelConfig) -> None:
         )
 
 
-def mixtral_config(config: ModelConfig):
-    """The ``MixtralConfig`` of a :class:`MoETransformer`'s architecture."""
+def mixtral_config(config: ModelConfig, special_ids: dict[str, int | None] | None = None):
+    """The ``MixtralConfig`` of a :class:`MoETransformer`'s architecture; ``special_ids`` sets
+    ``bos_token_id``/``eos_token_id``/``pad_token_id`` (default: none)."""
     from transformers import MixtralConfig
+
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    ids |= special_ids or {}
 
     return MixtralConfig(
         vocab_size=config.vocab_size,
@@ -143,14 +98,13 @@ def mixtral_config(config: ModelConfig):
         num_experts_per_tok=config.top_k,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         initializer_range=config.init_std,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+        **ids,
     )
 
 
-def to_mixtral(model: MoETransformer):
-    """A ``MixtralForCausalLM`` (float32, eval mode) computing the same logits as ``model``."""
+def to_mixtral(model: MoETransformer, special_ids: dict[str, int | None] | None = None):
+    """A ``MixtralForCausalLM`` (float32, eval mode) computing the same logits as ``model``
+    (``special_ids``: see :func:`mixtral_config`)."""
     from transformers import MixtralForCausalLM
 
     config = model.config
@@ -180,7 +134,7 @@ def to_mixtral(model: MoETransformer):
             ),
             prefix + "mlp.experts.down_proj": moe.experts.w_down,
         }
-    hf_model = MixtralForCausalLM(mixtral_config(config))
+    hf_model = MixtralForCausalLM(mixtral_config(config, special_ids))
     with torch.no_grad():
         hf_model.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
     return hf_model.eval()
@@ -279,9 +233,83 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
         to_mixtral(model).save_pretrained(path)
         return path
     detect_family(model)
-    with native_gates(model):
-        model.save_pretrained(path)
+    model.save_pretrained(path)  # swapped gates save their native weight (MoealignGate)
     return path
+
+
+def _run_checkpoint(run_dir: Path, step: int | None) -> Checkpoint:
+    directory = run_dir / CHECKPOINT_DIR
+    if step is None:
+        checkpoint = load_latest(directory, fallback=True)
+        if checkpoint is None:
+            raise CheckpointError(f"run directory {run_dir} holds no checkpoint to export")
+        return checkpoint
+    path = directory / step_dir_name(step)
+    if not path.is_dir():
+        steps = [int(p.name.removeprefix("step_")) for p in list_checkpoints(directory)]
+        raise CheckpointError(
+            f"--step {step}: run directory {run_dir} has no checkpoint of that step; "
+            f"its checkpoints are at steps {steps}"
+        )
+    return load_checkpoint(path)
+
+
+def _write_run_tokenizer(run_dir: Path, config: RunConfig, directory: Path):
+    """Copy the run's saved tokenizer files (or, for a run from before they were saved, rebuild
+    its tokenizer from the config) into ``directory``; returns them loaded by AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    saved = run_dir / TOKENIZER_DIR
+    if saved.is_dir():
+        shutil.copytree(saved, directory, dirs_exist_ok=True)
+    else:
+        build_data_tokenizer(config.data).save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> Path:
+    """Export a run directory's checkpoint (the newest good one, or that of ``step``) as a
+    complete Hugging Face model directory ``out``: ``model.safetensors`` and ``config.json``
+    (Mixtral, :func:`to_mixtral`) with the tokenizer's BOS/EOS/PAD ids,
+    ``generation_config.json`` (greedy, stopping at EOS or at ``model.max_seq_len`` tokens, as
+    :func:`moealign.evaluation.generation.greedy_generate` does) and the run's tokenizer files.
+
+    ``out`` must not exist or be an empty directory; the export is written next to it and
+    moved into place, so a failed export leaves nothing behind. Raises
+    :class:`~moealign.training.checkpoint.CheckpointError` for a missing run, step or
+    checkpoint and ``ValueError`` for a model Mixtral cannot express.
+    """
+    from transformers import GenerationConfig
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"OUT={str(out)!r} exists and is not an empty directory; choose another")
+    config = read_run_config(run_dir)
+    _check_exportable(config.model)
+    checkpoint = _run_checkpoint(run_dir, step)
+    model = MoETransformer(config.model)
+    checkpoint.load_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        tokenizer = _write_run_tokenizer(run_dir, config, tmp)
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        hf_model = to_mixtral(model, ids)
+        hf_model.generation_config = GenerationConfig(
+            **ids, do_sample=False, max_length=config.model.max_seq_len
+        )
+        hf_model.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def import_pretrained(source, **from_pretrained_options) -> MoETransformer:
@@ -299,11 +327,10 @@ def import_pretrained(source, **from_pretrained_options) -> MoETransformer:
 
 __all__ = [
     "export_pretrained",
+    "export_run",
     "from_mixtral",
     "import_pretrained",
-    "linear_router_weight",
     "mixtral_config",
-    "native_gates",
     "rotary_permutation",
     "to_mixtral",
 ]

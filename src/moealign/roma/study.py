@@ -1,4 +1,6 @@
-"""The RoMA study (DESIGN.md §5): ``moealign roma --base RUN_DIR --config configs/roma.toml``.
+"""The RoMA study (DESIGN.md §5): ``moealign roma --base RUN_DIR --config configs/roma.toml``,
+or on a transformers MoE model ``moealign roma --hf-model PATH --questions FILE.jsonl
+--heldout-tasks TASK ...`` (:meth:`RomaStudy.from_hf_model`, :mod:`moealign.roma.questions`).
 
 From a model pretrained with ``moealign train`` on the multi-task suite, the study evaluates on
 the seen tasks' test split ("seen") and on the held-out tasks and compositions ("heldout"), all
@@ -46,11 +48,12 @@ import torch
 from moealign.config import ConfigError, RunConfig
 from moealign.data import TaskExample, multiple_choice_view
 from moealign.data.build import build_data_suite, build_data_tokenizer
+from moealign.data.tokenizer import Tokenizer, load_transformers_tokenizer
 from moealign.evaluation.ctgi import ctgi, normalized_gain
 from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
 from moealign.evaluation.tasks import TaskEvaluation
 from moealign.io import atomic_write_json, atomic_write_text
-from moealign.nn.routed import MoealignRouted
+from moealign.nn.routed import MoealignRouted, RoutedModel
 from moealign.nn.transformer import MoETransformer
 from moealign.roma.baselines import (
     c3po_capture,
@@ -62,6 +65,7 @@ from moealign.roma.choices import Capture, capture, task_evaluation
 from moealign.roma.config import RomaConfig
 from moealign.roma.encoders import TextEncoder, build_encoder
 from moealign.roma.neighbours import find_neighbours
+from moealign.roma.questions import load_questions, split_questions
 from moealign.roma.training import RouterTrainingConfig, train_routers
 from moealign.tables import Table, to_markdown
 from moealign.training.checkpoint import CheckpointError, load_latest
@@ -137,44 +141,120 @@ def _evaluation(examples: Sequence[TaskExample], result: Capture) -> TaskEvaluat
 
 
 class RomaStudy:
-    """The study's fixed parts (model, data, encoder, base and oracle results); :meth:`run`
-    adds the per-seed methods and writes the results."""
+    """The study's fixed parts (routed model, tokenizer, questions, encoder, base and oracle
+    results); :meth:`run` adds the per-seed methods and writes the results. Build it from a
+    ``moealign train`` run (:meth:`from_run`) or from a transformers MoE model and a questions
+    file (:meth:`from_hf_model`).
+
+    ``train_pool``: multiple-choice training questions (per seed ``train_examples_per_task``
+    per task are drawn); ``eval_sets``: ``seen`` and ``heldout`` questions; ``source`` names
+    the model in the results (``base_run``). Only the routers of the chosen layers train, and
+    they are restored from a copy after each training.
+    """
 
     def __init__(
-        self, base_run: str | Path, config: RomaConfig, encoder: TextEncoder | None = None
+        self,
+        routed: RoutedModel,
+        tokenizer: Tokenizer,
+        train_pool: list[TaskExample],
+        eval_sets: dict[str, list[TaskExample]],
+        config: RomaConfig,
+        encoder: TextEncoder | None = None,
+        source: str = "",
     ):
-        self.base_run = Path(base_run)
         self.config = config
         self.device = _device(config.device)
-        self.run_config, self.model = load_base_model(self.base_run, self.device)
-        data = self.run_config.data
+        self.routed = routed
+        self.tokenizer = tokenizer
+        self.train_pool = train_pool
+        self.eval_sets = eval_sets
+        self.source = source
+        self.layers = config.layer_indices(routed.n_moe_layers())
+        self.base_routers = [p.detach().clone() for p in routed.router_parameters(self.layers)]
+        self.encoder = (
+            encoder if encoder is not None else build_encoder(config.encoder, self.device)
+        )
+
+    @classmethod
+    def from_run(
+        cls, base_run: str | Path, config: RomaConfig, encoder: TextEncoder | None = None
+    ) -> RomaStudy:
+        """The study on a ``moealign train`` run's newest checkpoint and its task suite: the
+        training split of the seen tasks, their test split ("seen") and the held-out tasks and
+        compositions ("heldout"), in multiple-choice form."""
+        run_config, model = load_base_model(Path(base_run), _device(config.device))
+        data = run_config.data
         if data.source not in ("tasks", "mixed"):
             raise ConfigError(
                 "base",
                 f"the base run trained on data.source={data.source!r}; RoMA needs the "
                 "task suite ('tasks' or 'mixed')",
             )
-        self.tokenizer = build_data_tokenizer(data)
         suite = build_data_suite(data)
 
         def view(examples: list[TaskExample]) -> list[TaskExample]:
             return multiple_choice_questions(examples, data.format, data.n_options, data.seed)
 
-        self.train_pool = view(suite.train)
         heldout = suite.heldout_tasks + suite.heldout_compositions
         if not heldout:
             raise ConfigError("base", "the base run's task suite holds no task out")
         per_task = config.eval_examples_per_task
-        self.eval_sets = {
+        eval_sets = {
             "seen": _first_per_task(view(suite.test), per_task),
             "heldout": _first_per_task(view(heldout), per_task),
         }
-        self.routed = MoealignRouted(self.model)
-        self.layers = config.layer_indices(self.routed.n_moe_layers())
-        self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.encoder = (
-            encoder if encoder is not None else build_encoder(config.encoder, self.device)
-        )
+        tokenizer = build_data_tokenizer(data)
+        return cls(
+            MoealignRouted(model), tokenizer, view(suite.train), eval_sets, config, encoder,
+            source=str(base_run),
+        )  # fmt: skip
+
+    @classmethod
+    def from_hf_model(
+        cls,
+        model_path: str,
+        questions_path: str | Path,
+        heldout_tasks: Sequence[str],
+        config: RomaConfig,
+        encoder: TextEncoder | None = None,
+    ) -> RomaStudy:
+        """The study on a transformers MoE causal LM (a local directory or hub name, with its
+        tokenizer; :class:`~moealign.integrations.hf.HFRouted`) and the multiple-choice
+        questions of a JSONL file (:mod:`moealign.roma.questions`): the tasks
+        ``heldout_tasks`` form the "heldout" set, the other tasks' questions are split into
+        the training pool and the "seen" test set."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from moealign.integrations.hf import HFRouted, detect_family
+
+        try:  # the questions first: every input is checked before the weights load
+            questions = load_questions(questions_path)
+        except ValueError as err:
+            raise ConfigError("--questions", str(err)) from None
+        try:
+            pool, test, heldout = split_questions(questions, heldout_tasks)
+        except ValueError as err:  # the message names --heldout-tasks or the question count
+            raise ConfigError("", str(err)) from None
+        try:
+            detect_family(AutoConfig.from_pretrained(model_path))
+            tokenizer = load_transformers_tokenizer(model_path)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            routed = HFRouted(model.to(_device(config.device)).eval())
+        except (OSError, ValueError) as err:
+            raise ConfigError("--hf-model", str(err).strip().splitlines()[0]) from None
+        per_task = config.eval_examples_per_task
+        eval_sets = {
+            "seen": _first_per_task(test, per_task),
+            "heldout": _first_per_task(heldout, per_task),
+        }
+        return cls(routed, tokenizer, pool, eval_sets, config, encoder, source=model_path)
+
+    def _restore_routers(self) -> None:
+        with torch.no_grad():
+            for parameter, saved in zip(
+                self.routed.router_parameters(self.layers), self.base_routers, strict=True
+            ):
+                parameter.copy_(saved)
 
     # ------------------------------------------------------------------ pieces
 
@@ -275,14 +355,14 @@ class RomaStudy:
     def _train_and_evaluate(self, train) -> dict:
         """``train()`` from the base routers, then every evaluation set (timed); the base
         routers are restored afterwards."""
-        self.model.load_state_dict(self.base_state)
+        self._restore_routers()
         history = train()
         evaluations, seconds = {}, {}
         for name, examples in self.eval_sets.items():
             start = time.perf_counter()
             evaluations[name] = _evaluation(examples, self._capture(examples))
             seconds[name] = time.perf_counter() - start
-        self.model.load_state_dict(self.base_state)
+        self._restore_routers()
         return {
             "evaluations": evaluations,
             "seconds": seconds,
@@ -417,7 +497,7 @@ class RomaStudy:
     def _results(self, per_seed, timings, seeds_info) -> dict[str, Any]:
         c = self.config
         return {
-            "base_run": str(self.base_run),
+            "base_run": self.source,
             "config": asdict(c),
             "layers": self.layers,
             "tasks": {n: sorted({e.task for e in ex}) for n, ex in self.eval_sets.items()},

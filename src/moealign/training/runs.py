@@ -7,6 +7,7 @@ Layout (DESIGN.md §8)::
       meta.json          seed, package versions, git commit, host, device, command line, times
       metrics.jsonl      one JSON object per logged step, each appended whole and flushed
       checkpoints/       step_* directories (moealign.training.checkpoint)
+      tokenizer/         the run's tokenizer as Hugging Face files (AutoTokenizer loads it)
       final_eval.json    the evaluation at the end of training
       .lock              held (flock) by the process writing or reading the run
 
@@ -64,6 +65,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
+TOKENIZER_DIR = "tokenizer"
 # Changes that do not alter the result: the budget, the dashboards the metrics go to, what a
 # non-finite step does (a run stopped by one may go on, skipping it), and the parallel layout
 # (a resume on another number of ranks keeps world size × grad_accum, so the global batch and

@@ -44,7 +44,7 @@ from moealign.nn.transformer import MoETransformer
 from moealign.training import state
 from moealign.training.callbacks import Callback, StepResult, TrainResult, default_callbacks
 from moealign.training.objective import LossTerm, Objective
-from moealign.training.runs import RunDirectory
+from moealign.training.runs import TOKENIZER_DIR, RunDirectory
 
 __all__ = ["Trainer", "TrainResult"]
 
@@ -133,6 +133,8 @@ class Trainer:
                 resume=resume,
                 overwrite=overwrite,
             )
+        if self.run is not None:
+            self.data.tokenizer.save_pretrained(self.run_path / TOKENIZER_DIR)
         if resume and self.run is not None:
             # Records after the restored step; without a checkpoint, every record.
             self.run.truncate_metrics(self.step if restored else -1)
