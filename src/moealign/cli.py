@@ -18,7 +18,7 @@ from pathlib import Path
 from moealign.config import ConfigError, load_config
 from moealign.studies import ablate, report
 from moealign.training.checkpoint import CheckpointError
-from moealign.training.runs import RunExistsError
+from moealign.training.runs import CONFIG_FILE, RunExistsError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -55,7 +55,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config_arguments(parser)
     parser.add_argument("--out", metavar="DIR", help="run directory (default: out_dir/name)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint (without --config: the run's recorded config)",
+    )
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -68,7 +72,11 @@ def _format_table(rows: Sequence[tuple[str, str]]) -> str:
 def _run_train(args: argparse.Namespace) -> int:
     from moealign.training.trainer import Trainer  # torch and the model load only when training
 
-    config = load_config(args.config, args.overrides)
+    config_path = args.config
+    recorded = Path(args.out or "") / CONFIG_FILE
+    if config_path is None and args.resume and args.out and recorded.is_file():
+        config_path = recorded  # resume a run directory from its own record
+    config = load_config(config_path, args.overrides)
     trainer = Trainer(
         config,
         run_dir=args.out,
@@ -190,6 +198,18 @@ def _run_roma(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_arguments(parser: argparse.ArgumentParser) -> None:
+    from moealign.compression.command import add_compress_arguments
+
+    add_compress_arguments(parser)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from moealign.compression.command import run_compress  # torch loads only when compressing
+
+    return run_compress(args)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train a model from a config", add_arguments=_train_arguments, run=_run_train
@@ -227,14 +247,28 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_roma_arguments,
         run=_run_roma,
     ),
+    "compress": Command(
+        help="prune or merge the experts of a run or a Hugging Face MoE model (frequency, NAEE, "
+        "M-SMoE, Sub-MoE) with a retention report",
+        add_arguments=_compress_arguments,
+        run=_run_compress,
+    ),
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad command-line arguments are one ``error:`` line (and exit status 2), like every other
+    usage error; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moealign", description="Train, adapt and analyse MoE routers."
+    parser = _Parser(prog="moealign", description="Train, adapt and analyse MoE routers.")
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(sub)

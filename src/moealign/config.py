@@ -16,6 +16,7 @@ for a string field a bare word is taken as the string itself (``--set optim.sche
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import types
@@ -32,6 +33,8 @@ else:  # pragma: no cover - exercised only on Python 3.10
 from moealign.nn.transformer import ModelConfig
 
 __all__ = [
+    "COMPRESSION_METHODS",
+    "CompressionConfig",
     "ConfigError",
     "DataConfig",
     "LossConfig",
@@ -380,6 +383,29 @@ class TrainConfig(_Validated):
             )
 
 
+COMPRESSION_METHODS = ("frequency", "naee", "msmoe", "submoe")
+
+
+@dataclass
+class CompressionConfig(_Validated):
+    """How a compressed run's weights were made (``moealign compress``;
+    :mod:`moealign.compression`): ``method`` (``none`` for an ordinary run), the ``source`` run
+    directory, its ``source_n_experts`` E, the ``keep_experts`` E′ (= model.n_experts), the
+    ``calibration`` data (``training data`` or a file) and its ``calibration_tokens``, the
+    ``seed`` and the Sub-MoE joint-SVD ``rank`` (None = full rank). Recorded in ``config.json``
+    only when ``method`` is not ``none``.
+    """
+
+    method: Literal["none", "frequency", "naee", "msmoe", "submoe"] = "none"
+    source: str = ""
+    source_n_experts: int = bounded(0, ge=0)
+    keep_experts: int = bounded(0, ge=0)
+    calibration: str = ""
+    calibration_tokens: int = bounded(0, ge=0)
+    seed: int = 0
+    rank: int | None = bounded(None, ge=1)
+
+
 @dataclass
 class RunConfig(_Validated):
     """Everything that defines a run; ``to_dict()`` is what the run directory records."""
@@ -391,6 +417,7 @@ class RunConfig(_Validated):
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     guardrails: GuardrailConfig = field(default_factory=GuardrailConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     name: str = "run"
     out_dir: str = "runs"
 
@@ -431,10 +458,25 @@ class RunConfig(_Validated):
                     f"got {self.train.ep_size}; expected a divisor of "
                     f"model.n_experts={self.model.n_experts}",
                 )
+        compression = self.compression
+        if compression.method != "none" and not (
+            compression.keep_experts == self.model.n_experts < compression.source_n_experts
+        ):
+            raise ConfigError(
+                "compression.keep_experts",
+                f"got {compression.keep_experts}; expected model.n_experts="
+                f"{self.model.n_experts} < compression.source_n_experts="
+                f"{compression.source_n_experts}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready nested dict (tuples as lists) that :func:`build_config` reads back."""
-        return _jsonable(dataclasses.asdict(self))
+        """JSON-ready nested dict (tuples as lists) that :func:`build_config` reads back. The
+        ``compression`` section is left out of an ordinary run's (method ``none``), so that its
+        record is what it was before compression existed."""
+        data = _jsonable(dataclasses.asdict(self))
+        if self.compression.method == "none":
+            del data["compression"]
+        return data
 
     @property
     def run_dir(self) -> Path:
@@ -546,7 +588,8 @@ def load_config(
     path: str | Path | None = None, overrides: list[str] = (), cls: type | None = None
 ) -> Any:
     """Load a :class:`RunConfig` (or another validated config dataclass ``cls``, e.g.
-    :class:`moealign.roma.RomaConfig`) from a TOML file (None = all defaults) plus overrides.
+    :class:`moealign.roma.RomaConfig`) from a TOML file, or from a ``.json`` file such as a run
+    directory's recorded ``config.json`` (None = all defaults), plus overrides.
 
     ``overrides`` are ``"section.key=value"`` strings applied in order after the file.
     """
@@ -555,11 +598,12 @@ def load_config(
     if path is not None:
         try:
             with open(path, "rb") as handle:
-                data = tomllib.load(handle)
+                data = json.load(handle) if Path(path).suffix == ".json" else tomllib.load(handle)
         except FileNotFoundError:
             raise ConfigError("", f"config file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError("", f"config file {str(path)!r} is not valid TOML: {err}") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+            kind = "JSON" if Path(path).suffix == ".json" else "TOML"
+            raise ConfigError("", f"config file {str(path)!r} is not valid {kind}: {err}") from None
     for text in overrides:
         key_path, value = parse_override(text, cls)
         _set_path(data, key_path, value)

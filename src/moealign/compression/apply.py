@@ -30,7 +30,7 @@ from moealign.compression.layers import MoELayerView, is_hf_model
 from moealign.compression.plan import LayerPlan
 from moealign.nn.moe import MoELayer
 from moealign.nn.routers import MPIRouter
-from moealign.nn.transformer import MoETransformer
+from moealign.nn.transformer import ModelConfig, MoETransformer
 
 
 def _moealign_layer_state(view: MoELayerView, plan: LayerPlan) -> dict[str, Tensor]:
@@ -97,13 +97,15 @@ def _new_moe_layer(layer: MoELayer, n_experts: int) -> MoELayer:
     )
 
 
-def _new_moealign_model(model: MoETransformer, n_experts: int) -> MoETransformer:
+def compressed_model_config(model: MoETransformer, n_experts: int) -> ModelConfig:
+    """``model.config`` with ``n_experts`` experts (and, for MPI routers, the c′ that keeps
+    C = c′/√E)."""
     config = model.config
     options = dict(config.router_options)
     first = model.moe_layers[0]
     if isinstance(first.router, MPIRouter):
         options["c_prime"] = mpi_c_prime(first.router, n_experts)
-    return MoETransformer(replace(config, n_experts=n_experts, router_options=options))
+    return replace(config, n_experts=n_experts, router_options=options).validate()
 
 
 def _new_hf_model(model: nn.Module, n_experts: int) -> nn.Module:
@@ -131,7 +133,7 @@ def build_compressed(
         elif is_hf_model(model):
             new = _new_hf_model(model, n_experts)
         elif isinstance(model, MoETransformer):
-            new = _new_moealign_model(model, n_experts)
+            new = MoETransformer(compressed_model_config(model, n_experts))
         else:
             raise ValueError(
                 f"model={type(model).__name__} is not accepted; expected a MoETransformer, a "

@@ -21,8 +21,8 @@ from moealign.compression.msmoe import msmoe_plan
 from moealign.compression.plan import LayerPlan, prune_plan
 from moealign.compression.pruning import frequency_keep, naee_keep
 from moealign.compression.submoe import submoe_plan
+from moealign.config import COMPRESSION_METHODS as METHODS
 
-METHODS = ("frequency", "naee", "msmoe", "submoe")
 ROUTER_UPDATE = {"frequency": "R1 slice", "naee": "R1 slice", "msmoe": "R3", "submoe": "R3"}
 
 

@@ -1,8 +1,9 @@
 """Language-model evaluation (DESIGN.md §7): token-weighted loss and perplexity over a set of
 batches, with the routing statistics of every MoE layer (DESIGN.md §4).
 
-The model's call ``model(input_ids_BS)`` returns ``.logits`` (B, S, V) and ``.routing`` (one
-:class:`~moealign.nn.moe.RoutingInfo` per MoE layer). Shape letters: B rows, S positions,
+The model's call ``model(input_ids_BS)`` returns ``.logits`` (B, S, V) and, for a moealign
+model, ``.routing`` (one :class:`~moealign.nn.moe.RoutingInfo` per MoE layer; a transformers
+model's output has none, and gets the loss only). Shape letters: B rows, S positions,
 V vocabulary, L MoE layers, E experts, T tokens.
 """
 
@@ -103,7 +104,7 @@ def evaluate_lm(
             )
             total_nll += nll_BS.double().sum()
             n_tokens += (labels_BS != IGNORE_INDEX).sum()
-            if output.routing:
+            if getattr(output, "routing", None):  # a transformers model has none
                 routing_totals = routing_totals or _RoutingTotals()
                 routing_totals.update(output.routing)
             n_batches += 1

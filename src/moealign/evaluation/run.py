@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from moealign.config import RunConfig, build_config
-from moealign.data.build import build_training_data
+from moealign.data.build import TrainingData, build_training_data
 from moealign.distributed.context import resolve_device
 from moealign.evaluation.diagnostics import routing_projection_alignment
 from moealign.evaluation.lm import evaluate_lm
 from moealign.evaluation.tasks import evaluate_suite
 from moealign.nn.transformer import MoETransformer
-from moealign.training.checkpoint import CheckpointError, load_latest
+from moealign.training.checkpoint import Checkpoint, CheckpointError, load_latest
 
 EVAL_FILE = "eval.json"
 
@@ -33,15 +33,32 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return build_config(RunConfig, json.loads(path.read_text()))
 
 
-def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, MoETransformer]:
-    """The run's config and its model with the newest good checkpoint's weights."""
+def load_run_model(
+    run_dir: str | Path, device: str = "auto"
+) -> tuple[RunConfig, MoETransformer, Checkpoint]:
+    """The run's config, its model with the newest good checkpoint's weights, and that
+    checkpoint."""
     config = load_run_config(run_dir)
     checkpoint = load_latest(Path(run_dir) / "checkpoints", fallback=True)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to evaluate")
     model = MoETransformer(config.model).to(resolve_device(device))
     checkpoint.load_model(model)
-    return config, model
+    return config, model, checkpoint
+
+
+def evaluate_model(model: MoETransformer, data: TrainingData, task_examples: int) -> dict[str, Any]:
+    """Validation loss with routing statistics over ``data.validation``, the projection
+    alignment per MoE layer, and greedy answers on ``task_examples`` examples per task and
+    evaluation set of the task suite (when the data has one and ``task_examples`` > 0)."""
+    result: dict[str, Any] = {"lm": evaluate_lm(model, data.validation)}
+    if model.moe_layers:
+        result["projection_alignment"] = routing_projection_alignment(model)
+    if data.suite is not None and task_examples > 0:
+        result["tasks"] = evaluate_suite(
+            model, data.tokenizer, data.suite, max_examples_per_task=task_examples
+        )
+    return result
 
 
 def evaluate_run(
@@ -52,18 +69,12 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate the run in ``run_dir``; ``task_examples`` per task and set (None = the run's
     ``train.task_eval_examples``), ``eval_batches`` validation batches (None = the run's)."""
-    config, model = load_run_model(run_dir, device)
+    config, model, _ = load_run_model(run_dir, device)
     if eval_batches is not None:
         config.train.eval_batches = eval_batches
     data = build_training_data(config)
     limit = config.train.task_eval_examples if task_examples is None else task_examples
-    result: dict[str, Any] = {"lm": evaluate_lm(model, data.validation)}
-    if model.moe_layers:
-        result["projection_alignment"] = routing_projection_alignment(model)
-    if data.suite is not None and limit > 0:
-        result["tasks"] = evaluate_suite(
-            model, data.tokenizer, data.suite, max_examples_per_task=limit
-        )
+    result = evaluate_model(model, data, limit)
     path = Path(run_dir) / EVAL_FILE
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
