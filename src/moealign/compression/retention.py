@@ -34,7 +34,7 @@ METRICS = (
 
 
 def inference_tokens_per_s(
-    models: Sequence[nn.Module], batches: Sequence[Mapping[str, Tensor]], repeats: int = 5
+    models: Sequence[nn.Module], batches: Sequence[Mapping[str, Tensor]], repeats: int = 3
 ) -> list[float]:
     """Tokens per second of each model's forward passes over ``batches`` without gradients:
     after one warm-up pass each, the models take turns for ``repeats`` timed passes (so that
