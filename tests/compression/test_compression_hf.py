@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers_hf import SOFTMAX_FAMILIES, batch, tiny_model
+from helpers_hf import SOFTMAX_FAMILIES, batch, save_with_tokenizer, tiny_model
 from moealign.cli import main
 from moealign.compression import METHODS, compress_model
 from moealign.compression.data import text_batches
@@ -73,20 +73,9 @@ def test_pruned_router_rows_and_experts_stay_in_step(family):
     torch.testing.assert_close(y_new[only_kept], expected, rtol=1e-5, atol=1e-6)
 
 
-def _save_with_tokenizer(model, directory) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0} | {f"w{i}": i + 1 for i in range(50)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
-    model.save_pretrained(directory)
-
-
 def test_cli_compresses_a_hugging_face_directory(tmp_path, capsys):
     model = tiny_model("qwen2_moe")
-    _save_with_tokenizer(model, tmp_path / "model")
+    save_with_tokenizer(model, tmp_path / "model")
     texts = [" ".join(f"w{(7 * i + 3 * j) % 50}" for j in range(40)) for i in range(20)]
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"text": text}) for text in texts))

@@ -6,8 +6,8 @@ X (T, D) (forward pre-hooks; padding excluded). From X and the layer itself,
 
 * router logits H (T, E) (after temperature; MPI: C · ⟨x, r'_e⟩) and the layer's own top-k S_t;
 * frequency f_e = #{t : e ∈ S_t} / (T·K) and soft score a_e = mean_t softmax(H_t)_e;
-* every expert's output on every token E_e(x_t) (E, T, D), its mean ō_e, and the per-token
-  output cosine Sim(i, j) = mean_t cos(E_i(x_t), E_j(x_t));
+* every expert's output on every token E_e(x_t) (E, T, D) and the per-token output cosine
+  Sim(i, j) = mean_t cos(E_i(x_t), E_j(x_t));
 * the router-logit cosine cos(H[:, i], H[:, j]);
 * the layer's routed output Z_D = Σ_e g_te(D) E_e(x_t) with the experts D dropped from the
   softmax (logits −∞, i.e. the R1 slice of §4), re-selected top-k and renormalised weights.
@@ -91,11 +91,6 @@ class LayerCalibration:
         """E_e(x_t), (E, T, D), fp32 or wider."""
         with torch.no_grad():
             return expert_outputs(self.view.weights, self.view.activation, self.inputs_TD)
-
-    @property
-    def mean_outputs(self) -> Tensor:
-        """ō_e = mean_t E_e(x_t), (E, D), float64."""
-        return self.outputs_ETD.double().mean(1).cpu()
 
     @property
     def output_similarity(self) -> Tensor:

@@ -45,10 +45,6 @@ class ExpertWeights(NamedTuple):
     up: Tensor  # (E, F, D)
     down: Tensor  # (E, D, F)
 
-    def select(self, index: Tensor) -> ExpertWeights:
-        """The experts ``index`` (a long tensor), in that order."""
-        return ExpertWeights(*(w.index_select(0, index) for w in self))
-
     def expert(self, e: int) -> ExpertWeights:
         """Expert e alone, as (F, D), (F, D), (D, F) matrices."""
         return ExpertWeights(*(w[e] for w in self))

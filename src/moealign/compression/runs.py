@@ -96,6 +96,9 @@ class RunSource:
         config, model, checkpoint = load_run_model(path, device)
         return cls(Path(path), config, model.eval(), checkpoint, build_training_data(config))
 
+    def __post_init__(self) -> None:
+        self._stream_start = self.data.train.state_dict()
+
     @property
     def timing_batches(self) -> list[Batch]:
         """The batches that inference tokens/s is measured on: the validation batches."""
@@ -107,6 +110,7 @@ class RunSource:
         the run's tokenizer in windows of ``train.seq_len``."""
         tokenizer = self.data.tokenizer
         if calib is None:
+            self.data.train.load_state_dict(self._stream_start)  # every call: the same tokens
             return stream_batches(self.data.train, tokenizer.pad_id, n_tokens)
         train = self.config.train
         return text_batches(calib, tokenizer.encode, train.seq_len, train.batch_size, n_tokens)[0]
