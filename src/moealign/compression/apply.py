@@ -109,9 +109,13 @@ def compressed_model_config(model: MoETransformer, n_experts: int) -> ModelConfi
 
 
 def _new_hf_model(model: nn.Module, n_experts: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
     config = type(model.config).from_dict(model.config.to_dict())
     config.num_experts = n_experts  # an alias of num_local_experts in Mixtral and Qwen3-MoE
-    new = type(model)(config)
+    # Built in the model's dtype as from_pretrained would (buffers such as rotary frequencies
+    # keep their own dtype).
+    new = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     new.generation_config = model.generation_config
     return new
 
@@ -128,17 +132,19 @@ def build_compressed(
     (n_experts,) = sizes
     parameter = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
-        if isinstance(model, MoELayer):
-            new = _new_moe_layer(model, n_experts)
-        elif is_hf_model(model):
+        if is_hf_model(model):
             new = _new_hf_model(model, n_experts)
-        elif isinstance(model, MoETransformer):
-            new = MoETransformer(compressed_model_config(model, n_experts))
+        elif isinstance(model, (MoELayer, MoETransformer)):
+            new = (
+                _new_moe_layer(model, n_experts)
+                if isinstance(model, MoELayer)
+                else MoETransformer(compressed_model_config(model, n_experts))
+            ).to(dtype=parameter.dtype)
         else:
             raise ValueError(
                 f"model={type(model).__name__} is not accepted; expected a MoETransformer, a "
                 "MoELayer or a transformers MoE model"
             )
-    new = new.to(device=parameter.device, dtype=parameter.dtype)
+    new = new.to(device=parameter.device)
     new.load_state_dict(compressed_state(model, views, plans), strict=True)
     return new.train(model.training)
