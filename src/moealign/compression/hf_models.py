@@ -56,7 +56,12 @@ class HFSource:
     def open(cls, path: str | Path, device: str = "auto") -> HFSource:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        except (OSError, ValueError) as error:
+            raise CompressionError(
+                f"SOURCE {path}: transformers cannot load it ({error})"
+            ) from None
         model = model.to(resolve_device(device)).eval()
         moe_layer_views(model)  # an unsupported family or router fails here, before any work
         try:
