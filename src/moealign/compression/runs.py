@@ -41,12 +41,14 @@ from moealign.compression.retention import lm_metrics
 from moealign.config import AlignmentConfig, CompressionConfig, RunConfig
 from moealign.data.build import TrainingData, build_training_data
 from moealign.evaluation.run import evaluate_model, load_run_model
+from moealign.evaluation.tasks import HELDOUT_SETS
 from moealign.nn.transformer import MoETransformer
 from moealign.training.checkpoint import Checkpoint, save_checkpoint
 from moealign.training.runs import RunDirectory
 
 REPORT_FILE = "compression.json"
 PRIOR_FILE = "alignment_prior.safetensors"
+RETENTION_TASK_SETS = ("test", *HELDOUT_SETS)
 
 
 def compress_distribution(q_LE: Tensor, groups: list[list[tuple[int, ...]]]) -> Tensor:
@@ -116,9 +118,12 @@ class RunSource:
         return text_batches(calib, tokenizer.encode, train.seq_len, train.batch_size, n_tokens)[0]
 
     def evaluate(self, model: MoETransformer) -> dict[str, Any]:
-        """Validation loss, task accuracies (``train.task_eval_examples`` per task and set, as
-        ``moealign eval``) and parameter counts."""
-        evaluation = evaluate_model(model, self.data, self.config.train.task_eval_examples)
+        """Validation loss, task accuracies on the seen-task test split and the held-out sets
+        (``train.task_eval_examples`` per task and set, as ``moealign eval``; the long-length
+        set, which the report does not use, is left out) and parameter counts."""
+        evaluation = evaluate_model(
+            model, self.data, self.config.train.task_eval_examples, RETENTION_TASK_SETS
+        )
         counts = model.parameter_counts()
         return {
             **lm_metrics(evaluation),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,26 @@ def load_run_model(
     return config, model, checkpoint
 
 
-def evaluate_model(model: MoETransformer, data: TrainingData, task_examples: int) -> dict[str, Any]:
+def evaluate_model(
+    model: MoETransformer,
+    data: TrainingData,
+    task_examples: int,
+    task_sets: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Validation loss with routing statistics over ``data.validation``, the projection
     alignment per MoE layer, and greedy answers on ``task_examples`` examples per task and
-    evaluation set of the task suite (when the data has one and ``task_examples`` > 0)."""
+    evaluation set of the task suite (when the data has one and ``task_examples`` > 0; only
+    the sets ``task_sets``, default all)."""
     result: dict[str, Any] = {"lm": evaluate_lm(model, data.validation)}
     if model.moe_layers:
         result["projection_alignment"] = routing_projection_alignment(model)
     if data.suite is not None and task_examples > 0:
         result["tasks"] = evaluate_suite(
-            model, data.tokenizer, data.suite, max_examples_per_task=task_examples
+            model,
+            data.tokenizer,
+            data.suite,
+            max_examples_per_task=task_examples,
+            sets=task_sets,
         )
     return result
 
