@@ -79,7 +79,9 @@ def test_bad_arguments_give_one_error_line(source_run, tmp_path, capsys, argumen
 def test_bad_source_in_a_process(tmp_path):
     (tmp_path / "empty").mkdir()
     argv = ["compress", str(tmp_path / "empty"), "--method", "naee", "--keep-experts", "2"]
-    result = run_cli(*argv, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    # A generous timeout: the process only starts Python and reads a directory, but the
+    # machine running the suite may be busy.
+    result = run_cli(*argv, "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=600)
     assert result.returncode == 2
     assert "SOURCE" in _one_error_line(result.stderr) and "no config.json" in result.stderr
     assert not (tmp_path / "out").exists()
