@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from moealign.evaluation.stats import format_interval as interval
+from moealign.evaluation.stats import paired_t_test
 from moealign.studies.results import (
     RunDataError,
     RunRecord,
@@ -35,15 +36,6 @@ LAYERS = (0, 1)
 
 def grid_variant(optimizer: str, router: str) -> str:
     return f"optim={optimizer},router={router}"
-
-
-def interval(values: Sequence[float], digits: int = 3) -> str:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return "–"
-    mean, half_width, n = mean_confidence_interval(finite)
-    text = f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {half_width:.{digits}f}"
-    return text + (f" (n={n})" if n != len(values) else "")
 
 
 def final(metric: str) -> Callable[[RunRecord], float]:

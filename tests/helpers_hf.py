@@ -95,3 +95,15 @@ def gate_inputs(model, input_ids) -> list[torch.Tensor]:
     for handle in handles:
         handle.remove()
     return seen
+
+
+def save_with_tokenizer(model, directory) -> None:
+    """Save ``model`` with a word-level tokenizer over the words w0..w49 (ids 1..50)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0} | {f"w{i}": i + 1 for i in range(50)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
+    model.save_pretrained(directory)

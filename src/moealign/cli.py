@@ -94,7 +94,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config_arguments(parser)
     parser.add_argument("--out", metavar="DIR", help="run directory (default: out_dir/name)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint (without --config: the run's recorded config)",
+    )
     mode.add_argument(
         "--overwrite", action="store_true", help="replace an existing run (only a moealign run)"
     )
@@ -108,9 +112,13 @@ def _is_main_rank() -> bool:
 def _run_train(args: argparse.Namespace) -> int:
     from moealign.config import load_config
     from moealign.training.preflight import check_before_training
-    from moealign.training.runs import RunDirectory, RunLock, finished_step
+    from moealign.training.runs import CONFIG_FILE, RunDirectory, RunLock, finished_step
 
-    config = load_config(args.config, args.overrides)
+    config_path = args.config
+    recorded = Path(args.out or "") / CONFIG_FILE
+    if config_path is None and args.resume and args.out and recorded.is_file():
+        config_path = recorded  # resume a run directory from its own record
+    config = load_config(config_path, args.overrides)
     run_dir = Path(args.out) if args.out else config.run_dir
     check_before_training(config, run_dir, out_field="--out" if args.out else "out_dir")
     RunDirectory(run_dir).check(config.to_dict(), resume=args.resume, overwrite=args.overwrite)
@@ -478,6 +486,43 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_arguments(parser: argparse.ArgumentParser) -> None:
+    from moealign.config import COMPRESSION_METHODS
+
+    parser.add_argument(
+        "source", metavar="SOURCE", help="a moealign run directory or a Hugging Face model dir"
+    )
+    parser.add_argument("--method", required=True, help=" | ".join(COMPRESSION_METHODS))
+    parser.add_argument(
+        "--keep-experts", type=int, required=True, metavar="E'", help="experts per MoE layer"
+    )
+    parser.add_argument(
+        "--calib",
+        metavar="FILE",
+        help="calibration text (.txt, or .jsonl with a 'text' field); default for a run: its "
+        "own training data (required for a Hugging Face model)",
+    )
+    parser.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="calibration tokens",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of Sub-MoE's K-means")
+    parser.add_argument(
+        "--rank", type=int, default=None, help="submoe only: joint-SVD rank (default: full)"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (new)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from moealign.compression.command import run_compress  # torch loads only when compressing
+
+    return run_compress(args)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train a model from a config", add_arguments=_train_arguments, run=_run_train
@@ -522,6 +567,12 @@ COMMANDS: dict[str, Command] = {
         "a transformers MoE model",
         add_arguments=_roma_arguments,
         run=_run_roma,
+    ),
+    "compress": Command(
+        help="prune or merge the experts of a run or a Hugging Face MoE model (frequency, NAEE, "
+        "M-SMoE, Sub-MoE) with a retention report",
+        add_arguments=_compress_arguments,
+        run=_run_compress,
     ),
 }
 

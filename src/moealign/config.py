@@ -43,6 +43,8 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 __all__ = [
     "AlignmentConfig",
+    "COMPRESSION_METHODS",
+    "CompressionConfig",
     "ConfigError",
     "GuardrailConfig",
     "DataConfig",
@@ -709,6 +711,29 @@ class TrainConfig(_Validated):
             )
 
 
+COMPRESSION_METHODS = ("frequency", "naee", "msmoe", "submoe")
+
+
+@dataclass
+class CompressionConfig(_Validated):
+    """How a compressed run's weights were made (``moealign compress``;
+    :mod:`moealign.compression`): ``method`` (``none`` for an ordinary run), the ``source`` run
+    directory, its ``source_n_experts`` E, the ``keep_experts`` E′ (= model.n_experts), the
+    ``calibration`` data (``training data`` or a file) and its ``calibration_tokens``, the
+    ``seed`` and the Sub-MoE joint-SVD ``rank`` (None = full rank). Recorded in ``config.json``
+    only when ``method`` is not ``none``.
+    """
+
+    method: Literal["none", "frequency", "naee", "msmoe", "submoe"] = "none"
+    source: str = ""
+    source_n_experts: int = bounded(0, ge=0)
+    keep_experts: int = bounded(0, ge=0)
+    calibration: str = ""
+    calibration_tokens: int = bounded(0, ge=0)
+    seed: int = 0
+    rank: int | None = bounded(None, ge=1)
+
+
 @dataclass
 class RunConfig(_Validated):
     """Everything that defines a run; ``to_dict()`` is what the run directory records."""
@@ -720,6 +745,7 @@ class RunConfig(_Validated):
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     guardrails: GuardrailConfig = field(default_factory=GuardrailConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     name: str = "run"
     out_dir: str = "runs"
 
@@ -771,6 +797,16 @@ class RunConfig(_Validated):
                     f"got {self.train.ep_size}; expected a divisor of "
                     f"model.n_experts={self.model.n_experts}",
                 )
+        compression = self.compression
+        if compression.method != "none" and not (
+            compression.keep_experts == self.model.n_experts < compression.source_n_experts
+        ):
+            raise ConfigError(
+                "compression.keep_experts",
+                f"got {compression.keep_experts}; expected model.n_experts="
+                f"{self.model.n_experts} < compression.source_n_experts="
+                f"{compression.source_n_experts}",
+            )
 
     def validate(self) -> RunConfig:
         """Build what crosses sections: the alignment term for the model's MoE layers (a prior
@@ -783,8 +819,13 @@ class RunConfig(_Validated):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready nested dict (tuples as lists) that :func:`build_config` reads back."""
-        return _jsonable(dataclasses.asdict(self))
+        """JSON-ready nested dict (tuples as lists) that :func:`build_config` reads back. The
+        ``compression`` section is left out of an ordinary run's (method ``none``), so that its
+        record is what it was before compression existed."""
+        data = _jsonable(dataclasses.asdict(self))
+        if self.compression.method == "none":
+            del data["compression"]
+        return data
 
     @property
     def run_dir(self) -> Path:
@@ -946,18 +987,42 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise ConfigError("", f"{what} {shown} cannot be read: {err.strerror}") from None
 
 
+def _read_json_config(path: str | Path) -> dict[str, Any]:
+    """The table in a run's recorded ``config.json``; one :class:`ConfigError` naming the file
+    if it is missing, unreadable or not a JSON object."""
+    from moealign.io import read_json
+
+    shown = repr(str(path))
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {shown} does not exist") from None
+    except (ValueError, OSError) as err:
+        raise ConfigError("", f"config file {shown} cannot be read: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            "", f"config file {shown} holds a JSON {type(data).__name__}; expected a table"
+        )
+    return data
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] = (), cls: type | None = None
 ) -> Any:
     """Load a :class:`RunConfig` (or another validated config dataclass ``cls``, e.g.
-    :class:`moealign.roma.RomaConfig`) from a TOML file (None = all defaults) plus overrides.
+    :class:`moealign.roma.RomaConfig`) from a TOML file, or from a ``.json`` file such as a run
+    directory's recorded ``config.json`` (None = all defaults), plus overrides.
 
     ``overrides`` are ``"section.key=value"`` strings applied in order after the file.
     """
     cls = RunConfig if cls is None else cls
     data: dict[str, Any] = {}
     if path is not None:
-        data = read_toml(path, "config file")
+        data = (
+            _read_json_config(path)
+            if Path(path).suffix == ".json"
+            else read_toml(path, "config file")
+        )
     for text in overrides:
         key_path, value = parse_override(text, cls)
         _set_path(data, key_path, value)

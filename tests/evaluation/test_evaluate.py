@@ -328,6 +328,9 @@ def test_evaluate_suite_reports_every_set_and_the_seen_and_heldout_means():
     assert set(result["sets"]["heldout_tasks"]["tasks"]) == {"subtraction"}
     assert result["sets"]["test"]["tasks"]["reverse"]["correct"] == [1] * 3
     json.loads(json.dumps(result))
+    chosen = evaluate_suite(model, TOKENIZER, suite, batch_size=4, sets=("test", "heldout_tasks"))
+    assert set(chosen["sets"]) == {"test", "heldout_tasks"}
+    assert chosen["sets"]["test"] == result["sets"]["test"] and chosen["heldout_mean"] == 0.0
 
 
 def test_evaluate_tasks_rejects_bad_input():

@@ -12,7 +12,16 @@ transformers = pytest.importorskip("transformers")  # the models under test are 
 
 from transformers import AutoModelForCausalLM
 
-from helpers_hf import COMMON, FAMILIES, SOFTMAX_FAMILIES, VOCAB, batch, gate_inputs, tiny_model
+from helpers_hf import (
+    COMMON,
+    FAMILIES,
+    SOFTMAX_FAMILIES,
+    VOCAB,
+    batch,
+    gate_inputs,
+    save_with_tokenizer,
+    tiny_model,
+)
 from moealign.integrations.hf import (
     HFRouted,
     MoealignGate,
@@ -287,18 +296,6 @@ def test_hf_routed_trains_only_the_gate_weights(family):
 
 
 # --- moealign analyze ---------------------------------------------------------------------------
-
-
-def save_with_tokenizer(model, directory) -> None:
-    """Save ``model`` with a word-level tokenizer over the words w0..w49 (ids 1..50)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0} | {f"w{i}": i + 1 for i in range(50)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
-    model.save_pretrained(directory)
 
 
 def test_cli_analyze_writes_diagnostics_and_plots(tmp_path, capsys):

@@ -11,6 +11,7 @@ and returned.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,17 @@ from moealign.evaluation.lm import LMEvaluation, evaluate_lm
 from moealign.evaluation.tasks import suite_record
 from moealign.io import atomic_write_json
 from moealign.nn.transformer import MoETransformer
-from moealign.training.checkpoint import CheckpointError, load_latest
+from moealign.training.checkpoint import Checkpoint, CheckpointError, load_latest
 from moealign.training.runs import read_run_config
 
 EVAL_FILE = "eval.json"
 
 
-def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, MoETransformer]:
-    """The run's config and its model with the newest checkpoint whose weights load."""
+def load_run_checkpoint(
+    run_dir: str | Path, device: str = "auto"
+) -> tuple[RunConfig, MoETransformer, Checkpoint]:
+    """The run's config, its model with the newest checkpoint whose weights load, and that
+    checkpoint."""
     config = read_run_config(run_dir)
     model = MoETransformer(config.model).to(resolve_device(device))
     checkpoint = load_latest(
@@ -39,6 +43,12 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig
     )
     if checkpoint is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to evaluate")
+    return config, model, checkpoint
+
+
+def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, MoETransformer]:
+    """The run's config and its model with the newest checkpoint whose weights load."""
+    config, model, _ = load_run_checkpoint(run_dir, device)
     return config, model
 
 
@@ -48,13 +58,14 @@ def evaluation_record(
     data: TrainingData,
     task_examples: int,
     dtype: torch.dtype | None,
+    task_sets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A run's evaluation in the layout of ``final_eval.json`` and ``eval.json``: the
     validation record of ``lm`` (``val_loss``, ``val_ppl``, ``val_tokens``,
     ``val_routing/...`` with the projection alignment of ``model``), ``expert_counts`` (L × E)
     and, with a task suite and ``task_examples`` > 0, the task results
     (:func:`~moealign.evaluation.tasks.suite_record`, answers generated under the same
-    autocast to ``dtype`` as training)."""
+    autocast to ``dtype`` as training; only the evaluation sets ``task_sets``, default all)."""
     if lm.routing is not None and lm.routing.projection_alignment is None:
         lm.routing.with_projection_alignment(model)
     record: dict[str, Any] = lm.record("val_")
@@ -62,7 +73,7 @@ def evaluation_record(
         record["expert_counts"] = lm.routing.expert_counts.round().long().tolist()
     if data.suite is not None and task_examples > 0:
         with autocast(model_device(model), dtype):
-            record |= suite_record(model, data.tokenizer, data.suite, task_examples)
+            record |= suite_record(model, data.tokenizer, data.suite, task_examples, task_sets)
     return record
 
 

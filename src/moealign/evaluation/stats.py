@@ -49,6 +49,18 @@ def mean_confidence_interval(
     return mean, half_width, n
 
 
+def format_interval(values: Sequence[float | None], digits: int = 3) -> str:
+    """``mean ± half width`` (:func:`mean_confidence_interval`) of the finite values, ``mean``
+    alone for one value, ``–`` for none; ``(n=k)`` is appended when some values are missing
+    (None or not finite)."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    if not finite:
+        return "–"
+    mean, half_width, n = mean_confidence_interval(finite)
+    text = f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {half_width:.{digits}f}"
+    return text + (f" (n={n})" if n != len(values) else "")
+
+
 def paired_t_test(
     a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = 0.95
 ) -> tuple[float, float, float]:

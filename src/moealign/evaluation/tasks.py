@@ -160,10 +160,12 @@ def evaluate_suite(
     max_new_tokens: int | None = None,
     batch_size: int = 32,
     max_examples_per_task: int | None = None,
+    sets: Sequence[str] | None = None,
 ) -> dict:
     """:func:`evaluate_tasks` on every non-empty set of ``suite.evaluation_sets()`` (seen-task
-    test, held-out tasks, held-out compositions, long lengths), on at most
-    ``max_examples_per_task`` examples of each task per set (the first ones; None = all).
+    test, held-out tasks, held-out compositions, long lengths; ``sets`` names a subset, which
+    must include ``test``), on at most ``max_examples_per_task`` examples of each task per set
+    (the first ones; None = all).
 
     Returns ``{"sets": {set: TaskEvaluation.to_dict()}, "seen_mean", "heldout_mean"}``:
     ``seen_mean`` is the macro accuracy on the seen-task test split, ``heldout_mean`` the mean
@@ -179,7 +181,7 @@ def evaluate_suite(
             batch_size,
         )
         for name, examples in suite.evaluation_sets().items()
-        if examples
+        if examples and (sets is None or name in sets)
     }
     heldout_accuracies = [
         result.accuracy
@@ -210,12 +212,19 @@ def per_task_accuracy(suite_result: Mapping) -> dict[str, dict[str, float]]:
 
 
 def suite_record(
-    model: nn.Module, tokenizer: Tokenizer, suite: TaskSuite, max_examples_per_task: int
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    suite: TaskSuite,
+    max_examples_per_task: int,
+    sets: Sequence[str] | None = None,
 ) -> dict:
     """The task part of a run's final evaluation (``final_eval.json`` and ``eval.json``):
     ``tasks`` (:func:`evaluate_suite`), ``task_accuracy`` (:func:`per_task_accuracy`),
-    ``task_accuracy_seen`` and, when the suite holds held-out sets, ``task_accuracy_heldout``."""
-    tasks = evaluate_suite(model, tokenizer, suite, max_examples_per_task=max_examples_per_task)
+    ``task_accuracy_seen`` and, when the suite holds held-out sets, ``task_accuracy_heldout``
+    (only the evaluation sets ``sets``, default all)."""
+    tasks = evaluate_suite(
+        model, tokenizer, suite, max_examples_per_task=max_examples_per_task, sets=sets
+    )
     record = {
         "tasks": tasks,
         "task_accuracy": per_task_accuracy(tasks),

@@ -1,0 +1,190 @@
+"""The expert compression study (docs/compression_study.md): compress every base run of
+``moealign ablate configs/compression_study.toml`` and tabulate the retention.
+
+For each finished base cell ``<variant>__seed<s>`` (``unaligned``/``aligned``), each method and
+each E′ in ``--keep`` (default 6 and 4 of 8: 25% and 50% fewer experts), the base is compressed
+with :func:`moealign.compression.command.compress_source` (the code path of ``moealign
+compress``; calibration: the first ``--calib-tokens`` tokens of the run's training stream) into
+``<study>/compressed/<cell>/<method>_e<E′>``, a full run directory with ``compression.json``.
+A compression whose ``compression.json`` exists is not redone, so an interrupted study resumes.
+
+Tables (markdown, also written to ``<study>/compression_summary.md``; the numbers to
+``<study>/compression_summary.json``): mean ± 95% Student-t half width over seeds
+(``moealign.evaluation.stats.mean_confidence_interval``) of each retention ratio per base
+variant, and the aligned − unaligned difference of retention paired by seed
+(``moealign.evaluation.stats.paired_t_test``).
+
+    PYTHONPATH=src nice -n 10 python3 scripts/compression_study.py runs/compression_study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from moealign.compression import METHODS
+from moealign.compression.command import TRAINING_DATA, compress_source
+from moealign.compression.runs import REPORT_FILE, RunSource
+from moealign.config import CompressionConfig
+from moealign.evaluation.stats import format_interval as interval
+from moealign.evaluation.stats import paired_t_test
+from moealign.training.runs import FINAL_EVAL_FILE
+
+VARIANTS = ("unaligned", "aligned")
+CELL = re.compile(r"^(?P<variant>\w+)__seed(?P<seed>\d+)$")
+RATIOS = (
+    ("val_loss", "val loss ×"),
+    ("task_accuracy_seen", "seen acc ×"),
+    ("task_accuracy_heldout", "held-out acc ×"),
+    ("params_total", "params ×"),
+    ("tokens_per_s", "tokens/s ×"),
+)
+
+
+def base_cells(study: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in study.iterdir()
+        if CELL.match(path.name) and (path / FINAL_EVAL_FILE).is_file()
+    )
+
+
+def compress_all(study: Path, keeps: Sequence[int], calib_tokens: int) -> None:
+    for cell in base_cells(study):
+        source = original = None
+        for method in METHODS:
+            for keep in keeps:
+                out = study / "compressed" / cell.name / f"{method}_e{keep}"
+                if (out / REPORT_FILE).is_file():
+                    continue
+                if source is None:
+                    source = RunSource.open(cell)
+                    original = source.evaluate(source.model)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                start = time.perf_counter()
+                record = CompressionConfig(
+                    method=method,
+                    source=str(cell.resolve()),
+                    keep_experts=keep,
+                    calibration=TRAINING_DATA,
+                    calibration_tokens=calib_tokens,
+                )
+                report = compress_source(source, out, record, original)
+                ratio = report["retention"]["val_loss"]
+                seconds = time.perf_counter() - start
+                print(f"{cell.name} {method} E'={keep}: val loss × {ratio:.3f} ({seconds:.0f} s)")
+
+
+def load_reports(study: Path) -> list[dict]:
+    rows = []
+    for report_file in sorted((study / "compressed").glob(f"*/*/{REPORT_FILE}")):
+        match = CELL.match(report_file.parent.parent.name)
+        report = json.loads(report_file.read_text())
+        rows.append(
+            {
+                "variant": match["variant"],
+                "seed": int(match["seed"]),
+                "method": report["compression"]["method"],
+                "keep": report["compression"]["keep_experts"],
+                **report,
+            }
+        )
+    return rows
+
+
+def select(rows: list[dict], **fields) -> list[dict]:
+    chosen = [r for r in rows if all(r[k] == v for k, v in fields.items())]
+    return sorted(chosen, key=lambda r: r["seed"])
+
+
+def base_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| base | seeds | val loss | seen acc | held-out acc | params | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        originals = {r["seed"]: r["original"] for r in select(rows, variant=variant)}
+        values = list(originals.values())
+        if not values:
+            continue
+        cells = [interval([v[key] for v in values]) for key, _ in RATIOS[:3]]
+        lines.append(
+            f"| {variant} | {len(values)} | {' | '.join(cells)} | {values[0]['params_total']:,} "
+            f"| {interval([v['tokens_per_s'] for v in values], 0)} |"
+        )
+    return lines
+
+
+def retention_table(rows: list[dict], variant: str, keeps: Sequence[int]) -> list[str]:
+    header = " | ".join(label for _, label in RATIOS)
+    lines = [f"| method | E′ | {header} |", "|---|---|" + "---|" * len(RATIOS)]
+    for method in METHODS:
+        for keep in keeps:
+            chosen = select(rows, variant=variant, method=method, keep=keep)
+            if chosen:
+                cells = [interval([r["retention"][key] for r in chosen]) for key, _ in RATIOS]
+                lines.append(f"| {method} | {keep} | {' | '.join(cells)} |")
+    return lines
+
+
+def paired_table(rows: list[dict], keeps: Sequence[int]) -> list[str]:
+    keys = RATIOS[:3]
+    header = " | ".join(f"Δ {label}" for _, label in keys)
+    lines = [f"| method | E′ | pairs | {header} |", "|---|---|---|" + "---|" * len(keys)]
+    for method in METHODS:
+        for keep in keeps:
+            aligned = {
+                r["seed"]: r for r in select(rows, variant="aligned", method=method, keep=keep)
+            }
+            unaligned = {
+                r["seed"]: r for r in select(rows, variant="unaligned", method=method, keep=keep)
+            }
+            seeds = sorted(aligned.keys() & unaligned.keys())
+            if not seeds:
+                continue
+            cells = []
+            for key, _ in keys:
+                pairs = [
+                    (aligned[s]["retention"][key], unaligned[s]["retention"][key]) for s in seeds
+                ]
+                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+                if len(pairs) < 2:
+                    cells.append("–")
+                    continue
+                mean, half_width, p = paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
+                cells.append(f"{mean:+.3f} ± {half_width:.3f} (p={p:.2f}, n={len(pairs)})")
+            lines.append(f"| {method} | {keep} | {len(seeds)} | {' | '.join(cells)} |")
+    return lines
+
+
+def summary(rows: list[dict], keeps: Sequence[int]) -> str:
+    parts = ["## Bases", "", *base_table(rows), ""]
+    for variant in VARIANTS:
+        parts += [f"## Retention, {variant} bases (compressed / original)", ""]
+        parts += [*retention_table(rows, variant, keeps), ""]
+    parts += ["## Aligned − unaligned retention, paired by seed", "", *paired_table(rows, keeps)]
+    return "\n".join(parts) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path, help="the study's out_dir (runs/compression_study)")
+    parser.add_argument("--keep", type=int, nargs="+", default=[6, 4], help="E' values")
+    parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--summary-only", action="store_true", help="tabulate, compress nothing")
+    args = parser.parse_args()
+    if not args.summary_only:
+        compress_all(args.study, args.keep, args.calib_tokens)
+    rows = load_reports(args.study)
+    text = summary(rows, args.keep)
+    (args.study / "compression_summary.md").write_text(text)
+    (args.study / "compression_summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Write compression plans back: a new model of E′ experts per MoE layer, built from its own
+config, holding the compressed weights.
+
+The compressed model is never patched in place: it is constructed from a config that says E′
+(a moealign ``ModelConfig`` with ``n_experts = E′``; a transformers config with
+``num_experts``/``num_local_experts = E′``) and loads a state dict in which each MoE layer's
+expert tensors are the plan's and its router rows are collapsed as the plan says (R1/R3,
+:mod:`moealign.compression.plan`). So the result is an ordinary model: it trains, evaluates,
+checkpoints, resumes, exports and (transformers) saves and reloads like any other. Everything
+outside the routed experts and their router rows (attention, embeddings, norms, shared
+experts) is copied unchanged.
+
+MPI routers (DESIGN.md §3) keep R and compute logits C · ⟨x, normalize(A_eᵀA_e r_e)⟩ with
+C = c′/√E. Slicing R and the experts keeps each kept expert's r'_e, but C would grow with the
+smaller E; so c′ becomes c′·√(E′/E) and C, hence every kept expert's logit, is unchanged. For
+a merged group the collapsed row r_G drives the merged expert's matrix, so its logit is not the
+mean of its members' logits (the same R3 approximation as for a softmax router).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from moealign.compression.layers import MoELayerView, is_hf_model
+from moealign.compression.plan import LayerPlan
+from moealign.nn.moe import MoELayer
+from moealign.nn.routers import MPIRouter
+from moealign.nn.transformer import ModelConfig, MoETransformer
+
+
+def _moealign_layer_state(view: MoELayerView, plan: LayerPlan) -> dict[str, Tensor]:
+    layer: MoELayer = view.module
+    state = {
+        "experts.w_gate": plan.experts.gate,
+        "experts.w_up": plan.experts.up,
+        "experts.w_down": plan.experts.down,
+        "router.weight": plan.collapse_rows(layer.router.weight.detach()),
+    }
+    if layer.router.expert_bias is not None:
+        state["router.expert_bias"] = plan.collapse_rows(layer.router.expert_bias)
+    return state
+
+
+def _hf_layer_state(view: MoELayerView, plan: LayerPlan) -> dict[str, Tensor]:
+    mlp = view.module
+    return {
+        "experts.gate_up_proj": torch.cat([plan.experts.gate, plan.experts.up], dim=1),
+        "experts.down_proj": plan.experts.down,
+        "gate.weight": plan.collapse_rows(mlp.gate.weight.detach()),
+    }
+
+
+def compressed_state(
+    model: nn.Module, views: Sequence[MoELayerView], plans: Sequence[LayerPlan]
+) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every MoE layer's experts and router rows replaced."""
+    names = {id(module): name for name, module in model.named_modules()}
+    state = dict(model.state_dict())
+    for view, plan in zip(views, plans, strict=True):
+        prefix = names[id(view.module)]
+        prefix = f"{prefix}." if prefix else ""
+        layout = _moealign_layer_state if isinstance(view.module, MoELayer) else _hf_layer_state
+        for key, value in layout(view, plan).items():
+            state[prefix + key] = value.detach().to(state[prefix + key].dtype)
+    return state
+
+
+def mpi_c_prime(router: MPIRouter, n_experts: int) -> float:
+    """c′·√(E′/E): the c′ that keeps C = c′/√E when the router has E′ rows."""
+    return router.c_prime * math.sqrt(n_experts / router.n_experts)
+
+
+def _router_options(layer: MoELayer, n_experts: int) -> dict:
+    options = layer.router.options()
+    if isinstance(layer.router, MPIRouter):
+        options["c_prime"] = mpi_c_prime(layer.router, n_experts)
+    return options
+
+
+def _new_moe_layer(layer: MoELayer, n_experts: int) -> MoELayer:
+    shared = layer.shared_expert
+    return MoELayer(
+        layer.d_model,
+        layer.experts.d_ff,
+        n_experts,
+        layer.top_k,
+        router=layer.router.kind,
+        balance_scope=layer.balance_scope,
+        experts_implementation=layer.experts.implementation,
+        shared_d_ff=None if shared is None else shared.w_gate.out_features,
+        **_router_options(layer, n_experts),
+    )
+
+
+def compressed_model_config(model: MoETransformer, n_experts: int) -> ModelConfig:
+    """``model.config`` with ``n_experts`` experts (and, for MPI routers, the c′ that keeps
+    C = c′/√E)."""
+    config = model.config
+    options = dict(config.router_options)
+    first = model.moe_layers[0]
+    if isinstance(first.router, MPIRouter):
+        options["c_prime"] = mpi_c_prime(first.router, n_experts)
+    return replace(config, n_experts=n_experts, router_options=options).validate()
+
+
+def _new_hf_model(model: nn.Module, n_experts: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    config = type(model.config).from_dict(model.config.to_dict())
+    config.num_experts = n_experts  # an alias of num_local_experts in Mixtral and Qwen3-MoE
+    # Built in the model's dtype as from_pretrained would (buffers such as rotary frequencies
+    # keep their own dtype).
+    new = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    new.generation_config = model.generation_config
+    return new
+
+
+def build_compressed(
+    model: nn.Module, views: Sequence[MoELayerView], plans: Sequence[LayerPlan]
+) -> nn.Module:
+    """The compressed model (module docstring): same class, E′ experts per MoE layer, on the
+    model's device and dtype, in the model's train/eval mode. The global RNG is left as it
+    was (building a model draws initial weights that are then overwritten)."""
+    sizes = {plan.n_experts for plan in plans}
+    if len(sizes) != 1:
+        raise ValueError(f"plans give {sorted(sizes)} experts; every layer must keep the same E′")
+    (n_experts,) = sizes
+    parameter = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        if is_hf_model(model):
+            new = _new_hf_model(model, n_experts)
+        elif isinstance(model, (MoELayer, MoETransformer)):
+            new = (
+                _new_moe_layer(model, n_experts)
+                if isinstance(model, MoELayer)
+                else MoETransformer(compressed_model_config(model, n_experts))
+            ).to(dtype=parameter.dtype)
+        else:
+            raise ValueError(
+                f"model={type(model).__name__} is not accepted; expected a MoETransformer, a "
+                "MoELayer or a transformers MoE model"
+            )
+    new = new.to(device=parameter.device)
+    new.load_state_dict(compressed_state(model, views, plans), strict=True)
+    return new.train(model.training)

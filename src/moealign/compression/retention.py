@@ -1,0 +1,117 @@
+"""Retention of a compressed model: compressed / original on every evaluation metric.
+
+Metrics (each ``None`` where the source does not have it): validation loss ``val_loss`` (mean
+token NLL) and ``val_perplexity``; task-suite accuracy on the seen tasks' test split
+(``task_accuracy_seen``) and on the held-out tasks (``task_accuracy_heldout``); parameter counts
+``params_total`` and ``params_active`` (per token: K of E experts); and inference
+``tokens_per_s`` (forward passes over the validation batches without gradients; the original
+and the compressed model take turns, and the fastest of ``repeats`` passes counts).
+
+Retention r = compressed / original for each metric (None when either is missing or the
+original is 0). For loss and perplexity r > 1 is a loss of quality; for accuracy r < 1 is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moealign.evaluation.common import evaluation_mode, model_device
+
+METRICS = (
+    ("val_loss", "val loss"),
+    ("val_perplexity", "val perplexity"),
+    ("task_accuracy_seen", "task accuracy (seen)"),
+    ("task_accuracy_heldout", "task accuracy (held out)"),
+    ("params_total", "parameters (total)"),
+    ("params_active", "parameters (active)"),
+    ("tokens_per_s", "inference tokens/s"),
+)
+
+
+def inference_tokens_per_s(
+    models: Sequence[nn.Module], batches: Sequence[Mapping[str, Tensor]], repeats: int = 3
+) -> list[float]:
+    """Tokens per second of each model's forward passes over ``batches`` without gradients:
+    after one warm-up pass each, the models take turns for ``repeats`` timed passes (so that
+    a shared machine's load falls on all alike), and each model's fastest pass counts."""
+    best = [float("inf")] * len(models)
+    n_tokens = sum(batch["input_ids"].numel() for batch in batches)
+    for repeat in range(repeats + 1):
+        for index, model in enumerate(models):
+            device = model_device(model)
+            inputs = [batch["input_ids"].to(device) for batch in batches]
+            synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+            with evaluation_mode(model):
+                synchronize(device)
+                start = time.perf_counter()
+                for ids in inputs:
+                    model(ids)
+                synchronize(device)
+            if repeat > 0:  # the first round warms up
+                best[index] = min(best[index], time.perf_counter() - start)
+    return [n_tokens / seconds for seconds in best]
+
+
+def lm_metrics(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """Loss, perplexity and task accuracies from an evaluation record
+    (:func:`moealign.evaluation.run.evaluation_record`; None for what it lacks)."""
+    return {
+        "val_loss": evaluation.get("val_loss"),
+        "val_perplexity": evaluation.get("val_ppl"),
+        "task_accuracy_seen": evaluation.get("task_accuracy_seen"),
+        "task_accuracy_heldout": evaluation.get("task_accuracy_heldout"),
+    }
+
+
+def retention(original: Mapping[str, Any], compressed: Mapping[str, Any]) -> dict[str, Any]:
+    """compressed / original per metric of :data:`METRICS` (None where undefined)."""
+    ratios = {}
+    for key, _ in METRICS:
+        before, after = original.get(key), compressed.get(key)
+        ratios[key] = None if before in (None, 0) or after is None else after / before
+    return ratios
+
+
+def _format(key: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if key.startswith("params"):
+        return f"{value:,}"
+    if key == "tokens_per_s":
+        return f"{value:,.0f}"
+    return f"{value:.4f}"
+
+
+def retention_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, original, compressed, compressed/original) rows of a report holding
+    ``original``, ``compressed`` and ``retention`` metric dicts."""
+    rows = []
+    for key, label in METRICS:
+        ratio = report["retention"].get(key)
+        rows.append(
+            (
+                label,
+                _format(key, report["original"].get(key)),
+                _format(key, report["compressed"].get(key)),
+                "–" if ratio is None else f"{ratio:.3f}",
+            )
+        )
+    return rows
+
+
+def format_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    """A plain-text table with left-aligned first column and right-aligned numbers."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = []
+    for row in table:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
