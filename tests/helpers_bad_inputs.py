@@ -19,8 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from helpers_cli import CONFIGS, cli_env
 from moealign.cli import main
+
+# The skip reason of cases that need a machine without CUDA ("" where there is none).
+NO_CUDA = "" if not torch.cuda.is_available() else "CUDA is available here"
 
 # A run of a few steps on the task suite alone: it trains in seconds.
 FAST_RUN = [

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers_bad_inputs import (
+    NO_CUDA,
     Case,
     check_case,
     check_case_in_subprocess,
@@ -19,8 +20,6 @@ from helpers_bad_inputs import (
     train_args,
     write,
 )
-
-NO_CUDA = "" if not torch.cuda.is_available() else "CUDA is available here"
 
 
 def _folder_with_sources(tmp: Path) -> None:

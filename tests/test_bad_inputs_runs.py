@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers_bad_inputs import (
+    NO_CUDA,
     Case,
     check_case,
     check_case_in_subprocess,
@@ -24,8 +25,6 @@ from helpers_bad_inputs import (
 )
 from helpers_cli import CONFIGS
 from moealign.cli import main
-
-NO_CUDA = "" if not torch.cuda.is_available() else "CUDA is available here"
 
 
 @pytest.fixture(scope="module")
