@@ -13,6 +13,7 @@ from moealign import io
 from moealign.io import (
     FileFormatError,
     append_jsonl,
+    atomic_directory,
     atomic_write_json,
     atomic_write_text,
     iter_jsonl,
@@ -130,3 +131,19 @@ def test_remove_temporaries_only_touches_tmp_entries(tmp_path):
     removed = remove_temporaries(tmp_path)
     assert len(removed) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "tmp-keep"]
+
+
+def test_atomic_directory_publishes_the_whole_folder_or_nothing(tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no temporary left behind
+    out.mkdir()  # an empty folder is replaced
+    with atomic_directory(out) as tmp:
+        (tmp / "weights").write_text("whole")
+        assert not (out / "weights").exists()  # nothing visible before the block ends
+    assert (out / "weights").read_text() == "whole"
+    with pytest.raises(OSError), atomic_directory(out) as tmp:  # a non-empty folder is kept
+        (tmp / "weights").write_text("other")
+    assert (out / "weights").read_text() == "whole" and sorted(tmp_path.iterdir()) == [out]

@@ -17,6 +17,7 @@ and report it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,6 +61,24 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary sibling folder of ``path`` to fill; when the block ends without an
+    error it replaces ``path`` (absent or an empty folder) in one rename, else it is removed:
+    a reader sees the whole folder or none of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.name}-"))
+    try:
+        yield tmp
+        if path.is_dir():
+            path.rmdir()  # only an empty folder: rmdir refuses anything else
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -15,9 +15,6 @@ reloads it.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,9 @@ from moealign.compression.runs import REPORT_FILE
 from moealign.config import CompressionConfig
 from moealign.data.batching import IGNORE_INDEX
 from moealign.distributed.context import resolve_device
+from moealign.evaluation.common import strict_json
 from moealign.evaluation.lm import evaluate_lm
+from moealign.io import atomic_directory, atomic_write_json
 
 MAX_WINDOW = 256
 WINDOWS_PER_BATCH = 8
@@ -102,16 +101,9 @@ class HFSource:
     def write(self, out: Path, result: CompressionResult, report: dict) -> None:
         """save_pretrained + tokenizer + compression.json (:meth:`prepare` first), assembled in
         a temporary sibling directory and renamed into place."""
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        try:
+        with atomic_directory(out) as tmp:
             result.model.config.moealign_compression = asdict(self.record)
             with torch.no_grad():
                 result.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            atomic_write_json(tmp / REPORT_FILE, strict_json(report))

@@ -23,8 +23,6 @@ guardrail), so training continues where the source stopped, except:
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ from moealign.evaluation.common import autocast_dtype, model_device, strict_json
 from moealign.evaluation.lm import evaluate_lm
 from moealign.evaluation.run import evaluation_record, load_run_checkpoint
 from moealign.evaluation.tasks import HELDOUT_SETS
-from moealign.io import atomic_write_json
+from moealign.io import atomic_directory, atomic_write_json
 from moealign.nn.transformer import MoETransformer
 from moealign.training.checkpoint import Checkpoint, save_checkpoint
 from moealign.training.runs import TOKENIZER_DIR, RunDirectory
@@ -156,10 +154,7 @@ class RunSource:
         assembled in a temporary sibling directory and renamed into place, so ``out`` is
         complete or absent."""
         config = self.output_config
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        try:
+        with atomic_directory(out) as tmp:
             device = next(result.model.parameters()).device
             run = RunDirectory.open(
                 tmp, config.to_dict(), seed=config.train.seed, device=str(device)
@@ -183,10 +178,6 @@ class RunSource:
             self.data.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             run.update_meta(compression=result.summary(), source_step=self.checkpoint.step)
             run.close()  # the lock file goes with the folder; nothing holds it any more
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def _write_prior(alignment: AlignmentConfig, path: Path, groups: list) -> None:

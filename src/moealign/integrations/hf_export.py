@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from moealign.config import RunConfig
 from moealign.data.build import build_data_tokenizer
 from moealign.integrations.hf import detect_family
 from moealign.integrations.router_weights import linear_router_weight
+from moealign.io import atomic_directory
 from moealign.nn.moe import MoELayer
 from moealign.nn.routers import MPIRouter
 from moealign.nn.transformer import ModelConfig, MoETransformer
@@ -289,9 +289,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
     checkpoint = _run_checkpoint(run_dir, step)
     model = MoETransformer(config.model)
     checkpoint.load_model(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(out) as tmp:
         tokenizer = _write_run_tokenizer(run_dir, config, tmp)
         ids = {
             "bos_token_id": tokenizer.bos_token_id,
@@ -303,12 +301,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
             **ids, do_sample=False, max_length=config.model.max_seq_len
         )
         hf_model.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
