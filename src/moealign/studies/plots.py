@@ -112,7 +112,10 @@ def _band(
     if smooth and len(steps) > 2:
         ax.plot(steps, values_SN.mean(0), color=color, alpha=0.3, linewidth=0.8)
         values_SN = ema(values_SN, smoothing_span(len(steps)))
-    ax.plot(steps, values_SN.mean(0), label=f"{label} (n={len(values_SN)})", color=color)
+    marker = "o" if len(steps) <= 20 else None  # a few evaluations: points, not only segments
+    ax.plot(
+        steps, values_SN.mean(0), label=f"{label} (n={len(values_SN)})", color=color, marker=marker
+    )
     if len(values_SN) > 1:
         ax.fill_between(steps, values_SN.min(0), values_SN.max(0), color=color, alpha=0.2)
     return True
