@@ -7,6 +7,7 @@ import json
 import math
 import re
 import resource
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from moealign.studies.report import (
 )
 from moealign.studies.results import (
     RunDataError,
+    RunRecord,
     load_run,
     load_runs,
     run_results,
@@ -563,3 +565,28 @@ def test_report_of_a_real_tiny_study_in_a_headless_browser(tmp_path):
     (root / "study.json").write_text(json.dumps(study))
     files = build_report([root], tmp_path / "report")
     _check_layout(files.html, ("Ablation table", "Against the baseline", "Efficiency"))
+
+
+def test_routing_statistics_change_from_step_0():
+    """λ of an MPI router is high at initialisation already (its power step): the report
+    reads the change from the step-0 evaluation, by hand here."""
+    step0 = {
+        "val_routing/projection_alignment": 0.79,
+        "val_routing/layer0/projection_alignment": 0.8,
+    }
+    later = {"val_routing/projection_alignment": 0.81}
+    run = RunRecord(
+        Path("mpi"), "mpi", 0, "finished",
+        metrics=[{"split": "val", "step": 0, **step0}, {"split": "val", "step": 50, **later}],
+        final_eval={"val_routing/projection_alignment": 0.83, "val_loss": 2.0},
+    )  # fmt: skip
+    results = run_results(run)
+    assert results["step0/val_routing/projection_alignment"] == 0.79
+    change = results["change_from_step0/val_routing/projection_alignment"]
+    assert change == pytest.approx(0.04)
+    assert not any("layer0" in key and "step0" in key for key in results)  # layer means only
+    assert not any(key.startswith("change_from_step0/val_loss") for key in results)
+    label = metric_label("change_from_step0/val_routing/projection_alignment")
+    assert label == "validation projection alignment λ, change from step 0"
+    no_step0 = RunRecord(Path("r"), "r", 0, "finished", final_eval=run.final_eval)
+    assert not any(key.startswith("step0/") for key in run_results(no_step0))

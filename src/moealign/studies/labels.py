@@ -53,6 +53,10 @@ _LAYER = re.compile(r"^routing/layer(\d+)/(.+)$")
 def _lookup(key: str) -> tuple[str, str]:
     if key in _NAMES:
         return _NAMES[key]
+    if key.startswith(("step0/", "change_from_step0/")):
+        kind, rest = key.split("/", 1)
+        name, unit = _lookup(rest)
+        return f"{name}, {'at step 0' if kind == 'step0' else 'change from step 0'}", unit
     if key == "val_routing/max_vio":
         return "validation MaxVio, global", _NAMES["routing/max_vio"][1]
     if key.startswith("val_routing/"):

@@ -90,6 +90,7 @@ DEFAULT_METRICS = (
     "val_routing/max_vio",
     "train_mean/routing/max_vio",
     "val_routing/projection_alignment",
+    "change_from_step0/val_routing/projection_alignment",
     "val_routing/dead_experts",
     "val_routing/usage_entropy",
     "task_accuracy/seen/mean",

@@ -13,7 +13,11 @@ Per-run results (:func:`run_results`) are the scalars of ``final_eval.json`` plu
   (:func:`training_clock`) at the last step; ``wall_time_s``: ``end_time − start_time`` in
   meta.json; ``peak_memory_mib``: ``peak_memory_bytes`` / 2²⁰; ``tokens_seen``;
 * ``train_mean/<key>`` for each key of ``TRAIN_MEAN_METRICS``: the mean over the logged training
-  records (``train_mean/routing/max_vio`` is MaxVio_batch over training, DESIGN.md §4).
+  records (``train_mean/routing/max_vio`` is MaxVio_batch over training, DESIGN.md §4);
+* ``step0/<key>`` and ``change_from_step0/<key>`` = final − step 0 for each layer-mean routing
+  statistic ``val_routing/<name>`` of the validation record at step 0 (the model as
+  initialised), so that a training effect is read apart from what a metric gives untrained
+  (e.g. λ of an MPI router, raised by its power step at initialisation already).
 """
 
 from __future__ import annotations
@@ -270,6 +274,19 @@ def _wall_time(meta: dict[str, Any]) -> float:
     return (end - start).total_seconds()
 
 
+def _change_from_step0(run: RunRecord, final: dict[str, float]) -> dict[str, float]:
+    """``step0/<key>`` and ``change_from_step0/<key>`` for the layer-mean routing statistics
+    of the step-0 validation record that the final evaluation also holds."""
+    initial = next((r for r in run.records("val") if r["step"] == 0), {})
+    results = {}
+    for key, value in initial.items():
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key.startswith("val_routing/") and key.count("/") == 1 and numeric and key in final:
+            results[f"step0/{key}"] = float(value)
+            results[f"change_from_step0/{key}"] = final[key] - float(value)
+    return results
+
+
 def run_results(run: RunRecord) -> dict[str, float]:
     """Scalar results of a run: see the module docstring."""
     results = {
@@ -292,6 +309,7 @@ def run_results(run: RunRecord) -> dict[str, float]:
         results["train_time_s"] = float(training_clock(run)[1][-1])
         for key in TRAIN_MEAN_METRICS:
             results[f"train_mean/{key}"] = _finite_mean([r.get(key, math.nan) for r in train])
+    results |= _change_from_step0(run, results)
     results["wall_time_s"] = _wall_time(run.meta)
     if "peak_memory_bytes" in run.final_eval:
         results["peak_memory_mib"] = float(run.final_eval["peak_memory_bytes"]) / 2**20
