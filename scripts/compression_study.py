@@ -10,11 +10,15 @@ A compression whose ``compression.json`` exists is not redone, so an interrupted
 
 Tables (markdown, also written to ``<study>/compression_summary.md``; the numbers to
 ``<study>/compression_summary.json``): mean ± 95% Student-t half width over seeds
-(``moealign.evaluation.stats.mean_confidence_interval``) of each retention ratio per base
-variant, and the aligned − unaligned difference of retention paired by seed
-(``moealign.evaluation.stats.paired_t_test``).
+(``moealign.evaluation.stats.interval_text``, rendered by ``moealign.tables``) of each
+retention ratio per base variant, and the aligned − unaligned difference of retention paired
+by seed (``moealign.evaluation.stats.paired_t_test``). ``--task-examples`` evaluates more
+task-suite examples than the runs' own ``train.task_eval_examples``; ``--cells`` compresses
+only the named bases (to split the work over processes; tabulate afterwards with
+``--summary-only``).
 
-    PYTHONPATH=src nice -n 10 python3 scripts/compression_study.py runs/compression_study
+    PYTHONPATH=src nice -n 15 python3 scripts/compression_study.py runs/compression_study_v2 \
+        --task-examples 150
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from moealign.compression import METHODS
@@ -58,7 +63,11 @@ def base_cells(study: Path) -> list[Path]:
 
 
 def compress_all(
-    study: Path, keeps: Sequence[int], calib_tokens: int, cells: Sequence[str] = ()
+    study: Path,
+    keeps: Sequence[int],
+    calib_tokens: int,
+    cells: Sequence[str] = (),
+    task_examples: int | None = None,
 ) -> None:
     for cell in base_cells(study):
         if cells and cell.name not in cells:
@@ -71,6 +80,9 @@ def compress_all(
                     continue
                 if source is None:
                     source = RunSource.open(cell)
+                    if task_examples is not None:  # evaluate (and record) more task examples
+                        train = replace(source.config.train, task_eval_examples=task_examples)
+                        source.config = replace(source.config, train=train)
                     original = source.evaluate(source.model)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 start = time.perf_counter()
@@ -188,11 +200,16 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--summary-only", action="store_true", help="tabulate, compress nothing")
     parser.add_argument(
+        "--task-examples",
+        type=int,
+        help="task-suite examples per task and set to evaluate (default: the run's own)",
+    )
+    parser.add_argument(
         "--cells", nargs="+", default=(), help="compress only these base cells (default: all)"
     )
     args = parser.parse_args()
     if not args.summary_only:
-        compress_all(args.study, args.keep, args.calib_tokens, args.cells)
+        compress_all(args.study, args.keep, args.calib_tokens, args.cells, args.task_examples)
     rows = load_reports(args.study)
     text = summary(rows, args.keep)
     (args.study / "compression_summary.md").write_text(text)
