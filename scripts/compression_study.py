@@ -10,34 +10,43 @@ A compression whose ``compression.json`` exists is not redone, so an interrupted
 
 Tables (markdown, also written to ``<study>/compression_summary.md``; the numbers to
 ``<study>/compression_summary.json``): mean ± 95% Student-t half width over seeds
-(``moealign.evaluation.stats.mean_confidence_interval``) of each retention ratio per base
-variant, and the aligned − unaligned difference of retention paired by seed
-(``moealign.evaluation.stats.paired_t_test``).
+(``moealign.evaluation.stats.interval_text``, rendered by ``moealign.tables``) of each
+retention ratio per base variant, and the aligned − unaligned difference of retention paired
+by seed (``moealign.evaluation.stats.paired_t_test``). ``--task-examples`` evaluates more
+task-suite examples than the runs' own ``train.task_eval_examples``; ``--cells`` compresses
+only the named bases (to split the work over processes; tabulate afterwards with
+``--summary-only``).
 
-    PYTHONPATH=src nice -n 10 python3 scripts/compression_study.py runs/compression_study
+    PYTHONPATH=src nice -n 15 python3 scripts/compression_study.py runs/compression_study_v2 \
+        --task-examples 150
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from moealign.compression import METHODS
 from moealign.compression.command import TRAINING_DATA, compress_source
 from moealign.compression.runs import REPORT_FILE, RunSource
 from moealign.config import CompressionConfig
-from moealign.evaluation.stats import format_interval as interval
+from moealign.evaluation.stats import interval_text as interval
 from moealign.evaluation.stats import paired_t_test
+from moealign.tables import Table, format_interval, format_number, to_markdown
 from moealign.training.runs import FINAL_EVAL_FILE
 
 VARIANTS = ("unaligned", "aligned")
 CELL = re.compile(r"^(?P<variant>\w+)__seed(?P<seed>\d+)$")
+QUALITY = ("val_loss", "val_perplexity", "task_accuracy_seen", "task_accuracy_heldout")
 RATIOS = (
     ("val_loss", "val loss ×"),
+    ("val_perplexity", "perplexity ×"),
     ("task_accuracy_seen", "seen acc ×"),
     ("task_accuracy_heldout", "held-out acc ×"),
     ("params_total", "params ×"),
@@ -53,8 +62,16 @@ def base_cells(study: Path) -> list[Path]:
     )
 
 
-def compress_all(study: Path, keeps: Sequence[int], calib_tokens: int) -> None:
+def compress_all(
+    study: Path,
+    keeps: Sequence[int],
+    calib_tokens: int,
+    cells: Sequence[str] = (),
+    task_examples: int | None = None,
+) -> None:
     for cell in base_cells(study):
+        if cells and cell.name not in cells:
+            continue
         source = original = None
         for method in METHODS:
             for keep in keeps:
@@ -63,6 +80,9 @@ def compress_all(study: Path, keeps: Sequence[int], calib_tokens: int) -> None:
                     continue
                 if source is None:
                     source = RunSource.open(cell)
+                    if task_examples is not None:  # evaluate (and record) more task examples
+                        train = replace(source.config.train, task_eval_examples=task_examples)
+                        source.config = replace(source.config, train=train)
                     original = source.evaluate(source.model)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 start = time.perf_counter()
@@ -101,72 +121,75 @@ def select(rows: list[dict], **fields) -> list[dict]:
     return sorted(chosen, key=lambda r: r["seed"])
 
 
-def base_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| base | seeds | val loss | seen acc | held-out acc | params | tokens/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def base_table(rows: list[dict]) -> Table:
+    """Per base variant: the originals' metrics, mean ± 95% t half width over seeds."""
+    body = []
     for variant in VARIANTS:
-        originals = {r["seed"]: r["original"] for r in select(rows, variant=variant)}
-        values = list(originals.values())
-        if not values:
-            continue
-        cells = [interval([v[key] for v in values]) for key, _ in RATIOS[:3]]
-        lines.append(
-            f"| {variant} | {len(values)} | {' | '.join(cells)} | {values[0]['params_total']:,} "
-            f"| {interval([v['tokens_per_s'] for v in values], 0)} |"
-        )
-    return lines
+        originals = list({r["seed"]: r["original"] for r in select(rows, variant=variant)}.values())
+        if originals:
+            cells = [interval([v[key] for v in originals]) for key in (*QUALITY, "tokens_per_s")]
+            params = format_number(originals[0]["params_total"])
+            body.append([variant, str(len(originals)), *cells[:-1], params, cells[-1]])
+    headers = ["base", "seeds", *(label for _, label in RATIOS[:4]), "params", "tokens/s"]
+    return Table([h.removesuffix(" ×") for h in headers], body)
 
 
-def retention_table(rows: list[dict], variant: str, keeps: Sequence[int]) -> list[str]:
-    header = " | ".join(label for _, label in RATIOS)
-    lines = [f"| method | E′ | {header} |", "|---|---|" + "---|" * len(RATIOS)]
+def retention_table(rows: list[dict], variant: str, keeps: Sequence[int]) -> Table:
+    body = []
     for method in METHODS:
         for keep in keeps:
             chosen = select(rows, variant=variant, method=method, keep=keep)
             if chosen:
                 cells = [interval([r["retention"][key] for r in chosen]) for key, _ in RATIOS]
-                lines.append(f"| {method} | {keep} | {' | '.join(cells)} |")
-    return lines
+                params = format_number(chosen[0]["compressed"]["params_total"])
+                body.append([method, str(keep), *cells, params])
+    return Table(["method", "E′", *(label for _, label in RATIOS), "params after"], body)
 
 
-def paired_table(rows: list[dict], keeps: Sequence[int]) -> list[str]:
-    keys = RATIOS[:3]
-    header = " | ".join(f"Δ {label}" for _, label in keys)
-    lines = [f"| method | E′ | pairs | {header} |", "|---|---|---|" + "---|" * len(keys)]
+def paired_cell(pairs: list[tuple[float, float]]) -> str:
+    """aligned − unaligned: mean difference ± 95% t half width (p, n) over the seed pairs."""
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if len(pairs) < 2:
+        return "–"
+    mean, half_width, p = paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
+    p_text = "" if math.isnan(p) else f"p={p:.2f}, "  # nan: no spread
+    return f"{format_interval(mean, half_width, signed=True)} ({p_text}n={len(pairs)})"
+
+
+def paired_table(rows: list[dict], keeps: Sequence[int]) -> Table:
+    keys = RATIOS[:4]
+    body = []
     for method in METHODS:
         for keep in keeps:
-            aligned = {
-                r["seed"]: r for r in select(rows, variant="aligned", method=method, keep=keep)
+            by_variant = {
+                variant: {
+                    r["seed"]: r for r in select(rows, variant=variant, method=method, keep=keep)
+                }
+                for variant in VARIANTS
             }
-            unaligned = {
-                r["seed"]: r for r in select(rows, variant="unaligned", method=method, keep=keep)
-            }
-            seeds = sorted(aligned.keys() & unaligned.keys())
+            seeds = sorted(by_variant["aligned"].keys() & by_variant["unaligned"].keys())
             if not seeds:
                 continue
-            cells = []
-            for key, _ in keys:
-                pairs = [
-                    (aligned[s]["retention"][key], unaligned[s]["retention"][key]) for s in seeds
-                ]
-                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-                if len(pairs) < 2:
-                    cells.append("–")
-                    continue
-                mean, half_width, p = paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
-                cells.append(f"{mean:+.3f} ± {half_width:.3f} (p={p:.2f}, n={len(pairs)})")
-            lines.append(f"| {method} | {keep} | {len(seeds)} | {' | '.join(cells)} |")
-    return lines
+            cells = [
+                paired_cell(
+                    [
+                        tuple(by_variant[v][s]["retention"][key] for v in ("aligned", "unaligned"))
+                        for s in seeds
+                    ]
+                )
+                for key, _ in keys
+            ]
+            body.append([method, str(keep), str(len(seeds)), *cells])
+    return Table(["method", "E′", "pairs", *(f"Δ {label}" for _, label in keys)], body)
 
 
 def summary(rows: list[dict], keeps: Sequence[int]) -> str:
-    parts = ["## Bases", "", *base_table(rows), ""]
+    parts = ["## Bases", "", to_markdown(base_table(rows)), ""]
     for variant in VARIANTS:
         parts += [f"## Retention, {variant} bases (compressed / original)", ""]
-        parts += [*retention_table(rows, variant, keeps), ""]
-    parts += ["## Aligned − unaligned retention, paired by seed", "", *paired_table(rows, keeps)]
+        parts += [to_markdown(retention_table(rows, variant, keeps)), ""]
+    parts += ["## Aligned − unaligned retention, paired by seed", ""]
+    parts += [to_markdown(paired_table(rows, keeps))]
     return "\n".join(parts) + "\n"
 
 
@@ -176,9 +199,17 @@ def main() -> None:
     parser.add_argument("--keep", type=int, nargs="+", default=[6, 4], help="E' values")
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--summary-only", action="store_true", help="tabulate, compress nothing")
+    parser.add_argument(
+        "--task-examples",
+        type=int,
+        help="task-suite examples per task and set to evaluate (default: the run's own)",
+    )
+    parser.add_argument(
+        "--cells", nargs="+", default=(), help="compress only these base cells (default: all)"
+    )
     args = parser.parse_args()
     if not args.summary_only:
-        compress_all(args.study, args.keep, args.calib_tokens)
+        compress_all(args.study, args.keep, args.calib_tokens, args.cells, args.task_examples)
     rows = load_reports(args.study)
     text = summary(rows, args.keep)
     (args.study / "compression_summary.md").write_text(text)

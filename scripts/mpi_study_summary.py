@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from moealign.evaluation.stats import format_interval as interval
+from moealign.evaluation.stats import interval_text as interval
 from moealign.evaluation.stats import paired_t_test
 from moealign.studies.results import (
     RunDataError,
@@ -27,7 +27,7 @@ from moealign.studies.results import (
     run_results,
     steps_to_reference_loss,
 )
-from moealign.tables import Table, to_markdown
+from moealign.tables import Table, format_interval, to_markdown
 
 OPTIMIZERS = ("adamw", "adamh", "muon", "muonh")
 ROUTERS = ("softmax_topk", "mpi")
@@ -61,7 +61,7 @@ def paired_delta(run_set: RunSet, variant: str, reference: str, metric: str) -> 
     if len(seeds) < 2:
         return "–"
     delta, half_width, p = paired_t_test([ours[s] for s in seeds], [theirs[s] for s in seeds])
-    return f"{delta:+.3f} ± {half_width:.3f} (p={p:.2f})"
+    return f"{format_interval(delta, half_width, signed=True)} (p={p:.2f})"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -76,7 +76,7 @@ def steps_text(run_set: RunSet, variant: str, reference: str) -> str:
     reached = [s for s in steps.values() if s is not None]
     text = f"{len(reached)}/{len(steps)} seeds"
     if reached:
-        text += f", steps {interval(reached, 0)}"
+        text += f", steps {interval(reached)}"
     return text
 
 
@@ -103,8 +103,8 @@ def grid_section(run_set: RunSet) -> str:
                 interval(per_seed(run_set, softmax, final("val_loss"))),
                 interval(per_seed(run_set, mpi, final("val_loss"))),
                 paired_delta(run_set, mpi, softmax, "val_loss"),
-                interval(per_seed(run_set, softmax, final("val_ppl")), 2),
-                interval(per_seed(run_set, mpi, final("val_ppl")), 2),
+                interval(per_seed(run_set, softmax, final("val_ppl"))),
+                interval(per_seed(run_set, mpi, final("val_ppl"))),
                 steps_text(run_set, softmax, softmax),
                 steps_text(run_set, mpi, softmax),
             ]
@@ -128,7 +128,7 @@ def grid_section(run_set: RunSet) -> str:
             rows.append(
                 [
                     f"{optimizer} + {router}",
-                    interval(per_seed(run_set, variant, final("train_mean/balance_loss")), 4),
+                    interval(per_seed(run_set, variant, final("train_mean/balance_loss"))),
                     interval(per_seed(run_set, variant, final("train_mean/routing/max_vio"))),
                     interval(per_seed(run_set, variant, final("val_routing/max_vio_batch"))),
                     interval(per_seed(run_set, variant, final("val_routing/max_vio"))),
@@ -142,7 +142,7 @@ def grid_section(run_set: RunSet) -> str:
                         )
                         for layer in LAYERS
                     ),
-                    interval(per_seed(run_set, variant, final("tokens_per_s")), 0),
+                    interval(per_seed(run_set, variant, final("tokens_per_s"))),
                 ]
             )
     header = [
@@ -188,12 +188,12 @@ def ablation_section(run_set: RunSet) -> str:
                 status,
                 interval(per_seed(run_set, variant, final("val_loss"))),
                 "–" if variant == "mpi" else paired_delta(run_set, variant, "mpi", "val_loss"),
-                interval(per_seed(run_set, variant, final("val_ppl")), 2),
+                interval(per_seed(run_set, variant, final("val_ppl"))),
                 interval(per_seed(run_set, variant, final("val_routing/projection_alignment"))),
                 interval(per_seed(run_set, variant, final("train_mean/routing/max_vio"))),
                 interval(per_seed(run_set, variant, final("val_routing/max_vio"))),
-                interval(per_seed(run_set, variant, max_over_training("grad_norm")), 2),
-                interval(per_seed(run_set, variant, final("tokens_per_s")), 0),
+                interval(per_seed(run_set, variant, max_over_training("grad_norm"))),
+                interval(per_seed(run_set, variant, final("tokens_per_s"))),
             ]
         )
     header = [
@@ -239,8 +239,8 @@ def no_retraction_section(run_set: RunSet) -> str:
         row = [optimizer, paired_delta(run_set, variant, reference, "val_loss")]
         for metric in (final("val_routing/max_vio"), max_over_training("grad_norm")):
             row += [
-                interval(per_seed(run_set, reference, metric), 2),
-                interval(per_seed(run_set, variant, metric), 2),
+                interval(per_seed(run_set, reference, metric)),
+                interval(per_seed(run_set, variant, metric)),
             ]
         rows.append(row)
     header = [

@@ -124,10 +124,11 @@ def test_paired_bootstrap_rejects_unpaired_input():
         paired_bootstrap_ci([1.0, 0.0], [1.0], mean_difference)
 
 
-def test_format_interval_shows_mean_half_width_and_missing_values():
-    from moealign.evaluation.stats import format_interval
+def test_interval_text_shows_mean_half_width_and_missing_values():
+    from moealign.evaluation.stats import interval_text
 
-    # Hand-worked: mean 2, s = 1, t_{0.975, 2} = 4.3027 → half width 4.3027 / √3 = 2.484.
-    assert format_interval([1.0, 2.0, 3.0]) == "2.000 ± 2.484"
-    assert format_interval([1.0, None, float("nan")], digits=1) == "1.0 (n=1)"
-    assert format_interval([None]) == "–"
+    # Hand-worked: mean 2, s = 1, t_{0.975, 2} = 4.3027 → half width 4.3027 / √3 = 2.484,
+    # written to 2 significant digits of the half width (moealign.tables.format_interval).
+    assert interval_text([1.0, 2.0, 3.0]) == "2.0 ± 2.5"
+    assert interval_text([0.5, None, float("nan")]) == "0.5 (n=1)"
+    assert interval_text([None]) == "–"

@@ -20,13 +20,9 @@ from typing import Any
 
 from moealign.compression.compress import METHODS, compress_model
 from moealign.compression.layers import CompressionError, moe_layer_views
-from moealign.compression.retention import (
-    format_table,
-    inference_tokens_per_s,
-    retention,
-    retention_rows,
-)
+from moealign.compression.retention import inference_tokens_per_s, retention, retention_table
 from moealign.config import CompressionConfig
+from moealign.tables import to_text
 
 TRAINING_DATA = "training data"
 
@@ -157,7 +153,6 @@ def run_compress(args: argparse.Namespace) -> int:
         return 2
     summary = report["compression"]
     print(f"{args.method}: {summary['n_experts']} -> {args.keep_experts} experts per MoE layer")
-    header = ("metric", "original", "compressed", "compressed/original")
-    print(format_table(retention_rows(report), header))
+    print(to_text(retention_table(report)))
     print(f"written to {args.out}")
     return 0

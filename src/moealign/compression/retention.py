@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from moealign.evaluation.common import evaluation_mode, model_device
+from moealign.tables import Table, format_number
 
 METRICS = (
     ("val_loss", "val loss"),
@@ -77,41 +78,17 @@ def retention(original: Mapping[str, Any], compressed: Mapping[str, Any]) -> dic
     return ratios
 
 
-def _format(key: str, value: Any) -> str:
-    if value is None:
-        return "–"
-    if key.startswith("params"):
-        return f"{value:,}"
-    if key == "tokens_per_s":
-        return f"{value:,.0f}"
-    return f"{value:.4f}"
-
-
-def retention_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(metric, original, compressed, compressed/original) rows of a report holding
-    ``original``, ``compressed`` and ``retention`` metric dicts."""
-    rows = []
-    for key, label in METRICS:
-        ratio = report["retention"].get(key)
-        rows.append(
-            (
-                label,
-                _format(key, report["original"].get(key)),
-                _format(key, report["compressed"].get(key)),
-                "–" if ratio is None else f"{ratio:.3f}",
-            )
-        )
-    return rows
-
-
-def format_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    """A plain-text table with left-aligned first column and right-aligned numbers."""
-    table = [header, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = []
-    for row in table:
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+def retention_table(report: Mapping[str, Any]) -> Table:
+    """Rows (metric, original, compressed, compressed/original) of a report holding
+    ``original``, ``compressed`` and ``retention`` metric dicts (numbers at 4 significant
+    digits, :func:`moealign.tables.format_number`; ``–`` where missing)."""
+    rows = [
+        [
+            label,
+            format_number(report["original"].get(key)),
+            format_number(report["compressed"].get(key)),
+            format_number(report["retention"].get(key)),
         ]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+        for key, label in METRICS
+    ]
+    return Table(["metric", "original", "compressed", "compressed/original"], rows)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from scipy import stats as scipy_stats
 
+from moealign.tables import format_interval
+
 # Resampled index arrays are drawn in chunks of at most this many elements (64 MiB of int64).
 _MAX_INDEX_ELEMENTS = 1 << 23
 
@@ -49,16 +51,16 @@ def mean_confidence_interval(
     return mean, half_width, n
 
 
-def format_interval(values: Sequence[float | None], digits: int = 3) -> str:
-    """``mean ± half width`` (:func:`mean_confidence_interval`) of the finite values, ``mean``
-    alone for one value, ``–`` for none; ``(n=k)`` is appended when some values are missing
-    (None or not finite)."""
+def interval_text(values: Sequence[float | None]) -> str:
+    """``mean ± half width`` (:func:`mean_confidence_interval`) of the finite values, written by
+    :func:`moealign.tables.format_interval` (precision from the half width); the mean alone for
+    one value, ``–`` for none; ``(n=k)`` is appended when some values are missing (None or not
+    finite)."""
     finite = [v for v in values if v is not None and np.isfinite(v)]
     if not finite:
         return "–"
     mean, half_width, n = mean_confidence_interval(finite)
-    text = f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {half_width:.{digits}f}"
-    return text + (f" (n={n})" if n != len(values) else "")
+    return format_interval(mean, half_width) + (f" (n={n})" if n != len(values) else "")
 
 
 def paired_t_test(
