@@ -1,19 +1,24 @@
-"""Markdown tables for docs/mpi_study.md from the two MPI studies (runs/ written by
-``moealign ablate configs/mpi_study.toml`` and ``configs/mpi_ablations.toml``).
+"""Markdown tables for docs/mpi_study.md from the MPI studies (runs/ written by
+``moealign ablate`` with ``configs/mpi_study.toml``, ``configs/mpi_ablations.toml`` and
+``configs/mpi_finegrained.toml``).
 
 Every cell is mean ± 95% Student-t half width over the finished seeds
 (``moealign.evaluation.stats.mean_confidence_interval``); paired differences use
-``moealign.evaluation.stats.paired_t_test``; steps to target use
-``moealign.studies.results.steps_to_reference_loss``
-with each MPI variant paired to the softmax top-k variant of the same optimizer.
+``moealign.evaluation.stats.paired_t_test`` and say "within noise" when the interval covers 0;
+steps to target use ``moealign.studies.results.steps_to_reference_loss`` /
+``time_to_target`` with each MPI variant paired to the softmax top-k variant of the same
+optimizer. The projection alignment λ (MPI paper Eq. 11) is given for the powered rows R′ (the
+rows that route) and the stored rows R, at step 0 (the validation record before the first
+update), at the end, and as the per-seed change from step 0.
 
-    PYTHONPATH=src python3 scripts/mpi_study_summary.py [runs/mpi_study runs/mpi_ablations]
+    PYTHONPATH=src python3 scripts/mpi_study_summary.py [--study DIR] [--ablations DIR]
+        [--finegrained DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,12 +31,17 @@ from moealign.studies.results import (
     load_runs,
     run_results,
     steps_to_reference_loss,
+    time_to_target,
 )
 from moealign.tables import Table, format_interval, to_markdown
 
 OPTIMIZERS = ("adamw", "adamh", "muon", "muonh")
 ROUTERS = ("softmax_topk", "mpi")
 LAYERS = (0, 1)
+LAMBDA = {  # label: the validation key (mean over layers)
+    "λ′ (R′, powered)": "val_routing/projection_alignment",
+    "λ (R, raw)": "val_routing/projection_alignment_raw",
+}
 
 
 def grid_variant(optimizer: str, router: str) -> str:
@@ -40,6 +50,36 @@ def grid_variant(optimizer: str, router: str) -> str:
 
 def final(metric: str) -> Callable[[RunRecord], float]:
     return lambda run: run_results(run).get(metric, math.nan)
+
+
+def at_step0(metric: str) -> Callable[[RunRecord], float]:
+    """``metric`` (a layer-mean ``val_routing/...`` key) at the step-0 validation record."""
+    return final(f"step0/{metric}")
+
+
+def change_from_step0(metric: str) -> Callable[[RunRecord], float]:
+    """Final − step 0 of ``metric`` (``run_results``' ``change_from_step0/...``)."""
+    return final(f"change_from_step0/{metric}")
+
+
+def steps_to(target: float) -> Callable[[RunRecord], float]:
+    """First evaluated step with val_loss ≤ ``target``; NaN if never reached."""
+
+    def value(run: RunRecord) -> float:
+        reached = time_to_target(run, target)
+        return float(reached[0]) if reached else math.nan
+
+    return value
+
+
+def mean_val_loss_at(run_set: RunSet, variant: str, step: int) -> float:
+    losses = [
+        r["val_loss"]
+        for run in run_set.of_variant(variant)
+        for r in run.records("val")
+        if r["step"] == step
+    ]
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 def max_over_training(key: str) -> Callable[[RunRecord], float]:
@@ -54,14 +94,30 @@ def per_seed(run_set: RunSet, variant: str, metric: Callable[[RunRecord], float]
     return [metric(run) for run in run_set.of_variant(variant)]
 
 
-def paired_delta(run_set: RunSet, variant: str, reference: str, metric: str) -> str:
-    ours = {r.seed: run_results(r).get(metric) for r in run_set.of_variant(variant)}
-    theirs = {r.seed: run_results(r).get(metric) for r in run_set.of_variant(reference)}
-    seeds = sorted(s for s in ours.keys() & theirs.keys() if ours[s] is not None)
-    if len(seeds) < 2:
+def delta_text(ours: Sequence[float], theirs: Sequence[float]) -> str:
+    """Paired Δ = ours − theirs: mean ± 95% t half width (p), "within noise" if it covers 0."""
+    pairs = [
+        (a, b) for a, b in zip(ours, theirs, strict=True) if math.isfinite(a) and math.isfinite(b)
+    ]
+    if len(pairs) < 2:
         return "–"
-    delta, half_width, p = paired_t_test([ours[s] for s in seeds], [theirs[s] for s in seeds])
-    return f"{format_interval(delta, half_width, signed=True)} (p={p:.2f})"
+    delta, half_width, p = paired_t_test(*zip(*pairs, strict=True))
+    text = f"{format_interval(delta, half_width, signed=True)} (p={p:.2f})"
+    if len(pairs) != len(ours):
+        text += f" (n={len(pairs)})"
+    return text + (", within noise" if abs(delta) <= half_width else "")
+
+
+def paired_delta(
+    run_set: RunSet,
+    variant: str,
+    reference: str,
+    metric: Callable[[RunRecord], float],
+) -> str:
+    ours = {r.seed: metric(r) for r in run_set.of_variant(variant)}
+    theirs = {r.seed: metric(r) for r in run_set.of_variant(reference)}
+    seeds = sorted(ours.keys() & theirs.keys())
+    return delta_text([ours[s] for s in seeds], [theirs[s] for s in seeds])
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -80,16 +136,54 @@ def steps_text(run_set: RunSet, variant: str, reference: str) -> str:
     return text
 
 
-def lambda_over_training(run_set: RunSet, variant: str) -> dict[int, float]:
-    """Mean over seeds and layers of λ at each evaluated step."""
+def lambda_over_training(run_set: RunSet, variant: str, key: str) -> dict[int, float]:
+    """Mean over seeds and layers of λ (validation ``key``) at each evaluated step."""
     by_step: dict[int, list[float]] = {}
     for run in run_set.of_variant(variant):
         for record in run.records("val"):
-            if "val_routing/projection_alignment" in record:
-                by_step.setdefault(record["step"], []).append(
-                    record["val_routing/projection_alignment"]
-                )
+            if key in record:
+                by_step.setdefault(record["step"], []).append(record[key])
     return {step: sum(v) / len(v) for step, v in sorted(by_step.items())}
+
+
+def lambda_curves_table(run_set: RunSet, cells: dict[str, str], shown: Sequence[int]) -> str:
+    """λ′ and raw λ at the ``shown`` steps (and the last), one row per (cell, rows)."""
+    rows, steps = [], set()
+    for label, key in LAMBDA.items():
+        for name, variant in cells.items():
+            curve = lambda_over_training(run_set, variant, key)
+            steps |= set(curve)
+            rows.append((f"{name}: {label}", curve))
+    columns = [s for s in sorted(steps) if s in shown or s == max(steps)]
+    body = [[name, *(f"{c[s]:.3f}" if s in c else "–" for s in columns)] for name, c in rows]
+    return table(["cell: rows", *(f"step {s}" for s in columns)], body)
+
+
+def lambda_from_step0_table(run_set: RunSet, optimizers: Sequence[str]) -> str:
+    """Per cell: λ′ and raw λ at step 0 and at the end, the paired change from step 0, and
+    the MPI − softmax difference of that change (paired by seed)."""
+    rows = []
+    for optimizer in optimizers:
+        softmax, mpi = (grid_variant(optimizer, r) for r in ROUTERS)
+        for router, variant in zip(ROUTERS, (softmax, mpi), strict=True):
+            row = [f"{optimizer} + {router}"]
+            for key in LAMBDA.values():
+                start = per_seed(run_set, variant, at_step0(key))
+                end = per_seed(run_set, variant, final(key))
+                row += [interval(start), interval(end), delta_text(end, start)]
+            rows.append(row)
+        row = [f"{optimizer}: MPI − softmax"]
+        for key in LAMBDA.values():
+            row += [
+                paired_delta(run_set, mpi, softmax, at_step0(key)),
+                paired_delta(run_set, mpi, softmax, final(key)),
+                paired_delta(run_set, mpi, softmax, change_from_step0(key)),
+            ]
+        rows.append(row)
+    header = ["cell"]
+    for label in LAMBDA:
+        header += [f"{label} step 0", f"{label} final", f"{label} change from step 0"]
+    return table(header, rows)
 
 
 def grid_section(run_set: RunSet) -> str:
@@ -102,7 +196,7 @@ def grid_section(run_set: RunSet) -> str:
                 optimizer,
                 interval(per_seed(run_set, softmax, final("val_loss"))),
                 interval(per_seed(run_set, mpi, final("val_loss"))),
-                paired_delta(run_set, mpi, softmax, "val_loss"),
+                paired_delta(run_set, mpi, softmax, final("val_loss")),
                 interval(per_seed(run_set, softmax, final("val_ppl"))),
                 interval(per_seed(run_set, mpi, final("val_ppl"))),
                 steps_text(run_set, softmax, softmax),
@@ -156,19 +250,11 @@ def grid_section(run_set: RunSet) -> str:
         "tokens/s",
     ]
     out += [table(header, rows), ""]
+    out += ["### Projection alignment λ from step 0 (mean over layers)", ""]
+    out += [lambda_from_step0_table(run_set, OPTIMIZERS), ""]
     out += ["### Projection alignment λ over training (mean over layers and seeds)", ""]
-    curves = {
-        f"{o} + {r}": lambda_over_training(run_set, grid_variant(o, r))
-        for o in OPTIMIZERS
-        for r in ROUTERS
-    }
-    steps = sorted({s for curve in curves.values() for s in curve})
-    shown = [s for s in steps if s in (25, 50, 100, 150, 200) or s == steps[-1]]
-    rows = [
-        [name, *(f"{curve[s]:.3f}" if s in curve else "–" for s in shown)]
-        for name, curve in curves.items()
-    ]
-    out += [table(["cell", *(f"step {s}" for s in shown)], rows), ""]
+    cells = {f"{o} + {r}": grid_variant(o, r) for o in OPTIMIZERS for r in ROUTERS}
+    out += [lambda_curves_table(run_set, cells, (0, 25, 50, 100, 150, 200)), ""]
     return "\n".join(out)
 
 
@@ -187,7 +273,9 @@ def ablation_section(run_set: RunSet) -> str:
                 variant,
                 status,
                 interval(per_seed(run_set, variant, final("val_loss"))),
-                "–" if variant == "mpi" else paired_delta(run_set, variant, "mpi", "val_loss"),
+                "–"
+                if variant == "mpi"
+                else paired_delta(run_set, variant, "mpi", final("val_loss")),
                 interval(per_seed(run_set, variant, final("val_ppl"))),
                 interval(per_seed(run_set, variant, final("val_routing/projection_alignment"))),
                 interval(per_seed(run_set, variant, final("train_mean/routing/max_vio"))),
@@ -236,7 +324,7 @@ def no_retraction_section(run_set: RunSet) -> str:
     rows = []
     for variant, optimizer in NO_RETRACTION_PAIRS.items():
         reference = grid_variant(optimizer, "mpi")
-        row = [optimizer, paired_delta(run_set, variant, reference, "val_loss")]
+        row = [optimizer, paired_delta(run_set, variant, reference, final("val_loss"))]
         for metric in (final("val_routing/max_vio"), max_over_training("grad_norm")):
             row += [
                 interval(per_seed(run_set, reference, metric)),
@@ -256,16 +344,81 @@ def no_retraction_section(run_set: RunSet) -> str:
     )
 
 
-def main(argv: Sequence[str]) -> None:
-    study = Path(argv[0]) if argv else Path("runs/mpi_study")
-    ablations = Path(argv[1]) if len(argv) > 1 else Path("runs/mpi_ablations")
-    if study.exists():
-        print(grid_section(load_runs([study])))
-    if ablations.exists():
-        print(ablation_section(load_runs([ablations])))
-    if study.exists() and ablations.exists():
-        print(no_retraction_section(load_runs([study, ablations])))
+FINEGRAINED_OPTIMIZERS = ("adamw", "muonh")
+
+
+def router_comparison_table(run_set: RunSet, optimizer: str) -> str:
+    """Softmax top-k against MPI with one optimizer: one row per measure, each router's mean ±
+    95% t half width over seeds and the paired difference MPI − softmax."""
+    softmax, mpi = (grid_variant(optimizer, r) for r in ROUTERS)
+    evaluated = {r["step"] for run in run_set.of_variant(softmax) for r in run.records("val")}
+    steps = max(evaluated)
+    half = min(evaluated, key=lambda step: abs(step - steps / 2))
+    final_losses = [v for v in per_seed(run_set, softmax, final("val_loss")) if math.isfinite(v)]
+    final_target = sum(final_losses) / len(final_losses)
+    half_target = mean_val_loss_at(run_set, softmax, half)
+    measures: list[tuple[str, Callable[[RunRecord], float]]] = [
+        ("final val loss", final("val_loss")),
+        ("final val ppl", final("val_ppl")),
+        (
+            f"steps to softmax's mean loss at step {half} ({half_target:.3f})",
+            steps_to(half_target),
+        ),
+        (f"steps to softmax's mean final loss ({final_target:.3f})", steps_to(final_target)),
+        ("balance loss (train mean)", final("train_mean/balance_loss")),
+        ("balance loss (val, final)", final("val_routing/balance_loss")),
+        ("MaxVio batch (train mean)", final("train_mean/routing/max_vio")),
+        ("MaxVio batch (val, final)", final("val_routing/max_vio_batch")),
+        ("MaxVio global (val, final)", final("val_routing/max_vio")),
+        ("MaxVio global (val, step 0)", at_step0("val_routing/max_vio")),
+        ("dead experts per layer (val, final)", final("val_routing/dead_experts")),
+    ]
+    for label, key in LAMBDA.items():
+        measures += [
+            (f"{label} step 0", at_step0(key)),
+            (f"{label} final", final(key)),
+            (f"{label} change from step 0", change_from_step0(key)),
+        ]
+    rows = [
+        [
+            label,
+            interval(per_seed(run_set, softmax, metric)),
+            interval(per_seed(run_set, mpi, metric)),
+            paired_delta(run_set, mpi, softmax, metric),
+        ]
+        for label, metric in measures
+    ]
+    return table(["measure", "softmax top-k", "MPI", "Δ MPI − softmax (paired)"], rows)
+
+
+def finegrained_section(run_set: RunSet) -> str:
+    out = []
+    for optimizer in FINEGRAINED_OPTIMIZERS:
+        if all(run_set.of_variant(grid_variant(optimizer, r)) for r in ROUTERS):
+            out += [f"#### {optimizer}", "", router_comparison_table(run_set, optimizer), ""]
+        else:
+            out += [f"#### {optimizer}", "", "(no finished run of one of the routers yet)", ""]
+    out += ["#### λ over training (mean over layers and seeds)", ""]
+    cells = {f"{o} + {r}": grid_variant(o, r) for o in FINEGRAINED_OPTIMIZERS for r in ROUTERS}
+    out += [lambda_curves_table(run_set, cells, (0, 100, 200, 500, 1000)), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", type=Path, default=Path("runs/mpi_study"))
+    parser.add_argument("--ablations", type=Path, default=Path("runs/mpi_ablations"))
+    parser.add_argument("--finegrained", type=Path, default=Path("runs/mpi_finegrained"))
+    args = parser.parse_args()
+    if args.study.exists():
+        print(grid_section(load_runs([args.study])))
+    if args.ablations.exists():
+        print(ablation_section(load_runs([args.ablations])))
+    if args.study.exists() and args.ablations.exists():
+        print(no_retraction_section(load_runs([args.study, args.ablations])))
+    if args.finegrained.exists():
+        print(finegrained_section(load_runs([args.finegrained])))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
