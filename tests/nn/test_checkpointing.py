@@ -10,6 +10,7 @@ from moealign.nn.checkpointing import (
     apply_activation_checkpointing,
     is_recomputing,
 )
+from moealign.nn.compile import compile_blocks, compile_unavailable_reason
 from moealign.nn.transformer import ModelConfig, MoETransformer
 
 TINY = dict(
@@ -37,12 +38,15 @@ ROUTERS = {
 }
 
 
-def train_forward_backward(mode: str, options: dict):
-    """One training forward and backward of a seeded tiny model with checkpointing ``mode``;
-    the loss holds every routing term (LM + balance + z-loss + a term on the probabilities)."""
+def train_forward_backward(mode: str, options: dict, compile: bool = False):
+    """One training forward and backward of a seeded tiny model with checkpointing ``mode``
+    (and its blocks compiled if ``compile``); the loss holds every routing term (LM + balance +
+    z-loss + a term on the probabilities)."""
     torch.manual_seed(0)
     model = MoETransformer(ModelConfig(**TINY | options))
     apply_activation_checkpointing(model, mode)
+    if compile:
+        compile_blocks(model)
     model.train()
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(2)  # the routers' noise
@@ -133,3 +137,18 @@ def test_unknown_mode_is_rejected():
     model = MoETransformer(ModelConfig(**TINY))
     with pytest.raises(ValueError, match="activation_checkpointing='selective' is not accepted"):
         apply_activation_checkpointing(model, "selective")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "moe"])
+def test_compiled_checkpointed_blocks_count_tokens_once(mode):
+    unavailable = compile_unavailable_reason("cpu")
+    if unavailable is not None:
+        pytest.skip(f"torch.compile cannot run here: {unavailable}")
+    options = dict(router_options=dict(expert_bias=True))
+    _, routing, _, counts = train_forward_backward("none", options)
+    _, compiled_routing, _, compiled_counts = train_forward_backward(mode, options, compile=True)
+    for plain, compiled in zip(routing, compiled_routing, strict=True):
+        assert torch.equal(plain.expert_counts, compiled.expert_counts)
+    for plain, compiled in zip(counts, compiled_counts, strict=True):
+        assert torch.equal(plain, compiled)

@@ -15,7 +15,8 @@ What the recomputation must not repeat: the blocks' outputs of the second run ar
 so the loss terms read from :class:`~moealign.nn.moe.RoutingInfo` (balance, z-loss, alignment)
 and the routing statistics are counted once; the one side effect of a forward, the router's
 expert counts for the aux-loss-free bias update (:class:`~moealign.nn.routers.Router`), is
-skipped while :func:`is_recomputing`.
+skipped while :func:`is_recomputing` (set by the checkpoint's recomputation context, which
+also holds in compiled blocks: ``train.compile`` with checkpointing counts once too).
 """
 
 from __future__ import annotations
@@ -64,8 +65,6 @@ def checkpointed(fn: Callable[..., Any], *args: Any) -> Any:
     call where no graph is recorded (evaluation, ``torch.no_grad``)."""
     if not torch.is_grad_enabled():
         return fn(*args)
-    if torch.compiler.is_compiling():  # traced: the compiler recomputes, no Python re-runs
-        return checkpoint(fn, *args, use_reentrant=False)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
 
 
