@@ -13,18 +13,8 @@ from moealign.nn.checkpointing import (
 from moealign.nn.compile import compile_blocks, compile_unavailable_reason
 from moealign.nn.transformer import ModelConfig, MoETransformer
 
-TINY = dict(
-    vocab_size=64,
-    d_model=32,
-    n_layers=3,
-    n_heads=4,
-    max_seq_len=16,
-    expert_d_ff=16,
-    n_experts=4,
-    top_k=2,
-    d_ff=64,
-    moe_every=1,
-)
+# A tiny model (four heads and top-2 by default) of three blocks.
+TINY = dict(vocab_size=64, d_model=32, n_layers=3, max_seq_len=16, expert_d_ff=16, n_experts=4)
 
 # Every router option that draws noise (jitter, logit dropout: the recomputation must draw the
 # same), the expert-bias counts (a forward side effect), capacity dropping and the MPI router.
