@@ -72,6 +72,7 @@ def time_variant(config, args, out_dir: str) -> dict[str, float]:
     counts = trainer.model.parameter_counts()
     return {
         "step_ms": 1e3 * step_s,
+        "step_ms_runs": [1e3 * second for second in seconds],
         "first_step_ms": 1e3 * first_s,
         "tokens_per_s": args.batch * args.seq_len / step_s,
         "params_total": counts["total"],
@@ -117,16 +118,17 @@ def main() -> None:
         f"K={args.top_k} batch={args.batch}x{args.seq_len}, median of {args.repeats}"
     )
     print(
-        f"{'variant':<26}{'active':>12}{'total':>12}{'step ms':>10}{'tokens/s':>12}"
-        f"{'vs eager':>10}{'compile s':>11}"
+        f"{'variant':<26}{'active':>12}{'total':>12}{'step ms':>10}{'min-max ms':>14}"
+        f"{'tokens/s':>10}{'vs eager':>10}{'compile s':>11}"
     )
     for name, r in results.items():
         compiled_columns = (
             f"{r['compiled_vs_eager']:>10.2f}{r['compile_s']:>11.1f}" if "compile_s" in r else ""
         )
         print(
-            f"{name:<26}{r['params_active']:>12,}{r['params_total']:>12,}"
-            f"{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{compiled_columns}"
+            f"{name:<26}{r['params_active']:>12,}{r['params_total']:>12,}{r['step_ms']:>10.1f}"
+            f"{min(r['step_ms_runs']):>7.0f}-{max(r['step_ms_runs']):<6.0f}"
+            f"{r['tokens_per_s']:>10,.0f}{compiled_columns}"
         )
     write_results(RESULTS_PATH, run_record(device, args, results))
 
