@@ -10,7 +10,9 @@ median. Prints a table and writes benchmarks/results/train_step.json. Runs on CU
 ``torch.compile``-d), side by side: the ratio of the compiled median step time to the eager
 one, and the compile time, reported apart: the first compiled step minus the median step, with
 the inductor cache emptied first (a fresh ``TORCHINDUCTOR_CACHE_DIR``; the compiled variants
-after the first may reuse kernels it compiled).
+after the first may reuse kernels it compiled). On a CPU shared with other work, run it with
+``OMP_NUM_THREADS=1``: inductor's OpenMP kernels wait for busy cores far longer than eager
+ATen does, which measures the contention, not the compiler.
 
     PYTHONPATH=src python3 benchmarks/train_step.py [--d-model 512 --layers 8 --experts 16]
     PYTHONPATH=src python3 benchmarks/train_step.py --compile

@@ -1,10 +1,13 @@
 """Activation checkpointing: the same routing, losses and gradients as keeping every
 activation, the expert-bias counts counted once, and fewer bytes saved for the backward pass."""
 
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from moealign.config import TrainConfig
 from moealign.nn.checkpointing import (
     ACTIVATION_CHECKPOINTING,
     apply_activation_checkpointing,
@@ -121,6 +124,11 @@ def test_evaluation_forward_is_not_checkpointed():
         plain = model(ids).logits
         apply_activation_checkpointing(model, "full")
         assert torch.equal(model(ids).logits, plain)
+
+
+def test_the_config_offers_the_modes_there_are():
+    hint = typing.get_type_hints(TrainConfig)["activation_checkpointing"]
+    assert typing.get_args(hint) == ACTIVATION_CHECKPOINTING
 
 
 def test_unknown_mode_is_rejected():

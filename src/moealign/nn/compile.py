@@ -1,9 +1,9 @@
 """``torch.compile`` of each transformer block (``train.compile``), as torchtitan does.
 
 Blocks of one structure share one compiled graph (the parameters are inputs of the graph, not
-constants). ``nn.Module.compile`` compiles in place: the blocks stay the same
-modules with the same parameter names, so checkpoints, FSDP2 sharding and the code that finds
-MoE layers see the uncompiled model. Where the compiler cannot trace (a data-dependent expert
+constants). ``nn.Module.compile`` compiles in place: the blocks stay the same modules with the
+same parameter names, so checkpoints, FSDP2 sharding and the code that finds MoE layers see the
+uncompiled model. Where the compiler cannot trace (a data-dependent expert
 count, a ``torch.compiler.disable``-d kernel) the graph breaks and that part runs eagerly.
 """
 
