@@ -80,11 +80,13 @@ def device_name(device: str | torch.device) -> str:
 
 
 def run_record(device: str, args: argparse.Namespace, results: dict) -> dict[str, Any]:
-    """The result file's content: device, its name, torch version, the arguments and results."""
+    """The result file's content: device, its name, torch version, intra-op threads, the
+    arguments and results."""
     return {
         "device": device,
         "device_name": device_name(device),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "results": results,
     }

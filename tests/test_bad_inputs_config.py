@@ -211,6 +211,13 @@ CASES = [
     _case("ep-size-not-dividing", ["train.parallel=ep", "train.ep_size=3"], "train.ep_size"),
     _case("eval-batches-zero", ["train.eval_batches=0"], "train.eval_batches"),
     _case("keep-checkpoints-zero", ["train.keep_checkpoints=0"], "train.keep_checkpoints"),
+    _case(
+        "activation-checkpointing-unknown",
+        ["train.activation_checkpointing=selective"],
+        "train.activation_checkpointing",
+        "'none', 'full', 'moe'",
+    ),
+    _case("compile-not-a-bool", ['train.compile="yes"'], "train.compile", "true or false"),
     _case("files-without-paths", ["data.source=files"], "data.paths"),
     _case(
         "files-missing",

@@ -676,6 +676,10 @@ class TrainConfig(_Validated):
     ``on_nonfinite``: what a step with a non-finite loss or gradient does: ``stop`` (end the
     run there, an error) or ``skip`` (no optimizer step; the run goes on); either way the step
     is an ``event`` in ``metrics.jsonl`` and no checkpoint ever holds a non-finite value.
+    ``activation_checkpointing``: ``none``, ``full`` (each block's forward is recomputed in the
+    backward pass) or ``moe`` (only each MoE FFN is; :mod:`moealign.nn.checkpointing`): less
+    activation memory for more compute, the same gradients. ``compile``: ``torch.compile`` each
+    block (:mod:`moealign.nn.compile`); the preflight checks that the compiler runs here.
     """
 
     steps: int = bounded(100, ge=1)
@@ -696,6 +700,8 @@ class TrainConfig(_Validated):
     parallel: Literal["ddp", "fsdp", "ep"] = "ddp"
     ep_size: int = bounded(1, ge=1)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    activation_checkpointing: Literal["none", "full", "moe"] = "none"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

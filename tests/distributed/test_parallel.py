@@ -48,6 +48,12 @@ ROUTERS = {
     "mpi": "model.router_options={expert_bias = true, c_prime = 2.0}",
 }
 CASES = [(mode, router) for mode in ("ddp", "fsdp", "ep") for router in ROUTERS]
+# Activation checkpointing under each layout: the recomputation runs inside FSDP2's backward of
+# a block and repeats expert parallelism's all-to-alls; the same numbers as without it.
+CHECKPOINTED = [("ddp", "softmax_topk", "full"), ("fsdp", "mpi", "full"), ("ep", "mpi", "moe")]
+# The global balance scope all-reduces expert counts inside the forward, which "full" repeats
+# in the backward pass, between DDP's own gradient all-reduces.
+GLOBAL_SCOPE = "model.balance_scope=global"
 STEPS = 3
 METRICS = ("loss", "lm_loss", "balance_loss", "z_loss", "align_loss", "grad_norm")
 
@@ -165,6 +171,16 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
         )
         for mode, router in CASES
     }
+    for mode, router, checkpointing in CHECKPOINTED:
+        ac = f"train.activation_checkpointing={checkpointing}"
+        trainer = Trainer(_config(out_dir, f"{mode}-{router}-ac", router, mode, ac), progress=False)
+        results[(mode, router, checkpointing)] = _record_steps(trainer)
+    for ac in ("none", "full"):
+        overrides = (GLOBAL_SCOPE, f"train.activation_checkpointing={ac}")
+        trainer = Trainer(
+            _config(out_dir, f"global-{ac}", "softmax_topk", "ddp", *overrides), progress=False
+        )
+        results[("global", ac)] = _record_steps(trainer)
     Trainer(_config(out_dir, "two-to-one", "mpi", "fsdp"), progress=False).train(stop_at=2)
     resumed = Trainer(
         _config(out_dir, "one-to-two", "softmax_topk", "ep"), resume=True, progress=False
@@ -235,6 +251,21 @@ def test_two_ranks_match_one_process_step_by_step(runs, mode, router):
     for rank_results in runs["ranks"]:
         _assert_run_matches(rank_results[(mode, router)], reference)
     _assert_reference_exercises_statistics(reference)
+
+
+@pytest.mark.parametrize(("mode", "router", "checkpointing"), CHECKPOINTED)
+def test_activation_checkpointing_on_two_ranks_matches_one_process(
+    runs, mode, router, checkpointing
+):
+    for rank_results in runs["ranks"]:
+        _assert_run_matches(rank_results[(mode, router, checkpointing)], runs["references"][router])
+
+
+def test_recomputed_global_balance_scope_matches_the_plain_one_on_two_ranks(runs):
+    for rank_results in runs["ranks"]:
+        plain, recomputed = rank_results[("global", "none")], rank_results[("global", "full")]
+        assert plain["steps"][0]["metrics"]["balance_loss"] > 0
+        _assert_run_matches(recomputed, plain)
 
 
 def _rank_main_dp2_ep2(rank: int, world_size: int, port: int, out_dir: str) -> None:

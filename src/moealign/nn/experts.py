@@ -75,6 +75,11 @@ def expert_forward_grouped(
     return _grouped_mm(F.silu(gate_SF) * up_SF, w_down_EDF.transpose(-2, -1), offs=offsets_E)
 
 
+# torch.compile traces grouped_mm through its fake-tensor kernel, which accepts bf16 only (the
+# CUDA kernel's rule) while the CPU kernel runs fp32 as well: other dtypes run it eagerly.
+_expert_forward_grouped_eager = torch.compiler.disable(expert_forward_grouped)
+
+
 def expert_forward_loop(
     x_SD: Tensor, w_gate_EFD: Tensor, w_up_EFD: Tensor, w_down_EDF: Tensor, counts_E: list[int]
 ) -> Tensor:
@@ -151,7 +156,9 @@ class SwiGLUExperts(nn.Module):
         weights = [w.to(x_SD.dtype) for w in (self.w_gate, self.w_up, self.w_down)]
         if self._use_grouped(x_SD, weights):
             offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            return expert_forward_grouped(x_SD, *weights, offsets)
+            if x_SD.dtype == torch.bfloat16:
+                return expert_forward_grouped(x_SD, *weights, offsets)
+            return _expert_forward_grouped_eager(x_SD, *weights, offsets)
         return expert_forward_loop(x_SD, *weights, counts_E.tolist())
 
     def _use_grouped(self, x_SD: Tensor, weights: list[Tensor]) -> bool:

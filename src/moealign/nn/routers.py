@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moealign.nn.checkpointing import is_recomputing
 from moealign.nn.experts import count_slots_per_expert
 
 ROUTER_KINDS = ("softmax_topk", "switch", "hierarchical", "mpi")
@@ -135,7 +136,13 @@ class Router(nn.Module):
         if self.capacity_factor is not None:
             keep_TK = capacity_keep_mask(topk_idx_TK, self.n_experts, self.capacity_factor)
             topk_weight_TK = topk_weight_TK * keep_TK
-        if self.expert_bias is not None and self.training and torch.is_grad_enabled():
+        # Counted once per training forward: not again when activation checkpointing reruns it.
+        if (
+            self.expert_bias is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and not is_recomputing()
+        ):
             counted = (
                 topk_idx_TK
                 if keep_TK is None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moealign.config import ModelConfig
+from moealign.nn.checkpointing import checkpointed
 from moealign.nn.moe import MoELayer, RoutingInfo, SwiGLU
 
 FFN_KINDS = ("dense", "moe")
@@ -61,8 +62,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block h = h + Attn(RMSNorm(h)); h = h + FFN(RMSNorm(h)).
+
+    ``activation_checkpointing`` ("none", "full" or "moe"; set by
+    :func:`moealign.nn.checkpointing.apply_activation_checkpointing`) recomputes the whole block
+    or only its MoE FFN in the backward pass.
+    """
+
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
+        self.activation_checkpointing = "none"
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -82,9 +91,18 @@ class Block(nn.Module):
             self.ffn = SwiGLU(config.d_model, config.d_ff)
 
     def forward(self, h_BSD: Tensor) -> tuple[Tensor, RoutingInfo | None]:
+        if self.activation_checkpointing == "full":
+            return checkpointed(self._forward, h_BSD)
+        return self._forward(h_BSD)
+
+    def _forward(self, h_BSD: Tensor) -> tuple[Tensor, RoutingInfo | None]:
         h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD))
         if isinstance(self.ffn, MoELayer):
-            y_BSD, info = self.ffn(self.ffn_norm(h_BSD))
+            x_BSD = self.ffn_norm(h_BSD)
+            if self.activation_checkpointing == "moe":
+                y_BSD, info = checkpointed(self.ffn, x_BSD)
+            else:
+                y_BSD, info = self.ffn(x_BSD)
             return h_BSD + y_BSD, info
         return h_BSD + self.ffn(self.ffn_norm(h_BSD)), None
 

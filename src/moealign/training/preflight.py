@@ -4,8 +4,9 @@
 nested option tables, every component that builds without files or devices) the parts that
 depend on this machine: the device exists, the output folder and ``data.cache_dir`` are
 folders that can be written, the data files and the alignment prior file can be read and fit
-the model, and the model's parameters, gradients and optimizer state fit in the memory that is
-available. Each problem is one :class:`moealign.config.ConfigError` naming the field.
+the model, the model's parameters, gradients and optimizer state fit in the memory that is
+available, and ``torch.compile`` runs here when ``train.compile`` asks for it. Each problem is
+one :class:`moealign.config.ConfigError` naming the field.
 
 Memory estimate (fp32 training state, activations not counted): bytes ≈ 4 · (P · (2 + s) + B)
 with P the parameters, B the buffers (both counted by building the model on the ``meta``
@@ -26,6 +27,7 @@ from moealign.config import ConfigError, RunConfig, meta_device
 __all__ = [
     "available_memory_bytes",
     "check_before_training",
+    "check_compile",
     "check_device",
     "check_writable_folder",
     "training_memory_bytes",
@@ -125,6 +127,23 @@ def available_memory_bytes(device: Any) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def check_compile(config: RunConfig) -> None:
+    """With ``train.compile``, ``torch.compile`` must run on the run's device here."""
+    if not config.train.compile:
+        return
+    from moealign.distributed.context import resolve_device
+    from moealign.nn.compile import compile_unavailable_reason
+
+    device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    reason = compile_unavailable_reason(device.type)
+    if reason is not None:
+        raise ConfigError(
+            "train.compile",
+            f"got true, but torch.compile cannot run on {device.type} here ({reason}); "
+            "expected false (torch.compile needs a C++ compiler on the CPU, Triton on CUDA)",
+        )
+
+
 def _check_memory(config: RunConfig) -> None:
     from moealign.distributed.context import resolve_device
 
@@ -156,3 +175,4 @@ def check_before_training(
     _check_data_files(config)
     _check_memory(config)
     _check_prior(config)
+    check_compile(config)

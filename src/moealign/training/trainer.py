@@ -40,6 +40,8 @@ from moealign.distributed.parallel import Parallel, full_tensor
 from moealign.evaluation.common import autocast, autocast_dtype, strict_json
 from moealign.evaluation.lm import TASK_NAMES, LMEvaluation, evaluate_lm
 from moealign.evaluation.routing_stats import RoutingStats, moe_shape
+from moealign.nn.checkpointing import apply_activation_checkpointing
+from moealign.nn.compile import compile_blocks
 from moealign.nn.transformer import MoETransformer
 from moealign.training import state
 from moealign.training.callbacks import Callback, StepResult, TrainResult, default_callbacks
@@ -94,6 +96,12 @@ class Trainer:
                 f"train.parallel={train_cfg.parallel!r} needs a MoETransformer model (its blocks "
                 f"are sharded); got {type(model).__name__}: use train.parallel='ddp'"
             )
+        per_block = train_cfg.activation_checkpointing != "none" or train_cfg.compile
+        if per_block and model is not None and not isinstance(model, MoETransformer):
+            raise ValueError(
+                "train.activation_checkpointing and train.compile act on the blocks of a "
+                f"MoETransformer model; got {type(model).__name__}: use 'none' and false"
+            )
 
         # Every generator a checkpoint holds (capture_rng_state): one config and seed, one run.
         random.seed(train_cfg.seed)
@@ -102,6 +110,11 @@ class Trainer:
         self.model = (model if model is not None else config.model.build()).to(self.device)
         self.data = data if data is not None else build_training_data(config)
         self.parameter_counts: dict[str, int] = self.model.parameter_counts()  # before sharding
+        # Checkpointing, then compiling (of the checkpointed blocks), then sharding: torchtitan's
+        # order. Neither changes a parameter name.
+        apply_activation_checkpointing(self.model, train_cfg.activation_checkpointing)
+        if train_cfg.compile:
+            compile_blocks(self.model)
         # Shard before the optimizer is built: FSDP2 replaces the parameters by DTensors.
         self.forward_model: torch.nn.Module = self.parallel.apply(self.model)
         self.optimizer, self.scheduler = config.optim.build(self.model, train_cfg.steps)
