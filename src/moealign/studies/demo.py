@@ -13,6 +13,9 @@ same for every run, so runs of one seed are paired). It reports (DESIGN.md §7�
   (:func:`moealign.evaluation.stats.paired_t_test`);
 * one verdict line per comparison on the validation loss: "within noise" when the interval of
   the difference covers 0, else which model is lower;
+* where each MoE's seed-mean validation curve overtakes the dense one, as a step and in tokens
+  (interpolated between evaluations, :mod:`moealign.studies.crossover`), per seed too, the
+  tokens one expert has seen against the dense FFN, and that the ranking depends on the budget;
 * training and validation loss curves, the mean over seeds with a min–max band.
 
 Everything goes to the terminal and to ``summary.md``/``summary.json``/``loss_curves.png`` in
@@ -70,6 +73,8 @@ METRICS = (
 COMPARISONS = (("moe_softmax_topk", "dense"), ("moe_mpi", "dense"), ("moe_mpi", "moe_softmax_topk"))
 DIFFERENCE_METRICS = ("val_loss", "task_accuracy_seen", "task_accuracy_heldout")
 VERDICT_METRIC = "val_loss"
+# Where each MoE's mean validation curve overtakes the dense model's (studies/crossover.py).
+CROSSOVER_PAIRS = (("moe_softmax_topk", "dense"), ("moe_mpi", "dense"))
 TITLE = "moealign demo: dense vs softmax top-k MoE vs MPI MoE"
 
 
@@ -221,6 +226,98 @@ def verdict(comparison: dict[str, Any]) -> str:
     return f"{head}: {c['variant']} {'lower' if lower else 'higher'}{judged}"
 
 
+def crossovers(run_set: RunSet, configs: dict[str, RunConfig]) -> list[dict[str, Any]]:
+    """For each pair of CROSSOVER_PAIRS: where the model's seed-mean validation loss falls
+    below the baseline's for good (:func:`moealign.studies.crossover.curve_crossings`), as a
+    step and in tokens, and each seed's own crossing."""
+    from moealign.studies.crossover import curve_crossings
+
+    rows = []
+    for variant, baseline in CROSSOVER_PAIRS:
+        mean, per_seed = curve_crossings(
+            run_set.of_variant(variant), run_set.of_variant(baseline), VERDICT_METRIC
+        )
+        if mean is None:
+            continue
+        tokens_per_step = _tokens_per_step(configs[variant])
+        rows.append(
+            {
+                "variant": variant,
+                "baseline": baseline,
+                "outcome": mean.outcome,
+                "step": mean.step,
+                "tokens": None if mean.step is None else mean.step * tokens_per_step,
+                "text": mean.text(tokens_per_step),
+                "per_seed": {
+                    str(seed): None if c is None else c.text(tokens_per_step)
+                    for seed, c in per_seed.items()
+                },
+            }
+        )
+    return rows
+
+
+def _tokens_per_step(config: RunConfig) -> int:
+    """Tokens of one optimizer step (the global batch): batch_size · seq_len."""
+    return config.train.batch_size * config.train.seq_len
+
+
+def budget_paragraphs(
+    configs: dict[str, RunConfig],
+    crossings: Sequence[dict[str, Any]],
+    comparisons: Sequence[dict[str, Any]],
+) -> list[str]:
+    """Tokens seen per expert against the dense FFN at the last step, and what the ranking of
+    MoE and dense owes to the budget (the crossings; whether the MoE's advantage is
+    significant, i.e. its interval of Δ val_loss lies below 0)."""
+    from moealign.studies.crossover import format_tokens, tokens_per_expert
+
+    moe, dense = configs["moe_softmax_topk"], configs["dense"]
+    steps, tokens = moe.train.steps, moe.train.steps * _tokens_per_step(moe)
+    per_expert = tokens_per_expert(tokens, moe.model.top_k, moe.model.n_experts)
+    paragraphs = [
+        f"Tokens seen in {steps} steps: each of the {moe.model.n_experts} experts of an MoE "
+        f"layer receives on average K/E = {moe.model.top_k}/{moe.model.n_experts} of the token "
+        f"slots, {format_tokens(per_expert)}, while the dense FFN (width "
+        f"{dense.model.d_ff}) sees all {format_tokens(tokens)}."
+    ]
+    crossed = [c for c in crossings if c["outcome"] == "crossed"]
+    where = "; ".join(f"{c['variant']} at {c['text']}" for c in crossed)
+    text = (
+        "The ranking depends on the training budget: an MoE starts behind the dense model of "
+        "the same active size and overtakes it once its experts have seen enough tokens"
+    )
+    paragraphs.append(
+        f"{text} (here: {where}); a run stopped before that ranks the dense model first."
+        if crossed
+        else f"{text}; within this budget no MoE's mean validation curve crossed the dense one."
+    )
+    ahead = [
+        c["variant"]
+        for c in comparisons
+        if c["baseline"] == "dense" and c["metric"] == VERDICT_METRIC and c["high"] < 0
+    ]
+    if not ahead:
+        paragraphs.append(
+            "No MoE reaches a significant advantage over dense within this budget (every "
+            "interval of Δ val_loss reaches 0 or above); `--preset full` trains long enough "
+            "for one (docs/demo.md)."
+        )
+    return paragraphs
+
+
+def _crossover_table(crossings: Sequence[dict[str, Any]], seeds: Sequence[int]) -> Table:
+    rows = [
+        [
+            f"{c['variant']} vs {c['baseline']}",
+            c["text"],
+            *(c["per_seed"].get(str(seed)) or "n/a" for seed in seeds),
+        ]
+        for c in crossings
+    ]
+    return Table(["MoE vs dense", "mean curves", *(f"seed {s}" for s in seeds)], rows)
+
+
 # ---------------------------------------------------------------------- summary
 
 
@@ -265,6 +362,8 @@ def summary_sections(
     preset: str,
     verdicts: Sequence[str],
     curves: Path | None,
+    crossings: Sequence[dict[str, Any]] = (),
+    budget: Sequence[str] = (),
 ) -> list[Section]:
     """The summary as document sections (Markdown for summary.md and the terminal)."""
     from moealign.studies.report import ablation_table
@@ -302,6 +401,17 @@ def summary_sections(
         Section(
             "Verdicts",
             [Paragraph("\n".join(f"- {line}" for line in verdicts) or "no comparison")],
+        ),
+        Section(
+            "Crossover and budget",
+            [
+                _crossover_table(crossings, seeds),
+                Note(
+                    "where the MoE's validation loss falls below the dense model's for good, "
+                    "interpolated between evaluations (tokens = step · batch_size · seq_len)"
+                ),
+                *(Paragraph(text) for text in budget),
+            ],
         ),
     ]
     if curves is not None:
@@ -345,8 +455,12 @@ def run_demo(
     )
     comparisons = paired_comparisons(run_set)
     verdicts = [verdict(c) for c in comparisons if c["metric"] == VERDICT_METRIC]
+    crossings = crossovers(run_set, configs)
+    budget = budget_paragraphs(configs, crossings, comparisons)
     curves = plot_loss_curves(run_set, out / "loss_curves.png")
-    sections = summary_sections(run_set, configs, seeds, preset, verdicts, curves)
+    sections = summary_sections(
+        run_set, configs, seeds, preset, verdicts, curves, crossings, budget
+    )
     summary = {
         "preset": preset,
         "seeds": list(seeds),
@@ -363,6 +477,8 @@ def run_demo(
         "models": model_statistics(run_set),
         "comparisons": comparisons,
         "verdicts": verdicts,
+        "crossovers": crossings,
+        "budget": budget,
     }
     atomic_write_json(out / "summary.json", summary, sort_keys=False)
     atomic_write_text(out / "summary.md", to_markdown(TITLE, sections, out))
