@@ -42,11 +42,12 @@ if TYPE_CHECKING:
     from moealign.studies.results import RunRecord, RunSet
 
 PRESETS = {
-    # three seeds of three models in about ten minutes on two CPU cores
+    # three seeds of three models within 15 minutes on two CPU cores (docs/demo.md)
     "quick": [],
     # a longer, wider run for a GPU or a patient CPU
     "full": [
         "model.d_model=256",
+        "optim.lr=3e-3",
         "model.n_layers=6",
         "model.expert_d_ff=256",
         "model.n_experts=16",
@@ -285,7 +286,7 @@ def budget_paragraphs(
     where = "; ".join(f"{c['variant']} at {c['text']}" for c in crossed)
     text = (
         "The ranking depends on the training budget: an MoE starts behind the dense model of "
-        "the same active size and overtakes it once its experts have seen enough tokens"
+        "the same active size (each expert trains on K/E of the tokens) and overtakes it later"
     )
     paragraphs.append(
         f"{text} (here: {where}); a run stopped before that ranks the dense model first."
