@@ -165,7 +165,8 @@ def test_curve_crossings_average_the_seeds_then_cross_and_report_each_seed():
     k, e = base.model.top_k, base.model.n_experts
     assert f"K/E = {k}/{e}" in text and format_tokens(150 * 128 * k / e) in text
     assert "ranking depends on the training budget" in text
-    assert "moe_softmax_topk at step 100 (13k tokens)" in text
+    assert "moe_softmax_topk: step 100 (13k tokens)" in text
+    assert "moe_mpi: no crossing within the budget (150 steps)" in text
     # Neither MoE is significantly below dense here (seed 0 and 1 disagree): said so.
     assert "No MoE reaches a significant advantage" in text
     better = _curve_runs("moe_softmax_topk", [[5.5, 3.2, 2.4, 2.3], [5.5, 3.2, 2.45, 2.32]], steps)

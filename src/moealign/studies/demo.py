@@ -268,9 +268,9 @@ def budget_paragraphs(
     crossings: Sequence[dict[str, Any]],
     comparisons: Sequence[dict[str, Any]],
 ) -> list[str]:
-    """Tokens seen per expert against the dense FFN at the last step, and what the ranking of
-    MoE and dense owes to the budget (the crossings; whether the MoE's advantage is
-    significant, i.e. its interval of Δ val_loss lies below 0)."""
+    """Tokens seen per expert against the dense FFN at the last step, that the ranking of MoE
+    and dense depends on the budget (with the crossings) and, when no MoE's interval of
+    Δ val_loss lies below 0, that no significant MoE advantage was reached."""
     from moealign.studies.crossover import format_tokens, tokens_per_expert
 
     moe, dense = configs["moe_softmax_topk"], configs["dense"]
@@ -282,16 +282,12 @@ def budget_paragraphs(
         f"slots, {format_tokens(per_expert)}, while the dense FFN (width "
         f"{dense.model.d_ff}) sees all {format_tokens(tokens)}."
     ]
-    crossed = [c for c in crossings if c["outcome"] == "crossed"]
-    where = "; ".join(f"{c['variant']} at {c['text']}" for c in crossed)
-    text = (
-        "The ranking depends on the training budget: an MoE starts behind the dense model of "
-        "the same active size (each expert trains on K/E of the tokens) and overtakes it later"
-    )
+    where = "; ".join(f"{c['variant']}: {c['text']}" for c in crossings) or "not evaluated"
     paragraphs.append(
-        f"{text} (here: {where}); a run stopped before that ranks the dense model first."
-        if crossed
-        else f"{text}; within this budget no MoE's mean validation curve crossed the dense one."
+        "The ranking depends on the training budget: each expert trains on only K/E of the "
+        "tokens, so an MoE can trail the dense model of the same active size early and lead "
+        f"it later. Where the mean validation curves cross here: {where}. A run stopped at "
+        "another step can rank the models differently."
     )
     ahead = [
         c["variant"]
@@ -300,9 +296,9 @@ def budget_paragraphs(
     ]
     if not ahead:
         paragraphs.append(
-            "No MoE reaches a significant advantage over dense within this budget (every "
-            "interval of Δ val_loss reaches 0 or above); `--preset full` trains long enough "
-            "for one (docs/demo.md)."
+            "No MoE reaches a significant advantage over dense within this budget (no "
+            "interval of Δ val_loss lies below 0): telling needs more seeds or a longer run "
+            "(`--set train.steps=N`, `--preset full`; docs/demo.md)."
         )
     return paragraphs
 
