@@ -50,8 +50,7 @@ class Crossing:
 
     def text(self, tokens_per_step: int) -> str:
         """E.g. "step 612 (1.25M tokens)", "no crossing within the budget (700 steps)"."""
-        if self.outcome == "crossed":
-            assert self.step is not None
+        if self.step is not None:  # outcome "crossed"
             tokens = format_tokens(self.step * tokens_per_step)
             return f"step {self.step:.0f} ({tokens} tokens)"
         if self.outcome == "ahead_throughout":
