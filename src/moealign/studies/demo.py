@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 PRESETS = {
     # three seeds of three models within 15 minutes on two CPU cores (docs/demo.md)
     "quick": [],
-    # a longer, wider run for a GPU or a patient CPU
+    # a longer, wider run for a GPU (~15 hours of one CPU core, docs/demo.md)
     "full": [
         "model.d_model=256",
         "optim.lr=3e-3",
@@ -53,7 +53,7 @@ PRESETS = {
         "model.n_experts=16",
         "train.steps=3000",
         "train.batch_size=32",
-        "train.eval_every=500",
+        "train.eval_every=100",
         "train.checkpoint_every=500",
         "train.task_eval_examples=50",
     ],
