@@ -271,8 +271,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
     """Export a run directory's checkpoint (the newest good one, or that of ``step``) as a
     complete Hugging Face model directory ``out``: ``model.safetensors`` and ``config.json``
     (Mixtral, :func:`to_mixtral`) with the tokenizer's BOS/EOS/PAD ids,
-    ``generation_config.json`` (greedy, stopping at EOS or at ``model.max_seq_len`` tokens, as
-    :func:`moealign.evaluation.generation.greedy_generate` does) and the run's tokenizer files.
+    ``generation_config.json`` (greedy, stopping at EOS or after ``model.max_seq_len`` new
+    tokens unless a call gives its own ``max_new_tokens``; no ``max_length``, so that
+    ``generate(ids, max_new_tokens=16)`` and the text-generation pipeline run without warnings)
+    and the run's tokenizer files.
 
     ``out`` must not exist or be an empty directory; the export is written next to it and
     moved into place, so a failed export leaves nothing behind. Raises
@@ -297,8 +299,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
             "pad_token_id": tokenizer.pad_token_id,
         }
         hf_model = to_mixtral(model, ids)
+        # A budget of new tokens, never max_length: transformers warns "Both max_new_tokens
+        # and max_length seem to have been set" on every call that passes its own budget.
         hf_model.generation_config = GenerationConfig(
-            **ids, do_sample=False, max_length=config.model.max_seq_len
+            **ids, do_sample=False, max_new_tokens=config.model.max_seq_len
         )
         hf_model.save_pretrained(tmp)
     return out
