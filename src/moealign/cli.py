@@ -350,24 +350,13 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _looks_like_path(name: str) -> bool:
-    """A name that can only mean a local folder (a hub id is ``name`` or ``org/name``)."""
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or name.endswith("/")
-        or "\\" in name
-    )
-
-
 def _check_model_folder(name: str, field: str, needs_tokenizer: bool) -> None:
     from moealign.config import ConfigError
+    from moealign.integrations.locations import pretrained_location
 
     path = Path(name).expanduser()
     if not path.exists():
-        if _looks_like_path(name):
-            raise ConfigError(field, f"got {name!r}, a folder that does not exist")
+        pretrained_location(name, field)  # refuses a missing local path
         return  # a Hugging Face model name: transformers resolves it
     if not path.is_dir():
         raise ConfigError(field, f"got {name!r}, a file; expected a model folder or a model name")
@@ -434,22 +423,23 @@ def _roma_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_roma(args: argparse.Namespace) -> int:
     from moealign.config import ConfigError
-    from moealign.roma.config import load_roma_config
-    from moealign.training.preflight import check_device, check_writable_folder
-    from moealign.training.runs import RunLock
 
     if bool(args.hf_model) != bool(args.questions):
         raise ConfigError("--questions", "is given with --hf-model and only with it")
     if args.base and args.heldout_tasks:
         raise ConfigError("--heldout-tasks", "is given with --hf-model only (a run holds its own)")
+    if args.hf_model:  # before torch loads (seconds), and never a missing path to the Hub
+        _check_model_folder(args.hf_model, "--hf-model", needs_tokenizer=True)
+        if not Path(args.questions).is_file():
+            raise ConfigError("--questions", f"got {args.questions!r}, which is not a file")
+    from moealign.roma.config import load_roma_config
+    from moealign.training.preflight import check_device, check_writable_folder
+    from moealign.training.runs import RunLock
+
     config = load_roma_config(args.config, args.overrides)
     check_device(config.device, "device")
     if args.base:
         _check_run_argument(args.base, "--base")
-    else:
-        _check_model_folder(args.hf_model, "--hf-model", needs_tokenizer=True)
-        if not Path(args.questions).is_file():
-            raise ConfigError("--questions", f"got {args.questions!r}, which is not a file")
     check_writable_folder(args.out, "--out")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     base_lock = RunLock(args.base, shared=True) if args.base else contextlib.nullcontext()
@@ -518,6 +508,14 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
+    from moealign.config import ConfigError
+
+    if not Path(args.source).expanduser().is_dir():  # before torch loads (seconds)
+        raise ConfigError(
+            "SOURCE",
+            f"got {args.source!r}, which is not a folder; expected a moealign run directory or a "
+            "Hugging Face model directory",
+        )
     from moealign.compression.command import run_compress  # torch loads only when compressing
 
     return run_compress(args)

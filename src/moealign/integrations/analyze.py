@@ -161,10 +161,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moealign.integrations.hf import detect_family
+    from moealign.integrations.locations import pretrained_location
 
     texts = load_texts(args.data, args.text_field)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    model_path = pretrained_location(args.model, "model")
+    tokenizer_path = pretrained_location(args.tokenizer or args.model, "--tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
     detect_family(model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     # Whole documents are tokenised, then cut into windows: no warning about their length.

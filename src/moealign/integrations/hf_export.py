@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from moealign.config import RunConfig
 from moealign.data.build import build_data_tokenizer
 from moealign.integrations.hf import detect_family
+from moealign.integrations.locations import pretrained_location
 from moealign.integrations.router_weights import linear_router_weight
 from moealign.io import atomic_directory
 from moealign.nn.moe import MoELayer
@@ -264,7 +265,7 @@ def _write_run_tokenizer(run_dir: Path, config: RunConfig, directory: Path):
         shutil.copytree(saved, directory, dirs_exist_ok=True)
     else:
         build_data_tokenizer(config.data).save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(pretrained_location(directory, "OUT"))
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> Path:
@@ -315,8 +316,10 @@ def import_pretrained(source, **from_pretrained_options) -> MoETransformer:
     if isinstance(source, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
 
+        from moealign.integrations.locations import pretrained_location
+
         source = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, **from_pretrained_options
+            pretrained_location(source, "source"), dtype=torch.float32, **from_pretrained_options
         )
     return from_mixtral(source)
 

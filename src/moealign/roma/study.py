@@ -226,6 +226,7 @@ class RomaStudy:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from moealign.integrations.hf import HFRouted, detect_family
+        from moealign.integrations.locations import pretrained_location
 
         try:  # the questions first: every input is checked before the weights load
             questions = load_questions(questions_path)
@@ -235,6 +236,7 @@ class RomaStudy:
             pool, test, heldout = split_questions(questions, heldout_tasks)
         except ValueError as err:  # the message names --heldout-tasks or the question count
             raise ConfigError("", str(err)) from None
+        model_path = pretrained_location(model_path, "--hf-model")
         try:
             detect_family(AutoConfig.from_pretrained(model_path))
             tokenizer = load_transformers_tokenizer(model_path)
