@@ -39,6 +39,7 @@ from moealign.io import atomic_directory
 from moealign.nn.moe import MoELayer
 from moealign.nn.routers import MPIRouter
 from moealign.nn.transformer import ModelConfig, MoETransformer
+from moealign.progress import phase
 from moealign.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -283,16 +284,19 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
     checkpoint and ``ValueError`` for a model Mixtral cannot express.
     """
     from transformers import GenerationConfig
+    from transformers.utils import logging as transformers_logging
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"OUT={str(out)!r} exists and is not an empty directory; choose another")
     config = read_run_config(run_dir)
     _check_exportable(config.model)
-    checkpoint = _run_checkpoint(run_dir, step)
-    model = MoETransformer(config.model)
-    checkpoint.load_model(model)
-    with atomic_directory(out) as tmp:
+    with phase("export: load the checkpoint"):
+        checkpoint = _run_checkpoint(run_dir, step)
+        model = MoETransformer(config.model)
+        checkpoint.load_model(model)
+    transformers_logging.disable_progress_bar()  # progress is moealign.progress's alone
+    with phase("export: convert and write"), atomic_directory(out) as tmp:
         tokenizer = _write_run_tokenizer(run_dir, config, tmp)
         ids = {
             "bos_token_id": tokenizer.bos_token_id,

@@ -34,7 +34,6 @@ and ``OUT/results.md`` (the tables).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -55,6 +54,8 @@ from moealign.evaluation.tasks import TaskEvaluation
 from moealign.io import atomic_write_json, atomic_write_text
 from moealign.nn.routed import MoealignRouted, RoutedModel
 from moealign.nn.transformer import MoETransformer
+from moealign.progress import Phase
+from moealign.progress import write as write_progress
 from moealign.roma.baselines import (
     c3po_capture,
     c3po_ngd_capture,
@@ -70,8 +71,6 @@ from moealign.roma.training import RouterTrainingConfig, train_routers
 from moealign.tables import Table, to_markdown
 from moealign.training.checkpoint import CheckpointError, load_latest
 from moealign.training.runs import read_run_config
-
-log = logging.getLogger(__name__)
 
 METHODS = ("base", "router_tuning", "roma", "oracle_tuning", "c3po", "c3po_ngd", "oracle")
 SETS = ("seen", "heldout")
@@ -393,7 +392,7 @@ class RomaStudy:
             start = time.perf_counter()
             fixed["base"][name] = _evaluation(examples, self._capture(examples))
             _record(timings, "base", name, start)
-            log.info("base %s: %.3f", name, fixed["base"][name].macro_accuracy)
+            write_progress(f"roma: base {name}: {fixed['base'][name].macro_accuracy:.3f}")
             if test_time:
                 start = time.perf_counter()
                 eval_embeddings[name] = self.encoder.encode([e.prompt for e in examples])
@@ -404,8 +403,9 @@ class RomaStudy:
             oracle = self._oracle(examples)
             fixed["oracle"][name] = _evaluation(examples, oracle)
             _record(timings, "oracle", name, start)
-            log.info("oracle %s: %.3f", name, fixed["oracle"][name].macro_accuracy)
+            write_progress(f"roma: oracle {name}: {fixed['oracle'][name].macro_accuracy:.3f}")
         seeds_info = {}
+        seeds_done = Phase("roma: seeds", len(c.seeds))
         for seed in c.seeds:
             key = str(seed)
             for method in ("base", "oracle"):
@@ -490,7 +490,9 @@ class RomaStudy:
                     accuracy = {
                         n: round(e.macro_accuracy, 3) for n, e in per_seed[method][key].items()
                     }
-                    log.info("seed %d: %s %s", seed, method, accuracy)
+                    write_progress(f"roma: seed {seed}: {method} {accuracy}")
+            seeds_done.update()
+        seeds_done.close()
         results = self._results(per_seed, timings, seeds_info)
         atomic_write_json(out / RESULTS_FILE, results, indent=1, sort_keys=False)
         atomic_write_text(out / TABLE_FILE, markdown_tables(results))
