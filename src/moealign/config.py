@@ -491,6 +491,8 @@ class OptimConfig(_Validated):
     :class:`moealign.optim.schedules.WarmupCosine`. ``matrix_lr`` (None = ``lr``) is the learning
     rate of the matrix optimizer for Muon/MuonH/AdamH; ``options`` go to
     :func:`moealign.optim.build_optimizer` unchanged. ``grad_clip`` 0 disables clipping.
+    A ``warmup_steps`` above ``train.steps`` is clamped to ``train.steps`` (the run's config
+    records it; a ``note:`` line on stderr says so).
     """
 
     name: Literal["adamw", "muon", "adamh", "muonh"] = "adamw"
