@@ -12,6 +12,10 @@ also one line; 130/143 a ``train`` or ``ablate`` stopped by SIGINT/SIGTERM after
 state. Tracebacks only with ``moealign --debug COMMAND ...``. Log messages below WARNING are
 shown only for moealign's own loggers, unless ``--verbose``; every ``--help`` shows the options'
 defaults.
+
+Progress goes to stderr through :mod:`moealign.progress` (``--quiet`` on every command silences
+it). The commands with ``json=True`` take ``--json``: :func:`_run` then sends what they print
+to stderr and prints their returned document, alone, on stdout (docs/cli.md, docs/json.md).
 """
 
 from __future__ import annotations

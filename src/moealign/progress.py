@@ -6,7 +6,7 @@ file, a pipe, CI) it is plain lines: ``<phase> (N)`` when it starts, ``<phase>: 
 tenth of the way, ``<phase>: done in 1.2 s`` when it ends. ``moealign COMMAND --quiet`` calls
 :func:`set_quiet` and nothing of this is printed; :func:`note` lines (a value changed for the
 user, e.g. a clamped warm-up) are printed even then. Progress never goes to stdout, which keeps
-to results (``--json``: one JSON document).
+to results (``--json``: one JSON document). Under ``torchrun`` only rank 0 reports.
 
     with phase("calibrate", total=len(batches)) as bar:
         for batch in batches:
@@ -16,6 +16,7 @@ to results (``--json``: one JSON document).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -25,14 +26,16 @@ from typing import Any, TextIO, TypeVar
 __all__ = ["Phase", "note", "phase", "set_quiet", "track", "write"]
 
 T = TypeVar("T")
-_QUIET = False
+# Under torchrun only rank 0 reports (every rank runs the same phases).
+_QUIET = int(os.environ.get("RANK", "0")) != 0
 _NOTED: set[str] = set()
 
 
 def set_quiet(quiet: bool) -> None:
-    """Silence (True) or show (False) every phase and :func:`write` line of this process."""
+    """Silence (True) or show (False, on rank 0) every phase and :func:`write` line of this
+    process."""
     global _QUIET
-    _QUIET = quiet
+    _QUIET = quiet or int(os.environ.get("RANK", "0")) != 0
 
 
 def _stream() -> TextIO:
