@@ -26,13 +26,16 @@ def test_plain_lines_when_stderr_is_not_a_terminal(capsys):
             bar.update()
         bar.postfix(loss="1.5")
     assert list(track(["a", "b"], "write")) == ["a", "b"]
+    assert list(track(iter("xyz"), "stream")) == ["x", "y", "z"]  # no count known ahead
     out, err = capsys.readouterr()
     lines = err.splitlines()
     assert out == "" and lines[0] == "calibrate (20)"
     assert lines[1:10] == [f"calibrate: {n}/20" for n in range(2, 20, 2)]  # every tenth
     assert re.fullmatch(r"calibrate: done 20/20 in \d+\.\d s loss=1\.5", lines[10])
     assert lines[11:13] == ["write (2)", "write: 1/2"]
-    assert lines[13].startswith("write: done 2/2 in ") and len(lines) == 14
+    assert lines[13].startswith("write: done 2/2 in ")
+    assert lines[14] == "stream" and lines[15].startswith("stream: done 3 in ")
+    assert len(lines) == 16
 
 
 def test_a_bar_on_a_terminal(monkeypatch):

@@ -114,7 +114,10 @@ class Phase:
             self._bar = None
             return
         seconds = time.perf_counter() - self.started
-        counted = f" {self.count}/{self.total}" if self.total is not None else ""
+        if self.total is not None:
+            counted = f" {self.count}/{self.total}"
+        else:  # an unknown count (e.g. batches of a stream): what was counted, if anything
+            counted = f" {self.count}" if self.count else ""
         extra = "".join(f" {k}={v}" for k, v in self._postfix.items())
         print(f"{self.label}: done{counted} in {seconds:.1f} s{extra}", file=_stream(), flush=True)
         self.enabled = False
