@@ -38,6 +38,13 @@ def test_plain_lines_when_stderr_is_not_a_terminal(capsys):
     assert len(lines) == 16
 
 
+def test_a_failed_phase_is_not_done(capsys):
+    with pytest.raises(ValueError), phase("load", total=4) as bar:
+        bar.update()
+        raise ValueError("bad")
+    assert capsys.readouterr().err == "load (4)\nload: 1/4\n"  # and no "done"
+
+
 def test_a_bar_on_a_terminal(monkeypatch):
     terminal = io.StringIO()
     terminal.isatty = lambda: True

@@ -106,12 +106,17 @@ class Phase:
         if self.enabled and self._bar is not None:
             self._bar.set_postfix(values, refresh=False)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End the phase: the bar closes; a plain line says ``done`` unless it ``failed`` (the
+        error line that follows says why)."""
         if not self.enabled:
             return
+        self.enabled = False
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            return
+        if failed:
             return
         seconds = time.perf_counter() - self.started
         if self.total is not None:
@@ -120,17 +125,18 @@ class Phase:
             counted = f" {self.count}" if self.count else ""
         extra = "".join(f" {k}={v}" for k, v in self._postfix.items())
         print(f"{self.label}: done{counted} in {seconds:.1f} s{extra}", file=_stream(), flush=True)
-        self.enabled = False
 
 
 @contextmanager
 def phase(label: str, total: int | None = None, initial: int = 0) -> Iterator[Phase]:
-    """A :class:`Phase` that closes (its last line printed) when the block ends."""
+    """A :class:`Phase` that closes when the block ends (as failed if it raised)."""
     current = Phase(label, total, initial)
     try:
         yield current
-    finally:
-        current.close()
+    except BaseException:
+        current.close(failed=True)
+        raise
+    current.close()
 
 
 def track(items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
