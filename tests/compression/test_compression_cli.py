@@ -48,10 +48,12 @@ def _compress(source, out, method, keep, *extra):
 
 
 def _one_error_line(stderr: str) -> str:
+    """The one ``error:`` line, the last on stderr (progress lines may come before it)."""
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:], stderr
     assert "Traceback" not in stderr
-    return lines[0]
+    return lines[-1]
 
 
 @pytest.mark.parametrize(

@@ -291,8 +291,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
         raise ValueError(f"OUT={str(out)!r} exists and is not an empty directory; choose another")
     config = read_run_config(run_dir)
     _check_exportable(config.model)
+    checkpoint = _run_checkpoint(run_dir, step)  # a bad --step fails before any progress
     with phase("export: load the checkpoint"):
-        checkpoint = _run_checkpoint(run_dir, step)
         model = MoETransformer(config.model)
         checkpoint.load_model(model)
     transformers_logging.disable_progress_bar()  # progress is moealign.progress's alone
