@@ -99,7 +99,8 @@ def moealign_twin(layer: MegatronMoELayer, **router_options) -> MoELayer:
 
 
 def expert_grads(layer: MegatronMoELayer) -> dict[str, torch.Tensor]:
-    """Megatron's expert gradients in moealign's layout: w_gate, w_up (E, F, D), w_down (E, D, F)."""
+    """Megatron's expert gradients in moealign's layout: w_gate, w_up (E, F, D), w_down
+    (E, D, F)."""
     experts = layer.experts.local_experts
     fc1 = torch.stack([expert.linear_fc1.weight.grad for expert in experts])
     gate, up = fc1.chunk(2, dim=1)

@@ -18,7 +18,6 @@ from helpers_megatron import (  # noqa: E402
     megatron_parallel,
     tiny_config,
 )
-
 from moealign.distributed.context import free_port, set_local_rank_environment  # noqa: E402
 from moealign.engines.megatron import RoutingRecorder, mpi_router  # noqa: E402
 

@@ -8,10 +8,10 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from helpers_megatron import D_MODEL, megatron_moe_layer, megatron_parallel, tiny_config  # noqa: E402
 from megatron.core.transformer.moe import moe_utils  # noqa: E402
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 
+from helpers_megatron import D_MODEL, megatron_moe_layer, megatron_parallel, tiny_config  # noqa: E402
 from moealign.engines.megatron import MPITopKRouter, mpi_router, precompute  # noqa: E402
 
 

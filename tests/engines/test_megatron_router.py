@@ -21,7 +21,6 @@ from helpers_megatron import (  # noqa: E402
     moealign_twin,
     tiny_config,
 )
-
 from moealign.engines.megatron import (  # noqa: E402
     MPITopKRouter,
     drive_matrix,

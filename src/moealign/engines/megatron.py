@@ -212,7 +212,7 @@ class MPITopKRouter(TopKRouter):
         return scale / options["temperature"]
 
     def bind(self, experts: nn.Module) -> None:
-        """Route with these experts' matrices (the layer's ``experts``; see :func:`bind_experts`)."""
+        """Route with these experts' matrices (the layer's ``experts``, :func:`bind_experts`)."""
         drive_matrix(experts, self.mpi_options["expert_matrix"])  # checks the layout now
         self._experts = (experts,)
 
@@ -356,7 +356,8 @@ class RoutingRecorder:
       experts across the expert-parallel group, and writes every statistic per layer to
       Megatron's MoE metrics tracker under moealign's names (``max_vio``, ``max_vio_batch``,
       ``dead_experts``, ``usage_entropy``, ``token_entropy``, ``task_entropy``,
-      ``projection_alignment``, ``projection_alignment_raw``, ``balance_loss``, ``z_loss``),
+      ``projection_alignment``, ``projection_alignment_raw``; Megatron tracks its own
+      ``load_balancing_loss`` and ``z_loss``, which the summary holds too),
       multiplied by this rank's micro-batch count, so that ``track_moe_metrics`` with Megatron's
       ``loss_scale = 1/num_microbatches`` reports the values themselves. The returned
       :class:`RoutingSummary` (also with the per-expert ``expert_utilisation``) is what
@@ -493,12 +494,10 @@ class RoutingRecorder:
 
         self.stats.reduce(reduce_sum)
         summary = self.stats.summary()
-        summary.projection_alignment, summary.projection_alignment_raw = (
-            self.projection_alignment()
-        )
+        summary.projection_alignment, summary.projection_alignment_raw = self.projection_alignment()
         for name, value_L in summary.per_layer().items():
-            if "/" in name:
-                continue  # per-task entropies: in the summary, not per tracker name
+            if "/" in name or name in ("balance_loss", "z_loss"):
+                continue  # Megatron tracks its own balance and z-losses; tasks: the summary
             for router, value in zip(self.routers, value_L.tolist(), strict=True):
                 save_to_aux_losses_tracker(
                     name,
@@ -516,4 +515,3 @@ class RoutingRecorder:
         )
         self.micro_batches = 0
         return summary
-
