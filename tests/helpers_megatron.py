@@ -24,14 +24,17 @@ D_MODEL, D_FF, N_EXPERTS, TOP_K = 16, 8, 4, 2
 
 
 @contextlib.contextmanager
-def megatron_parallel(ep_size: int = 1) -> Iterator[None]:
-    """Megatron's parallel state over a gloo group (one process unless the caller already
-    initialised one, e.g. a spawned rank), torn down afterwards."""
+def megatron_parallel(ep_size: int = 1, etp_size: int = 1) -> Iterator[None]:
+    """Megatron's parallel state (expert parallel ``ep_size``, expert tensor parallel
+    ``etp_size``) over a gloo group (one process unless the caller already initialised one,
+    e.g. a spawned rank), torn down afterwards."""
     owns_group = not dist.is_initialized()
     if owns_group:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep_size)
+    parallel_state.initialize_model_parallel(
+        expert_model_parallel_size=ep_size, expert_tensor_parallel_size=etp_size
+    )
     try:
         yield
     finally:
