@@ -21,8 +21,10 @@ from helpers_megatron import (  # noqa: E402
     megatron_parallel,
     tiny_config,
 )
+from moealign.alignment.guardrails import RoutingGuardrail  # noqa: E402
 from moealign.alignment.loss import routing_alignment_loss  # noqa: E402
 from moealign.alignment.term import RoutingAlignment, RoutingPrior  # noqa: E402
+from moealign.config import GuardrailConfig  # noqa: E402
 from moealign.engines.megatron import RoutingRecorder, drive_matrix, mpi_router  # noqa: E402
 from moealign.evaluation import diagnostics  # noqa: E402
 from moealign.optim.schedules import LambdaSchedule  # noqa: E402
@@ -101,3 +103,31 @@ def test_alignment_needs_task_ids(parallel):
     RoutingRecorder(layer, alignment=_alignment())
     with pytest.raises(ValueError, match="begin_micro_batch"):
         layer(torch.randn(2, 2, D_MODEL))
+
+
+def test_guardrail_reads_the_summary_and_scales_the_term(parallel):
+    """moealign's RoutingGuardrail reads end_step's summary (usage entropy under an unreachable
+    floor: unhealthy) and halves λ: the next step's alignment gradient on R halves."""
+    torch.manual_seed(7)
+    layer = megatron_moe_layer(tiny_config(), mpi_router())
+    alignment = _alignment()
+    recorder = RoutingRecorder(layer, alignment=alignment, task_names=("a", "b"))
+    guardrail = RoutingGuardrail(
+        GuardrailConfig(
+            policy="reduce_lambda", min_usage_entropy=1.0, patience=1, cooldown=0, factor=0.5
+        ),
+        N_EXPERTS,
+        alignment,
+    )
+    x = torch.randn(4, 2, D_MODEL)
+    task_ids_BS = torch.tensor([0, 1])[:, None].expand(2, 4)
+    grads = []
+    for step in range(2):
+        layer.zero_grad()
+        recorder.begin_micro_batch(step, task_ids_BS)
+        y, _ = layer(x)
+        (0.0 * y).sum().backward()
+        grads.append(layer.router.weight.grad.clone())
+        event = guardrail.check(step, recorder.end_step())
+        assert event is not None and event["action"] == f"lambda scale -> {0.5 ** (step + 1):g}"
+    torch.testing.assert_close(grads[1], 0.5 * grads[0])
