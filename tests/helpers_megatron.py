@@ -18,7 +18,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moealign.distributed.context import free_port
 from moealign.engines.megatron import bind_experts
-from moealign.nn.moe import MoELayer
 
 D_MODEL, D_FF, N_EXPERTS, TOP_K = 16, 8, 4, 2
 
@@ -75,30 +74,6 @@ def megatron_moe_layer(config: TransformerConfig, router) -> MegatronMoELayer:
     layer.set_layer_number(1)
     bind_experts(layer)
     return layer
-
-
-def moealign_twin(layer: MegatronMoELayer, **router_options) -> MoELayer:
-    """moealign's ``MoELayer`` (router ``mpi``, loop experts) holding ``layer``'s weights:
-    W_gate/W_up the halves of each expert's ``linear_fc1``, W_down its ``linear_fc2``."""
-    config = layer.config
-    twin = MoELayer(
-        config.hidden_size,
-        config.moe_ffn_hidden_size,
-        config.num_moe_experts,
-        config.moe_router_topk,
-        router="mpi",
-        experts_implementation="loop",
-        **router_options,
-    )
-    experts = layer.experts.local_experts
-    with torch.no_grad():
-        twin.router.weight.copy_(layer.router.weight)
-        for e, expert in enumerate(experts):
-            gate, up = expert.linear_fc1.weight.chunk(2, dim=0)
-            twin.experts.w_gate[e].copy_(gate)
-            twin.experts.w_up[e].copy_(up)
-            twin.experts.w_down[e].copy_(expert.linear_fc2.weight)
-    return twin
 
 
 def expert_grads(layer: MegatronMoELayer) -> dict[str, torch.Tensor]:

@@ -12,7 +12,12 @@ from megatron.core.transformer.moe import moe_utils  # noqa: E402
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 
 from helpers_megatron import D_MODEL, megatron_moe_layer, megatron_parallel, tiny_config  # noqa: E402
-from moealign.engines.megatron import MPITopKRouter, mpi_router, precompute  # noqa: E402
+from moealign.engines.megatron import (  # noqa: E402
+    MPITopKRouter,
+    mpi_router,
+    precompute,
+    to_moealign_layer,
+)
 
 
 @pytest.fixture
@@ -47,3 +52,9 @@ def test_stock_topk_router_with_r_eff_routes_as_mpi(stock_router_on_cpu, options
         assert torch.equal(stock_map, routing_map)  # every token, every expert
         assert torch.equal(stock_probs, probs)
         assert torch.equal(stock_y, y)
+        # read into moealign: a softmax_topk router with R_eff, the same experts per token
+        twin = to_moealign_layer(layer)
+        assert twin.router.kind == "softmax_topk"
+        _, info = twin(x.reshape(-1, D_MODEL))
+        chosen = torch.zeros_like(routing_map).scatter(1, info.topk_idx, True)
+        assert torch.equal(chosen, routing_map)

@@ -18,13 +18,13 @@ from helpers_megatron import (  # noqa: E402
     expert_grads,
     megatron_moe_layer,
     megatron_parallel,
-    moealign_twin,
     tiny_config,
 )
 from moealign.engines.megatron import (  # noqa: E402
     MPITopKRouter,
     drive_matrix,
     mpi_router,
+    to_moealign_layer,
 )
 from moealign.nn.routers import OptionError  # noqa: E402
 
@@ -42,14 +42,19 @@ def parallel():
         {"power_steps": 3, "temperature": 0.7},
         {"expert_matrix": "down", "c_prime": 2.0},
         {"retract": False, "detach_experts": True},
+        {"logit_scale": 0.125},
     ],
 )
 def test_megatron_layer_equals_moealign_layer(parallel, options):
     """Outputs, router gradients and expert gradients of Megatron's MoELayer with the MPI router
-    equal those of moealign's MoELayer (router ``mpi``) with the same weights (fp32)."""
+    equal those of moealign's MoELayer (router ``mpi``, the same options) holding its weights
+    (read by ``to_moealign_layer``), fp32."""
     torch.manual_seed(0)
     layer = megatron_moe_layer(tiny_config(), mpi_router(**options))
-    twin = moealign_twin(layer, **options)
+    twin = to_moealign_layer(layer)
+    expected = {name: value for name, value in options.items() if name != "logit_scale"}
+    assert twin.router.kind == "mpi" and expected.items() <= twin.router.options().items()
+    assert math.isclose(twin.router.scale / twin.router.temperature, layer.router.scale)
     x = torch.randn(6, 3, D_MODEL)
     y, _ = layer(x)
     y_twin, info = twin(x.reshape(-1, D_MODEL))

@@ -27,6 +27,8 @@ Tested with ``megatron-core==0.16.1`` (extra ``moealign[megatron]``); ``docs/eng
   from the batch) and gathers moealign's routing statistics
   (:class:`~moealign.evaluation.routing_stats.RoutingStats`), reduced over the data- and
   expert-parallel ranks and written to Megatron's MoE metrics tracker.
+* :func:`to_moealign_layer` reads a Megatron ``MoELayer``'s weights into moealign's
+  ``MoELayer`` (its router kind and options included), for moealign's diagnostics and tools.
 * :func:`precompute` replaces every MPI router by Megatron's unmodified ``TopKRouter`` holding
   R_eff, so the checkpoint loads in stock Megatron and routes every token as before (the same
   gating computation on the same rows: bit for bit).
@@ -71,6 +73,7 @@ from moealign.alignment.loss import routing_alignment_loss
 from moealign.alignment.term import RoutingAlignment
 from moealign.evaluation import diagnostics
 from moealign.evaluation.routing_stats import RoutingStats, RoutingSummary
+from moealign.nn import moe
 from moealign.nn.losses import load_balance_loss, z_loss
 from moealign.nn.moe import RoutingInfo
 from moealign.nn.routers import MPI_EXPERT_MATRICES, OptionError, mpi_rows
@@ -83,6 +86,7 @@ __all__ = [
     "mpi_router",
     "mpi_routers",
     "precompute",
+    "to_moealign_layer",
 ]
 
 
@@ -326,6 +330,59 @@ def precompute(model: nn.Module) -> int:
         layer.router = stock
         replaced += 1
     return replaced
+
+
+def to_moealign_layer(layer: MoELayer) -> moe.MoELayer:
+    """moealign's ``MoELayer`` holding a Megatron ``MoELayer``'s weights (one process: no
+    expert or expert-tensor parallelism), for moealign's diagnostics and tools.
+
+    Experts: W_gate/W_up the halves of ``linear_fc1`` (:func:`drive_matrix`), W_down
+    ``linear_fc2``. Router: :class:`MPITopKRouter` → ``mpi`` with the same options (a fixed
+    ``logit_scale`` C becomes ``c_prime`` = C·√E); ``TopKRouter`` (e.g. after
+    :func:`precompute`) → ``softmax_topk`` with its weight. ``moe_router_pre_softmax`` (weights
+    from the full softmax, not renormalised) maps to ``normalize_topk=False``; the expert bias
+    is copied. Only the softmax score function without group-limited routing, bias or capacity
+    has a moealign equivalent; other configurations raise ValueError.
+    """
+    router, config = layer.router, layer.config
+    if layer.ep_group.size() > 1 or layer.experts.tp_group.size() > 1:
+        raise ValueError("to_moealign_layer needs the whole layer in one process (EP = ETP = 1)")
+    unsupported = {
+        "moe_router_score_function": config.moe_router_score_function != "softmax",
+        "moe_router_num_groups": bool(config.moe_router_num_groups),
+        "moe_expert_capacity_factor": config.moe_expert_capacity_factor is not None,
+        "add_bias_linear": router.bias is not None,
+        "moe_router_topk_scaling_factor": config.moe_router_topk_scaling_factor not in (None, 1.0),
+    }
+    for name, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"{name}={getattr(config, name)!r} has no moealign equivalent")
+    options: dict = {
+        "normalize_topk": not config.moe_router_pre_softmax,
+        "expert_bias": router.expert_bias is not None,
+    }
+    kind = "softmax_topk"
+    if isinstance(router, MPITopKRouter):
+        kind = "mpi"
+        options |= {k: v for k, v in router.mpi_options.items() if k != "logit_scale"}
+        if router.mpi_options["logit_scale"] is not None:
+            options["c_prime"] = router.mpi_options["logit_scale"] * math.sqrt(router.num_experts)
+    twin = moe.MoELayer(
+        config.hidden_size,
+        config.moe_ffn_hidden_size,
+        config.num_moe_experts,
+        config.moe_router_topk,
+        router=kind,
+        **options,
+    )
+    with torch.no_grad():
+        twin.router.weight.copy_(router.weight)
+        if router.expert_bias is not None:
+            twin.router.expert_bias.copy_(router.expert_bias)
+        twin.experts.w_gate.copy_(drive_matrix(layer.experts, "gate"))
+        twin.experts.w_up.copy_(drive_matrix(layer.experts, "up"))
+        twin.experts.w_down.copy_(drive_matrix(layer.experts, "down").transpose(1, 2))
+    return twin.to(router.weight.device)
 
 
 def _num_layers(config: TransformerConfig) -> int:
