@@ -137,9 +137,13 @@ def drive_matrix(experts: nn.Module, which: str = "gate") -> Tensor:
     ``gate``: the first half of each expert's fc1 output rows (Megatron's GLU feeds
     ``chunk(fc1(x), 2)[0]`` to the activation); ``up``: the second half; ``down``: fc2's
     weight transposed, (F, D). Layouts: ``SequentialMLP`` (``local_experts[i].linear_fc1.weight``
-    (2F, D), ``linear_fc2.weight`` (D, F)), ``GroupedMLP`` (``weight1`` (D, X·2F) viewed as
-    (X, D, 2F), ``weight2`` (X·F, D)) and ``TEGroupedMLP`` (``linear_fc1.weight{i}`` (2F, D),
-    ``linear_fc2.weight{i}`` (D, F)). Under expert tensor parallelism these are the local rows.
+    (2F, D), ``linear_fc2.weight`` (D, F)), ``GroupedMLP`` (``weight1`` (D, X·2F) and
+    ``weight2`` (X·F, D), read as its forward reads them: ``weight1.view(X, D, 2F)[e]`` and
+    ``weight2.view(X, F, D)[e]`` multiply from the right) and ``TEGroupedMLP``
+    (``linear_fc1.weight{i}`` (2F, D), ``linear_fc2.weight{i}`` (D, F)). Under expert tensor
+    parallelism these are the local rows. Only ``SequentialMLP`` runs without CUDA in 0.16.1
+    (``GroupedMLP`` needs ``grouped_gemm``, ``TEGroupedMLP`` Transformer Engine), so the other
+    two readers follow the layouts in Megatron's code and are not run by the tests.
     """
     if which not in MPI_EXPERT_MATRICES:
         raise OptionError("expert_matrix", which, f"one of {MPI_EXPERT_MATRICES}")
@@ -148,7 +152,7 @@ def drive_matrix(experts: nn.Module, which: str = "gate") -> Tensor:
         fc2 = [expert.linear_fc2.weight for expert in experts.local_experts]
     elif isinstance(experts, GroupedMLP):
         n_local, d_model = experts.num_local_experts, experts.config.hidden_size
-        fc1 = list(experts.weight1.view(d_model, n_local, -1).permute(1, 2, 0))
+        fc1 = list(experts.weight1.view(n_local, d_model, -1).transpose(1, 2))
         fc2 = list(experts.weight2.view(n_local, -1, d_model).transpose(1, 2))
     elif hasattr(experts, "linear_fc1") and hasattr(experts.linear_fc1, "weight0"):
         n_local = experts.num_local_experts  # TEGroupedMLP (Transformer Engine)
@@ -161,7 +165,7 @@ def drive_matrix(experts: nn.Module, which: str = "gate") -> Tensor:
         )
     if which == "down":
         return torch.stack([weight.t() for weight in fc2])
-    if not experts.config.gated_linear_unit and which != "down":
+    if not experts.config.gated_linear_unit:
         raise ValueError(
             f"expert_matrix={which!r} needs gated experts (TransformerConfig.gated_linear_unit)"
         )
