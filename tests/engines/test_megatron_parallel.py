@@ -26,6 +26,7 @@ from moealign.engines.megatron import RoutingRecorder, mpi_router  # noqa: E402
 
 OPTIONS = {"power_steps": 2}
 WORLD = 2
+MODES = ("ep", "etp")
 
 
 def _inputs() -> torch.Tensor:
@@ -69,7 +70,8 @@ def _run(layer, x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _rank_main(rank: int, port: int, mode: str, full: dict, out: str) -> None:
+def _rank_main(rank: int, port: int, full: dict, out: str) -> None:
+    """Both modes in one process per rank (one start-up and import of Megatron for both)."""
     # Megatron 0.16.1's allgather dispatcher allocates its gather buffer on
     # torch.cuda.current_device() when the group has more than one rank: point it at the CPU
     # (its code runs unmodified; on a GPU this is not needed).
@@ -77,40 +79,41 @@ def _rank_main(rank: int, port: int, mode: str, full: dict, out: str) -> None:
     set_local_rank_environment(rank, WORLD, port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    sizes = {"ep_size": WORLD} if mode == "ep" else {"etp_size": WORLD}
-    with megatron_parallel(**sizes):
-        layer = megatron_moe_layer(tiny_config(), mpi_router(**OPTIONS))
-        state = _local_state(full, rank, mode)
-        with torch.no_grad():
-            for name, param in layer.named_parameters():
-                param.copy_(state[name])
-        torch.save(_run(layer, _inputs()[rank]), f"{out}/rank{rank}.pt")
+    for mode in MODES:
+        sizes = {"ep_size": WORLD} if mode == "ep" else {"etp_size": WORLD}
+        with megatron_parallel(**sizes):
+            layer = megatron_moe_layer(tiny_config(), mpi_router(**OPTIONS))
+            state = _local_state(full, rank, mode)
+            with torch.no_grad():
+                for name, param in layer.named_parameters():
+                    param.copy_(state[name])
+            torch.save(_run(layer, _inputs()[rank]), f"{out}/{mode}_rank{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ep", "etp"])
-def test_two_parallel_ranks_equal_one_process(tmp_path, mode):
+def test_two_parallel_ranks_equal_one_process(tmp_path):
     with megatron_parallel():
         torch.manual_seed(3)
         layer = megatron_moe_layer(tiny_config(), mpi_router(**OPTIONS))
         full = {name: p.detach().clone() for name, p in layer.named_parameters()}
         reference = _run(layer, _inputs().transpose(0, 1).reshape(5, WORLD * 2, D_MODEL))
-    mp.spawn(_rank_main, args=(free_port(), mode, full, str(tmp_path)), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    y = torch.stack([result["y"] for result in ranks])  # (rank, S, B, D)
+    mp.spawn(_rank_main, args=(free_port(), full, str(tmp_path)), nprocs=WORLD)
     expected_y = reference["y"].view(5, WORLD, 2, D_MODEL).transpose(0, 1)
-    torch.testing.assert_close(y, expected_y, rtol=1e-5, atol=1e-6)
-    # R: each rank holds part of the gradient (EP: its own rows; expert TP: the part through
-    # its F rows); summed over ranks (Megatron's data-parallel reduction of the replicated
-    # router) it is the one-process gradient.
-    torch.testing.assert_close(
-        ranks[0]["router.weight"] + ranks[1]["router.weight"], reference["router.weight"]
-    )
-    for rank, result in enumerate(ranks):
-        for name, value in _local_state(reference, rank, mode).items():
-            if name != "router.weight":
-                torch.testing.assert_close(result[name], value, rtol=1e-5, atol=1e-6)
-        # statistics reduced over the ranks: the one-process counts and λ′
-        assert torch.equal(result["counts"], reference["counts"])
-        torch.testing.assert_close(result["alignment"], reference["alignment"])
+    for mode in MODES:
+        ranks = [torch.load(tmp_path / f"{mode}_rank{r}.pt") for r in range(WORLD)]
+        y = torch.stack([result["y"] for result in ranks])  # (rank, S, B, D)
+        torch.testing.assert_close(y, expected_y, rtol=1e-5, atol=1e-6)
+        # R: each rank holds part of the gradient (EP: its own rows; expert TP: the part
+        # through its F rows); summed over ranks (Megatron's data-parallel reduction of the
+        # replicated router) it is the one-process gradient.
+        torch.testing.assert_close(
+            ranks[0]["router.weight"] + ranks[1]["router.weight"], reference["router.weight"]
+        )
+        for rank, result in enumerate(ranks):
+            for name, value in _local_state(reference, rank, mode).items():
+                if name != "router.weight":
+                    torch.testing.assert_close(result[name], value, rtol=1e-5, atol=1e-6)
+            # statistics reduced over the ranks: the one-process counts and λ′
+            assert torch.equal(result["counts"], reference["counts"])
+            torch.testing.assert_close(result["alignment"], reference["alignment"])
