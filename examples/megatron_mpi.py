@@ -5,11 +5,12 @@ A tiny GPT built with Megatron's own classes (``GPTModel``, ``get_gpt_layer_loca
 use moealign's MPI router (``mpi_router``), trained on three synthetic tasks with moealign's
 routing alignment term (warm-up λ schedule, uniform prior) attached through Megatron's aux-loss
 path and moealign's routing statistics written to Megatron's MoE metrics tracker. One process,
-a gloo group, the CPU. Writes ``metrics.jsonl`` (one record per step: the LM loss, λ, and
-``track_moe_metrics``' values) to ``--out``; ``--save-at N`` also saves a Megatron
-checkpoint (``torch`` format) after step N, and ``--resume`` continues from it.
+a gloo group, the CPU (the layers' self-attention is ``IdentityOp``: see :func:`build_model`).
+Appends to ``--out``/``metrics.jsonl`` one record per step (the LM loss, λ, and
+``track_moe_metrics``' values); ``--save-at N`` also saves a Megatron checkpoint (``torch``
+format) after step N, and ``--resume`` continues from it, appending the steps after N.
 
-    python examples/megatron_mpi.py --steps 60 --out runs/megatron_mpi
+    PYTHONPATH=src python3 examples/megatron_mpi.py --steps 60 --out runs/megatron_mpi
 """
 
 from __future__ import annotations
