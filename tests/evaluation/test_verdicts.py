@@ -1,7 +1,6 @@
 """Tests for moealign.evaluation.verdicts against scipy.stats, statsmodels and hand-worked
 numbers."""
 
-import argparse
 import math
 
 import numpy as np
@@ -14,7 +13,6 @@ from moealign.evaluation.verdicts import (
     holm,
     holm_adjust,
     interval_comparison,
-    margin_argument,
     paired_comparison,
 )
 
@@ -129,7 +127,3 @@ def test_margins():
     assert default_margin("task_accuracy/heldout/mean") == 0.01
     assert default_margin("tokens_per_s") is None
     assert default_margin("tokens_per_s", {"tokens_per_s": 50.0}) == 50.0
-    assert margin_argument("val_loss=0.02") == ("val_loss", 0.02)
-    for bad in ("val_loss", "val_loss=-1", "=0.1", "val_loss=x"):
-        with pytest.raises(argparse.ArgumentTypeError, match="METRIC=M"):
-            margin_argument(bad)

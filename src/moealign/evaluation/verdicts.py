@@ -32,7 +32,6 @@ which controls the family-wise error rate at α. Tables print the raw p beside t
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +41,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from moealign.evaluation.stats import mean_confidence_interval
+from moealign.tables import format_interval, format_number
 
 __all__ = [
     "ALPHA",
@@ -54,7 +54,7 @@ __all__ = [
     "holm",
     "holm_adjust",
     "interval_comparison",
-    "margin_argument",
+    "outcome_legend",
     "paired_comparison",
 ]
 
@@ -68,26 +68,26 @@ ALPHA = 0.05
 DEFAULT_MARGINS: tuple[tuple[str, float], ...] = (("loss", 0.01), ("accuracy", 0.01))
 
 
+def outcome_legend(margins: Mapping[str, float] | None = None) -> str:
+    """A table note: how the outcomes are decided and the margins in use."""
+    stated = [f"{part}: ±{m:g}" for part, m in DEFAULT_MARGINS]
+    stated += [f"{metric}: ±{m:g}" for metric, m in (margins or {}).items()]
+    return (
+        "Outcome: lower / higher when the (Holm-adjusted, where a table holds several tests) "
+        f"p < {ALPHA:g}; else equivalent within ±m when two one-sided tests (TOST, "
+        "Holm-adjusted alike) put the difference inside ±m; else inconclusive (neither an "
+        f"effect nor its absence is shown). Margins m: {'; '.join(stated)} (metrics whose name "
+        "contains the part; set with --margin METRIC=M); a metric without one cannot reach "
+        "equivalent."
+    )
+
+
 def default_margin(metric: str, margins: Mapping[str, float] | None = None) -> float | None:
     """The equivalence margin of ``metric``: ``margins[metric]`` when given, else the first
     :data:`DEFAULT_MARGINS` entry whose name part ``metric`` contains, else None."""
     if margins and metric in margins:
         return margins[metric]
     return next((m for part, m in DEFAULT_MARGINS if part in metric.lower()), None)
-
-
-def margin_argument(text: str) -> tuple[str, float]:
-    """argparse type of ``--margin METRIC=M`` (M > 0, in the metric's units)."""
-    metric, _, value = text.partition("=")
-    try:
-        margin = float(value)
-    except ValueError:
-        margin = math.nan
-    if not metric or not math.isfinite(margin) or margin <= 0:
-        raise argparse.ArgumentTypeError(
-            f"got {text!r}; expected METRIC=M with M a positive number, e.g. val_loss=0.01"
-        )
-    return metric, margin
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ class Comparison:
     p_adjusted: float
     p_equivalence_adjusted: float
     alpha: float = ALPHA
+    family: int = 1  # the number of tests the p-values were Holm-adjusted over
+    symmetric: bool = True  # a t interval Δ ± half width (a bootstrap one is [low, high])
 
     @property
     def outcome(self) -> Outcome:
@@ -127,10 +129,9 @@ class Comparison:
             return f"equivalent within ±{self.margin:g}"
         if outcome == "inconclusive":
             return "inconclusive" + ("" if self.margin is not None else " (no margin set)")
-        text = outcome + (
-            "" if direction is None else f" ({'better' if outcome == direction else 'worse'})"
-        )
-        return text
+        if direction is None:
+            return outcome
+        return f"{outcome} ({'better' if outcome == direction else 'worse'})"
 
     def to_dict(self) -> dict[str, float | int | str | None]:
         def number(value: float) -> float | None:
@@ -147,7 +148,24 @@ class Comparison:
             "p_equivalence": number(self.p_equivalence),
             "p_equivalence_adjusted": number(self.p_equivalence_adjusted),
             "outcome": self.outcome,
+            "family": self.family,
         }
+
+    def text(self, direction: Literal["lower", "higher"] | None = None) -> str:
+        """``+0.012 ± 0.020 (p=0.030, Holm p=0.090, n=3): inconclusive`` — the interval, the
+        raw p, the adjusted p where the family has several tests, n and the outcome."""
+        if self.symmetric:
+            interval = format_interval(self.delta, self.high - self.delta, signed=True)
+        else:
+            interval = (
+                f"{format_number(self.delta, 3, signed=True)} "
+                f"[{format_number(self.low, 3, signed=True)}, "
+                f"{format_number(self.high, 3, signed=True)}]"
+            )
+        p_text = format_p(self.p_value)
+        if self.family > 1:
+            p_text += f", Holm {format_p(self.p_adjusted)}"
+        return f"{interval} ({p_text}, n={self.n}): {self.describe(direction)}"
 
 
 def _one_sided_t(statistic: float, df: int, upper: bool) -> float:
@@ -239,6 +257,7 @@ def bootstrap_comparison(
         p_adjusted=float(p_value),
         p_equivalence_adjusted=p_equivalence,
         alpha=alpha,
+        symmetric=False,
     )
 
 
@@ -262,8 +281,9 @@ def holm(comparisons: Sequence[Comparison]) -> list[Comparison]:
     equivalence each over the family), so each outcome is decided at family-wise level α."""
     adjusted = holm_adjust([c.p_value for c in comparisons])
     adjusted_equivalence = holm_adjust([c.p_equivalence for c in comparisons])
+    family = sum(math.isfinite(c.p_value) for c in comparisons)
     return [
-        replace(c, p_adjusted=p, p_equivalence_adjusted=q)
+        replace(c, p_adjusted=p, p_equivalence_adjusted=q, family=family)
         for c, p, q in zip(comparisons, adjusted, adjusted_equivalence, strict=True)
     ]
 
