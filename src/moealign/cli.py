@@ -337,6 +337,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
         help="validation loss for time-to-target (default: the baseline's final)",
     )
     parser.add_argument("--title", default="moealign report", help="the report's title")
+    _add_margin_argument(parser)
 
 
 def _run_report(args: argparse.Namespace) -> int:
