@@ -13,6 +13,7 @@ from moealign.evaluation.verdicts import (
     holm,
     holm_adjust,
     interval_comparison,
+    judged_rows,
     paired_comparison,
 )
 
@@ -127,3 +128,13 @@ def test_margins():
     assert default_margin("task_accuracy/heldout/mean") == 0.01
     assert default_margin("tokens_per_s") is None
     assert default_margin("tokens_per_s", {"tokens_per_s": 50.0}) == 50.0
+
+
+def test_judged_rows_holm_adjust_the_comparison_cells_of_a_table():
+    a = paired_comparison([1.0, 1.1, 1.2], [0.5, 0.62, 0.69], 0.01)
+    b = paired_comparison([1.0, 1.2, 0.8], [1.1, 0.9, 1.0], 0.01)
+    rows = judged_rows([["x", a, "–"], ["y", "1.0", b]])
+    adjusted = holm_adjust([a.p_value, b.p_value])
+    assert rows[0][0] == "x" and rows[0][2] == "–" and rows[1][1] == "1.0"
+    assert f"Holm p={adjusted[0]:.3f}" in rows[0][1] and rows[0][1].endswith(": higher")
+    assert f"Holm p={adjusted[1]:.3f}" in rows[1][2] and rows[1][2].endswith(": inconclusive")

@@ -54,6 +54,7 @@ __all__ = [
     "holm",
     "holm_adjust",
     "interval_comparison",
+    "judged_rows",
     "outcome_legend",
     "paired_comparison",
 ]
@@ -286,6 +287,18 @@ def holm(comparisons: Sequence[Comparison]) -> list[Comparison]:
         replace(c, p_adjusted=p, p_equivalence_adjusted=q, family=family)
         for c, p, q in zip(comparisons, adjusted, adjusted_equivalence, strict=True)
     ]
+
+
+def judged_rows(rows: Sequence[Sequence[object]]) -> list[list[object]]:
+    """A table's rows with every :class:`Comparison` cell replaced by its text
+    (:meth:`Comparison.text`), the table's comparisons Holm-adjusted as one family."""
+    found = [(r, c) for r, row in enumerate(rows) for c, cell in enumerate(row)]
+    found = [(r, c) for r, c in found if isinstance(rows[r][c], Comparison)]
+    adjusted = holm([rows[r][c] for r, c in found])  # type: ignore[misc]
+    judged = [list(row) for row in rows]
+    for (r, c), comparison in zip(found, adjusted, strict=True):
+        judged[r][c] = comparison.text()
+    return judged
 
 
 def format_p(p: float | None) -> str:
