@@ -69,17 +69,22 @@ ALPHA = 0.05
 DEFAULT_MARGINS: tuple[tuple[str, float], ...] = (("loss", 0.01), ("accuracy", 0.01))
 
 
-def outcome_legend(margins: Mapping[str, float] | None = None) -> str:
-    """A table note: how the outcomes are decided and the margins in use."""
-    stated = [f"{part}: ±{m:g}" for part, m in DEFAULT_MARGINS]
+def outcome_legend(margins: Mapping[str, float] | None = None, defaults: bool = True) -> str:
+    """A table note: how the outcomes are decided and the margins in use (``defaults``: the
+    :data:`DEFAULT_MARGINS` by metric-name part, then ``margins``)."""
+    stated = [f"{part}: ±{m:g}" for part, m in DEFAULT_MARGINS] if defaults else []
     stated += [f"{metric}: ±{m:g}" for metric, m in (margins or {}).items()]
+    where = (
+        " (metrics whose name contains the part; set with --margin METRIC=M); a metric without "
+        "one cannot reach equivalent"
+        if defaults
+        else ""
+    )
     return (
         "Outcome: lower / higher when the (Holm-adjusted, where a table holds several tests) "
         f"p < {ALPHA:g}; else equivalent within ±m when two one-sided tests (TOST, "
         "Holm-adjusted alike) put the difference inside ±m; else inconclusive (neither an "
-        f"effect nor its absence is shown). Margins m: {'; '.join(stated)} (metrics whose name "
-        "contains the part; set with --margin METRIC=M); a metric without one cannot reach "
-        "equivalent."
+        f"effect nor its absence is shown). Margins m: {'; '.join(stated)}{where}."
     )
 
 
