@@ -10,6 +10,7 @@ from scipy import stats as scipy_stats
 from moealign.evaluation.verdicts import (
     bootstrap_comparison,
     default_margin,
+    format_p,
     holm,
     holm_adjust,
     interval_comparison,
@@ -121,6 +122,9 @@ def test_bootstrap_comparison_percentile_p_values():
     assert c.p_equivalence == pytest.approx(0.40)
     assert (c.low, c.high) == tuple(np.quantile(replicates, [0.025, 0.975]))
     assert c.n == 3 and c.outcome == "inconclusive"
+    undefined = bootstrap_comparison(0.4, [0.1, math.nan, 0.3], margin=0.5)
+    assert math.isnan(undefined.p_value) and math.isnan(undefined.low)
+    assert undefined.outcome == "inconclusive"
 
 
 def test_margins():
@@ -136,5 +140,5 @@ def test_judged_rows_holm_adjust_the_comparison_cells_of_a_table():
     rows = judged_rows([["x", a, "–"], ["y", "1.0", b]])
     adjusted = holm_adjust([a.p_value, b.p_value])
     assert rows[0][0] == "x" and rows[0][2] == "–" and rows[1][1] == "1.0"
-    assert f"Holm p={adjusted[0]:.3f}" in rows[0][1] and rows[0][1].endswith(": higher")
-    assert f"Holm p={adjusted[1]:.3f}" in rows[1][2] and rows[1][2].endswith(": inconclusive")
+    assert f"Holm {format_p(adjusted[0])}" in rows[0][1] and rows[0][1].endswith(": higher")
+    assert f"Holm {format_p(adjusted[1])}" in rows[1][2] and rows[1][2].endswith(": inconclusive")

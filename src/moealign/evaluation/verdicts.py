@@ -240,28 +240,28 @@ def bootstrap_comparison(
 ) -> Comparison:
     """The percentile-bootstrap comparison of ``estimate`` (Δ on the full data) from its
     replicates Δ*_r (module doc). ``n`` (default: the number of replicates) is recorded as the
-    comparison's sample size, e.g. the number of seeds."""
+    comparison's sample size, e.g. the number of seeds. A non-finite replicate (e.g. a resample
+    that left a ratio 0/0) leaves the interval and the p-values undefined (nan): inconclusive,
+    and out of the Holm family."""
     replicates_R = np.asarray(replicates, dtype=np.float64)
-    replicates_R = replicates_R[np.isfinite(replicates_R)]
-    if replicates_R.size == 0:
-        raise ValueError("bootstrap_comparison needs at least one finite replicate")
-    low, high = np.quantile(replicates_R, [alpha / 2, 1 - alpha / 2])
-    p_value = min(1.0, 2.0 * min(np.mean(replicates_R <= 0), np.mean(replicates_R >= 0)))
-    p_equivalence = math.nan
-    if margin is not None:
-        p_equivalence = float(
-            max(np.mean(replicates_R <= -margin), np.mean(replicates_R >= margin))
-        )
+    if replicates_R.ndim != 1 or replicates_R.size == 0:
+        raise ValueError(f"replicates must be a non-empty 1-D array, got {replicates_R.shape}")
+    low = high = p_value = p_equivalence = math.nan
+    if np.all(np.isfinite(replicates_R)):
+        low, high = (float(q) for q in np.quantile(replicates_R, [alpha / 2, 1 - alpha / 2]))
+        p_value = min(1.0, 2.0 * min(np.mean(replicates_R <= 0), np.mean(replicates_R >= 0)))
+        if margin is not None:
+            p_equivalence = max(np.mean(replicates_R <= -margin), np.mean(replicates_R >= margin))
     return Comparison(
         delta=float(estimate),
-        low=float(low),
-        high=float(high),
+        low=low,
+        high=high,
         n=replicates_R.size if n is None else n,
         p_value=float(p_value),
-        p_equivalence=p_equivalence,
+        p_equivalence=float(p_equivalence),
         margin=margin,
         p_adjusted=float(p_value),
-        p_equivalence_adjusted=p_equivalence,
+        p_equivalence_adjusted=float(p_equivalence),
         alpha=alpha,
         symmetric=False,
     )
