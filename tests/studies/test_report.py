@@ -19,6 +19,7 @@ from helpers_cli import CONFIGS
 from moealign.cli import main
 from moealign.config import load_config
 from moealign.evaluation.ctgi import ctgi
+from moealign.evaluation.verdicts import format_p, holm_adjust
 from moealign.studies import plots
 from moealign.studies.labels import metric_label
 from moealign.studies.plots import ema
@@ -297,10 +298,16 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
     heldout_gain, indomain_gain = (0.4 + 0.15) / 2, (0.05 + 0.05) / 2
     assert expected.accuracy_gain == pytest.approx(heldout_gain)
     assert expected.warning is None  # headrooms 80 and 60 points
+    gain_p, ctgi_p = holm_adjust([expected.gain_comparison.p_value, expected.comparison.p_value])
     assert (
         f"| better | base | 0,1,2 | {heldout_gain:+.3f} "
-        f"[{expected.gain_ci_low:+.3f}, {expected.gain_ci_high:+.3f}] | {indomain_gain:+.3f} | "
-        f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}] | "
+        f"[{expected.gain_ci_low:+.3f}, {expected.gain_ci_high:+.3f}]: "
+        f"{expected.gain_comparison.describe('higher')} "
+        f"({format_p(expected.gain_comparison.p_value)}, Holm {format_p(gain_p)}) | "
+        f"{indomain_gain:+.3f} | "
+        f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}]: "
+        f"{expected.comparison.describe('higher')} "
+        f"({format_p(expected.comparison.p_value)}, Holm {format_p(ctgi_p)}) | "
         f"{heldout_gain / indomain_gain:.4g} | none |"
     ) in markdown
     # Model cards: one per run with a config; failure modes found in the logs.
@@ -317,10 +324,11 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
 
 
 def _pooled_ctgi(variant, baseline):
-    """ctgi() on each held-out task's answers concatenated over seeds 0–2, paired by seed."""
+    """ctgi() on each held-out task's answers, one row per seed 0–2 (each seed its own
+    examples: the nested hierarchical bootstrap)."""
     pooled = {
         name: {
-            task: np.concatenate([correct_array(HELDOUT[name][task], seed) for seed in range(3)])
+            task: np.stack([correct_array(HELDOUT[name][task], seed) for seed in range(3)])
             for task in HELDOUT[name]
         }
         for name in (variant, baseline)
@@ -340,8 +348,10 @@ def test_per_variant_baselines_drive_the_paired_table_and_ctgi(study_dir, tmp_pa
     for variant, baseline in (("better", "base"), ("base", "better")):
         expected = _pooled_ctgi(variant, baseline)
         assert rows[variant][1] == baseline and rows[variant][2] == "0,1,2"
-        assert rows[variant][5] == (
-            f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}]"
+        assert rows[variant][5].startswith(
+            f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}]: "
+            f"{expected.comparison.describe('higher')} ({format_p(expected.comparison.p_value)}, "
+            "Holm p"
         )
     # base vs better: gains (0.2 − 0.6)/(1 − 0.6) and (0.4 − 0.55)/(1 − 0.55).
     assert _numbers(rows["base"][5])[0] == pytest.approx(np.mean([-1.0, -0.15 / 0.45]), abs=5e-4)
