@@ -261,7 +261,7 @@ def _add_margin_argument(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="METRIC=M",
         help="equivalence margin of a metric for the verdicts (repeatable; default 0.01 for "
-        "losses and accuracies, none otherwise)",
+        "val_loss/lm_loss in nats and for accuracies as fractions, none otherwise)",
     )
 
 

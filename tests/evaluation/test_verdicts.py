@@ -131,6 +131,7 @@ def test_margins():
     assert default_margin("val_loss") == 0.01
     assert default_margin("task_accuracy/heldout/mean") == 0.01
     assert default_margin("tokens_per_s") is None
+    assert default_margin("train_mean/balance_loss") is None  # not in nats
     assert default_margin("tokens_per_s", {"tokens_per_s": 50.0}) == 50.0
 
 

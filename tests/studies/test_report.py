@@ -436,7 +436,7 @@ def test_compare_prints_both_runs_config_differences_and_deltas(tmp_path, capsys
     [
         # lower is better; [1.0, 1.2] is clear of [1.5, 1.7]: bold
         ([(1.6, 0.1), (1.1, 0.1), (2.0, 0.1)], "lower", {1: "strong"}),
-        # [1.0, 1.6] overlaps the runner-up's [1.5, 1.7]: within noise
+        # [1.0, 1.6] overlaps the runner-up's [1.5, 1.7]: not shown to be best
         ([(1.6, 0.1), (1.3, 0.3), (2.0, 0.1)], "lower", {1: "em"}),
         ([(1.6, 0.1), (1.1, 0.1)], "higher", {0: "strong"}),
         ([(1.6, math.nan), (1.1, 0.1)], "higher", {0: "em"}),  # one seed: no interval

@@ -63,10 +63,15 @@ Outcome = Literal["lower", "higher", "equivalent", "inconclusive"]
 
 ALPHA = 0.05
 
-# Equivalence margins by metric-name part, first match wins: a loss (nats) within ±0.01, an
-# accuracy (a fraction) within ±0.01 = 1 point. Metrics without a margin get no equivalence test
-# (lower / higher / inconclusive) unless one is given with --margin.
-DEFAULT_MARGINS: tuple[tuple[str, float], ...] = (("loss", 0.01), ("accuracy", 0.01))
+# Equivalence margins by metric-name part, first match wins: a language-model loss (nats per
+# token) within ±0.01, an accuracy (a fraction) within ±0.01 = 1 point. Other metrics (balance
+# loss, MaxVio, throughput, ...) get no equivalence test (lower / higher / inconclusive) unless
+# one is given with --margin.
+DEFAULT_MARGINS: tuple[tuple[str, float], ...] = (
+    ("val_loss", 0.01),
+    ("lm_loss", 0.01),
+    ("accuracy", 0.01),
+)
 
 
 def outcome_legend(margins: Mapping[str, float] | None = None, defaults: bool = True) -> str:
