@@ -229,3 +229,42 @@ def test_macro_accuracy_interval_resamples_seeds_then_the_same_questions():
     same = summary["roma_minus_router_tuning"]["heldout"]
     assert same["delta"] == 0.0 and same["outcome"] == "equivalent" and same["p_value"] == 1.0
     assert summary["over_seeds"]["roma"]["accuracy_gain"]["outcome"] == "equivalent"
+
+
+def test_single_seed_studies_merge_into_one_summary(tmp_path):
+    """scripts/roma_summary.py: three one-seed results.json give the summary of one study."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "roma_summary.py"
+    spec = importlib.util.spec_from_file_location("roma_summary", script)
+    roma_summary = importlib.util.module_from_spec(spec)
+    sys.modules["roma_summary"] = roma_summary
+    spec.loader.exec_module(roma_summary)
+
+    rng = np.random.default_rng(4)
+    per_seed: dict = {m: {} for m in ("base", "router_tuning", "roma")}
+    for seed in range(3):
+        for method in per_seed:
+            answers = {t: rng.binomial(1, 0.5, size=20).tolist() for t in ("a", "b")}
+            evaluation = _seed_evaluation(answers)
+            per_seed[method][str(seed)] = {"seen": evaluation, "heldout": evaluation}
+        results = {
+            "base_run": "b",
+            "config": {"seeds": [seed]},
+            "methods": {
+                m: {str(seed): {n: e.to_dict() for n, e in by_seed[str(seed)].items()}}
+                for m, by_seed in per_seed.items()
+            },
+            "inference_cost": {},
+        }
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "results.json").write_text(json.dumps(results))
+    directories = [tmp_path / f"s{seed}" for seed in range(3)]
+    merged = roma_summary.merged_results(directories)
+    assert merged["config"]["seeds"] == [0, 1, 2]
+    assert merged["summary"] == summarise(per_seed, [0, 1, 2])
+    assert "RoMA − router tuning" in markdown_tables(merged)
+    with pytest.raises(ValueError, match="seed 0 is already"):
+        roma_summary.merged_results([directories[0], directories[0]])
