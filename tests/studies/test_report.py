@@ -641,3 +641,13 @@ def test_baseline_table_holm_adjusts_its_tests_and_names_four_outcomes():
     assert "p=n/a" in rows["same"][3]
     assert f"Holm p={holm[3]:.3f}" in rows["noisy"][2]
     assert rows["noisy"][2].endswith("inconclusive") and rows["noisy"][3].endswith("inconclusive")
+
+
+def test_report_cli_takes_equivalence_margins(study_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["report", str(study_dir), "--out", str(out), "--metrics", "val_loss"]
+    assert main([*args, "--margin", "val_loss=0.5"]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "val_loss: ±0.5" in markdown and "lower (better)" in markdown
+    assert main([*args, "--margin", "val_loss"]) == 2
+    assert "METRIC=M" in capsys.readouterr().err
