@@ -643,6 +643,7 @@ def test_baseline_table_holm_adjusts_its_tests_and_names_four_outcomes():
     assert rows["noisy"][2].endswith("inconclusive") and rows["noisy"][3].endswith("inconclusive")
 
 
+@pytest.mark.slow
 def test_report_cli_takes_equivalence_margins(study_dir, tmp_path, capsys):
     out = tmp_path / "report"
     args = ["report", str(study_dir), "--out", str(out), "--metrics", "val_loss"]
