@@ -111,7 +111,8 @@ def report(path: Path, margins: list[tuple[str, float]], seeds: int) -> str:
         tests = table_tests(heading, rows, margins, seeds)
         if not tests:
             continue
-        lines += [f"## {heading} ({len(tests)} tests)", ""]
+        family = tests[0].comparison.family  # the cells with a p-value (Holm's family)
+        lines += [f"## {heading} ({len(tests)} differences, {family} with a p-value)", ""]
         for test in tests:
             c = test.comparison
             margin = "no margin" if test.margin is None else f"±{test.margin:g}"

@@ -49,4 +49,4 @@ def test_cells_are_re_tested_from_delta_and_half_width_with_holm_per_table(tmp_p
     document = tmp_path / "study.md"
     document.write_text(DOCUMENT)
     text = restate_claims.report(document, [("val loss", 0.01)], seeds=3)
-    assert "## Loss (3 tests)" in text and "**higher**" in text
+    assert "## Loss (3 differences, 3 with a p-value)" in text and "**higher**" in text
