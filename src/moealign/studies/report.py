@@ -26,9 +26,9 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
   training, the learning-rate and λ schedules (seed bands), expert-utilisation heatmaps
   (diverging colours centred at load / mean load = 1), per-task accuracy (seen vs held-out)
   and the CTGI of each variant against its baseline with a paired hierarchical bootstrap
-  interval (seeds, then per-example answers) and its outcome, and the transfer ratio (DESIGN.md §7, upper bound 1;
-  :mod:`moealign.studies.transfer`). A chart with nothing to show (no data, or every per-task
-  accuracy 0) is a one-line note instead.
+  interval (seeds, then per-example answers) and its outcome, and the transfer ratio
+  (DESIGN.md §7, upper bound 1; :mod:`moealign.studies.transfer`). A chart with nothing to
+  show (no data, or every per-task accuracy 0) is a one-line note instead.
 * **Model cards** and a **reproducibility appendix** per run.
 
 A section whose data no run has is replaced by a one-line note.
