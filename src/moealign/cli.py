@@ -259,6 +259,32 @@ def _run_eval(args: argparse.Namespace) -> Document:
 # ---------------------------------------------------------------------------- demo
 
 
+def _margin(text: str) -> tuple[str, float]:
+    """``--margin METRIC=M`` (M > 0, in the metric's units): the pair (METRIC, M)."""
+    metric, _, value = text.partition("=")
+    try:
+        margin = float(value)
+    except ValueError:
+        margin = float("nan")
+    if not metric or not margin > 0 or margin == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}; expected METRIC=M with M a positive number, e.g. val_loss=0.01"
+        )
+    return metric, margin
+
+
+def _add_margin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--margin",
+        dest="margins",
+        type=_margin,
+        action="append",
+        metavar="METRIC=M",
+        help="equivalence margin of a metric for the verdicts (repeatable; default 0.01 for "
+        "val_loss/lm_loss in nats and for accuracies as fractions, none otherwise)",
+    )
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     from moealign.studies.demo import DEFAULT_SEEDS, PRESETS
 
@@ -275,6 +301,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="train.seed of each run, at least 2",
     )
     _add_override_argument(parser, "override a config value of all three models")
+    _add_margin_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -331,6 +358,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
         help="validation loss for time-to-target (default: the baseline's final)",
     )
     parser.add_argument("--title", default="moealign report", help="the report's title")
+    _add_margin_argument(parser)
 
 
 def _run_report(args: argparse.Namespace) -> Document:

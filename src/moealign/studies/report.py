@@ -9,13 +9,15 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
   (:func:`moealign.evaluation.stats.mean_confidence_interval`), the half width to 2 significant
   digits and the mean to the same decimal place (:func:`moealign.tables.format_interval`).
   Where the metric has a direction (:func:`metric_direction`) the best mean is bold when its
-  interval does not overlap the runner-up's, else italic (within noise; :func:`best_marks`).
+  interval does not overlap the runner-up's, else italic (not shown to be best;
+  :func:`best_marks`).
   Headers are human-readable names with units (:mod:`moealign.studies.labels`); the raw key
   is the HTML tooltip.
 * **Against the baseline** — per variant, the paired difference variant − baseline (the
   study's per-variant ``baselines``, else its ``baseline``) over the seeds both finished, with
-  its t interval and two-sided paired t-test p-value
-  (:func:`moealign.evaluation.stats.paired_t_test`).
+  its t interval, two-sided paired t-test p-value, Holm-adjusted p over the table's tests and
+  the outcome: lower / higher, equivalent within ±m (TOST) or inconclusive
+  (:mod:`moealign.evaluation.verdicts`; margins ``--margin METRIC=M`` over the defaults).
 * **Efficiency** (guide Step 6) — tokens/s, training and wall time, peak memory, and the steps
   and training time to reach a target validation loss (default: the baseline's mean final
   validation loss).
@@ -23,10 +25,10 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
   entropy, MaxVio and the projection alignment λ (MPI paper Eq. 11, at each evaluation) over
   training, the learning-rate and λ schedules (seed bands), expert-utilisation heatmaps
   (diverging colours centred at load / mean load = 1), per-task accuracy (seen vs held-out)
-  and the CTGI of each variant against its baseline with a paired bootstrap interval over the
-  per-example answers, and the transfer ratio (DESIGN.md §7, upper bound 1;
-  :mod:`moealign.studies.transfer`). A chart with nothing to show (no data, or every per-task
-  accuracy 0) is a one-line note instead.
+  and the CTGI of each variant against its baseline with a paired hierarchical bootstrap
+  interval (seeds, then per-example answers) and its outcome, and the transfer ratio
+  (DESIGN.md §7, upper bound 1; :mod:`moealign.studies.transfer`). A chart with nothing to
+  show (no data, or every per-task accuracy 0) is a one-line note instead.
 * **Model cards** and a **reproducibility appendix** per run.
 
 A section whose data no run has is replaced by a one-line note.
@@ -43,7 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from moealign.evaluation.stats import mean_confidence_interval
+from moealign.evaluation.verdicts import (
+    Comparison,
+    default_margin,
+    format_p,
+    holm,
+    outcome_legend,
+    paired_comparison,
+)
 from moealign.progress import phase
 from moealign.studies import plots
 from moealign.studies.document import (
@@ -129,11 +139,6 @@ def _header(metric: str, prefix: str = "") -> Cell:
     return Cell(_with_arrow(prefix + metric_label(metric), metric), title=metric)
 
 
-def _format_p(p: float) -> str:
-    """``p<0.001`` or ``p=0.123``."""
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
-
-
 # ---------------------------------------------------------------------- statistics
 
 
@@ -164,8 +169,8 @@ def best_marks(
 
     ``strong``: the best mean, where its interval does not overlap the runner-up's
     (|m₁ − m₂| > h₁ + h₂); ``em``: the best mean otherwise (the intervals overlap, a variant has
-    one seed and no interval, or two share the best mean) — within noise. Nothing is marked
-    without a direction or with fewer than two distinct finite means.
+    one seed and no interval, or two share the best mean) — not shown to be best. Nothing is
+    marked without a direction or with fewer than two distinct finite means.
     """
     finite = [
         (mean, half, row) for row, (mean, half) in enumerate(intervals) if math.isfinite(mean)
@@ -183,7 +188,7 @@ def best_marks(
 
 _MARKS_LEGEND = (
     "Bold: the best mean, and its 95% interval does not overlap the runner-up's. Italic: the "
-    "best mean, but within noise (the intervals overlap, or a variant has one seed). "
+    "best mean, but not shown to be best (the intervals overlap, or a variant has one seed). "
     "“± 0”: every seed gave the same value."
 )
 
@@ -206,17 +211,24 @@ def ablation_table(run_set: RunSet, metrics: Sequence[str]) -> Table:
     return Table(["variant", "seeds finished"] + [_header(m) for m in metrics], rows)
 
 
-def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Table:
+def baseline_table(
+    run_set: RunSet,
+    baseline: str,
+    metrics: Sequence[str],
+    margins: dict[str, float] | None = None,
+) -> Table:
     """Per variant and metric: paired difference to the variant's baseline (the study's
-    per-variant baseline, else ``baseline``) over shared seeds, "Δ ± half width (p)"; with one
-    shared seed only Δ; with none "–"."""
-    rows = []
+    per-variant baseline, else ``baseline``) over shared seeds, "Δ ± half width (p, Holm p,
+    n): outcome" (:mod:`moealign.evaluation.verdicts`; the table's tests are one Holm family;
+    equivalence margins from ``margins``, else the metric's default); with one shared seed
+    only Δ and "inconclusive (one seed)"; with none "–"."""
+    rows, tests = [], []
     for variant in run_set.variants:
         base = run_set.baseline_of(variant, baseline)
         if variant == base:
             continue
         base_runs = run_set.of_variant(base)
-        row = [variant, base]
+        row: list = [variant, base]
         for metric in metrics:
             ours = _values_by_seed(run_set.of_variant(variant), metric)
             theirs = _values_by_seed(base_runs, metric)
@@ -224,16 +236,20 @@ def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Ta
             if not seeds:
                 row.append("–")
             elif len(seeds) == 1:
-                row.append(f"{format_number(ours[seeds[0]] - theirs[seeds[0]], signed=True)} (n=1)")
+                delta = ours[seeds[0]] - theirs[seeds[0]]
+                row.append(f"{format_number(delta, signed=True)} (n=1): inconclusive (one seed)")
             else:
-                delta, half_width, p = paired_t_test(
-                    [ours[s] for s in seeds], [theirs[s] for s in seeds]
+                row.append(None)  # filled below, once the family is known
+                comparison = paired_comparison(
+                    [ours[s] for s in seeds],
+                    [theirs[s] for s in seeds],
+                    default_margin(metric, margins),
                 )
-                p_text = "" if math.isnan(p) else f"{_format_p(p)}, "  # nan: no spread
-                row.append(
-                    f"{format_interval(delta, half_width, signed=True)} ({p_text}n={len(seeds)})"
-                )
+                tests.append((len(rows), len(row) - 1, metric, comparison))
         rows.append(row)
+    adjusted = holm([comparison for *_, comparison in tests])
+    for (row, column, metric, _), comparison in zip(tests, adjusted, strict=True):
+        rows[row][column] = comparison.text(metric_direction(metric))
     return Table(["variant", "baseline"] + [_header(m, "Δ ") for m in metrics], rows)
 
 
@@ -253,7 +269,10 @@ def _runs_section(run_set: RunSet) -> Section:
 
 
 def _ablation_sections(
-    run_set: RunSet, baseline: str | None, metrics: Sequence[str]
+    run_set: RunSet,
+    baseline: str | None,
+    metrics: Sequence[str],
+    margins: dict[str, float] | None = None,
 ) -> list[Section]:
     present = {k for run in run_set.runs for k in run_results(run)}
     shown = [m for m in metrics if m in present]
@@ -285,10 +304,13 @@ def _ablation_sections(
             Paragraph(
                 "Paired differences variant − its baseline (the study's per-variant baseline, "
                 f"else {baseline}) over the seeds both finished: mean ± 95% t half width, "
-                "two-sided paired t-test p-value."
+                "two-sided paired t-test p-value and, where a table holds several tests, its "
+                "Holm-adjusted value over that table's tests. " + outcome_legend(margins)
             )
         )
-        sections += _grouped_tables(against, groups, lambda m: baseline_table(run_set, baseline, m))
+        sections += _grouped_tables(
+            against, groups, lambda m: baseline_table(run_set, baseline, m, margins)
+        )
     else:
         against.blocks.append(Note("Only one variant (or no metric): nothing to compare."))
     return sections
@@ -390,10 +412,14 @@ def _task_accuracy(run_set: RunSet) -> dict[str, dict[str, dict[str, tuple[float
 def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
     """Per variant, against its baseline (the study's per-variant baseline, else ``baseline``):
     mean held-out and in-domain accuracy gains (the held-out one with its paired bootstrap 95%
-    interval), CTGI with its paired bootstrap 95% interval over (seed, example) pairs and a
-    warning when tasks with headroom under 10 points carry over half its weight, and the
-    transfer ratio (:func:`moealign.studies.transfer.variant_transfer`)."""
-    rows = []
+    interval), CTGI with its paired bootstrap 95% interval (hierarchical: seeds, then examples)
+    and a warning when tasks with headroom under 10 points carry over half its weight, and the
+    transfer ratio (:func:`moealign.studies.transfer.variant_transfer`). The held-out gain and
+    CTGI each carry their outcome against 0 (bootstrap p, Holm-adjusted over the table's tests;
+    margin 1 point and 0.01)."""
+    rows: list[list[str]] = []
+    tests: list[tuple[int, int, Comparison]] = []  # (row, column, comparison)
+    warnings: dict[int, str] = {}
     for variant in run_set.variants:
         base = run_set.baseline_of(variant, baseline)
         if base is None or base == variant:
@@ -411,8 +437,7 @@ def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
         if estimate is not None:
             heldout_text += f" [{estimate.gain_ci_low:+.3f}, {estimate.gain_ci_high:+.3f}]"
             ctgi_text = f"{estimate.value:+.3f} [{estimate.ci_low:+.3f}, {estimate.ci_high:+.3f}]"
-            if estimate.warning:
-                ctgi_text += f" (warning: {estimate.warning})"
+            tests += [(len(rows), 3, estimate.gain_comparison), (len(rows), 5, estimate.comparison)]
         excluded = (
             ", ".join(sorted(estimate.excluded_tasks)) or "none"
             if estimate is not None
@@ -430,6 +455,15 @@ def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
                 excluded,
             ]
         )
+        if estimate is not None and estimate.warning:
+            warnings[len(rows) - 1] = f" (warning: {estimate.warning})"
+    for (row, column, _), comparison in zip(tests, holm([c for *_, c in tests]), strict=True):
+        p_text = format_p(comparison.p_value)
+        if comparison.family > 1:
+            p_text += f", Holm {format_p(comparison.p_adjusted)}"
+        rows[row][column] += f": {comparison.describe('higher')} ({p_text})"
+    for row, warning in warnings.items():
+        rows[row][5] += warning
     if not rows:
         return Note(
             "No variant shares a seed with per-example held-out answers with its baseline: no CTGI."
@@ -519,8 +553,10 @@ def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> li
                 Paragraph(
                     "CTGI (DESIGN.md §7) against each variant's baseline, upper bound 1: mean "
                     "over held-out tasks of (A_m − A_b)/(1 − A_b), tasks with headroom under 1 "
-                    "point excluded; 95% paired percentile bootstrap over (seed, example) pairs "
-                    "(runs of one seed answer the same examples), beside the plain held-out "
+                    "point excluded; 95% paired percentile bootstrap, hierarchical: each replicate "
+                    "draws the seeds, then the examples (once for all seeds where they answered "
+                    "the same examples, else per seed), so seed-to-seed variance counts; beside "
+                    "the plain held-out "
                     "accuracy gain and its interval from the same resamples; a task's weight in "
                     "CTGI is ∝ 1/headroom, so a warning marks CTGI values where tasks with under "
                     "10 points of headroom carry over half of it. Transfer ratio: mean held-out "
@@ -713,11 +749,14 @@ def build_report(
     metrics: Sequence[str] | None = None,
     target_loss: float | None = None,
     title: str = "moealign report",
+    margins: dict[str, float] | None = None,
 ) -> ReportFiles:
     """Write the report of the runs/studies in ``paths`` to ``out_dir`` (see module doc).
 
     ``baseline`` (default: the study's) names a variant; ``metrics`` default to
-    :data:`DEFAULT_METRICS`; ``target_loss`` defaults to the baseline's final validation loss.
+    :data:`DEFAULT_METRICS`; ``target_loss`` defaults to the baseline's final validation loss;
+    ``margins`` are equivalence margins by metric over the defaults
+    (:func:`moealign.evaluation.verdicts.default_margin`).
     """
     run_set = load_runs(paths)
     baseline = baseline or run_set.baseline
@@ -741,7 +780,7 @@ def build_report(
     sections = [
         summary,
         _runs_section(run_set),
-        *_ablation_sections(run_set, baseline, metrics or DEFAULT_METRICS),
+        *_ablation_sections(run_set, baseline, metrics or DEFAULT_METRICS, margins),
         _efficiency_section(run_set, target),
         *_figure_sections(run_set, baseline, figures_dir),
     ]
@@ -777,7 +816,8 @@ def comparison(path_a: str | Path, path_b: str | Path) -> dict[str, Any]:
     """Two runs side by side, as data: ``a``/``b`` (path, status), ``config_differences``
     (flattened config key -> {a, b}; a key one run lacks is None there) and ``metrics``
     (every final non per-layer result -> {a, b, difference = b − a}; None where a run lacks
-    it or a value is not finite)."""
+    it or a value is not finite). One run each cannot judge a difference: it is inconclusive
+    (:mod:`moealign.evaluation.verdicts` needs repeated seeds)."""
     a, b = load_run(path_a), load_run(path_b)
     for run, path in ((a, path_a), (b, path_b)):
         if not run.config:
@@ -827,6 +867,13 @@ def compare_text(result: dict[str, Any]) -> str:
         for key, m in result["metrics"].items()
     ]
     lines.append(to_text(Table(["metric", "A", "B", "B − A"], rows)) if rows else "(none)")
+    if rows:
+        lines += [
+            "",
+            "B − A is one draw of each run: without repeated seeds there is no interval, so every "
+            "difference is inconclusive (neither lower, higher nor equivalent is shown); compare "
+            "several seeds of each with `moealign report` for verdicts.",
+        ]
     return "\n".join(lines)
 
 
@@ -844,6 +891,7 @@ def run_report(args: argparse.Namespace) -> ReportFiles:
             metrics=args.metrics,
             target_loss=args.target_loss,
             title=args.title,
+            margins=dict(args.margins or []),
         )
     print(f"wrote {files.markdown}, {files.html}")
     print(f"  {len(files.figures)} figures, {len(files.model_cards)} model cards")
