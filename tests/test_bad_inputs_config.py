@@ -158,7 +158,6 @@ CASES = [
     _case("betas-above-one", ["optim.betas=[0.9, 1.5]"], "optim.betas"),
     _case("betas-one-value", ["optim.betas=[0.9]"], "optim.betas"),
     _case("schedule-unknown", ["optim.schedule=linear"], "optim.schedule"),
-    _case("warmup-above-steps", ["optim.warmup_steps=1000"], "optim.warmup_steps"),
     _case("optimizer-unknown", ["optim.name=sgd"], "optim.name"),
     _case("fsdp-with-muon", ["optim.name=muon", "train.parallel=fsdp"], "optim.name", "fsdp"),
     # ---- alignment and guardrails

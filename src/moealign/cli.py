@@ -12,12 +12,17 @@ also one line; 130/143 a ``train`` or ``ablate`` stopped by SIGINT/SIGTERM after
 state. Tracebacks only with ``moealign --debug COMMAND ...``. Log messages below WARNING are
 shown only for moealign's own loggers, unless ``--verbose``; every ``--help`` shows the options'
 defaults.
+
+Progress goes to stderr through :mod:`moealign.progress` (``--quiet`` on every command silences
+it). The commands with ``json=True`` take ``--json``: :func:`_run` then sends what they print
+to stderr and prints their returned document, alone, on stdout (docs/cli.md, docs/json.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -25,7 +30,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from moealign import __version__
 
@@ -34,14 +39,19 @@ __all__ = ["COMMANDS", "Command", "HelpFormatter", "build_parser", "configure_lo
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports it
 
 
+Document = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` returns the
-    exit status."""
+    exit status, or (a command with ``json=True``) its result as a JSON-ready document, which
+    means exit status 0 and is what ``--json`` prints (:func:`main`; docs/json.md)."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace], int | Document]
+    json: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +95,16 @@ def _format_table(rows: Sequence[tuple[str, str]]) -> str:
     from moealign.tables import Table, to_text
 
     return to_text(Table([], rows, align="ll"))
+
+
+def _written(command: str, folder: str, files: dict[str, str], result_file: str) -> Document:
+    """The ``--json`` document of a command that wrote ``files`` (role -> name in ``folder``):
+    their paths, and as ``result`` the content of the JSON file ``files[result_file]`` (so the
+    document holds exactly what the command wrote)."""
+    from moealign.io import read_json
+
+    paths = {role: str(Path(folder) / name) for role, name in files.items()}
+    return {"command": command, "files": paths, "result": read_json(paths[result_file])}
 
 
 # ---------------------------------------------------------------------------- train
@@ -221,7 +241,7 @@ def _check_run_argument(path: str, field: str) -> None:
     read_run_config(path)
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def _run_eval(args: argparse.Namespace) -> Document:
     from moealign.training.preflight import check_device
     from moealign.training.runs import RunLock
 
@@ -233,7 +253,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         result = evaluate_run(args.run_dir, args.task_examples, args.eval_batches, args.device)
     print(_format_table(summary_rows(result)))
     print(f"written to {Path(args.run_dir) / EVAL_FILE}")
-    return 0
+    return _written("eval", args.run_dir, {"eval": EVAL_FILE}, result_file="eval")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -285,10 +305,14 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace) -> int | Document:
     from moealign.studies import demo
 
-    return demo.run(args)
+    status = demo.run(args)
+    if status:
+        return status
+    files = {"summary": "summary.json", "markdown": "summary.md", "plot": "loss_curves.png"}
+    return _written("demo", args.out, files, result_file="summary")
 
 
 # ---------------------------------------------------------------------------- ablate
@@ -306,9 +330,6 @@ def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
         "--dry-run",
         action="store_true",
         help="validate every cell as `train` would and list the cells without running them",
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="no line per cell as it starts and ends"
     )
 
 
@@ -340,10 +361,20 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
     _add_margin_argument(parser)
 
 
-def _run_report(args: argparse.Namespace) -> int:
+def _run_report(args: argparse.Namespace) -> Document:
     from moealign.studies import report
 
-    return report.run_report(args)
+    files = report.run_report(args)
+    return {
+        "command": "report",
+        "files": {
+            "markdown": str(files.markdown),
+            "html": str(files.html),
+            "figures": [str(path) for path in files.figures],
+            "model_cards": [str(path) for path in files.model_cards],
+        },
+        "result": {"inputs": list(args.paths), "title": args.title},
+    }
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -351,10 +382,12 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_b", metavar="RUN_B")
 
 
-def _run_compare(args: argparse.Namespace) -> int:
+def _run_compare(args: argparse.Namespace) -> Document:
     from moealign.studies import report
 
-    return report.run_compare(args)
+    result = report.comparison(args.run_a, args.run_b)
+    print(report.compare_text(result))
+    return {"command": "compare", "files": {}, "result": result}
 
 
 # ---------------------------------------------------------------------------- analyze
@@ -378,24 +411,13 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _looks_like_path(name: str) -> bool:
-    """A name that can only mean a local folder (a hub id is ``name`` or ``org/name``)."""
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or name.endswith("/")
-        or "\\" in name
-    )
-
-
 def _check_model_folder(name: str, field: str, needs_tokenizer: bool) -> None:
     from moealign.config import ConfigError
+    from moealign.integrations.locations import pretrained_location
 
     path = Path(name).expanduser()
     if not path.exists():
-        if _looks_like_path(name):
-            raise ConfigError(field, f"got {name!r}, a folder that does not exist")
+        pretrained_location(name, field)  # refuses a missing local path
         return  # a Hugging Face model name: transformers resolves it
     if not path.is_dir():
         raise ConfigError(field, f"got {name!r}, a file; expected a model folder or a model name")
@@ -409,7 +431,7 @@ def _check_model_folder(name: str, field: str, needs_tokenizer: bool) -> None:
         )
 
 
-def _run_analyze(args: argparse.Namespace) -> int:
+def _run_analyze(args: argparse.Namespace) -> Document:
     from moealign.config import ConfigError
     from moealign.training.preflight import check_writable_folder
 
@@ -424,7 +446,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     )
 
     try:
-        return run_analyze(args)
+        run_analyze(args)
     except OSError as err:
         if Path(args.model).expanduser().exists():
             raise
@@ -433,6 +455,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
             f"got {args.model!r}: no such local folder, and no such model in the local Hugging "
             "Face cache",
         ) from err
+    files = {
+        "routing": "routing.json",
+        "markdown": "routing.md",
+        "utilisation_plot": "utilisation.png",
+        "entropy_plot": "entropy_maxvio.png",
+    }
+    return _written("analyze", args.out, files, result_file="routing")
 
 
 # ---------------------------------------------------------------------------- roma
@@ -460,29 +489,30 @@ def _roma_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", required=True, help="results directory")
 
 
-def _run_roma(args: argparse.Namespace) -> int:
+def _run_roma(args: argparse.Namespace) -> Document:
     from moealign.config import ConfigError
-    from moealign.roma.config import load_roma_config
-    from moealign.training.preflight import check_device, check_writable_folder
-    from moealign.training.runs import RunLock
 
     if bool(args.hf_model) != bool(args.questions):
         raise ConfigError("--questions", "is given with --hf-model and only with it")
     if args.base and args.heldout_tasks:
         raise ConfigError("--heldout-tasks", "is given with --hf-model only (a run holds its own)")
+    if args.hf_model:  # before torch loads (seconds), and never a missing path to the Hub
+        _check_model_folder(args.hf_model, "--hf-model", needs_tokenizer=True)
+        if not Path(args.questions).is_file():
+            raise ConfigError("--questions", f"got {args.questions!r}, which is not a file")
+    from moealign.roma.config import load_roma_config
+    from moealign.training.preflight import check_device, check_writable_folder
+    from moealign.training.runs import RunLock
+
     config = load_roma_config(args.config, args.overrides)
     check_device(config.device, "device")
     if args.base:
         _check_run_argument(args.base, "--base")
-    else:
-        _check_model_folder(args.hf_model, "--hf-model", needs_tokenizer=True)
-        if not Path(args.questions).is_file():
-            raise ConfigError("--questions", f"got {args.questions!r}, which is not a file")
     check_writable_folder(args.out, "--out")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     base_lock = RunLock(args.base, shared=True) if args.base else contextlib.nullcontext()
     with base_lock, RunLock(args.out):
-        from moealign.roma.study import RomaStudy, markdown_tables
+        from moealign.roma.study import RESULTS_FILE, TABLE_FILE, RomaStudy, markdown_tables
 
         if args.hf_model:
             study = RomaStudy.from_hf_model(
@@ -491,7 +521,8 @@ def _run_roma(args: argparse.Namespace) -> int:
         else:
             study = RomaStudy.from_run(args.base, config)
         print(markdown_tables(study.run(args.out)))
-    return 0
+    files = {"results": RESULTS_FILE, "markdown": TABLE_FILE}
+    return _written("roma", args.out, files, result_file="results")
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -545,10 +576,22 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
-def _run_compress(args: argparse.Namespace) -> int:
-    from moealign.compression.command import run_compress  # torch loads only when compressing
+def _run_compress(args: argparse.Namespace) -> int | Document:
+    from moealign.config import ConfigError
 
-    return run_compress(args)
+    if not Path(args.source).expanduser().is_dir():  # before torch loads (seconds)
+        raise ConfigError(
+            "SOURCE",
+            f"got {args.source!r}, which is not a folder; expected a moealign run directory or a "
+            "Hugging Face model directory",
+        )
+    from moealign.compression.command import run_compress  # torch loads only when compressing
+    from moealign.compression.runs import REPORT_FILE
+
+    status = run_compress(args)
+    if status:
+        return status
+    return _written("compress", args.out, {"report": REPORT_FILE}, result_file="report")
 
 
 COMMANDS: dict[str, Command] = {
@@ -559,11 +602,13 @@ COMMANDS: dict[str, Command] = {
         help="evaluate a run directory (validation loss, routing, task accuracy)",
         add_arguments=_eval_arguments,
         run=_run_eval,
+        json=True,
     ),
     "demo": Command(
         help="the main job: train and compare dense, softmax top-k MoE and MPI MoE models",
         add_arguments=_demo_arguments,
         run=_run_demo,
+        json=True,
     ),
     "ablate": Command(
         help="run an ablation study: config variants × seeds, resumable",
@@ -574,16 +619,19 @@ COMMANDS: dict[str, Command] = {
         help="write a markdown/HTML report (tables, plots, model cards) from runs or studies",
         add_arguments=_report_arguments,
         run=_run_report,
+        json=True,
     ),
     "compare": Command(
         help="print two runs side by side: config differences, final metrics, deltas",
         add_arguments=_compare_arguments,
         run=_run_compare,
+        json=True,
     ),
     "analyze": Command(
         help="routing diagnostics of a Hugging Face MoE model on a text/JSONL file",
         add_arguments=_analyze_arguments,
         run=_run_analyze,
+        json=True,
     ),
     "export": Command(
         help="export a run's checkpoint as a Hugging Face model directory (with its tokenizer)",
@@ -595,12 +643,14 @@ COMMANDS: dict[str, Command] = {
         "a transformers MoE model",
         add_arguments=_roma_arguments,
         run=_run_roma,
+        json=True,
     ),
     "compress": Command(
         help="prune or merge the experts of a run or a Hugging Face MoE model (frequency, NAEE, "
         "M-SMoE, Sub-MoE) with a retention report",
         add_arguments=_compress_arguments,
         run=_run_compress,
+        json=True,
     ),
 }
 
@@ -635,7 +685,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--verbose", action="store_true", help="show other libraries' INFO log messages too"
         )
-        sub.set_defaults(run=command.run)
+        sub.add_argument(
+            "--quiet", action="store_true", help="no progress on stderr (errors and notes stay)"
+        )
+        if command.json:
+            sub.add_argument(
+                "--json",
+                action="store_true",
+                help="print one JSON document on stdout (docs/json.md); the human output goes "
+                "to stderr",
+            )
+        sub.set_defaults(run=command.run, json=False)
     return parser
 
 
@@ -667,6 +727,22 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; with ``--json`` everything it prints goes to stderr and its document
+    is the one thing on stdout (strict JSON: no NaN)."""
+    if not args.json:
+        result = args.run(args)
+        return 0 if isinstance(result, dict) else result
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        result = args.run(args)
+    if not isinstance(result, dict):
+        return result  # stopped (a signal, an error status): no document
+    stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    stdout.flush()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``moealign``; returns the process exit status (also for ``--help`` and
     argument errors, which argparse ends with ``SystemExit``)."""
@@ -675,8 +751,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 2
     configure_logging(args.verbose)
+    from moealign import progress
+
+    progress.set_quiet(args.quiet)
     try:
-        return args.run(args)
+        return _run(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return SIGNAL_EXIT["SIGINT"]

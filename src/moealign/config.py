@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from moealign.progress import note
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
@@ -489,6 +491,8 @@ class OptimConfig(_Validated):
     :class:`moealign.optim.schedules.WarmupCosine`. ``matrix_lr`` (None = ``lr``) is the learning
     rate of the matrix optimizer for Muon/MuonH/AdamH; ``options`` go to
     :func:`moealign.optim.build_optimizer` unchanged. ``grad_clip`` 0 disables clipping.
+    A ``warmup_steps`` above ``train.steps`` is clamped to ``train.steps`` (the run's config
+    records it; a ``note:`` line on stderr says so).
     """
 
     name: Literal["adamw", "muon", "adamh", "muonh"] = "adamw"
@@ -685,7 +689,7 @@ class TrainConfig(_Validated):
     steps: int = bounded(100, ge=1)
     batch_size: int = bounded(8, ge=1)
     grad_accum: int = bounded(1, ge=1)
-    seq_len: int = bounded(64, ge=2)
+    seq_len: int = bounded(128, ge=2)  # the task suite's longest training example fits
     eval_every: int = bounded(50, ge=0)
     eval_batches: int = bounded(4, ge=1)
     log_every: int = bounded(10, ge=1)
@@ -774,10 +778,14 @@ class RunConfig(_Validated):
                 f"got {self.train.seq_len}; expected <= model.max_seq_len={self.model.max_seq_len}",
             )
         if self.optim.warmup_steps > self.train.steps:
-            raise ConfigError(
-                "optim.warmup_steps",
-                f"got {self.optim.warmup_steps}; expected <= train.steps={self.train.steps}",
+            # A shortened run (e.g. --set train.steps=40 on a config warming up over 50) keeps
+            # the longest warm-up it can: the whole run, the learning rate reaching its peak at
+            # the last step. The recorded config holds the value used.
+            note(
+                f"optim.warmup_steps={self.optim.warmup_steps} > train.steps={self.train.steps}; "
+                f"using {self.train.steps}"
             )
+            self.optim.warmup_steps = self.train.steps
 
         if self.alignment.schedule != "none" and self.model.ffn != "moe":
             raise ConfigError(

@@ -154,6 +154,14 @@ def test_demo_trains_each_model_per_seed_reports_intervals_and_reuses_finished_r
     before = (out / "moe_mpi__seed1" / "final_eval.json").stat().st_mtime_ns
     assert run_demo(out, overrides=TINY_DEMO, progress=False, seeds=(0, 1)) == summary
     assert (out / "moe_mpi__seed1" / "final_eval.json").stat().st_mtime_ns == before
+    # --json (the finished runs reused): the summary as one document on stdout
+    sets = [arg for override in TINY_DEMO for arg in ("--set", override)]
+    cli = run_cli("demo", "--out", str(out), "--seeds", "0", "1", *sets, "--json", cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    document = json.loads(cli.stdout)
+    assert document["result"] == json.loads((out / "summary.json").read_text())
+    assert document["files"]["plot"] == str(out / "loss_curves.png")
+    assert "demo: run 6/6: moe_mpi seed 1" in cli.stderr
 
     # `moealign eval` on one of the runs: same validation loss as the run's own final eval
     result = evaluate_run(out / "moe_mpi__seed0", task_examples=1)
@@ -167,9 +175,14 @@ def test_demo_trains_each_model_per_seed_reports_intervals_and_reuses_finished_r
         written["val_loss"] == result["val_loss"]
         and written["expert_counts"] == (final["expert_counts"])
     )
-    cli = run_cli("eval", str(out / "moe_mpi__seed0"), "--task-examples", "1", cwd=tmp_path)
+    cli = run_cli(
+        "eval", str(out / "moe_mpi__seed0"), "--task-examples", "1", "--json", cwd=tmp_path
+    )
     assert cli.returncode == 0, cli.stderr
-    assert "val perplexity" in cli.stdout and "projection alignment" in cli.stdout
+    document = json.loads(cli.stdout)  # nothing but the document on stdout
+    assert document["result"] == json.loads((out / "moe_mpi__seed0" / "eval.json").read_text())
+    assert "eval: validation batches (1)" in cli.stderr and "val loss" in cli.stderr
+    assert "val perplexity" in cli.stderr and "projection alignment" in cli.stderr
 
 
 def test_eval_of_a_directory_without_a_run_is_a_clear_error(tmp_path):

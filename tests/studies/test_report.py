@@ -28,7 +28,8 @@ from moealign.studies.report import (
     baseline_table,
     best_marks,
     build_report,
-    compare_runs,
+    compare_text,
+    comparison,
     metric_direction,
     transfer_table,
 )
@@ -409,8 +410,14 @@ def test_report_of_a_real_tiny_run_through_the_cli(tmp_path, capsys):
     assert counts_LE.shape == (2, 4) and counts_LE.sum() > 0
     max_vio_L = (counts_LE.max(1) - counts_LE.mean(1)) / counts_LE.mean(1)
     assert final["val_routing/max_vio"] == pytest.approx(max_vio_L.mean(), rel=1e-6)
-    assert main(["report", str(run_dir)]) == 0
-    assert "1 model cards" in capsys.readouterr().out
+    assert main(["report", str(run_dir), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 model cards" in err
+    files = json.loads(out)["files"]
+    assert files["markdown"] == str(run_dir / "report/report.md")
+    assert files["html"] == str(run_dir / "report/report.html")
+    assert str(run_dir / "report/figures/expert_utilisation.png") in files["figures"]
+    assert len(files["model_cards"]) == 1 and Path(files["model_cards"][0]).is_file()
     markdown = (run_dir / "report/report.md").read_text()
     assert "| real | 1/1 |" in markdown
     assert (run_dir / "report/figures/expert_utilisation.png").read_bytes()[:8] == PNG_SIGNATURE
@@ -426,7 +433,16 @@ def test_compare_prints_both_runs_config_differences_and_deltas(tmp_path, capsys
     assert re.search(r"val_loss ↓\s+2\s+1\.75\s+-0\.25", out)
     assert "layer" not in out
     assert "every difference is inconclusive" in out
-    assert compare_runs(tmp_path / "a", tmp_path / "a").count("(none)") == 1
+    assert compare_text(comparison(tmp_path / "a", tmp_path / "a")).count("(none)") == 1
+    # --json: one document on stdout, the table on stderr
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    document = json.loads(out)
+    assert document["command"] == "compare" and "config differences" in err
+    result = document["result"]
+    assert result["a"] == {"path": str(tmp_path / "a"), "status": "finished"}
+    assert result["config_differences"]["train.seed"] == {"a": 0, "b": 1}
+    assert result["metrics"]["val_loss"] == {"a": 2.0, "b": 1.75, "difference": -0.25}
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert "expected a run directory" in capsys.readouterr().err
 

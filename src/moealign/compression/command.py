@@ -22,6 +22,7 @@ from moealign.compression.compress import METHODS, compress_model
 from moealign.compression.layers import CompressionError, moe_layer_views
 from moealign.compression.retention import inference_tokens_per_s, retention, retention_table
 from moealign.config import CompressionConfig
+from moealign.progress import phase
 from moealign.tables import to_text
 
 TRAINING_DATA = "training data"
@@ -111,17 +112,22 @@ def compress_source(
         batches = source.calibration_batches(calib, record.calibration_tokens)
     except ValueError as error:  # an unreadable file, or no tokens in it
         raise CompressionError(f"--calib {calib}: {error}") from None
-    result = compress_model(
-        source.model,
-        record.method,
-        record.keep_experts,
-        batches,
-        seed=record.seed,
-        rank=record.rank,
-    )
-    original = dict(source.evaluate(source.model) if original is None else original)
-    compressed = source.evaluate(result.model)
-    speeds = inference_tokens_per_s([source.model, result.model], source.timing_batches)
+    with phase(f"compress: {record.method} on {len(batches)} calibration batches"):
+        result = compress_model(
+            source.model,
+            record.method,
+            record.keep_experts,
+            batches,
+            seed=record.seed,
+            rank=record.rank,
+        )
+    with phase("compress: evaluate the original and the compressed model", 2) as evaluated:
+        original = dict(source.evaluate(source.model) if original is None else original)
+        evaluated.update()
+        compressed = source.evaluate(result.model)
+        evaluated.update()
+    with phase("compress: time inference"):
+        speeds = inference_tokens_per_s([source.model, result.model], source.timing_batches)
     original["tokens_per_s"], compressed["tokens_per_s"] = speeds
     report = {
         "compression": result.summary(),
@@ -137,7 +143,8 @@ def run_compress(args: argparse.Namespace) -> int:
     """``moealign compress``: check, compress, write DIR, print the retention table."""
     try:
         _check_arguments(args)
-        source = _open_source(args.source, args.device)
+        with phase("compress: load the model"):
+            source = _open_source(args.source, args.device)
         record = CompressionConfig(
             method=args.method,
             source=str(Path(args.source).resolve()),

@@ -55,6 +55,9 @@ class HFSource:
     def open(cls, path: str | Path, device: str = "auto") -> HFSource:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from moealign.integrations.locations import pretrained_location
+
+        path = pretrained_location(path, "SOURCE")
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
         except (OSError, ValueError) as error:

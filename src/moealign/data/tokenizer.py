@@ -186,8 +186,10 @@ def load_transformers_tokenizer(path_or_name: str) -> TransformersTokenizer:
     ValueError (one line) when it cannot be loaded or has no EOS."""
     from transformers import AutoTokenizer  # optional dependency (the "hf" extra)
 
+    from moealign.integrations.locations import pretrained_location
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_or_name)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_location(path_or_name, ""))
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(

@@ -25,6 +25,7 @@ from moealign.evaluation.lm import LMEvaluation, evaluate_lm
 from moealign.evaluation.tasks import suite_record
 from moealign.io import atomic_write_json
 from moealign.nn.transformer import MoETransformer
+from moealign.progress import phase, track
 from moealign.training.checkpoint import Checkpoint, CheckpointError, load_latest
 from moealign.training.runs import read_run_config
 
@@ -94,13 +95,16 @@ def evaluate_run(
     ):
         if value is not None and not (isinstance(value, int) and value >= least):
             raise ConfigError(name, f"got {value!r}; expected an integer >= {least}")
-    config, model = load_run_model(run_dir, device)
+    with phase("eval: load the checkpoint"):
+        config, model = load_run_model(run_dir, device)
     if eval_batches is not None:
         config.train.eval_batches = eval_batches
-    data = build_training_data(config)
+    with phase("eval: build the data"):
+        data = build_training_data(config)
     limit = config.train.task_eval_examples if task_examples is None else task_examples
     dtype = autocast_dtype(config.train.precision, model_device(model))
-    lm = evaluate_lm(model, data.validation, autocast_dtype=dtype)
+    batches = track(data.validation, "eval: validation batches")
+    lm = evaluate_lm(model, batches, autocast_dtype=dtype)
     result = evaluation_record(model, lm, data, limit, dtype)
     atomic_write_json(Path(run_dir) / EVAL_FILE, strict_json(result))
     return result

@@ -35,7 +35,6 @@ and ``OUT/results.md`` (the tables).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -62,6 +61,8 @@ from moealign.evaluation.verdicts import bootstrap_comparison, format_p, holm
 from moealign.io import atomic_write_json, atomic_write_text
 from moealign.nn.routed import MoealignRouted, RoutedModel
 from moealign.nn.transformer import MoETransformer
+from moealign.progress import Phase
+from moealign.progress import write as write_progress
 from moealign.roma.baselines import (
     c3po_capture,
     c3po_ngd_capture,
@@ -77,8 +78,6 @@ from moealign.roma.training import RouterTrainingConfig, train_routers
 from moealign.tables import Table, to_markdown
 from moealign.training.checkpoint import CheckpointError, load_latest
 from moealign.training.runs import read_run_config
-
-log = logging.getLogger(__name__)
 
 METHODS = ("base", "router_tuning", "roma", "oracle_tuning", "c3po", "c3po_ngd", "oracle")
 SETS = ("seen", "heldout")
@@ -233,6 +232,7 @@ class RomaStudy:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from moealign.integrations.hf import HFRouted, detect_family
+        from moealign.integrations.locations import pretrained_location
 
         try:  # the questions first: every input is checked before the weights load
             questions = load_questions(questions_path)
@@ -242,6 +242,7 @@ class RomaStudy:
             pool, test, heldout = split_questions(questions, heldout_tasks)
         except ValueError as err:  # the message names --heldout-tasks or the question count
             raise ConfigError("", str(err)) from None
+        model_path = pretrained_location(model_path, "--hf-model")
         try:
             detect_family(AutoConfig.from_pretrained(model_path))
             tokenizer = load_transformers_tokenizer(model_path)
@@ -398,7 +399,7 @@ class RomaStudy:
             start = time.perf_counter()
             fixed["base"][name] = _evaluation(examples, self._capture(examples))
             _record(timings, "base", name, start)
-            log.info("base %s: %.3f", name, fixed["base"][name].macro_accuracy)
+            write_progress(f"roma: base {name}: {fixed['base'][name].macro_accuracy:.3f}")
             if test_time:
                 start = time.perf_counter()
                 eval_embeddings[name] = self.encoder.encode([e.prompt for e in examples])
@@ -409,8 +410,9 @@ class RomaStudy:
             oracle = self._oracle(examples)
             fixed["oracle"][name] = _evaluation(examples, oracle)
             _record(timings, "oracle", name, start)
-            log.info("oracle %s: %.3f", name, fixed["oracle"][name].macro_accuracy)
+            write_progress(f"roma: oracle {name}: {fixed['oracle'][name].macro_accuracy:.3f}")
         seeds_info = {}
+        seeds_done = Phase("roma: seeds", len(c.seeds))
         for seed in c.seeds:
             key = str(seed)
             for method in ("base", "oracle"):
@@ -495,7 +497,9 @@ class RomaStudy:
                     accuracy = {
                         n: round(e.macro_accuracy, 3) for n, e in per_seed[method][key].items()
                     }
-                    log.info("seed %d: %s %s", seed, method, accuracy)
+                    write_progress(f"roma: seed {seed}: {method} {accuracy}")
+            seeds_done.update()
+        seeds_done.close()
         results = self._results(per_seed, timings, seeds_info)
         atomic_write_json(out / RESULTS_FILE, results, indent=1, sort_keys=False)
         atomic_write_text(out / TABLE_FILE, markdown_tables(results))

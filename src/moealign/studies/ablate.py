@@ -39,8 +39,8 @@ recorded), ``failed`` (the process exited with an error; the last line of its lo
 recorded) or ``interrupted`` (stopped by a signal; rerun the study to continue). Each attempt
 is appended to ``<out_dir>/cells.jsonl``; ``<out_dir>/study.json`` holds the expanded grid, the
 study's ``status`` (``running``, ``interrupted`` or ``done``) and every cell's latest status,
-rewritten as cells finish. Unless ``--quiet``, one line is printed as each cell starts and as it
-ends (status, wall time, final validation loss, and an estimate of the time left from the cells
+rewritten as cells finish. Unless ``--quiet``, one line goes to stderr as each cell starts and as
+it ends (status, wall time, final validation loss, and an estimate of the time left from the cells
 finished so far). SIGINT/SIGTERM sent to ``ablate`` are forwarded to the running cells, which
 checkpoint and stop; ``ablate`` waits for them, records the study as interrupted and exits with
 130/143.
@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import moealign
+from moealign import progress
 from moealign.config import ConfigError, RunConfig, load_config, read_toml
 from moealign.io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from moealign.tables import Table, format_number, to_text
@@ -702,10 +703,6 @@ def _status_text(result: CellResult) -> str:
     return result.status
 
 
-def _print_flushed(line: str) -> None:
-    print(line, flush=True)
-
-
 def run_ablate(args: argparse.Namespace) -> int:
     """``moealign ablate``: 0 when every cell finished or diverged, 1 otherwise; 130/143 when
     stopped by SIGINT/SIGTERM."""
@@ -719,7 +716,7 @@ def run_ablate(args: argparse.Namespace) -> int:
             print(f"  {cell.name}: {' '.join(cell.overrides) or '(base config)'}")
         return 0
     try:
-        results = run_study(study, args.jobs, None if args.quiet else _print_flushed)
+        results = run_study(study, args.jobs, progress.write)  # silent with --quiet
     except StudyInterrupted as stopped:
         print(
             f"error: interrupted by {stopped.signal}; the running cells saved a checkpoint: run "

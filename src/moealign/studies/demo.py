@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from moealign.config import ConfigError, RunConfig, load_config
 from moealign.io import atomic_write_json, atomic_write_text
+from moealign.progress import write as write_progress
 from moealign.studies.document import Image, Note, Paragraph, Section, to_markdown
 from moealign.tables import Table, format_number, to_text
 
@@ -347,14 +348,14 @@ def run_demo(
     seeds = check_seeds(seeds)
     base = load_config(demo_config_path(), [*PRESETS[preset], *overrides])
     configs = variant_configs(base)
-    for seed in seeds:
-        for name, config in configs.items():
-            print(
-                f"== {name} seed {seed}: {config.model.ffn} FFN, router {config.model.router}",
-                flush=True,
-            )
-            if not train_run(seeded(config, seed), out / run_name(name, seed), progress):
-                return None
+    runs = [(seed, name, config) for seed in seeds for name, config in configs.items()]
+    for number, (seed, name, config) in enumerate(runs, 1):
+        write_progress(
+            f"demo: run {number}/{len(runs)}: {name} seed {seed} ({config.model.ffn} FFN, "
+            f"router {config.model.router})"
+        )
+        if not train_run(seeded(config, seed), out / run_name(name, seed), progress):
+            return None
     run_set = RunSet(
         [load_run(out / run_name(v, s), variant=v, seed=s) for v in configs for s in seeds]
     )

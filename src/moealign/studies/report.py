@@ -54,6 +54,7 @@ from moealign.evaluation.verdicts import (
     outcome_legend,
     paired_comparison,
 )
+from moealign.progress import phase
 from moealign.studies import plots
 from moealign.studies.document import (
     Cell,
@@ -87,9 +88,9 @@ __all__ = [
     "RunDataError",
     "best_marks",
     "build_report",
-    "compare_runs",
+    "compare_text",
+    "comparison",
     "metric_direction",
-    "run_compare",
     "run_report",
     "transfer_table",
 ]
@@ -811,37 +812,60 @@ def build_report(
 # ---------------------------------------------------------------------- compare
 
 
-def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
-    """Two runs side by side: config keys that differ, then every final (non per-layer) result
-    with the difference B − A, which one run each cannot judge: it is called inconclusive
+def comparison(path_a: str | Path, path_b: str | Path) -> dict[str, Any]:
+    """Two runs side by side, as data: ``a``/``b`` (path, status), ``config_differences``
+    (flattened config key -> {a, b}; a key one run lacks is None there) and ``metrics``
+    (every final non per-layer result -> {a, b, difference = b − a}; None where a run lacks
+    it or a value is not finite). One run each cannot judge a difference: it is inconclusive
     (:mod:`moealign.evaluation.verdicts` needs repeated seeds)."""
     a, b = load_run(path_a), load_run(path_b)
     for run, path in ((a, path_a), (b, path_b)):
         if not run.config:
             raise RunDataError(f"{path}: expected a run directory (with config.json)")
-    lines = [f"A: {a.path} ({a.status})", f"B: {b.path} ({b.status})", ""]
     flat_a, flat_b = flatten_config(a.config), flatten_config(b.config)
     differing = sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+    results_a, results_b = run_results(a), run_results(b)
+    keys = sorted(k for k in results_a.keys() | results_b.keys() if "/layer" not in k)
+
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    metrics = {}
+    for key in keys:
+        va, vb = results_a.get(key, math.nan), results_b.get(key, math.nan)
+        metrics[key] = {"a": finite(va), "b": finite(vb), "difference": finite(vb - va)}
+    return {
+        "a": {"path": str(a.path), "status": a.status},
+        "b": {"path": str(b.path), "status": b.status},
+        "config_differences": {k: {"a": flat_a.get(k), "b": flat_b.get(k)} for k in differing},
+        "metrics": metrics,
+    }
+
+
+def compare_text(result: dict[str, Any]) -> str:
+    """:func:`comparison` for the terminal: config keys that differ, then every final result
+    with the difference B − A."""
+    a, b = result["a"], result["b"]
+    lines = [f"A: {a['path']} ({a['status']})", f"B: {b['path']} ({b['status']})", ""]
     lines.append("config differences")
-    if differing:
-        rows = [[k, json.dumps(flat_a.get(k)), json.dumps(flat_b.get(k))] for k in differing]
+    if result["config_differences"]:
+        rows = [
+            [k, json.dumps(values["a"]), json.dumps(values["b"])]
+            for k, values in result["config_differences"].items()
+        ]
         lines.append(to_text(Table(["key", "A", "B"], rows, align="lll")))
     else:
         lines.append("(none)")
-    results_a, results_b = run_results(a), run_results(b)
-    keys = sorted(k for k in results_a.keys() | results_b.keys() if "/layer" not in k)
     lines += ["", "final metrics"]
-    rows = []
-    for key in keys:
-        va, vb = results_a.get(key, math.nan), results_b.get(key, math.nan)
-        rows.append(
-            [
-                _with_arrow(key, key),
-                format_number(va),
-                format_number(vb),
-                format_number(vb - va, signed=True),
-            ]
-        )
+    rows = [
+        [
+            _with_arrow(key, key),
+            format_number(m["a"]),
+            format_number(m["b"]),
+            format_number(m["difference"], signed=True),
+        ]
+        for key, m in result["metrics"].items()
+    ]
     lines.append(to_text(Table(["metric", "A", "B", "B − A"], rows)) if rows else "(none)")
     if rows:
         lines += [
@@ -856,22 +880,19 @@ def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
 # ---------------------------------------------------------------------- command line
 
 
-def run_report(args: argparse.Namespace) -> int:
+def run_report(args: argparse.Namespace) -> ReportFiles:
+    """``moealign report``: write the report; print (and return) where."""
     out = args.out or (str(Path(args.paths[0]) / "report") if len(args.paths) == 1 else "report")
-    files = build_report(
-        args.paths,
-        out,
-        baseline=args.baseline,
-        metrics=args.metrics,
-        target_loss=args.target_loss,
-        title=args.title,
-        margins=dict(args.margins or []),
-    )
+    with phase(f"report: {len(args.paths)} inputs to tables, figures and model cards"):
+        files = build_report(
+            args.paths,
+            out,
+            baseline=args.baseline,
+            metrics=args.metrics,
+            target_loss=args.target_loss,
+            title=args.title,
+            margins=dict(args.margins or []),
+        )
     print(f"wrote {files.markdown}, {files.html}")
     print(f"  {len(files.figures)} figures, {len(files.model_cards)} model cards")
-    return 0
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    print(compare_runs(args.run_a, args.run_b))
-    return 0
+    return files

@@ -43,6 +43,7 @@ from moealign.evaluation.routing_stats import RoutingStats, moe_shape
 from moealign.nn.checkpointing import apply_activation_checkpointing
 from moealign.nn.compile import compile_blocks
 from moealign.nn.transformer import MoETransformer
+from moealign.progress import phase
 from moealign.training import state
 from moealign.training.callbacks import Callback, StepResult, TrainResult, default_callbacks
 from moealign.training.objective import LossTerm, Objective
@@ -108,7 +109,10 @@ class Trainer:
         np.random.seed(train_cfg.seed)
         torch.manual_seed(train_cfg.seed)
         self.model = (model if model is not None else config.model.build()).to(self.device)
-        self.data = data if data is not None else build_training_data(config)
+        if data is None:
+            with phase("train: build the data"):
+                data = build_training_data(config)
+        self.data = data
         self.parameter_counts: dict[str, int] = self.model.parameter_counts()  # before sharding
         # Checkpointing, then compiling (of the checkpointed blocks), then sharding: torchtitan's
         # order. Neither changes a parameter name.
