@@ -38,9 +38,17 @@ def load_run_checkpoint(
     checkpoint."""
     config = read_run_config(run_dir)
     model = MoETransformer(config.model).to(resolve_device(device))
-    checkpoint = load_latest(
-        Path(run_dir) / "checkpoints", fallback=True, apply=lambda ckpt: ckpt.load_model(model)
-    )
+
+    def load_finite(checkpoint: Checkpoint) -> None:
+        checkpoint.load_model(model)
+        bad = [name for name, p in model.state_dict().items() if not torch.isfinite(p).all()]
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} holds non-finite weights (NaN or inf in "
+                f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+            )
+
+    checkpoint = load_latest(Path(run_dir) / "checkpoints", fallback=True, apply=load_finite)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to evaluate")
     return config, model, checkpoint
