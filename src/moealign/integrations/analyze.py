@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moealign.data.loaders import load_jsonl, load_text_files
+from moealign.io import naming_file
 from moealign.tables import Table, to_markdown
 
 
@@ -163,8 +164,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     from moealign.integrations.hf import detect_family
 
     texts = load_texts(args.data, args.text_field)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    with naming_file("tokenizer", args.tokenizer or args.model):
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    with naming_file("model", args.model):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
     detect_family(model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     # Whole documents are tokenised, then cut into windows: no warning about their length.
