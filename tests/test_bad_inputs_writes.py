@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,19 @@ def _lock_links_to_a_file(tmp: Path) -> None:
 
 
 def _checkpoints_link_to_another_run(tmp: Path) -> None:
-    import shutil
-
     other = tmp / "other"
     shutil.copytree(tmp / "run", other)
     shutil.rmtree(tmp / "run" / "checkpoints")
     (tmp / "run" / "checkpoints").symlink_to(other / "checkpoints")
+
+
+def _checkpoint_links_to_another_run(tmp: Path) -> None:
+    """The newest checkpoint a link into another run: rotation would delete that run's."""
+    other = tmp / "other"
+    shutil.copytree(tmp / "run", other)
+    newest = _checkpoints(tmp)[-1]
+    shutil.rmtree(newest)
+    newest.symlink_to(other / "checkpoints" / newest.name)
 
 
 def _edit_states(edit):
@@ -240,6 +248,23 @@ CASES = [
         ),
     ),
     Case(
+        "resume-a-checkpoint-is-a-link",
+        RESUME,
+        ("step_000002", "symbolic link"),
+        needs_run=True,
+        setup=_checkpoint_links_to_another_run,
+    ),
+    Case(
+        "eval-json-a-link",
+        EVAL,
+        ("eval.json", "symbolic link"),
+        needs_run=True,
+        setup=lambda tmp: (
+            (tmp / "mine.json").write_text("{}"),
+            (tmp / "run" / "eval.json").symlink_to(tmp / "mine.json"),
+        ),
+    ),
+    Case(
         "ablate-into-another-study",
         ["ablate", "{tmp}/study.toml", "--dry-run"],
         ("out_dir", "another"),
@@ -402,6 +427,13 @@ CASES = [
         ("metrics.jsonl:1", "val_loss", "expected a number"),
         needs_run=True,
         setup=_metrics_line(0, '{"step": 0, "split": "val", "val_loss": [1, 2]}'),
+    ),
+    Case(
+        "report-meta-seed-a-string",
+        ["report", "{run}", "--out", "{tmp}/rep"],
+        ("meta.json", "seed 'zero'"),
+        needs_run=True,
+        setup=_edit_json("meta.json", lambda d: {**d, "seed": "zero"}),
     ),
     Case(
         "report-final-eval-object-for-a-number",

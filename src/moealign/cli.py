@@ -686,6 +686,11 @@ def _stop_on_sigterm():
         return
 
     def stop(signum, frame):
+        if _importing(frame):  # raised inside an import, it can abort a native extension
+            retry = threading.Timer(0.1, os.kill, (os.getpid(), signum))
+            retry.daemon = True
+            retry.start()
+            return
         raise Stopped(signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -693,6 +698,15 @@ def _stop_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _importing(frame) -> bool:
+    """Whether the interrupted code is importing a module."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -714,6 +728,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 2
     configure_logging(args.verbose)
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints, escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         with _stop_on_sigterm():
             if "MOEALIGN_PARENT_PID" in os.environ:  # a cell of `moealign ablate`

@@ -172,7 +172,10 @@ def load_run(
     _check_numbers(final, {"expert_counts", "task_accuracy", "tasks"}, str(path / FINAL_EVAL_FILE))
     found_status, diverged_step = classify_run(path)
     if seed is None:
-        seed = int(meta.get("seed", config.get("train", {}).get("seed", 0)))
+        train = config.get("train")
+        seed = meta.get("seed", train.get("seed", 0) if isinstance(train, dict) else 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise RunDataError(f"{path / META_FILE}: seed {seed!r} is not an integer")
     return RunRecord(
         path=path,
         variant=printable(variant or path.name),

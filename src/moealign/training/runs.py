@@ -174,9 +174,11 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def check_no_links(path: str | Path) -> None:
-    """Refuse a run whose lock, marker, records or checkpoints folder is a symbolic link."""
-    for name in _NO_LINKS:
-        entry = Path(path) / name
+    """Refuse a run whose lock, marker, records, checkpoints folder or a checkpoint in it is a
+    symbolic link (rotation would delete what the link points at)."""
+    checkpoints = Path(path) / CHECKPOINT_DIR
+    steps = list(checkpoints.iterdir()) if checkpoints.is_dir() else []
+    for entry in [Path(path) / name for name in _NO_LINKS] + steps:
         if entry.is_symlink():
             raise RunExistsError(
                 f"{entry} is a symbolic link; moealign writes the entries of a run folder in "
@@ -244,7 +246,7 @@ class RunLock:
             RunLock._held[key] = (fd, count + 1)
             self._key = key
             return self
-        if path.is_symlink():  # O_NOFOLLOW below refuses it too; this names the problem
+        if path.is_symlink() or not self.shared:  # a writer: nothing it writes is a link
             check_no_links(self.folder)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
