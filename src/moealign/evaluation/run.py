@@ -26,9 +26,7 @@ from moealign.evaluation.tasks import suite_record
 from moealign.io import atomic_write_json
 from moealign.nn.transformer import MoETransformer
 from moealign.training.checkpoint import Checkpoint, CheckpointError, load_latest
-from moealign.training.runs import read_run_config
-
-EVAL_FILE = "eval.json"
+from moealign.training.runs import EVAL_FILE, read_run_config
 
 
 def load_run_checkpoint(

@@ -154,12 +154,12 @@ def folder_kind(path: str | Path) -> str | None:
     try:
         data = read_json(marker)
     except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
-        return None
-    version = data.get("format")
-    if not isinstance(version, int) or isinstance(version, bool):
-        return None
+        data = None
+    version = data.get("format") if isinstance(data, dict) else None
+    if not (isinstance(version, int) and not isinstance(version, bool)) or not isinstance(
+        data.get("kind"), str
+    ):
+        return _legacy_kind(path)  # a damaged marker: judged by content, as before it
     if version > FORMAT_VERSION:
         raise RunExistsError(
             f"{marker}: format {version}, newer than the {FORMAT_VERSION} this moealign "
