@@ -137,7 +137,8 @@ class Trainer:
         self.run: RunDirectory | None = None
         # Checked, then restored, before the run folder is touched: a changed config or an
         # unusable checkpoint changes nothing.
-        RunDirectory(self.run_path).check(config.to_dict(), resume=resume, overwrite=overwrite)
+        if self.dist.is_main:  # the rank that opens the run folder
+            RunDirectory(self.run_path).check(config.to_dict(), resume=resume, overwrite=overwrite)
         restored = state.restore_state(self) if resume else False
         if self.dist.is_main:
             self.run = RunDirectory.open(
