@@ -120,6 +120,7 @@ def test_sigterm_to_any_command_is_one_line_and_143(monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_real_eval_process(run):
     process = subprocess.Popen(
         [sys.executable, "-m", "moealign.cli", "eval", str(run), "--device", "cpu"],
