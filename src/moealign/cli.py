@@ -8,8 +8,10 @@ command imports what it needs when it runs.
 Exit status: 0 done; 2 a problem with what the user asked for (config, arguments, files, a run
 folder, a checkpoint, a full disk: any ``ValueError``, ``TypeError``, ``OSError`` or
 safetensors error), printed as one line ``error: <message>`` on stderr; 1 an internal failure,
-also one line; 130/143 a ``train`` or ``ablate`` stopped by SIGINT/SIGTERM after saving its
-state. Tracebacks only with ``moealign --debug COMMAND ...``. Log messages below WARNING are
+also one line; 130/143 any command stopped by SIGINT/SIGTERM, with one ``error:`` line (a
+``train`` or ``ablate`` saves its state first; other commands leave what they had written
+complete or absent: atomic writes). Running out of memory is exit 2 with one line too.
+Tracebacks only with ``moealign --debug COMMAND ...``. Log messages below WARNING are
 shown only for moealign's own loggers, unless ``--verbose``; every ``--help`` shows the options'
 defaults.
 
@@ -25,7 +27,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from moealign import __version__
+from moealign.config import MAX_BATCH, MAX_EVAL_BATCHES, MAX_EXAMPLES, MAX_SEQ_LEN
 
 __all__ = ["COMMANDS", "Command", "HelpFormatter", "build_parser", "configure_logging", "main"]
 
@@ -61,14 +66,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+def _int_at_least(minimum: int, maximum: int = 10**9) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= {minimum}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"got {value}; expected an integer >= {minimum} and <= {maximum:,}"
+            )
         return value
 
     parse.__name__ = f"integer >= {minimum}"
@@ -130,10 +137,21 @@ def _is_main_rank() -> bool:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from moealign.config import load_config
+    from moealign.config import ConfigError, load_config
     from moealign.training.preflight import check_before_training
-    from moealign.training.runs import CONFIG_FILE, RunDirectory, RunLock, finished_step
+    from moealign.training.runs import (
+        CONFIG_FILE,
+        RunDirectory,
+        RunExistsError,
+        RunLock,
+        finished_step,
+    )
 
+    if args.resume and args.out:  # before the config: the folder is what is wrong
+        try:
+            RunDirectory(Path(args.out)).check_resumable()
+        except RunExistsError as err:
+            raise ConfigError("--out", str(err)) from None
     config_path = args.config
     recorded = Path(args.out or "") / CONFIG_FILE
     if config_path is None and args.resume and args.out and recorded.is_file():
@@ -180,6 +198,12 @@ def _train(config, run_dir: Path, args: argparse.Namespace) -> int:
     status = SIGNAL_EXIT.get(result.stop_signal or "", 0) if result.interrupted else 0
     if not trainer.dist.is_main:
         return status
+    if status:
+        print(
+            f"error: interrupted by {result.stop_signal} at step {result.step} after saving a "
+            f"checkpoint; continue with --resume --out {result.run_dir}",
+            file=sys.stderr,
+        )
     counts = trainer.parameter_counts
     train, final = result.last_train, result.final_eval
     rows = [
@@ -214,14 +238,14 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `moealign train`")
     parser.add_argument(
         "--task-examples",
-        type=_int_at_least(0),
+        type=_int_at_least(0, MAX_EXAMPLES),
         default=None,
         metavar="N",
         help="examples per task and evaluation set (default: the run's train.task_eval_examples)",
     )
     parser.add_argument(
         "--eval-batches",
-        type=_int_at_least(1),
+        type=_int_at_least(1, MAX_EVAL_BATCHES),
         default=None,
         metavar="N",
         help="validation batches (default: the run's train.eval_batches)",
@@ -294,7 +318,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=_int_at_least(0, 2**32 - 1),
         nargs="+",
         default=list(DEFAULT_SEEDS),
         metavar="SEED",
@@ -323,7 +347,7 @@ def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
         "study", metavar="STUDY.toml", help="study file (see moealign.studies.ablate)"
     )
     parser.add_argument(
-        "--jobs", type=_int_at_least(1), default=1, metavar="N", help="cells run at once"
+        "--jobs", type=_int_at_least(1, 1024), default=1, metavar="N", help="cells run at once"
     )
     parser.add_argument("--out", metavar="DIR", help="study directory (default: from the study)")
     parser.add_argument(
@@ -399,9 +423,11 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
     parser.add_argument("--tokenizer", help="tokenizer path or name (default: the model's)")
     parser.add_argument("--out", default="analysis", metavar="DIR", help="output directory")
-    parser.add_argument("--seq-len", type=_int_at_least(1), default=256, help="tokens per window")
     parser.add_argument(
-        "--batch-size", type=_int_at_least(1), default=8, help="windows per forward pass"
+        "--seq-len", type=_int_at_least(1, MAX_SEQ_LEN), default=256, help="tokens per window"
+    )
+    parser.add_argument(
+        "--batch-size", type=_int_at_least(1, MAX_BATCH), default=8, help="windows per forward pass"
     )
     parser.add_argument(
         "--max-tokens", type=_int_at_least(1), default=100_000, help="stop after this many"
@@ -529,7 +555,10 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `moealign train`")
     parser.add_argument("out", metavar="OUT", help="the Hugging Face model directory to write")
     parser.add_argument(
-        "--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest)"
+        "--step",
+        type=_int_at_least(0),
+        metavar="N",
+        help="the checkpoint of step N (default: the newest)",
     )
 
 
@@ -743,6 +772,58 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Stopped(BaseException):
+    """SIGTERM, raised where the process is (as SIGINT raises ``KeyboardInterrupt``), so that
+    every command ends with one line and exit 143; ``train`` and ``ablate`` install their own
+    handlers (save, then stop) while they work."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal = signal_name
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """While a command runs in the main thread, SIGTERM raises :class:`Stopped`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        if _importing(frame):  # raised inside an import, it can abort a native extension
+            retry = threading.Timer(0.1, os.kill, (os.getpid(), signum))
+            retry.daemon = True
+            retry.start()
+            return
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _importing(frame) -> bool:
+    """Whether the interrupted code is importing a module."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation (Python's, or torch's on the CPU or a GPU)."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text.lower())
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``moealign``; returns the process exit status (also for ``--help`` and
     argument errors, which argparse ends with ``SystemExit``)."""
@@ -754,14 +835,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     from moealign import progress
 
     progress.set_quiet(args.quiet)
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints, escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return SIGNAL_EXIT["SIGINT"]
+        with _stop_on_sigterm():
+            if "MOEALIGN_PARENT_PID" in os.environ:  # a cell of `moealign ablate`
+                from moealign.studies.ablate import stop_with_parent
+
+                stop_with_parent()
+            return _run(args)
+    except (KeyboardInterrupt, Stopped) as stop:
+        name = stop.signal if isinstance(stop, Stopped) else "SIGINT"
+        print(
+            f"error: interrupted by {name}; what was already written is complete (rerun the "
+            "command to finish)",
+            file=sys.stderr,
+        )
+        return SIGNAL_EXIT[name]
     except Exception as err:
         if args.debug:
             traceback.print_exc()
+        if _out_of_memory(err):
+            print(
+                f"error: out of memory ({_one_line(err)[:200]}); make the model, batch, "
+                "sequence or evaluation smaller",
+                file=sys.stderr,
+            )
+            return 2
         if isinstance(err, _user_error_types()):
             print(f"error: {_one_line(err)}", file=sys.stderr)
             return 2

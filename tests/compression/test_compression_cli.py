@@ -174,14 +174,19 @@ def test_compress_then_resume_training(source_run, tmp_path):
 def test_compression_section_is_recorded_only_for_compressed_runs(tmp_path):
     plain = tiny_config(tmp_path)
     assert "compression" not in plain.to_dict()
-    compressed = tiny_config(
-        tmp_path,
-        "model.n_experts=3",
-        "compression.method=naee",
-        "compression.source_n_experts=4",
-        "compression.keep_experts=3",
-    )
+
+    def recorded(n_experts: int, **compression) -> RunConfig:
+        """A config as a compressed run's config.json records it (only compress writes it)."""
+        data = plain.to_dict()
+        data["model"]["n_experts"] = n_experts
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({**data, "compression": compression}))
+        return load_config(path)
+
+    compressed = recorded(3, method="naee", source_n_experts=4, keep_experts=3)
     assert compressed.to_dict()["compression"]["method"] == "naee"
     with pytest.raises(ConfigError, match="compression.keep_experts"):
-        tiny_config(tmp_path, "compression.method=naee", "compression.keep_experts=3")
+        recorded(4, method="naee", keep_experts=3)
+    with pytest.raises(ConfigError, match="moealign compress"):  # never in a config file
+        tiny_config(tmp_path, "compression.method=naee")
     assert RunConfig().compression == CompressionConfig()

@@ -174,7 +174,7 @@ def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys, monk
         """
 [[variants]]
 name = "huge_lr"
-overrides = { "optim.lr" = 1e8, "optim.grad_clip" = 0.0, "optim.warmup_steps" = 0 }
+overrides = { "optim.lr" = 1e4, "optim.grad_clip" = 0.0, "optim.warmup_steps" = 0 }
 [[variants]]
 name = "empty_file"
 overrides = { "data.source" = "files", "data.paths" = ["empty.txt"] }

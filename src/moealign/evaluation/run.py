@@ -27,9 +27,7 @@ from moealign.io import atomic_write_json
 from moealign.nn.transformer import MoETransformer
 from moealign.progress import phase, track
 from moealign.training.checkpoint import Checkpoint, CheckpointError, load_latest
-from moealign.training.runs import read_run_config
-
-EVAL_FILE = "eval.json"
+from moealign.training.runs import EVAL_FILE, read_run_config
 
 
 def load_run_checkpoint(
@@ -39,9 +37,17 @@ def load_run_checkpoint(
     checkpoint."""
     config = read_run_config(run_dir)
     model = MoETransformer(config.model).to(resolve_device(device))
-    checkpoint = load_latest(
-        Path(run_dir) / "checkpoints", fallback=True, apply=lambda ckpt: ckpt.load_model(model)
-    )
+
+    def load_finite(checkpoint: Checkpoint) -> None:
+        checkpoint.load_model(model)
+        bad = [name for name, p in model.state_dict().items() if not torch.isfinite(p).all()]
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} holds non-finite weights (NaN or inf in "
+                f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+            )
+
+    checkpoint = load_latest(Path(run_dir) / "checkpoints", fallback=True, apply=load_finite)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to evaluate")
     return config, model, checkpoint

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moealign.data.loaders import load_jsonl, load_text_files
+from moealign.io import naming_file
 from moealign.progress import phase, track
 from moealign.tables import Table, to_markdown
 
@@ -168,8 +169,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     model_path = pretrained_location(args.model, "model")
     tokenizer_path = pretrained_location(args.tokenizer or args.model, "--tokenizer")
     with phase("analyze: load the model"):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+        with naming_file("tokenizer", tokenizer_path):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        with naming_file("model", model_path):
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
     detect_family(model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     # Whole documents are tokenised, then cut into windows: no warning about their length.

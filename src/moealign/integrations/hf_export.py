@@ -33,9 +33,8 @@ from torch import Tensor, nn
 from moealign.config import RunConfig
 from moealign.data.build import build_data_tokenizer
 from moealign.integrations.hf import detect_family
-from moealign.integrations.locations import pretrained_location
 from moealign.integrations.router_weights import linear_router_weight
-from moealign.io import atomic_directory
+from moealign.io import atomic_directory, naming_file
 from moealign.nn.moe import MoELayer
 from moealign.nn.routers import MPIRouter
 from moealign.nn.transformer import ModelConfig, MoETransformer
@@ -48,7 +47,8 @@ from moealign.training.checkpoint import (
     load_latest,
     step_dir_name,
 )
-from moealign.training.runs import CHECKPOINT_DIR, TOKENIZER_DIR, read_run_config
+from moealign.training.preflight import check_writable_folder
+from moealign.training.runs import CHECKPOINT_DIR, TOKENIZER_DIR, RunLock, read_run_config
 
 # --- MoETransformer ↔ Mixtral -------------------------------------------------------------------
 
@@ -239,21 +239,30 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _run_checkpoint(run_dir: Path, step: int | None) -> Checkpoint:
+def _run_checkpoint(run_dir: Path, step: int | None, model: MoETransformer) -> Checkpoint:
+    """Load the newest checkpoint whose weights fit ``model`` (or that of ``step``) into it."""
     directory = run_dir / CHECKPOINT_DIR
     if step is None:
-        checkpoint = load_latest(directory, fallback=True)
+        checkpoint = load_latest(directory, fallback=True, apply=lambda c: c.load_model(model))
         if checkpoint is None:
             raise CheckpointError(f"run directory {run_dir} holds no checkpoint to export")
         return checkpoint
-    path = directory / step_dir_name(step)
-    if not path.is_dir():
+    path = directory / step_dir_name(step) if 0 <= step < 10**9 else None
+    if path is None or not path.is_dir():
         steps = [int(p.name.removeprefix("step_")) for p in list_checkpoints(directory)]
         raise CheckpointError(
             f"--step {step}: run directory {run_dir} has no checkpoint of that step; "
             f"its checkpoints are at steps {steps}"
         )
-    return load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    try:
+        checkpoint.load_model(model)
+    except Exception as err:  # weights that do not fit the (edited) config.json
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {run_dir / 'config.json'}: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from None
+    return checkpoint
 
 
 def _write_run_tokenizer(run_dir: Path, config: RunConfig, directory: Path):
@@ -266,7 +275,8 @@ def _write_run_tokenizer(run_dir: Path, config: RunConfig, directory: Path):
         shutil.copytree(saved, directory, dirs_exist_ok=True)
     else:
         build_data_tokenizer(config.data).save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(pretrained_location(directory, "OUT"))
+    with naming_file("the tokenizer", directory):
+        return AutoTokenizer.from_pretrained(directory)
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> Path:
@@ -287,29 +297,31 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
     from transformers.utils import logging as transformers_logging
 
     run_dir, out = Path(run_dir), Path(out)
+    check_writable_folder(out, "OUT", writes="export")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"OUT={str(out)!r} exists and is not an empty directory; choose another")
     config = read_run_config(run_dir)
     _check_exportable(config.model)
-    checkpoint = _run_checkpoint(run_dir, step)  # a bad --step fails before any progress
-    with phase("export: load the checkpoint"):
-        model = MoETransformer(config.model)
-        checkpoint.load_model(model)
     transformers_logging.disable_progress_bar()  # progress is moealign.progress's alone
-    with phase("export: convert and write"), atomic_directory(out) as tmp:
-        tokenizer = _write_run_tokenizer(run_dir, config, tmp)
-        ids = {
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        hf_model = to_mixtral(model, ids)
-        # A budget of new tokens, never max_length: transformers warns "Both max_new_tokens
-        # and max_length seem to have been set" on every call that passes its own budget.
-        hf_model.generation_config = GenerationConfig(
-            **ids, do_sample=False, max_new_tokens=config.model.max_seq_len
-        )
-        hf_model.save_pretrained(tmp)
+    # A shared lock: training (which rotates checkpoints) cannot run while the checkpoint is read.
+    with RunLock(run_dir, shared=True):
+        with phase("export: load the checkpoint"):
+            model = MoETransformer(config.model)
+            _run_checkpoint(run_dir, step, model)
+        with phase("export: convert and write"), atomic_directory(out) as tmp:
+            tokenizer = _write_run_tokenizer(run_dir, config, tmp)
+            ids = {
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+            hf_model = to_mixtral(model, ids)
+            # A budget of new tokens, never max_length: transformers warns "Both max_new_tokens
+            # and max_length seem to have been set" on every call that passes its own budget.
+            hf_model.generation_config = GenerationConfig(
+                **ids, do_sample=False, max_new_tokens=config.model.max_seq_len
+            )
+            hf_model.save_pretrained(tmp)
     return out
 
 

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moealign.compression.layers import moe_layer_views
 from moealign.config import ConfigError, RunConfig
 from moealign.data import TaskExample, multiple_choice_view
 from moealign.data.build import build_data_suite, build_data_tokenizer
@@ -58,7 +59,7 @@ from moealign.evaluation.stats import (
 )
 from moealign.evaluation.tasks import TaskEvaluation
 from moealign.evaluation.verdicts import bootstrap_comparison, format_p, holm
-from moealign.io import atomic_write_json, atomic_write_text
+from moealign.io import atomic_write_json, atomic_write_text, naming_file
 from moealign.nn.routed import MoealignRouted, RoutedModel
 from moealign.nn.transformer import MoETransformer
 from moealign.progress import Phase
@@ -146,6 +147,19 @@ def _evaluation(examples: Sequence[TaskExample], result: Capture) -> TaskEvaluat
     return task_evaluation(examples, result.prediction_N)
 
 
+def _check_core_experts(config: RomaConfig, model: torch.nn.Module) -> None:
+    """C3PO's core may hold at most the model's E experts."""
+    if not {"c3po", "c3po_ngd"} & set(config.methods):
+        return
+    n_experts = moe_layer_views(model)[0].n_experts
+    if config.c3po_core_experts > n_experts:
+        raise ConfigError(
+            "c3po_core_experts",
+            f"got {config.c3po_core_experts}; expected at most the model's {n_experts} experts "
+            "per MoE layer",
+        )
+
+
 class RomaStudy:
     """The study's fixed parts (routed model, tokenizer, questions, encoder, base and oracle
     results); :meth:`run` adds the per-seed methods and writes the results. Build it from a
@@ -176,6 +190,7 @@ class RomaStudy:
         self.eval_sets = eval_sets
         self.source = source
         self.layers = config.layer_indices(routed.n_moe_layers())
+        _check_core_experts(config, routed.model)
         self.base_routers = [p.detach().clone() for p in routed.router_parameters(self.layers)]
         self.encoder = (
             encoder if encoder is not None else build_encoder(config.encoder, self.device)
@@ -244,9 +259,10 @@ class RomaStudy:
             raise ConfigError("", str(err)) from None
         model_path = pretrained_location(model_path, "--hf-model")
         try:
-            detect_family(AutoConfig.from_pretrained(model_path))
-            tokenizer = load_transformers_tokenizer(model_path)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            with naming_file("--hf-model", model_path):
+                detect_family(AutoConfig.from_pretrained(model_path))
+                tokenizer = load_transformers_tokenizer(model_path)
+                model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
             routed = HFRouted(model.to(_device(config.device)).eval())
         except (OSError, ValueError) as err:
             raise ConfigError("--hf-model", str(err).strip().splitlines()[0]) from None

@@ -411,7 +411,10 @@ def _run_metrics(run: RunRecord) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moealign.training.preflight import check_writable_folder
+
     out = Path(args.out)
+    check_writable_folder(out, "--out")
     summary = run_demo(
         out,
         args.preset,

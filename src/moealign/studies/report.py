@@ -54,6 +54,7 @@ from moealign.evaluation.verdicts import (
     outcome_legend,
     paired_comparison,
 )
+from moealign.io import atomic_write_text
 from moealign.progress import phase
 from moealign.studies import plots
 from moealign.studies.document import (
@@ -75,12 +76,14 @@ from moealign.studies.results import (
     RunSet,
     load_run,
     load_runs,
+    printable,
     run_results,
     time_to_target,
 )
 from moealign.studies.transfer import variant_transfer
 from moealign.tables import Emphasis, format_interval, format_number, to_text
-from moealign.training.runs import flatten_config, utc_now
+from moealign.training.preflight import check_writable_folder
+from moealign.training.runs import MARKER_FILE, flatten_config, folder_kind, utc_now, write_marker
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -741,6 +744,24 @@ def _unique_names(runs: Sequence[RunRecord]) -> list[str]:
     return names
 
 
+_REPORT_ENTRIES = {"report.md", "report.html", "figures", "model_cards", MARKER_FILE}
+
+
+def _check_report_folder(out_dir: Path) -> None:
+    """``--out`` may be new, empty, or a report folder (its marker, or only the entries a report
+    writes, for one written before the marker): a report never overwrites others' files."""
+    check_writable_folder(out_dir, "--out", writes="report")
+    if not out_dir.is_dir() or folder_kind(out_dir) == "report":
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _REPORT_ENTRIES)
+    if foreign:
+        raise RunDataError(
+            f"--out: got {str(out_dir)!r}, which holds files a report did not write "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or "
+            "empty folder"
+        )
+
+
 def build_report(
     paths: Sequence[str | Path],
     out_dir: str | Path,
@@ -758,13 +779,17 @@ def build_report(
     ``margins`` are equivalence margins by metric over the defaults
     (:func:`moealign.evaluation.verdicts.default_margin`).
     """
+    if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
+        raise RunDataError(f"--target-loss: got {target_loss}; expected a finite number > 0")
+    out_dir = Path(out_dir)
+    _check_report_folder(out_dir)
     run_set = load_runs(paths)
     baseline = baseline or run_set.baseline
     if baseline is not None and baseline not in run_set.variants:
         raise RunDataError(f"--baseline: got {baseline!r}; expected one of {run_set.variants}")
-    out_dir = Path(out_dir)
     figures_dir, cards_dir = out_dir / "figures", out_dir / "model_cards"
     cards_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, "report")
 
     summary = Section(
         "Summary",
@@ -792,7 +817,9 @@ def build_report(
         card = model_card(run)
         card_sections += card
         card_path = cards_dir / f"{name}.md"
-        card_path.write_text(to_markdown(f"Model card: {run.name}", card, cards_dir))
+        atomic_write_text(
+            card_path, printable(to_markdown(f"Model card: {run.name}", card, cards_dir))
+        )
         card_paths.append(card_path)
     sections.append(
         Section(
@@ -803,8 +830,8 @@ def build_report(
     sections += card_sections
 
     markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    markdown_path.write_text(to_markdown(title, sections, out_dir))
-    html_path.write_text(to_html(title, sections))
+    atomic_write_text(markdown_path, printable(to_markdown(title, sections, out_dir)))
+    atomic_write_text(html_path, printable(to_html(title, sections)))
     figures = sorted(figures_dir.glob("*.png")) if figures_dir.exists() else []
     return ReportFiles(markdown_path, html_path, figures, card_paths)
 

@@ -139,7 +139,10 @@ class Trainer:
         self.run_path = Path(run_dir) if run_dir is not None else config.run_dir
         self.checkpoint_dir = self.run_path / "checkpoints"
         self.run: RunDirectory | None = None
-        # Restored before the run folder is touched: an unusable checkpoint changes nothing.
+        # Checked, then restored, before the run folder is touched: a changed config or an
+        # unusable checkpoint changes nothing.
+        if self.dist.is_main:  # the rank that opens the run folder
+            RunDirectory(self.run_path).check(config.to_dict(), resume=resume, overwrite=overwrite)
         restored = state.restore_state(self) if resume else False
         if self.dist.is_main:
             self.run = RunDirectory.open(
