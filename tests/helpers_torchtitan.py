@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torchtitan.models.common.config_utils import (
     make_moe_config,
     make_routed_experts_config,
@@ -30,11 +31,17 @@ class Float32GroupedExperts(GroupedExperts):
         pass
 
     def forward(self, x_RD, num_tokens_per_expert_E):
+        w1, w2, w3 = (_local(w) for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD))
         offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
-        gate_RF = self._grouped_mm(A=x_RD, B_t=self.w1_EFD.transpose(-2, -1), offs=offsets_E)
-        up_RF = self._grouped_mm(A=x_RD, B_t=self.w3_EFD.transpose(-2, -1), offs=offsets_E)
+        gate_RF = self._grouped_mm(A=x_RD, B_t=w1.transpose(-2, -1), offs=offsets_E)
+        up_RF = self._grouped_mm(A=x_RD, B_t=w3.transpose(-2, -1), offs=offsets_E)
         hidden_RF = F.silu(gate_RF) * up_RF
-        return self._grouped_mm(A=hidden_RF, B_t=self.w2_EDF.transpose(-2, -1), offs=offsets_E)
+        return self._grouped_mm(A=hidden_RF, B_t=w2.transpose(-2, -1), offs=offsets_E)
+
+
+def _local(weight):
+    """The local shard of an expert-parallel (DTensor) weight, as torchtitan's experts take."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def moe_config(*, fp32_experts: bool = True, expert_bias: bool = False, score_func="softmax"):

@@ -139,7 +139,7 @@ class MPIGate(Linear):
         parallelism every rank powers its own experts' rows, then R_eff is all-gathered."""
         rows_ED = self.weight.full_tensor() if isinstance(self.weight, DTensor) else self.weight
         matrix = self.drive_matrix()
-        gather = partial_sum = None
+        gather = partial_sum = split = None
         if isinstance(matrix, DTensor):
             mesh, placements = matrix.device_mesh, matrix.placements
             for dim, placement in enumerate(placements):
@@ -147,10 +147,11 @@ class MPIGate(Linear):
                     n_local = matrix.to_local().shape[0]
                     first = mesh.get_local_rank(dim) * n_local
                     rows_ED = rows_ED[first : first + n_local]
-                    gather = (mesh, dim)
+                    gather = mesh.get_group(dim)
                 elif placement == Shard(1):  # F split: A_eᵀA_e r_e is a sum over ranks
-                    group = (mesh, dim)
-                    partial_sum = lambda t, g=group: funcol.all_reduce(t, "sum", g)  # noqa: E731
+                    split = mesh.get_group(dim)
+                    rows_ED = _GroupSum.apply(split, rows_ED, False, True, 1.0)
+                    partial_sum = partial(_sum_partial, split)
             matrix = matrix.to_local()
         o = self.options
         effective_ED = mpi_rows(
@@ -163,8 +164,11 @@ class MPIGate(Linear):
             detach_experts=o["detach_experts"],
             sum_partial=partial_sum,
         )
-        if gather is not None:
-            effective_ED = funcol.all_gather_tensor_autograd(effective_ED, 0, gather)
+        if split is not None:
+            scale = 1.0 / dist.get_world_size(split)
+            effective_ED = _GroupSum.apply(split, effective_ED, False, False, scale)
+        if gather is not None:  # backward: reduce-scatter of the rows' gradients
+            effective_ED = funcol.all_gather_single_autograd(effective_ED.contiguous(), 0, gather)
         return effective_ED
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (the name torchtitan shards)
@@ -172,6 +176,34 @@ class MPIGate(Linear):
         x = input.to(torch.promote_types(input.dtype, torch.float32))
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x, weight_ED.to(x.dtype))
+
+
+class _GroupSum(torch.autograd.Function):
+    """Identity or all-reduce (sum) over ``group`` forward; the gradient all-reduced (or not)
+    and scaled by ``grad_scale`` backward. The three conjugates of expert tensor parallelism
+    (every rank of the group holds the same tokens, rows and loss; only A_e's F rows differ):
+    entering the power step (identity; gradient summed: each rank's A_eⁱ adds its part),
+    after each partial step (sum; gradient summed: it flows into the next step's partial), and
+    leaving (identity; gradient ÷ N, undoing the last sum's copy of a replicated gradient)."""
+
+    @staticmethod
+    def forward(ctx, group, tensor: Tensor, forward_sum: bool, backward_sum: bool, grad_scale):
+        ctx.group, ctx.backward_sum, ctx.grad_scale = group, backward_sum, grad_scale
+        tensor = tensor.clone()
+        if forward_sum:
+            dist.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad * ctx.grad_scale
+        if ctx.backward_sum:
+            dist.all_reduce(grad, group=ctx.group)
+        return None, grad, None, None, None
+
+
+def _sum_partial(group: dist.ProcessGroup, partial_ED: Tensor) -> Tensor:
+    return _GroupSum.apply(group, partial_ED, True, True, 1.0)
 
 
 class MPIMoE(MoE):
