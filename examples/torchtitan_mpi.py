@@ -46,6 +46,7 @@ from moealign.engines.torchtitan import (
     AlignmentTerm,
     RoutingRecorder,
     mpi_moe_config,
+    router_grad_norms,
     routing_metrics,
     routing_summary,
 )
@@ -208,6 +209,7 @@ def train(
         lm_loss = cross_entropy_loss(logits, labels) / labels.numel()
         align_loss = term(task_ids, step)
         (lm_loss + align_loss).backward()
+        router_norms = router_grad_norms(model)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         stats = RoutingStats(LAYERS, EXPERTS, task_names=TASKS)
         stats.add(recorder.routing, task_ids)
@@ -219,7 +221,7 @@ def train(
         losses = {"loss": float(lm_loss + align_loss), "lm_loss": float(lm_loss)}
         losses |= {"grad_norm": float(grad_norm), "align_loss": float(align_loss)}
         losses |= {f"moealign/{k}": v for k, v in term.metrics().items()}
-        summary = routing_summary(stats, model)
+        summary = routing_summary(stats, model, grad_norms=router_norms)
         history.append(_publish(logger, summary, train_state.step, losses))
         checkpointer.save(train_state.step, last_step=train_state.step == steps)
     recorder.remove()

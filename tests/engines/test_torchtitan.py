@@ -13,13 +13,23 @@ pytest.importorskip("torchtitan")
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter  # noqa: E402
 
 from helpers_torchtitan import D, E, build, moe_config, moealign_twin  # noqa: E402
+from moealign.alignment.guardrails import RoutingGuardrail  # noqa: E402
+from moealign.alignment.loss import routing_alignment_loss  # noqa: E402
+from moealign.alignment.term import RoutingAlignment, RoutingPrior  # noqa: E402
+from moealign.config import GuardrailConfig  # noqa: E402
 from moealign.engines.torchtitan import (  # noqa: E402
+    AlignmentTerm,
     MPIGate,
     MPIMoE,
     RoutingRecorder,
     mpi_moe_config,
     precompute,
+    router_grad_norms,
+    routing_metrics,
+    routing_summary,
 )
+from moealign.evaluation.routing_stats import RoutingStats  # noqa: E402
+from moealign.optim.schedules import LambdaSchedule  # noqa: E402
 
 
 def float64_logits(moe, x_TD, scale, steps=1):
@@ -125,3 +135,36 @@ def test_precompute_routes_every_token_as_the_mpi_router_and_loads_into_stock():
     assert torch.equal(got[1].sort(-1).values, expected[1].sort(-1).values)
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[2], expected[2])
+
+
+def test_alignment_term_statistics_and_guardrail_read_torchtitans_routing():
+    """λ(t)·KL from the recorded full softmax, the statistics' names, the guardrail's action."""
+    moe = build(mpi_moe_config(moe_config()))
+    recorder = RoutingRecorder(moe)
+    schedule = LambdaSchedule(kind="warmup", target=0.2, warmup_steps=4)
+    alignment = RoutingAlignment(RoutingPrior("uniform", 1, E), schedule)
+    guardrail = RoutingGuardrail(
+        GuardrailConfig(policy="reduce_lambda", min_token_entropy=0.999, patience=1), E, alignment
+    )
+    term = AlignmentTerm(recorder, alignment, guardrail)
+    x = torch.randn(2, 6, D)
+    task_ids = torch.tensor([[0] * 6, [1] * 6])
+    moe(x)
+    loss = term(task_ids, step=2)
+    probs = torch.softmax(moe.router.gate(x).reshape(-1, E).double(), -1)
+    expected = 0.1 * routing_alignment_loss(
+        [probs], task_ids.reshape(-1), torch.full((1, E), 1 / E)
+    )
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-8)
+    loss.backward()
+    stats = RoutingStats(1, E, task_names=["a", "b"])
+    stats.add(recorder.routing, task_ids)
+    summary = routing_summary(stats, moe, grad_norms=router_grad_norms(moe))
+    metrics = routing_metrics(summary)
+    for name in ("max_vio", "max_vio_batch", "dead_experts", "usage_entropy", "token_entropy"):
+        assert f"moe/{name}" in metrics and f"moe/layer0/{name}" in metrics
+    assert metrics["moe/projection_alignment"] > metrics["moe/projection_alignment_raw"]
+    assert metrics["moe/router_grad_norm"] > 0
+    event = term.end_step(2, summary)  # token entropy < 0.999: unhealthy, λ halves
+    assert event["action"] == "lambda scale -> 0.5" and alignment.weight(4) == pytest.approx(0.1)
+    recorder.remove()

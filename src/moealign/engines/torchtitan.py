@@ -62,7 +62,9 @@ __all__ = [
     "mpi_moe_config",
     "precompute",
     "read_checkpoint",
+    "router_grad_norms",
     "routing_metrics",
+    "routing_summary",
 ]
 
 
@@ -113,7 +115,12 @@ class MPIGate(Linear):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        linear = {f.name for f in dataclasses.fields(Linear.Config)}
+        self.options = {
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in linear
+        }
         n_experts = config.out_features
         self.scale = config.logit_scale or config.c_prime / math.sqrt(n_experts)
         self.temperature = config.temperature
@@ -434,21 +441,36 @@ def projection_alignments(model: nn.Module, rows: str) -> list[float]:
     return values
 
 
+def router_grad_norms(model: nn.Module) -> Tensor:
+    """Per MoE layer ‖∇ router gate weight‖₂ (whole, also when sharded), as moealign's
+    ``router_grad_norm``: call it after the backward and before clipping."""
+    norms = []
+    for moe in moe_layers(model):
+        grad = moe.router.gate.weight.grad
+        if grad is None:
+            raise ValueError("router_grad_norms needs the gradients: call it after backward")
+        grad = grad.full_tensor() if isinstance(grad, DTensor) else grad
+        norms.append(torch.linalg.vector_norm(grad.double()))
+    return torch.stack(norms).cpu()
+
+
 def routing_summary(
-    stats: RoutingStats, model: nn.Module, group: dist.ProcessGroup | None = None
+    stats: RoutingStats,
+    model: nn.Module,
+    group: dist.ProcessGroup | None = None,
+    grad_norms: Tensor | None = None,
 ) -> RoutingSummary:
     """The window's :class:`~moealign.evaluation.routing_stats.RoutingSummary`: ``stats`` summed
     over ``group`` (the ranks that saw different tokens: data- and expert-parallel; default
     the whole world), with the projection alignment λ′ (effective rows) and raw λ of
-    ``model``'s weights. Every rank calls it (collectives)."""
+    ``model``'s weights and, when given, the :func:`router_grad_norms` (which a guardrail with
+    ``grad_spike_factor`` reads). Every rank calls it (collectives)."""
     stats.reduce(partial(_reduce_sum, group=group))
     summary = stats.summary()
-    summary.projection_alignment = torch.tensor(
-        projection_alignments(model, "effective"), dtype=torch.float64
-    )
-    summary.projection_alignment_raw = torch.tensor(
-        projection_alignments(model, "raw"), dtype=torch.float64
-    )
+    for name, rows in (("projection_alignment", "effective"), ("projection_alignment_raw", "raw")):
+        values = projection_alignments(model, rows)
+        setattr(summary, name, torch.tensor(values, dtype=torch.float64))
+    summary.router_grad_norm = grad_norms
     return summary
 
 
