@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,14 +34,13 @@ import torchtitan
 from common import RESULTS_DIR, device_name, write_results
 from moe_layer import seconds_round_robin
 from torch import Tensor, nn
-from torchtitan.models.common.config_utils import (
-    make_moe_config,
-    make_routed_experts_config,
-    make_router_config,
-)
 
-from moealign.engines.torchtitan import mpi_moe_config
-from moealign.nn import MoELayer
+from moealign.engines.torchtitan import (
+    moe_weights,
+    mpi_moe_config,
+    softmax_moe_config,
+    to_moe_layer,
+)
 
 RESULTS_PATH = RESULTS_DIR / "engine_torchtitan.json"
 # (experts, top-k, model width, expert width): coarse (Mixtral-like) and fine-grained.
@@ -51,44 +51,13 @@ OVERHEAD_GOAL = 1.01
 
 def torchtitan_moe(shape: tuple[int, int, int, int], mpi: bool, device, dtype) -> nn.Module:
     n_experts, top_k, d_model, d_ff = shape
-    init = {"weight": lambda w: nn.init.normal_(w, std=d_model**-0.5)}
-    config = make_moe_config(
-        num_experts=n_experts,
-        router=make_router_config(
-            dim=d_model,
-            num_experts=n_experts,
-            gate_param_init=init,
-            top_k=top_k,
-            score_func="softmax",
-            route_norm=True,
-        ),
-        routed_experts=make_routed_experts_config(
-            dim=d_model,
-            hidden_dim=d_ff,
-            num_experts=n_experts,
-            top_k=top_k,
-            param_init={name: init["weight"] for name in ("w1_EFD", "w2_EDF", "w3_EFD")},
-            comm_backend="standard",
-        ),
-        load_balance_coeff=None,
+    config = softmax_moe_config(
+        d_model, d_ff, n_experts, top_k, param_init=partial(nn.init.normal_, std=d_model**-0.5)
     )
     torch.manual_seed(0)
     moe = (mpi_moe_config(config) if mpi else config).build()
     moe.init_states()
     return moe.to(device=device, dtype=dtype)
-
-
-def moealign_layer(reference: nn.Module, shape, router: str, device, dtype) -> MoELayer:
-    """moealign's MoELayer holding ``reference``'s (a torchtitan MoE's) weights."""
-    n_experts, top_k, d_model, d_ff = shape
-    layer = MoELayer(d_model, d_ff, n_experts, top_k, router=router).to(device, dtype)
-    experts = reference.routed_experts.inner_experts
-    with torch.no_grad():
-        layer.router.weight.copy_(reference.router.gate.weight)
-        layer.experts.w_gate.copy_(experts.w1_EFD)
-        layer.experts.w_up.copy_(experts.w3_EFD)
-        layer.experts.w_down.copy_(experts.w2_EDF)
-    return layer
 
 
 def training_step(module: nn.Module, x: Tensor, grad_y: Tensor) -> Callable[[], None]:
@@ -119,11 +88,12 @@ def measure(
     for name in shapes:
         shape = SHAPES[name]
         stock = torchtitan_moe(shape, False, device, dtype)
+        weights, top_k = moe_weights(stock), shape[1]
         modules = {
             "torchtitan": stock,
             "torchtitan_mpi": torchtitan_moe(shape, True, device, dtype),
-            "moealign": moealign_layer(stock, shape, "softmax_topk", device, dtype),
-            "moealign_mpi": moealign_layer(stock, shape, "mpi", device, dtype),
+            "moealign": to_moe_layer(weights, top_k, "softmax_topk").to(device, dtype),
+            "moealign_mpi": to_moe_layer(weights, top_k, "mpi").to(device, dtype),
         }
         generator = torch.Generator().manual_seed(1)
         x = torch.randn(1, tokens, shape[2], generator=generator).to(device, dtype)

@@ -30,12 +30,7 @@ from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 from torchtitan.models.common import CosSinRoPE, Embedding, Linear
 from torchtitan.models.common.attention import ScaledDotProductAttention
-from torchtitan.models.common.config_utils import (
-    make_gqa_config,
-    make_moe_config,
-    make_routed_experts_config,
-    make_router_config,
-)
+from torchtitan.models.common.config_utils import make_gqa_config
 from torchtitan.models.common.nn_modules import RMSNorm
 from torchtitan.models.qwen3 import Qwen3Model
 from torchtitan.models.qwen3.model import Qwen3TransformerBlock
@@ -49,6 +44,7 @@ from moealign.engines.torchtitan import (
     router_grad_norms,
     routing_metrics,
     routing_summary,
+    softmax_moe_config,
 )
 from moealign.evaluation.routing_stats import RoutingStats
 from moealign.optim.schedules import LambdaSchedule
@@ -57,7 +53,6 @@ VOCAB, DIM, LAYERS, EXPERTS, TOP_K, HIDDEN, HEADS = 64, 32, 2, 8, 2, 32, 4
 BATCH, SEQ_LEN, TASK_STEPS = 8, 16, (1, 3, 5)
 TASKS = tuple(f"count_by_{step}" for step in TASK_STEPS)
 INIT = {"weight": partial(nn.init.normal_, std=0.02), "bias": nn.init.zeros_}
-EXPERT_INIT = {name: INIT["weight"] for name in ("w1_EFD", "w2_EDF", "w3_EFD")}
 
 
 def tiny_qwen3_moe(mpi_options: dict | None = None) -> Qwen3Model.Config:
@@ -71,26 +66,7 @@ def tiny_qwen3_moe(mpi_options: dict | None = None) -> Qwen3Model.Config:
         )
 
     def moe():
-        config = make_moe_config(
-            num_experts=EXPERTS,
-            router=make_router_config(
-                dim=DIM,
-                num_experts=EXPERTS,
-                gate_param_init=INIT,
-                top_k=TOP_K,
-                score_func="softmax",
-                route_norm=True,
-            ),
-            routed_experts=make_routed_experts_config(
-                dim=DIM,
-                hidden_dim=HIDDEN,
-                num_experts=EXPERTS,
-                top_k=TOP_K,
-                param_init=EXPERT_INIT,
-                comm_backend="standard",
-            ),
-            load_balance_coeff=None,
-        )
+        config = softmax_moe_config(DIM, HIDDEN, EXPERTS, TOP_K, param_init=INIT["weight"])
         return config if mpi_options is None else mpi_moe_config(config, **mpi_options)
 
     head_dim = DIM // HEADS

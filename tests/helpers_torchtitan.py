@@ -7,18 +7,16 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-from torchtitan.models.common.config_utils import (
-    make_moe_config,
-    make_routed_experts_config,
-    make_router_config,
-)
 from torchtitan.models.common.moe import GroupedExperts
 
+from moealign.engines.torchtitan import moe_weights, softmax_moe_config, to_moe_layer
 from moealign.nn.moe import MoELayer
 
 D, FF, E, K = 16, 24, 8, 2
-INIT = {"weight": lambda w: torch.nn.init.normal_(w, std=0.3)}
-EXPERT_INIT = {name: INIT["weight"] for name in ("w1_EFD", "w2_EDF", "w3_EFD")}
+
+
+def init_weight(weight):
+    return torch.nn.init.normal_(weight, std=0.3)
 
 
 class Float32GroupedExperts(GroupedExperts):
@@ -44,42 +42,23 @@ def _local(weight):
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
-def moe_config(*, fp32_experts: bool = True, expert_bias: bool = False, score_func="softmax"):
-    """A stock torchtitan ``MoE.Config``: softmax scores renormalised over the top-K (moealign's
-    ``normalize_topk``), no shared expert."""
-    router = make_router_config(
-        dim=D,
-        num_experts=E,
-        gate_param_init=INIT,
-        top_k=K,
-        score_func=score_func,
-        route_norm=True,
-    )
-    routed = make_routed_experts_config(
-        dim=D,
-        hidden_dim=FF,
-        num_experts=E,
-        top_k=K,
-        param_init=EXPERT_INIT,
-        comm_backend="standard",
+def moe_config(*, fp32_experts: bool = True, expert_bias: bool = False):
+    """A stock torchtitan ``MoE.Config`` routed as moealign's ``MoELayer``; with
+    ``fp32_experts`` its experts compute in fp32 (:class:`Float32GroupedExperts`)."""
+    config = softmax_moe_config(
+        D, FF, E, K, param_init=init_weight, load_balance_coeff=1e-3 if expert_bias else None
     )
     if fp32_experts:
-        inner = routed.inner_experts
-        routed = dataclasses.replace(
-            routed,
-            inner_experts=Float32GroupedExperts.Config(
-                dim=inner.dim,
-                hidden_dim=inner.hidden_dim,
-                num_experts=inner.num_experts,
-                param_init=inner.param_init,
-            ),
+        inner = config.routed_experts.inner_experts
+        fp32 = Float32GroupedExperts.Config(
+            dim=inner.dim,
+            hidden_dim=inner.hidden_dim,
+            num_experts=inner.num_experts,
+            param_init=inner.param_init,
         )
-    return make_moe_config(
-        num_experts=E,
-        router=router,
-        routed_experts=routed,
-        load_balance_coeff=1e-3 if expert_bias else None,
-    )
+        routed = dataclasses.replace(config.routed_experts, inner_experts=fp32)
+        config = dataclasses.replace(config, routed_experts=routed)
+    return config
 
 
 def build(config, seed: int = 0):
@@ -91,11 +70,4 @@ def build(config, seed: int = 0):
 
 def moealign_twin(moe, **router_options) -> MoELayer:
     """moealign's ``MoELayer`` (router ``mpi``) holding the torchtitan layer's weights."""
-    layer = MoELayer(D, FF, E, K, router="mpi", **router_options)
-    experts = moe.routed_experts.inner_experts
-    with torch.no_grad():
-        layer.router.weight.copy_(moe.router.gate.weight)
-        layer.experts.w_gate.copy_(experts.w1_EFD)
-        layer.experts.w_up.copy_(experts.w3_EFD)
-        layer.experts.w_down.copy_(experts.w2_EDF)
-    return layer
+    return to_moe_layer(moe_weights(moe), K, "mpi", **router_options)

@@ -13,8 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 pytest.importorskip("torchtitan")
 
-from moealign.engines.torchtitan import read_checkpoint  # noqa: E402
-from moealign.nn.moe import MoELayer  # noqa: E402
+from moealign.engines.torchtitan import read_checkpoint, to_moe_layer  # noqa: E402
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "torchtitan_mpi.py"
 
@@ -78,10 +77,8 @@ def test_dcp_checkpoint_reads_into_moealigns_layout(example, full_run):
     assert sorted(layers) == ["layers.0.moe", "layers.1.moe"]
     weights = layers["layers.1.moe"]
     assert weights["router"].shape == (example.EXPERTS, example.DIM)
-    layer = MoELayer(example.DIM, example.HIDDEN, example.EXPERTS, example.TOP_K, router="mpi")
-    layer.router.weight.data.copy_(weights["router"])
-    for name in ("w_gate", "w_up", "w_down"):
-        getattr(layer.experts, name).data.copy_(weights[name])
+    assert weights["w_gate"].shape == (example.EXPERTS, example.HIDDEN, example.DIM)
+    layer = to_moe_layer(weights, example.TOP_K, "mpi")
     model = example.tiny_qwen3_moe({"c_prime": 4.0}).build()
     state = model.state_dict()  # loaded by DCP itself, the independent path
     dcp.load(state, checkpoint_id=str(out / "checkpoint" / "step-50"), no_dist=True)

@@ -41,6 +41,11 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
+from torchtitan.models.common.config_utils import (
+    make_moe_config,
+    make_routed_experts_config,
+    make_router_config,
+)
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import MoE
 
@@ -50,7 +55,7 @@ from moealign.evaluation import diagnostics
 from moealign.evaluation.routing_stats import RoutingStats, RoutingSummary
 from moealign.nn.experts import count_slots_per_expert
 from moealign.nn.losses import load_balance_loss, z_loss
-from moealign.nn.moe import RoutingInfo
+from moealign.nn.moe import MoELayer, RoutingInfo
 from moealign.nn.routers import MPI_EXPERT_MATRICES, OptionError, mpi_rows
 
 __all__ = [
@@ -59,13 +64,20 @@ __all__ = [
     "MPIMoE",
     "RoutingRecorder",
     "moe_layers",
+    "moe_weights",
     "mpi_moe_config",
     "precompute",
     "read_checkpoint",
     "router_grad_norms",
     "routing_metrics",
     "routing_summary",
+    "softmax_moe_config",
+    "to_moe_layer",
 ]
+
+
+# torchtitan's GroupedExperts parameters → moealign's SwiGLUExperts ones (the same layouts)
+_EXPERT_KEYS = {"w1_EFD": "w_gate", "w3_EFD": "w_up", "w2_EDF": "w_down"}
 
 
 class MPIGate(Linear):
@@ -249,6 +261,42 @@ def mpi_moe_config(moe_config: MoE.Config, **mpi_options) -> MPIMoE.Config:
     router = dataclasses.replace(moe_config.router, gate=mpi_gate)
     fields = {f.name: getattr(moe_config, f.name) for f in dataclasses.fields(MoE.Config)}
     return MPIMoE.Config(**(fields | {"router": router}))
+
+
+def softmax_moe_config(
+    dim: int,
+    hidden_dim: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    param_init: Callable[[Tensor], object],
+    load_balance_coeff: float | None = None,
+) -> MoE.Config:
+    """torchtitan's ``MoE.Config`` routed as moealign's ``MoELayer``: softmax scores over all E
+    experts, renormalised over the top-K (``route_norm``), no shared expert, torchtitan's
+    all-to-all dispatcher (local without expert parallelism); every weight initialised by
+    ``param_init``; ``load_balance_coeff`` turns on torchtitan's expert bias."""
+    init = {"weight": param_init}
+    return make_moe_config(
+        num_experts=num_experts,
+        router=make_router_config(
+            dim=dim,
+            num_experts=num_experts,
+            gate_param_init=init,
+            top_k=top_k,
+            score_func="softmax",
+            route_norm=True,
+        ),
+        routed_experts=make_routed_experts_config(
+            dim=dim,
+            hidden_dim=hidden_dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            param_init={name: param_init for name in _EXPERT_KEYS},
+            comm_backend="standard",
+        ),
+        load_balance_coeff=load_balance_coeff,
+    )
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -489,8 +537,6 @@ def routing_metrics(summary: RoutingSummary, prefix: str = "moe/") -> dict[str, 
 
 # --------------------------------------------------------------------------- checkpoints
 
-_EXPERT_KEYS = {"w1_EFD": "w_gate", "w3_EFD": "w_up", "w2_EDF": "w_down"}
-
 
 def read_checkpoint(path: str | Path) -> dict[str, dict[str, Tensor]]:
     """The MoE weights of a torchtitan checkpoint, in moealign's layout (DESIGN.md §2, §10).
@@ -517,6 +563,39 @@ def read_checkpoint(path: str | Path) -> dict[str, dict[str, Tensor]]:
     if not layers:
         raise ValueError(f"{path}: no torchtitan MoE weights (…router.gate.weight) found")
     return layers
+
+
+def moe_weights(moe: MoE) -> dict[str, Tensor]:
+    """A live torchtitan ``MoE``'s weights under :func:`read_checkpoint`'s names (whole
+    tensors, detached)."""
+    experts = moe.routed_experts.inner_experts
+    weights = {"router": moe.router.gate.weight}
+    weights |= {name: getattr(experts, key) for key, name in _EXPERT_KEYS.items()}
+    if moe.expert_bias_E is not None:
+        weights["expert_bias"] = moe.expert_bias_E
+    return {
+        name: (w.full_tensor() if isinstance(w, DTensor) else w).detach()
+        for name, w in weights.items()
+    }
+
+
+def to_moe_layer(
+    weights: Mapping[str, Tensor], top_k: int, router: str = "mpi", **router_options
+) -> MoELayer:
+    """moealign's ``MoELayer`` holding one torchtitan MoE layer's ``weights`` (an entry of
+    :func:`read_checkpoint` or :func:`moe_weights`); ``router`` and ``router_options`` as
+    ``MoELayer``'s (``expert_bias`` is set when the weights hold one)."""
+    n_experts, d_ff, d_model = weights["w_gate"].shape
+    if "expert_bias" in weights:
+        router_options.setdefault("expert_bias", True)
+    layer = MoELayer(d_model, d_ff, n_experts, top_k, router=router, **router_options)
+    with torch.no_grad():
+        layer.router.weight.copy_(weights["router"])
+        for name in _EXPERT_KEYS.values():
+            getattr(layer.experts, name).copy_(weights[name])
+        if "expert_bias" in weights and layer.router.expert_bias is not None:
+            layer.router.expert_bias.copy_(weights["expert_bias"])
+    return layer
 
 
 def _read_dcp(path: Path) -> dict[str, Tensor]:
