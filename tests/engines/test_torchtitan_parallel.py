@@ -2,7 +2,8 @@
 (DESIGN.md §10): experts sharded ``Shard(0)`` over an ``ep`` mesh and dispatched by torchtitan's
 own ``AllToAllTokenDispatcher``; each rank powers its own experts' router rows and R_eff is
 all-gathered. Also expert tensor parallelism (``w1_EFD`` split on F, ``Shard(1)``): the partial
-power products are all-reduced."""
+power products are all-reduced; and the router on a sequence-split DTensor input with a
+replicated gate weight, as torchtitan's expert-parallel sharding plan runs it."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ OPTIONS = {"c_prime": 2.0, "power_steps": 2}
 
 def inputs():
     generator = torch.Generator().manual_seed(7)
-    x = torch.randn(WORLD, 3, 5, D, generator=generator)
+    x = torch.randn(WORLD, 3, 4, D, generator=generator)  # L even: split over the ranks
     return x, torch.randn(x.shape, generator=generator)
 
 
@@ -70,6 +71,7 @@ def gradients(moe) -> dict:
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torchtitan.distributed.utils import set_spmd_backend
 
     set_local_rank_environment(rank, WORLD, port)
@@ -86,6 +88,21 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     results["ep"] = run(moe, x[rank], grad[rank]) | gradients(moe)
     results["ep"]["alignment"] = projection_alignments(moe, "effective")
     dist.all_reduce(results["ep"]["gate_grad"])  # the data-parallel sum over the ranks' tokens
+    # the router as torchtitan's EP plan runs it: gate weight replicated, input split on L
+    moe = build(mpi_moe_config(moe_config(), **OPTIONS))
+    shard_experts(moe, mesh, 0)
+    gate = moe.router.gate
+    gate.weight = torch.nn.Parameter(distribute_tensor(gate.weight.data, mesh, [Replicate()]))
+    x_BLD = distribute_tensor(x.flatten(0, 1), mesh, [Shard(1)])
+    scores_BLE = moe.router(x_BLD, None)[2]
+    local_grad = gate_grad_logits().tensor_split(WORLD, dim=1)[rank]
+    (scores_BLE.to_local() * local_grad).sum().backward()
+    split_grad = gate.weight.grad.to_local().clone()
+    dist.all_reduce(split_grad)  # the data-parallel sum over the ranks' tokens
+    results["sequence_split"] = {
+        "scores": scores_BLE.full_tensor().detach(),
+        "gate_grad": split_grad,
+    }
     # expert tensor parallel: every rank the same tokens, F split
     moe = build(mpi_moe_config(moe_config(), **OPTIONS))
     shard_experts(moe, mesh, 1)
@@ -95,7 +112,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
 
 
 def gate_grad_logits():
-    return torch.randn(WORLD * 3, 5, E, generator=torch.Generator().manual_seed(3))
+    return torch.randn(WORLD * 3, 4, E, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.slow
@@ -108,6 +125,9 @@ def test_two_ranks_equal_one_process(tmp_path):
     alignment = projection_alignments(moe, "effective")
     moe = build(mpi_moe_config(moe_config(), **OPTIONS))
     gate = run_gate(moe, x.flatten(0, 1), gate_grad_logits()) | gradients(moe)
+    moe = build(mpi_moe_config(moe_config(), **OPTIONS))
+    scores_BLE = moe.router(x.flatten(0, 1), None)[2]
+    (scores_BLE * gate_grad_logits()).sum().backward()
     for rank, got in enumerate(ranks):
         ep, etp = got["ep"], got["etp"]
         for name in ("y", "logits", "x_grad"):  # rank r holds batch r
@@ -118,3 +138,8 @@ def test_two_ranks_equal_one_process(tmp_path):
             torch.testing.assert_close(etp[name], gate[name], rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(etp["logits"], gate["logits"], rtol=1e-5, atol=1e-6)
         assert ep["alignment"] == pytest.approx(alignment, rel=1e-5)
+        split = got["sequence_split"]
+        torch.testing.assert_close(split["scores"], scores_BLE.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            split["gate_grad"], moe.router.gate.weight.grad, rtol=1e-4, atol=1e-5
+        )

@@ -191,8 +191,19 @@ class MPIGate(Linear):
         return effective_ED
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (the name torchtitan shards)
+        """Logits x R_effᵀ in fp32 (or wider). A DTensor input (torchtitan's sequence-split
+        router input under expert parallelism) is scored shard by shard and returned with its
+        placements; the gate's gradient is then each rank's own tokens' part, summed by the
+        data-parallel reduction as in the plain-tensor case."""
         weight_ED = self.effective_weight()
-        x = input.to(torch.promote_types(input.dtype, torch.float32))
+        if isinstance(input, DTensor):
+            local = self._logits(input.to_local(), weight_ED)
+            return DTensor.from_local(local, input.device_mesh, input.placements)
+        return self._logits(input, weight_ED)
+
+    @staticmethod
+    def _logits(x: Tensor, weight_ED: Tensor) -> Tensor:
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x, weight_ED.to(x.dtype))
 
