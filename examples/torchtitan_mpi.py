@@ -15,7 +15,6 @@ every token in the batch. docs/engines.md "torchtitan" runs this file; tests/eng
 from __future__ import annotations
 
 import argparse
-import json
 from functools import partial
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from moealign.engines.torchtitan import (
     softmax_moe_config,
 )
 from moealign.evaluation.routing_stats import RoutingStats
+from moealign.io import append_jsonl
 from moealign.optim.schedules import LambdaSchedule
 
 VOCAB, DIM, LAYERS, EXPERTS, TOP_K, HIDDEN, HEADS = 64, 32, 2, 8, 2, 32, 4
@@ -194,8 +194,9 @@ def train(
         optimizers.zero_grad()
         term.end_step(step)
         train_state.step = step + 1
-        losses = {"loss": float(lm_loss + align_loss), "lm_loss": float(lm_loss)}
-        losses |= {"grad_norm": float(grad_norm), "align_loss": float(align_loss)}
+        lm_value, align_value = float(lm_loss.detach()), float(align_loss.detach())
+        losses = {"loss": lm_value + align_value, "lm_loss": lm_value, "align_loss": align_value}
+        losses["grad_norm"] = float(grad_norm)
         losses |= {f"moealign/{k}": v for k, v in term.metrics().items()}
         summary = routing_summary(stats, model, grad_norms=router_norms)
         history.append(_publish(logger, summary, train_state.step, losses))
@@ -243,13 +244,18 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=20)
     args = parser.parse_args()
     history = train(args.out, args.steps, checkpoint_every=args.checkpoint_every)
+    if not history:
+        print(f"{args.out} already holds all {args.steps} steps")
+        return
     keys = ("lm_loss", "moe/projection_alignment", "moe/max_vio", "moe/token_entropy")
     print(f"{'step':>5} " + " ".join(f"{key:>26}" for key in keys))
-    for row in history[:: max(1, len(history) // 6)] + history[-1:]:
-        print(
-            f"{row['step']:>5} " + " ".join(f"{row.get(key, float('nan')):>26.4f}" for key in keys)
-        )
-    (Path(args.out) / "history.json").write_text(json.dumps(history, indent=1))
+    every = max(1, len(history) // 6)
+    for index, row in enumerate(history):
+        if index % every == 0 or index == len(history) - 1:
+            cells = (f"{row[key]:>26.4f}" if key in row else f"{'-':>26}" for key in keys)
+            print(f"{row['step']:>5} " + " ".join(cells))
+    for row in history:  # a resumed run adds its steps to the file
+        append_jsonl(Path(args.out) / "metrics.jsonl", row)
 
 
 if __name__ == "__main__":
