@@ -129,12 +129,10 @@ def train(
     mpi_options: dict | None = None,
     lambda_target: float = 0.1,
     checkpoint_every: int = 0,
-    stop_at: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, float]]:
     """Train (resuming from the last checkpoint in ``out_dir``/checkpoint, if any) up to
-    ``steps`` (or only up to ``stop_at``, as a pre-empted job would: the learning-rate schedule
-    still spans ``steps``); return the metrics of the steps run (also written to TensorBoard by
+    ``steps``; return the metrics of the steps run (also written to TensorBoard by
     torchtitan's logger under ``out_dir``/tb)."""
     own_group = ensure_process_group()
     mpi_options = {"c_prime": 4.0} if mpi_options is None else mpi_options
@@ -176,7 +174,7 @@ def train(
     checkpointer.load()
     logger = TensorBoardLogger(str(Path(out_dir) / "tb"))
     history = []
-    while train_state.step < min(steps, stop_at or steps):
+    while train_state.step < steps:
         step = train_state.step
         inputs, labels, task_ids = task_batch(step, seed)
         if step == 0:  # the statistics (λ′ above all) before any update
