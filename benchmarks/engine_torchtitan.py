@@ -13,10 +13,14 @@ auxiliary losses) of
   ``mpi``) holding the same weights.
 
 Reported: the median seconds of each over ``--repeats`` round-robin rounds (so load from other
-processes hits every variant alike), tokens/s, and the MPI overhead ratio of each engine
-(goal ≤ 1.01). torchtitan's experts cast every operand to bf16 whatever the parameters' dtype
-(its ``GroupedExperts.forward``), so on CPU in fp32 the torchtitan rows run bf16 expert
-matmuls and moealign's fp32 ones; on CUDA everything runs bf16.
+processes hits every variant alike) and tokens/s; the MPI overhead of each engine as the
+median (and quartiles) of per-round ratios t(MPI)/t(own router) of adjacent runs in
+alternating order (goal ≤ 1.01); and the power step's own forward+backward time as a share of
+the layer's step with its own router (the only work an MPI router adds: the same computation in
+both engines, a few memory passes over the E·F·D gate weights whatever the token count).
+torchtitan's experts cast every operand to bf16 whatever the parameters' dtype (its
+``GroupedExperts.forward``), so on CPU in fp32 the torchtitan rows run bf16 expert matmuls
+and moealign's fp32 ones; on CUDA everything runs bf16.
 
     PYTHONPATH=src python3 benchmarks/engine_torchtitan.py [--quick] [--out PATH]
 """
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torchtitan
-from common import RESULTS_DIR, device_name, write_results
+from common import RESULTS_DIR, device_name, wall_seconds, write_results
 from moe_layer import seconds_round_robin
 from torch import Tensor, nn
 
@@ -73,8 +77,31 @@ def training_step(module: nn.Module, x: Tensor, grad_y: Tensor) -> Callable[[], 
     return step
 
 
+def paired_ratios(
+    stock: Callable[[], None], mpi: Callable[[], None], device: torch.device, rounds: int
+) -> list[float]:
+    """Per round t(mpi)/t(stock) of two adjacent runs, their order alternating between rounds,
+    so that load from other processes, which drifts over seconds, hits both alike."""
+    ratios = []
+    for round_index in range(rounds):
+        order = (stock, mpi) if round_index % 2 == 0 else (mpi, stock)
+        seconds = {step: wall_seconds(step, device) for step in order}
+        ratios.append(seconds[mpi] / seconds[stock])
+    return ratios
+
+
+def power_step(moe: nn.Module) -> Callable[[], None]:
+    """The work the MPI gate adds: R_eff = C·retract(AᵀA r) forward and backward."""
+
+    def step() -> None:
+        moe.zero_grad(set_to_none=True)
+        moe.router.gate.effective_weight().sum().backward()
+
+    return step
+
+
 def measure(
-    tokens: int = 2048,
+    tokens: int = 4096,
     shapes: tuple[str, ...] = tuple(SHAPES),
     repeats: int = 5,
     warmup: int = 1,
@@ -102,38 +129,53 @@ def measure(
         steps = {v: training_step(m, x, grad_y) for v, m in modules.items()}
         times = seconds_round_robin(steps, device, repeats, warmup)
         seconds = {variant: statistics.median(values) for variant, values in times.items()}
+        power = statistics.median(
+            wall_seconds(power_step(modules["torchtitan_mpi"]), device) for _ in range(repeats)
+        )
         for variant in VARIANTS:
             own = variant.removesuffix("_mpi")
-            rows.append(
-                {
-                    "shape": name,
-                    "experts_topk_d_model_d_ff": list(shape),
-                    "variant": variant,
-                    "seconds": seconds[variant],
-                    "tokens_per_s": tokens / seconds[variant],
-                    "mpi_overhead": seconds[variant] / seconds[own] if own != variant else None,
-                    "device": device_name(device),
-                    "dtype": str(dtype).removeprefix("torch."),
+            row = {
+                "shape": name,
+                "experts_topk_d_model_d_ff": list(shape),
+                "variant": variant,
+                "seconds": seconds[variant],
+                "tokens_per_s": tokens / seconds[variant],
+                "mpi_overhead": None,
+                "device": device_name(device),
+                "dtype": str(dtype).removeprefix("torch."),
+            }
+            if own != variant:
+                ratios = paired_ratios(steps[own], steps[variant], device, repeats)
+                quartiles = statistics.quantiles(ratios, n=4)
+                row |= {
+                    "mpi_overhead": statistics.median(ratios),
+                    "mpi_overhead_quartiles": [quartiles[0], quartiles[2]],
+                    "power_step_seconds": power,
+                    "power_step_share": power / seconds[own],
                 }
-            )
+            rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
-    print(f"{'shape':<8} {'variant':<16} {'seconds':>9} {'tokens/s':>10} {'MPI overhead':>13}")
+    columns = f"{'MPI overhead (quartiles)':>26} {'power step share':>17}"
+    print(f"{'shape':<8} {'variant':<16} {'seconds':>9} {'tokens/s':>10} {columns}")
     for row in rows:
-        overhead = row["mpi_overhead"]
-        ratio = f"{overhead:.3f}" if overhead is not None else ""
+        overhead = share = ""
+        if row["mpi_overhead"] is not None:
+            low, high = row["mpi_overhead_quartiles"]
+            overhead = f"{row['mpi_overhead']:.3f} ({low:.3f}-{high:.3f})"
+            share = f"{row['power_step_share']:.2%}"
         print(
             f"{row['shape']:<8} {row['variant']:<16} {row['seconds']:>9.4f} "
-            f"{row['tokens_per_s']:>10.0f} {ratio:>13}"
+            f"{row['tokens_per_s']:>10.0f} {overhead:>26} {share:>17}"
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="256 tokens, 3 rounds")
