@@ -31,7 +31,8 @@ def here(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("name", "local"),
     [
-        ("hf/missing", True),  # its first part is a folder here
+        ("hf/missing", True),
+        ("nothere/model", True),  # a path separator: local, though no folder nothere/ exists
         ("./model", True),
         ("../model", True),
         ("/abs/model", True),
@@ -41,7 +42,8 @@ def here(tmp_path, monkeypatch):
         ("a\\b", True),
         ("t.txt", True),  # exists
         ("gpt2", False),
-        ("allenai/OLMoE-1B-7B-0924", False),  # no folder allenai/ here: a Hub id
+        ("allenai/OLMoE-1B-7B-0924", True),  # org/name is a path unless written hub:...
+        ("hub:allenai/OLMoE-1B-7B-0924", False),
     ],
 )
 def test_which_names_look_local(here, name, local):
@@ -55,6 +57,7 @@ def test_a_missing_local_path_is_refused_naming_it(here):
         pretrained_location("hf/missing", "--hf-model")
     assert pretrained_location("hf", "x") == "hf" and pretrained_location("gpt2", "x") == "gpt2"
     assert pretrained_location(Path("hf"), "x") == "hf"
+    assert pretrained_location("hub:org/name", "x") == "org/name"
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ is about a minute of retries before an error, for what was only a mistyped local
 *looks local* when
 
 * it exists (a folder or a file), or
-* it starts with ``.``, ``/`` or ``~``, or holds ``\\``, or has more than one ``/`` or a
-  trailing one (a Hub id is ``name`` or ``org/name``), or
-* its first component is an existing folder (``runs/x`` where ``runs/`` is here): a path inside
-  a folder of this machine, not a Hub organisation.
+* it starts with ``.``, ``/`` or ``~``, or
+* it holds a path separator (``/`` or ``\\``): ``runs/model``, ``hf/missing``.
 
 A name that looks local and does not exist is refused at once (:class:`ConfigError` naming the
-field and the path); the Hub is only asked for ``name`` or ``org/name`` with no such folder.
+field and the path). The Hub is asked only for a bare ``name`` (``gpt2``) or for a name written
+with the prefix :data:`HUB_PREFIX` (``hub:org/name``): a Hub id with an organisation holds a
+``/`` like a path, and a path must never reach the Hub, so the Hub is what has to be said.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from pathlib import Path
 
 from moealign.config import ConfigError
 
-__all__ = ["looks_local", "pretrained_location"]
+__all__ = ["HUB_PREFIX", "looks_local", "pretrained_location"]
+
+HUB_PREFIX = "hub:"
 
 
 def looks_local(name: str | os.PathLike) -> bool:
@@ -30,26 +32,22 @@ def looks_local(name: str | os.PathLike) -> bool:
     text = os.fspath(name)
     if not isinstance(name, str) or Path(text).expanduser().exists():
         return True
-    return (
-        text.startswith((".", "/", "~"))
-        or "\\" in text
-        or text.count("/") > 1
-        or text.endswith("/")
-        or ("/" in text and Path(text.split("/", 1)[0]).is_dir())
-    )
+    if text.startswith(HUB_PREFIX):
+        return False
+    return text.startswith((".", "/", "~")) or "/" in text or "\\" in text
 
 
 def pretrained_location(name: str | os.PathLike, field: str) -> str:
     """What to give ``from_pretrained``/``load_dataset`` for ``name``: the local path (``~``
-    expanded), or ``name`` itself for a Hub id; :class:`ConfigError` naming ``field`` when
-    ``name`` looks local and does not exist."""
+    expanded), or the Hub id (``name``, or what follows ``hub:``); :class:`ConfigError` naming
+    ``field`` when ``name`` looks local and does not exist."""
     if not looks_local(name):
-        return os.fspath(name)
+        return os.fspath(name).removeprefix(HUB_PREFIX)
     path = Path(name).expanduser()
     if not path.exists():
         raise ConfigError(
             field,
-            f"got {os.fspath(name)!r}, a local path that does not exist (a Hugging Face Hub name "
-            "is 'name' or 'org/name')",
+            f"got {os.fspath(name)!r}, a local path that does not exist (a Hugging Face Hub "
+            f"model or data set is 'name' or '{HUB_PREFIX}org/name')",
         )
     return str(path)
