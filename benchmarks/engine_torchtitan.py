@@ -173,7 +173,7 @@ def print_table(rows: list[dict], header: str) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256 tokens, 3 rounds")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.repeats = 256, 3
     rows = measure(args.tokens, tuple(args.shapes), args.repeats, args.warmup)
