@@ -262,9 +262,13 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
         "## Per-task accuracy",
         "## Model cards and reproducibility",
         "### Model card: better__seed1",
-        "#### Reproducibility: base__seed0",
+        "<details><summary>Reproducibility: command, versions, hardware, wall time</summary>",
+        "<details><summary>Resolved config (config.json)</summary>",
     ):
         assert heading in markdown, heading
+    headings = re.findall(r"^#+ .*$", markdown, re.M)
+    assert len(headings) == len(set(headings)), "a section heading appears twice"
+    assert "n = 2 seeds" not in markdown  # 3 seeds each: no few-seeds note
     assert "*No " not in markdown  # every section had its data
     names = {p.name for p in files.figures}
     assert names == {
@@ -564,7 +568,27 @@ def test_report_of_a_real_tiny_study_in_a_headless_browser(tmp_path):
     study = {"name": "tiny", "baseline": "router=softmax_topk", "cells": cells}
     (root / "study.json").write_text(json.dumps(study))
     files = build_report([root], tmp_path / "report")
-    _check_layout(files.html, ("Ablation table", "Against the baseline", "Efficiency"))
+    layout = _check_layout(files.html, ("Ablation table", "Against the baseline", "Efficiency"))
+    html = files.html.read_text()
+    headings = re.findall(r"<h[1-6]>([^<]*)</h[1-6]>", html)
+    assert len(headings) == len(set(headings)), "a section heading appears twice"
+    # The method note: words and a MathML formula, no raw t_{...} notation.
+    assert '<math display="block">' in html and "t_{" not in html
+    assert "Some cells rest on n = 2 seeds: their 95% interval is ±9.0 s" in html
+    # Each run's resolved config is folded: its JSON sits only inside a <details>.
+    folded = re.findall(r"<details><summary>Resolved config \(config.json\)</summary>", html)
+    assert len(folded) == 4
+    dumped = [m.start() for m in re.finditer("&quot;d_model&quot;: ", html)]
+    assert len(dumped) == 4 and all(
+        html.rfind("<details>", 0, i) > html.rfind("</details>", 0, i) for i in dumped
+    )
+    # The same content unfolded (every <details> open, as the page was before folding) is at
+    # least twice as tall: measured 13,630 px unfolded vs 6,597 px folded at 1400 px.
+    unfolded = measure_page(files.html, width=VIEWPORT, open_details=True)
+    assert layout["scrollHeight"] <= 0.5 * unfolded["scrollHeight"], (
+        layout["scrollHeight"],
+        unfolded["scrollHeight"],
+    )
 
 
 def test_routing_statistics_change_from_step_0():
