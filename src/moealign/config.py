@@ -385,8 +385,15 @@ class ModelConfig(_Validated):
         return model if device is None else model.to(device)
 
 
-# Local data files that data.source = "hf" reads, by suffix: the datasets builder for each.
-HF_FILE_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Local data files that data.source = "hf" reads, by suffix: the datasets builder for each
+# (a .txt file is read by paragraphs: blank lines separate its documents).
+HF_FILE_KINDS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 @dataclass
@@ -408,11 +415,12 @@ class DataConfig(_Validated):
 
     ``source = "hf"`` reads text with ``datasets.load_dataset``: ``hf_dataset`` (a dataset
     name, with its configuration ``hf_config``) or local ``paths`` (``.json``/``.jsonl``,
-    ``.csv`` or ``.parquet`` files of one kind, the split "train"), the ``text_column`` of
-    split ``hf_split`` (any ``datasets`` split expression, e.g. ``train[:90%]``), the
-    documents in order up to ``text_max_bytes``. Validation documents come from
-    ``hf_val_split`` (e.g. ``validation`` or ``train[90%:]``), or when it is empty from a
-    deterministic document-level split of ``hf_split``. ``hf_streaming`` reads the rows
+    ``.csv``, ``.parquet`` or ``.txt`` files of one kind, the split "train"; a ``.txt``
+    file's paragraphs, separated by blank lines, are its documents, in column ``text``), the
+    ``text_column`` of split ``hf_split`` (any ``datasets`` split expression, e.g.
+    ``train[:90%]``), the documents in order up to ``text_max_bytes``. Validation documents
+    come from ``hf_val_split`` (e.g. ``validation`` or ``train[90%:]``), or when it is empty
+    from a deterministic document-level split of ``hf_split``. ``hf_streaming`` reads the rows
     as a stream (for sets too large to download whole), stopping at ``text_max_bytes``.
     Datasets are cached under ``cache_dir``/datasets.
     """
@@ -466,7 +474,7 @@ class DataConfig(_Validated):
             raise ConfigError(
                 "paths",
                 f"got {list(self.paths)}; with source='hf' expected files of one kind: "
-                ".json/.jsonl, .csv or .parquet",
+                ".json/.jsonl, .csv, .parquet or .txt",
             )
         for name in ("hf_split", "text_column"):
             if not getattr(self, name).strip():
