@@ -69,7 +69,11 @@ def _run(args: list[str], profile: str, timeout: float) -> subprocess.CompletedP
 
 
 def measure_page(
-    page: Path, width: int = 1400, height: int = 900, timeout: float = 120, open_details=False
+    page: Path,
+    width: int = 1400,
+    height: int = 900,
+    timeout: float = 120,
+    open_details: bool = False,
 ) -> dict:
     """Open ``page`` at ``width`` × ``height`` CSS pixels and return the probe's measurements:
     ``innerWidth``, ``clientWidth`` and ``scrollWidth`` of the page, the body's

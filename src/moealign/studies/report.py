@@ -329,6 +329,16 @@ def _ablation_sections(
                 "two-sided paired t-test p-value."
             )
         )
+        shared = {
+            len(
+                _values_by_seed(run_set.of_variant(variant), metric).keys()
+                & _values_by_seed(run_set.of_variant(base), metric).keys()
+            )
+            for variant in run_set.variants
+            if (base := run_set.baseline_of(variant, baseline)) not in (None, variant)
+            for metric in shown
+        }
+        against.blocks += filter(None, [_few_seeds_note(shared)])
         sections += _grouped_tables(against, groups, lambda m: baseline_table(run_set, baseline, m))
     else:
         against.blocks.append(Note("Only one variant (or no metric): nothing to compare."))
