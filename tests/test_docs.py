@@ -110,6 +110,7 @@ SHRINK = (
         r"^moealign train --resume --out runs/tiny_naee3 ",
         _replace(("train.steps=40", "train.steps=6")),
     ),
+    (r"^moealign train --config my_text.toml", _append(_TRAIN + " --set model.n_layers=2")),
     (r"moealign(\.cli)? train\b", _append(_TRAIN)),
     (r"^moealign roma ", _append(_ROMA)),
     (r"^moealign eval ", _append(" --eval-batches 1 --task-examples 1")),
