@@ -4,7 +4,8 @@ Each ```bash block of README.md and docs/*.md is split into commands (a line, wi
 continuations, here-documents and ``for`` loops), and each command runs with bash in one
 scratch folder shared by all pages, in page order (README, then the guides in
 :data:`PAGE_ORDER`, then any other page), so that one page's outputs feed the next: the
-README's run ``runs/my_text`` is exported, compressed and analysed further on. The folder sees
+README's run ``runs/my_text`` is exported there and compressed in docs/compression.md (so a
+command's test needs the ones before it: run the whole file). The folder sees
 the repository's ``configs``, ``scripts``, ``benchmarks`` and ``src``; ``moealign`` runs this
 checkout's code, nothing reaches the network. A plain ``moealign ARGS`` line (no shell syntax)
 calls ``moealign.cli.main(ARGS)`` in this process, as the ``moealign`` script does, which saves
