@@ -465,8 +465,9 @@ class DataConfig(_Validated):
         n_options: options per question of the multiple-choice format.
         text_max_bytes: text read at most (documents in order while they fit).
         text_to_task_ratio: text batches per task batch for source ``mixed``.
-        paths: local files: .txt/.jsonl for ``files``; .json/.jsonl/.csv/.parquet/.txt for ``hf``.
-        hf_dataset: a ``datasets`` name for source ``hf`` (instead of paths).
+        paths: local files: .txt/.jsonl for ``files`` (at least one); .json/.jsonl/.csv/
+            .parquet/.txt of one kind for ``hf``.
+        hf_dataset: a ``datasets`` name for source ``hf`` (exactly one of it and paths).
         hf_config: the configuration name of hf_dataset.
         hf_split: the training split (any ``datasets`` split expression).
         hf_val_split: the validation split ("" = a document-level split of hf_split).
@@ -654,7 +655,7 @@ class AlignmentConfig(_Validated):
     (safetensors ``prior_path`` holding an (L, E) tensor ``prior``).
 
     Attributes:
-        schedule: λ(t): none (off), fixed, warmup or warmup_anneal.
+        schedule: λ(t): none (off), fixed, warmup or warmup_anneal (not none: model.ffn = moe).
         lambda_target: λ after the warm-up (the guide's range 0.1–0.5).
         lambda_final: λ at the end of the anneal (warmup_anneal).
         warmup_steps: steps of the linear λ warm-up.
@@ -662,7 +663,8 @@ class AlignmentConfig(_Validated):
         anneal_steps: steps of the linear anneal.
         prior: the routing prior q_l: uniform, marginal (EMA) or file.
         prior_decay: EMA decay of the marginal prior.
-        prior_path: safetensors file holding ``prior`` of shape (MoE layers, experts).
+        prior_path: safetensors file holding ``prior`` of shape (MoE layers, experts); required
+            with prior = file.
     """
 
     schedule: Literal["none", "fixed", "warmup", "warmup_anneal"] = "none"
@@ -727,8 +729,8 @@ class GuardrailConfig(_Validated):
         cooldown: steps to wait after an action.
         factor: reduce_lambda: λ ← factor·λ; slow_warmup: warm-up stretched by 1/factor.
         entropy_bonus: entropy_bonus: added to the bonus weight γ per action.
-        grad_spike_factor: router gradient norm above this × the recent median is unhealthy (0 =
-            off).
+        grad_spike_factor: a router gradient norm above this × its recent median is unhealthy
+            (0 = off, else > 1).
         grad_spike_window: steps whose median the gradient spike check uses.
     """
 
@@ -797,8 +799,10 @@ class TrainConfig(_Validated):
         precision: fp32, bf16 autocast, or auto (bf16 on a CUDA device that supports it).
         tensorboard: mirror metrics.jsonl to TensorBoard (<run>/tensorboard).
         wandb: mirror metrics.jsonl to offline W&B (<run>/wandb).
-        parallel: how torchrun ranks share the model: ddp, fsdp or ep.
-        ep_size: ranks the experts are split over (parallel = ep).
+        parallel: how torchrun ranks share the model: ddp, fsdp (optim.name = adamw) or ep
+            (model.ffn = moe).
+        ep_size: ranks the experts are split over (> 1 only with parallel = ep; divides
+            model.n_experts).
         on_nonfinite: a non-finite loss or gradient: ``stop`` the run or ``skip`` the step.
         activation_checkpointing: recompute activations in backward: none, full or moe.
         compile: ``torch.compile`` each block (the preflight checks the compiler).

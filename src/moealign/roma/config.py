@@ -81,8 +81,8 @@ class RomaConfig(_Validated):
         c3po_core_experts: C3PO: experts per layer whose routing is optimised.
         oracle_steps: oracle routing: Adam steps on the routing logits.
         oracle_lr: oracle routing: step size.
-        seeds: one run per seed of each trained method.
-        methods: which methods run besides the base model.
+        seeds: one run per seed of each trained method (distinct, at least one).
+        methods: which methods run besides the base model (distinct, at least one).
         device: auto, cpu or cuda.
     """
 
