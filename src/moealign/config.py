@@ -465,8 +465,8 @@ class DataConfig(_Validated):
         n_options: options per question of the multiple-choice format.
         text_max_bytes: text read at most (documents in order while they fit).
         text_to_task_ratio: text batches per task batch for source ``mixed``.
-        paths: local files: .txt/.jsonl for ``files`` (at least one); .json/.jsonl/.csv/
-            .parquet/.txt of one kind for ``hf``.
+        paths: local files: .txt/.jsonl for ``files`` (at least one);
+            .json/.jsonl/.csv/.parquet/.txt of one kind for ``hf``.
         hf_dataset: a ``datasets`` name for source ``hf`` (exactly one of it and paths).
         hf_config: the configuration name of hf_dataset.
         hf_split: the training split (any ``datasets`` split expression).
