@@ -6,8 +6,9 @@ scratch folder shared by all pages, in page order (README, then the guides in
 :data:`PAGE_ORDER`, then any other page), so that one page's outputs feed the next: the
 README's run ``runs/my_text`` is exported there and compressed in docs/compression.md (so a
 command's test needs the ones before it: run the whole file). The folder sees
-the repository's ``configs``, ``scripts``, ``benchmarks`` and ``src``; ``moealign`` runs this
-checkout's code, nothing reaches the network. A plain ``moealign ARGS`` line (no shell syntax)
+the repository's ``configs``, ``scripts``, ``benchmarks``, ``examples``, ``src`` and ``docs``;
+``moealign`` runs this checkout's code, nothing reaches the network. A plain ``moealign ARGS``
+line (no shell syntax)
 calls ``moealign.cli.main(ARGS)`` in this process, as the ``moealign`` script does, which saves
 the interpreter's start and torch's import per command; every other command runs in bash
 (``moealign`` there is ``python3 -m moealign.cli``).
@@ -90,7 +91,22 @@ _ROMA = (
 
 
 def _append(extra: str):
-    return lambda command: command + extra
+    """Add ``extra`` to the command's first program: before a pipe, a redirection or a ``&&``
+    outside quotes on its first line (else at its end)."""
+
+    def rewrite(command: str) -> str:
+        first_line, newline, rest = command.partition("\n")
+        quote = None
+        for i, char in enumerate(first_line):
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char in "|>;&" and first_line[i - 1] == " ":
+                return first_line[: i - 1] + extra + first_line[i - 1 :] + newline + rest
+        return first_line + extra + newline + rest
+
+    return rewrite
 
 
 def _replace(*pairs: tuple[str, str]):
@@ -120,6 +136,8 @@ SHRINK = (
         _replace(("seeds = [0, 1, 2]", "seeds = [0]"), ('"train.steps" = 30', '"train.steps" = 6')),
     ),
     (r"scripts/config_reference.py$", _append(" --check")),
+    (r"examples/(megatron|torchtitan)_mpi.py ", _replace(("--steps 60", "--steps 3"))),
+    (r"benchmarks/engine_megatron.py ", _replace(("--repeats 3", "--repeats 1"))),
 )
 
 
@@ -311,7 +329,7 @@ def _run_in_bash(script: str, folder: Path, env: dict[str, str]) -> tuple[int, s
 def workspace(tmp_path_factory):
     """The scratch folder all pages' commands share, and the environment they run in."""
     folder = tmp_path_factory.mktemp("docs")
-    for name in ("configs", "scripts", "benchmarks", "src"):
+    for name in ("configs", "scripts", "benchmarks", "examples", "src", "docs"):
         (folder / name).symlink_to(ROOT / name)
     shims = folder / ".bin"
     shims.mkdir()

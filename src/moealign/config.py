@@ -31,10 +31,13 @@ import math
 import sys
 import types
 import typing
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
+
+from moealign.progress import note
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -105,6 +108,22 @@ class Bounds:
             if bound is not None
         ]
         return f"{noun} " + " and ".join(parts)
+
+
+# Upper bounds of the sizes, counts and rates a config accepts: far above any run this library
+# is meant for, low enough that a typo (an extra zero, 1e20) is refused before it allocates
+# or loops for hours. Every numeric field has one (tests/test_bad_inputs_config.py checks).
+MAX_VOCAB = 2**21
+MAX_WIDTH = 2**20
+MAX_SEQ_LEN = 2**20
+MAX_EXPERTS = 2**14
+MAX_STEPS = 10**9
+MAX_BATCH = 2**16
+MAX_EXAMPLES = 200_000
+MAX_EVAL_BATCHES = 10_000
+MAX_LR = 1e4
+MAX_COEF = 1e3
+MAX_CALIBRATION_TOKENS = 2**24
 
 
 def bounded(default: Any, **bounds: float) -> Any:
@@ -305,26 +324,30 @@ class ModelConfig(_Validated):
         init_std: standard deviation of the embedding and attention initialisation.
     """
 
-    vocab_size: int = bounded(512, ge=1)
-    d_model: int = bounded(128, ge=1)
+    vocab_size: int = bounded(512, ge=1, le=MAX_VOCAB)
+    d_model: int = bounded(128, ge=1, le=MAX_WIDTH)
     n_layers: int = bounded(4, ge=1, le=1024)
-    n_heads: int = bounded(4, ge=1)
-    max_seq_len: int = bounded(256, ge=1)
+    n_heads: int = bounded(4, ge=1, le=1024)
+    max_seq_len: int = bounded(256, ge=1, le=MAX_SEQ_LEN)
     ffn: str = "moe"
-    d_ff: int = bounded(512, ge=1)  # dense FFN hidden width (dense layers and the dense baseline)
-    n_experts: int = bounded(8, ge=1)
-    top_k: int = bounded(2, ge=1)
-    expert_d_ff: int = bounded(128, ge=1)
-    moe_every: int = bounded(1, ge=1)  # every n-th layer is MoE (1 = all)
-    shared_d_ff: int = bounded(0, ge=0)  # width of an always-on shared expert; 0 = none
+    d_ff: int = bounded(
+        512, ge=1, le=MAX_WIDTH
+    )  # dense FFN hidden width (dense layers and the dense baseline)
+    n_experts: int = bounded(8, ge=1, le=MAX_EXPERTS)
+    top_k: int = bounded(2, ge=1, le=MAX_EXPERTS)
+    expert_d_ff: int = bounded(128, ge=1, le=MAX_WIDTH)
+    moe_every: int = bounded(1, ge=1, le=1024)  # every n-th layer is MoE (1 = all)
+    shared_d_ff: int = bounded(
+        0, ge=0, le=MAX_WIDTH
+    )  # width of an always-on shared expert; 0 = none
     router: str = "softmax_topk"
     router_options: dict[str, Any] = field(default_factory=dict)
     balance_scope: str = "batch"
     experts_implementation: str = "auto"
     tie_embeddings: bool = True
-    rope_theta: float = bounded(10000.0, gt=0)
-    norm_eps: float = bounded(1e-6, gt=0)
-    init_std: float = bounded(0.02, gt=0)
+    rope_theta: float = bounded(10000.0, gt=0, le=1e12)
+    norm_eps: float = bounded(1e-6, gt=0, le=1)
+    init_std: float = bounded(0.02, gt=0, le=10)
 
     @staticmethod
     def choices() -> dict[str, tuple[str, ...]]:
@@ -357,6 +380,12 @@ class ModelConfig(_Validated):
             )
         if self.top_k > self.n_experts:
             raise ConfigError("top_k", f"got {self.top_k}; expected <= n_experts={self.n_experts}")
+        if self.ffn == "moe" and self.moe_every > self.n_layers:
+            raise ConfigError(
+                "moe_every",
+                f"got {self.moe_every} with n_layers={self.n_layers} and ffn='moe': no layer "
+                f"would be MoE; expected <= n_layers (or ffn='dense')",
+            )
         self.router_options = self._checked_router_options()
         return self
 
@@ -479,16 +508,16 @@ class DataConfig(_Validated):
 
     source: Literal["tasks", "text", "mixed", "files", "hf"] = "mixed"
     tokenizer: str = "byte"
-    vocab_size: int = bounded(4096, ge=258)
+    vocab_size: int = bounded(4096, ge=258, le=MAX_VOCAB)
     tasks: tuple[str, ...] = ()
     heldout_tasks: tuple[str, ...] | None = None
     heldout_compositions: tuple[str, ...] | None = None
-    examples_per_task: int = bounded(1000, ge=10)
+    examples_per_task: int = bounded(1000, ge=10, le=MAX_EXAMPLES)
     loss_on: Literal["answer", "all"] = "answer"
     format: Literal["plain", "multiple_choice"] = "plain"
     n_options: int = bounded(4, ge=2, le=26)
-    text_max_bytes: int = bounded(2_000_000, ge=1000)
-    text_to_task_ratio: float = bounded(1.0, gt=0)
+    text_max_bytes: int = bounded(2_000_000, ge=1000, le=2**40)
+    text_to_task_ratio: float = bounded(1.0, gt=0, le=1000)
     paths: tuple[str, ...] = ()
     hf_dataset: str = ""
     hf_config: str = ""
@@ -497,7 +526,7 @@ class DataConfig(_Validated):
     hf_streaming: bool = False
     text_column: str = "text"
     cache_dir: str = ".cache/moealign"
-    seed: int = bounded(0, ge=0, lt=2**64)
+    seed: int = bounded(0, ge=0, lt=2**32)  # the range NumPy seeds accept
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -549,6 +578,8 @@ class OptimConfig(_Validated):
     :class:`moealign.optim.schedules.WarmupCosine`. ``matrix_lr`` (None = ``lr``) is the learning
     rate of the matrix optimizer for Muon/MuonH/AdamH; ``options`` go to
     :func:`moealign.optim.build_optimizer` unchanged. ``grad_clip`` 0 disables clipping.
+    A ``warmup_steps`` above ``train.steps`` is clamped to ``train.steps`` (the run's config
+    records it; a ``note:`` line on stderr says so).
 
     Attributes:
         name: optimizer: adamw, muon, adamh or muonh (DESIGN.md §6).
@@ -556,7 +587,7 @@ class OptimConfig(_Validated):
         weight_decay: decoupled weight decay.
         betas: Adam's (β₁, β₂).
         grad_clip: clip the global gradient norm to this (0 = no clipping).
-        warmup_steps: linear warm-up steps of the learning rate (at most train.steps).
+        warmup_steps: linear warm-up steps of the learning rate (clamped to train.steps).
         schedule: after warm-up: ``cosine`` decay or ``constant``.
         min_lr_ratio: the cosine schedule's final lr as a fraction of lr.
         matrix_lr: learning rate of the matrix optimizer (none = lr).
@@ -564,14 +595,14 @@ class OptimConfig(_Validated):
     """
 
     name: Literal["adamw", "muon", "adamh", "muonh"] = "adamw"
-    lr: float = bounded(3e-3, gt=0)
-    weight_decay: float = bounded(0.1, ge=0)
+    lr: float = bounded(3e-3, gt=0, le=MAX_LR)
+    weight_decay: float = bounded(0.1, ge=0, le=10)
     betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
-    grad_clip: float = bounded(1.0, ge=0)
-    warmup_steps: int = bounded(10, ge=0)
+    grad_clip: float = bounded(1.0, ge=0, le=1e6)
+    warmup_steps: int = bounded(10, ge=0, le=MAX_STEPS)
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
-    matrix_lr: float | None = bounded(None, gt=0)
+    matrix_lr: float | None = bounded(None, gt=0, le=MAX_LR)
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> OptimConfig:
@@ -640,8 +671,8 @@ class LossConfig(_Validated):
         z_coef: β, the weight of the router z-loss.
     """
 
-    balance_coef: float = bounded(1e-2, ge=0)
-    z_coef: float = bounded(1e-3, ge=0)
+    balance_coef: float = bounded(1e-2, ge=0, le=MAX_COEF)
+    z_coef: float = bounded(1e-3, ge=0, le=MAX_COEF)
 
 
 @dataclass
@@ -668,11 +699,11 @@ class AlignmentConfig(_Validated):
     """
 
     schedule: Literal["none", "fixed", "warmup", "warmup_anneal"] = "none"
-    lambda_target: float = bounded(0.1, ge=0)
-    lambda_final: float = bounded(0.0, ge=0)
-    warmup_steps: int = bounded(0, ge=0)
-    anneal_start: int = bounded(0, ge=0)
-    anneal_steps: int = bounded(0, ge=0)
+    lambda_target: float = bounded(0.1, ge=0, le=MAX_COEF)
+    lambda_final: float = bounded(0.0, ge=0, le=MAX_COEF)
+    warmup_steps: int = bounded(0, ge=0, le=MAX_STEPS)
+    anneal_start: int = bounded(0, ge=0, le=MAX_STEPS)
+    anneal_steps: int = bounded(0, ge=0, le=MAX_STEPS)
     prior: Literal["uniform", "marginal", "file"] = "uniform"
     prior_decay: float = bounded(0.99, ge=0, lt=1)
     prior_path: str = ""
@@ -738,12 +769,12 @@ class GuardrailConfig(_Validated):
     min_usage_entropy: float = bounded(0.5, ge=0, le=1)
     min_token_entropy: float = bounded(0.0, ge=0, le=1)
     max_dead_fraction: float = bounded(0.5, ge=0, le=1)
-    patience: int = bounded(3, ge=1)
-    cooldown: int = bounded(20, ge=0)
+    patience: int = bounded(3, ge=1, le=MAX_STEPS)
+    cooldown: int = bounded(20, ge=0, le=MAX_STEPS)
     factor: float = bounded(0.5, gt=0, lt=1)
-    entropy_bonus: float = bounded(0.01, gt=0)
-    grad_spike_factor: float = bounded(0.0, ge=0)
-    grad_spike_window: int = bounded(20, ge=2)
+    entropy_bonus: float = bounded(0.01, gt=0, le=MAX_COEF)
+    grad_spike_factor: float = bounded(0.0, ge=0, le=1e6)
+    grad_spike_window: int = bounded(20, ge=2, le=MAX_STEPS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -808,23 +839,23 @@ class TrainConfig(_Validated):
         compile: ``torch.compile`` each block (the preflight checks the compiler).
     """
 
-    steps: int = bounded(100, ge=1)
-    batch_size: int = bounded(8, ge=1)
-    grad_accum: int = bounded(1, ge=1)
-    seq_len: int = bounded(64, ge=2)
-    eval_every: int = bounded(50, ge=0)
-    eval_batches: int = bounded(4, ge=1)
-    log_every: int = bounded(10, ge=1)
-    checkpoint_every: int = bounded(50, ge=0)
-    keep_checkpoints: int = bounded(3, ge=1)
-    task_eval_examples: int = bounded(50, ge=0)
-    seed: int = bounded(0, ge=0, lt=2**64)
+    steps: int = bounded(100, ge=1, le=MAX_STEPS)
+    batch_size: int = bounded(8, ge=1, le=MAX_BATCH)
+    grad_accum: int = bounded(1, ge=1, le=MAX_BATCH)
+    seq_len: int = bounded(128, ge=2, le=MAX_SEQ_LEN)  # the task suite's longest example fits
+    eval_every: int = bounded(50, ge=0, le=MAX_STEPS)
+    eval_batches: int = bounded(4, ge=1, le=MAX_EVAL_BATCHES)
+    log_every: int = bounded(10, ge=1, le=MAX_STEPS)
+    checkpoint_every: int = bounded(50, ge=0, le=MAX_STEPS)
+    keep_checkpoints: int = bounded(3, ge=1, le=10_000)
+    task_eval_examples: int = bounded(50, ge=0, le=MAX_EXAMPLES)
+    seed: int = bounded(0, ge=0, lt=2**32)  # the range NumPy seeds accept
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     tensorboard: bool = False
     wandb: bool = False
     parallel: Literal["ddp", "fsdp", "ep"] = "ddp"
-    ep_size: int = bounded(1, ge=1)
+    ep_size: int = bounded(1, ge=1, le=MAX_EXPERTS)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     activation_checkpointing: Literal["none", "full", "moe"] = "none"
     compile: bool = False
@@ -868,12 +899,12 @@ class CompressionConfig(_Validated):
 
     method: Literal["none", "frequency", "naee", "msmoe", "submoe"] = "none"
     source: str = ""
-    source_n_experts: int = bounded(0, ge=0)
-    keep_experts: int = bounded(0, ge=0)
+    source_n_experts: int = bounded(0, ge=0, le=MAX_EXPERTS)
+    keep_experts: int = bounded(0, ge=0, le=MAX_EXPERTS)
     calibration: str = ""
-    calibration_tokens: int = bounded(0, ge=0)
-    seed: int = 0
-    rank: int | None = bounded(None, ge=1)
+    calibration_tokens: int = bounded(0, ge=0, le=MAX_CALIBRATION_TOKENS)
+    seed: int = bounded(0, ge=0, lt=2**32)
+    rank: int | None = bounded(None, ge=1, le=MAX_WIDTH)
 
 
 @dataclass
@@ -923,10 +954,14 @@ class RunConfig(_Validated):
                 f"got {self.train.seq_len}; expected <= model.max_seq_len={self.model.max_seq_len}",
             )
         if self.optim.warmup_steps > self.train.steps:
-            raise ConfigError(
-                "optim.warmup_steps",
-                f"got {self.optim.warmup_steps}; expected <= train.steps={self.train.steps}",
+            # A shortened run (e.g. --set train.steps=40 on a config warming up over 50) keeps
+            # the longest warm-up it can: the whole run, the learning rate reaching its peak at
+            # the last step. The recorded config holds the value used.
+            note(
+                f"optim.warmup_steps={self.optim.warmup_steps} > train.steps={self.train.steps}; "
+                f"using {self.train.steps}"
             )
+            self.optim.warmup_steps = self.train.steps
 
         if self.alignment.schedule != "none" and self.model.ffn != "moe":
             raise ConfigError(
@@ -1001,12 +1036,15 @@ def check_run_name(name: str, field: str = "name") -> str:
         problem = "it names the folder itself or its parent"
     elif "/" in name or "\\" in name:
         problem = "it holds a path separator"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = "it holds a control character (NUL, newline, ...)"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        problem = "it holds a control character (NUL, newline, U+0085, ...)"
+    elif any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        problem = "it holds bytes that are not UTF-8"
     elif len(name.encode("utf-8", "surrogatepass")) > _NAME_BYTES:
         problem = f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes long"
     if problem:
-        shown = name if len(name) <= 60 else name[:57] + "..."
+        shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise ConfigError(
             field,
             f"got {shown!r}, but {problem}; expected one plain folder name (no '/', not '.' or "
@@ -1096,17 +1134,24 @@ def parse_override(text: str, cls: type | None = None) -> tuple[list[str], Any]:
     path = key.split(".")
     if not all(path):
         raise ConfigError("", f"override {text!r} has an empty key")
+    from moealign.io import MAX_DEPTH, check_depth
+
     tp = _field_type(path, cls)
+    too_deep = ConfigError(key, f"the value is nested more than {MAX_DEPTH} levels deep")
     try:
-        return path, tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except RecursionError:
-        raise ConfigError(key, "the value is nested too deeply") from None
+        raise too_deep from None
     except tomllib.TOMLDecodeError:
         if _is_string_field(tp) or tp is Any:
             return path, raw
         raise ConfigError(
             key, f"got {raw!r}, which is not a TOML value; expected {_type_name(tp)}"
         ) from None
+    try:
+        return path, check_depth(value, key)
+    except ValueError:
+        raise too_deep from None
 
 
 def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -1120,15 +1165,20 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     """The table in the TOML file ``path``; one :class:`ConfigError` naming ``what`` and the file
-    if it is missing, a folder, unreadable, not UTF-8 text or not TOML."""
+    if it is missing, a folder or not a regular file, too large, unreadable, not UTF-8 text, not
+    TOML or nested too deeply (:func:`moealign.io.read_bytes`, :func:`moealign.io.check_depth`)."""
+    from moealign.io import FileFormatError, check_depth, read_bytes
+
     shown = repr(str(path))
+    if Path(path).is_dir():
+        raise ConfigError("", f"{what} {shown} is a folder; expected a TOML file")
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
+        return check_depth(tomllib.loads(read_bytes(path).decode("utf-8")), f"{what} {shown}")
     except FileNotFoundError:
         raise ConfigError("", f"{what} {shown} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError("", f"{what} {shown} is a folder; expected a TOML file") from None
+    except FileFormatError as err:
+        reason = str(err).removeprefix(f"{path}: ").removeprefix(f"{what} {shown}: ")
+        raise ConfigError("", f"{what} {shown}: {reason}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(
             "", f"{what} {shown} is not UTF-8 text (bad byte at offset {err.start})"
@@ -1161,6 +1211,12 @@ def _read_json_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_WRITTEN_BY_COMPRESS = (
+    "is recorded by `moealign compress` in the config.json of the run it writes; not accepted "
+    "in a config file or --set (resume a compressed run with --resume --out DIR)"
+)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] = (), cls: type | None = None
 ) -> Any:
@@ -1172,13 +1228,14 @@ def load_config(
     """
     cls = RunConfig if cls is None else cls
     data: dict[str, Any] = {}
+    recorded = path is not None and Path(path).suffix == ".json"
     if path is not None:
-        data = (
-            _read_json_config(path)
-            if Path(path).suffix == ".json"
-            else read_toml(path, "config file")
-        )
+        data = _read_json_config(path) if recorded else read_toml(path, "config file")
     for text in overrides:
         key_path, value = parse_override(text, cls)
+        if cls is RunConfig and key_path[0] == "compression":
+            raise ConfigError(".".join(key_path), _WRITTEN_BY_COMPRESS)
         _set_path(data, key_path, value)
+    if cls is RunConfig and "compression" in data and not recorded:
+        raise ConfigError("compression", _WRITTEN_BY_COMPRESS)
     return build_config(cls, data)

@@ -186,5 +186,7 @@ def test_cli_reports_an_unknown_dataset_name_offline(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: data.hf_dataset: dataset 'no-such-dataset'")
-    assert len(result.stderr.strip().splitlines()) == 1
+    # The progress ("train: build the data"), then one error line, the last.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [result.stderr.strip().splitlines()[-1]]
+    assert errors[0].startswith("error: data.hf_dataset: dataset 'no-such-dataset'")
