@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 import typing
 from pathlib import Path
@@ -52,14 +53,20 @@ def test_every_key_is_on_the_page_with_its_default():
 
 
 def _beyond(bounds: Bounds, integer: bool) -> list[float]:
-    """Values just outside each side of ``bounds``."""
-    step = 1 if integer else 1e-6
+    """Values just outside each side of ``bounds`` (the next integer, or the next float)."""
+
+    def below(limit: float) -> float:
+        return limit - 1 if integer else math.nextafter(limit, -math.inf)
+
+    def above(limit: float) -> float:
+        return limit + 1 if integer else math.nextafter(limit, math.inf)
+
     return [
         value
         for value in (
-            None if bounds.ge is None else bounds.ge - step,
+            None if bounds.ge is None else below(bounds.ge),
             bounds.gt,
-            None if bounds.le is None else bounds.le + step,
+            None if bounds.le is None else above(bounds.le),
             bounds.lt,
         )
         if value is not None

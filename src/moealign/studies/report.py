@@ -713,8 +713,8 @@ def _failure_modes(run: RunRecord) -> list[str]:
 
 
 def model_card(run: RunRecord) -> Section:
-    """The model card of one run, its reproducibility appendix and resolved config folded
-    under it (``<details>``)."""
+    """The model card of one run, its reproducibility appendix and its resolved config, each
+    folded under a one-line summary (``<details>``)."""
     config, meta, results = run.config, run.meta, run_results(run)
     train, optim = config.get("train", {}), config.get("optim", {})
     params = (
@@ -782,7 +782,11 @@ def model_card(run: RunRecord) -> Section:
     return Section(
         f"Model card: {run.name}",
         [
-            card,
+            Details(
+                "Card: architecture, parameters, data, training budget, intended use, measured "
+                "results, known failure modes",
+                [card],
+            ),
             Details("Reproducibility: command, versions, hardware, wall time", reproducibility),
             Details("Resolved config (config.json)", [Code(json.dumps(config, indent=2), "json")]),
         ],
