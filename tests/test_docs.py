@@ -90,21 +90,30 @@ _ROMA = (
 )
 
 
+def _first_unquoted(line: str, chars: str) -> int | None:
+    """The index of the first of ``chars`` in ``line`` that is outside quotes and starts a word
+    (at the line's start or after a blank), else None."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in chars and (i == 0 or line[i - 1] in " \t"):
+            return i
+    return None
+
+
 def _append(extra: str):
     """Add ``extra`` to the command's first program: before a pipe, a redirection or a ``&&``
     outside quotes on its first line (else at its end)."""
 
     def rewrite(command: str) -> str:
         first_line, newline, rest = command.partition("\n")
-        quote = None
-        for i, char in enumerate(first_line):
-            if quote:
-                quote = None if char == quote else quote
-            elif char in "'\"":
-                quote = char
-            elif char in "|>;&" and first_line[i - 1] == " ":
-                return first_line[: i - 1] + extra + first_line[i - 1 :] + newline + rest
-        return first_line + extra + newline + rest
+        cut = _first_unquoted(first_line, "|>;&")
+        if cut is None:
+            return first_line + extra + newline + rest
+        return first_line[: cut - 1] + extra + first_line[cut - 1 :] + newline + rest
 
     return rewrite
 
@@ -154,15 +163,8 @@ class Command:
 
 def _strip_comment(line: str) -> str:
     """``line`` without a trailing ``# comment`` (a ``#`` outside quotes after a space)."""
-    quote = None
-    for i, char in enumerate(line):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
+    cut = _first_unquoted(line, "#")
+    return line.rstrip() if cut is None else line[:cut].rstrip()
 
 
 def split_commands(block: str, page: str, first_line: int) -> list[Command]:
@@ -257,6 +259,10 @@ def test_splitting_joins_continuations_heredocs_and_loops():
         "for v in 1 2; do\n  echo $v\ndone",
     ]
     assert [c.line for c in commands] == [10, 13, 16]
+    shrink = _append(" --n 1")
+    assert shrink("a --x 'p | q' | b > f") == "a --x 'p | q' --n 1 | b > f"
+    assert shrink("a 2>&1") == "a 2>&1 --n 1"
+    assert shrink("cat > f <<'EOF'\nx\nEOF") == "cat --n 1 > f <<'EOF'\nx\nEOF"
 
 
 def test_every_rule_is_used():
