@@ -300,6 +300,28 @@ class ModelConfig(_Validated):
     router's constructor (checked against its signature and built at load). ``n_layers`` is
     capped at 1024 (a sanity bound far above any public MoE) so that a memory estimate can
     build the model's shapes before anything is allocated.
+
+    Attributes:
+        vocab_size: token ids of the embedding and output head (taken from an ``hf:`` tokenizer).
+        d_model: width of the residual stream.
+        n_layers: transformer blocks.
+        n_heads: attention heads; d_model / n_heads must be even (rotary pairs).
+        max_seq_len: longest sequence the model accepts; train.seq_len must not exceed it.
+        ffn: feed-forward kind of the blocks: ``moe`` or ``dense``.
+        d_ff: hidden width of a dense FFN (dense layers and the dense baseline).
+        n_experts: experts E per MoE layer.
+        top_k: experts K each token is routed to (at most n_experts).
+        expert_d_ff: hidden width F of each expert.
+        moe_every: every n-th block is MoE (1 = all; the others are dense).
+        shared_d_ff: hidden width of an always-on shared expert (0 = none).
+        router: router kind: softmax_topk, switch, hierarchical or mpi (DESIGN.md §3).
+        router_options: keyword options of the router's constructor (temperature, c_prime, ...).
+        balance_scope: what the balance loss averages over: batch, sequence or global.
+        experts_implementation: expert dispatch: auto, grouped_mm or the per-expert loop.
+        tie_embeddings: share the input embedding with the output head.
+        rope_theta: base of the rotary position embedding's frequencies.
+        norm_eps: epsilon of the RMSNorm layers.
+        init_std: standard deviation of the embedding and attention initialisation.
     """
 
     vocab_size: int = bounded(512, ge=1, le=MAX_VOCAB)
@@ -327,20 +349,26 @@ class ModelConfig(_Validated):
     norm_eps: float = bounded(1e-6, gt=0, le=1)
     init_std: float = bounded(0.02, gt=0, le=10)
 
-    def validate(self) -> ModelConfig:
-        """Check the choices and the router options by building one router on the meta device;
-        raise :class:`ConfigError` naming the field (relative to the ``model`` section)."""
+    @staticmethod
+    def choices() -> dict[str, tuple[str, ...]]:
+        """The accepted values of the string fields that name a component, read from the
+        components' own registries (so a new router kind is accepted without a change here)."""
         from moealign.nn.experts import EXPERT_IMPLEMENTATIONS
         from moealign.nn.losses import BALANCE_SCOPES
         from moealign.nn.routers import ROUTER_KINDS
         from moealign.nn.transformer import FFN_KINDS
 
-        for name, accepted in (
-            ("ffn", FFN_KINDS),
-            ("router", ROUTER_KINDS),
-            ("balance_scope", BALANCE_SCOPES),
-            ("experts_implementation", EXPERT_IMPLEMENTATIONS),
-        ):
+        return {
+            "ffn": FFN_KINDS,
+            "router": ROUTER_KINDS,
+            "balance_scope": BALANCE_SCOPES,
+            "experts_implementation": EXPERT_IMPLEMENTATIONS,
+        }
+
+    def validate(self) -> ModelConfig:
+        """Check the choices and the router options by building one router on the meta device;
+        raise :class:`ConfigError` naming the field (relative to the ``model`` section)."""
+        for name, accepted in self.choices().items():
             value = getattr(self, name)
             if value not in accepted:
                 raise ConfigError(name, f"got {value!r}; expected one of {accepted}")
@@ -414,8 +442,15 @@ class ModelConfig(_Validated):
         return model if device is None else model.to(device)
 
 
-# Local data files that data.source = "hf" reads, by suffix: the datasets builder for each.
-HF_FILE_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Local data files that data.source = "hf" reads, by suffix: the datasets builder for each
+# (a .txt file is read by paragraphs: blank lines separate its documents).
+HF_FILE_KINDS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 @dataclass
@@ -437,13 +472,38 @@ class DataConfig(_Validated):
 
     ``source = "hf"`` reads text with ``datasets.load_dataset``: ``hf_dataset`` (a dataset
     name, with its configuration ``hf_config``) or local ``paths`` (``.json``/``.jsonl``,
-    ``.csv`` or ``.parquet`` files of one kind, the split "train"), the ``text_column`` of
-    split ``hf_split`` (any ``datasets`` split expression, e.g. ``train[:90%]``), the
-    documents in order up to ``text_max_bytes``. Validation documents come from
-    ``hf_val_split`` (e.g. ``validation`` or ``train[90%:]``), or when it is empty from a
-    deterministic document-level split of ``hf_split``. ``hf_streaming`` reads the rows
+    ``.csv``, ``.parquet`` or ``.txt`` files of one kind, the split "train"; a ``.txt``
+    file's paragraphs, separated by blank lines, are its documents, in column ``text``), the
+    ``text_column`` of split ``hf_split`` (any ``datasets`` split expression, e.g.
+    ``train[:90%]``), the documents in order up to ``text_max_bytes``. Validation documents
+    come from ``hf_val_split`` (e.g. ``validation`` or ``train[90%:]``), or when it is empty
+    from a deterministic document-level split of ``hf_split``. ``hf_streaming`` reads the rows
     as a stream (for sets too large to download whole), stopping at ``text_max_bytes``.
     Datasets are cached under ``cache_dir``/datasets.
+
+    Attributes:
+        source: what to train on: tasks, text, mixed, files or hf.
+        tokenizer: ``byte``, ``bpe`` or ``hf:PATH`` (a transformers tokenizer).
+        vocab_size: ids of the ``bpe`` tokenizer trained on the text.
+        tasks: task families of the suite to use (empty = all).
+        heldout_tasks: tasks kept out of training (none = the suite's defaults).
+        heldout_compositions: compositions kept out of training (none = the suite's defaults).
+        examples_per_task: examples generated per task (split 70/15/15).
+        loss_on: task loss on the ``answer`` tokens only, or on ``all`` tokens.
+        format: task prompts ``plain``, or ``multiple_choice`` with lettered options.
+        n_options: options per question of the multiple-choice format.
+        text_max_bytes: text read at most (documents in order while they fit).
+        text_to_task_ratio: text batches per task batch for source ``mixed``.
+        paths: local files: .txt/.jsonl for ``files`` (at least one);
+            .json/.jsonl/.csv/.parquet/.txt of one kind for ``hf``.
+        hf_dataset: a ``datasets`` name for source ``hf`` (exactly one of it and paths).
+        hf_config: the configuration name of hf_dataset.
+        hf_split: the training split (any ``datasets`` split expression).
+        hf_val_split: the validation split ("" = a document-level split of hf_split).
+        hf_streaming: stream the rows instead of downloading the set whole.
+        text_column: the column holding the text (source ``hf``).
+        cache_dir: folder of the BPE tokenizer and ``datasets`` caches.
+        seed: seed of the task data, the document split and the batch order.
     """
 
     source: Literal["tasks", "text", "mixed", "files", "hf"] = "mixed"
@@ -495,7 +555,7 @@ class DataConfig(_Validated):
             raise ConfigError(
                 "paths",
                 f"got {list(self.paths)}; with source='hf' expected files of one kind: "
-                ".json/.jsonl, .csv or .parquet",
+                ".json/.jsonl, .csv, .parquet or .txt",
             )
         for name in ("hf_split", "text_column"):
             if not getattr(self, name).strip():
@@ -520,6 +580,18 @@ class OptimConfig(_Validated):
     :func:`moealign.optim.build_optimizer` unchanged. ``grad_clip`` 0 disables clipping.
     A ``warmup_steps`` above ``train.steps`` is clamped to ``train.steps`` (the run's config
     records it; a ``note:`` line on stderr says so).
+
+    Attributes:
+        name: optimizer: adamw, muon, adamh or muonh (DESIGN.md §6).
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay.
+        betas: Adam's (β₁, β₂).
+        grad_clip: clip the global gradient norm to this (0 = no clipping).
+        warmup_steps: linear warm-up steps of the learning rate (clamped to train.steps).
+        schedule: after warm-up: ``cosine`` decay or ``constant``.
+        min_lr_ratio: the cosine schedule's final lr as a fraction of lr.
+        matrix_lr: learning rate of the matrix optimizer (none = lr).
+        options: further keyword options of the optimizer (e.g. bias_correction).
     """
 
     name: Literal["adamw", "muon", "adamh", "muonh"] = "adamw"
@@ -593,6 +665,10 @@ class LossConfig(_Validated):
     """Coefficients of the auxiliary router losses (DESIGN.md §4).
 
     L_total = L_lm + balance_coef · mean_l L_bal,l + z_coef · mean_l L_z,l (+ plugged-in terms).
+
+    Attributes:
+        balance_coef: α, the weight of the load-balance loss.
+        z_coef: β, the weight of the router z-loss.
     """
 
     balance_coef: float = bounded(1e-2, ge=0, le=MAX_COEF)
@@ -608,6 +684,18 @@ class AlignmentConfig(_Validated):
     ``lambda_final`` over ``anneal_steps`` from ``anneal_start``). ``prior``: ``uniform``,
     ``marginal`` (EMA of the all-task routing with decay ``prior_decay``) or ``file``
     (safetensors ``prior_path`` holding an (L, E) tensor ``prior``).
+
+    Attributes:
+        schedule: λ(t): none (off), fixed, warmup or warmup_anneal (not none: model.ffn = moe).
+        lambda_target: λ after the warm-up (the guide's range 0.1–0.5).
+        lambda_final: λ at the end of the anneal (warmup_anneal).
+        warmup_steps: steps of the linear λ warm-up.
+        anneal_start: step where the anneal to lambda_final starts.
+        anneal_steps: steps of the linear anneal.
+        prior: the routing prior q_l: uniform, marginal (EMA) or file.
+        prior_decay: EMA decay of the marginal prior.
+        prior_path: safetensors file holding ``prior`` of shape (MoE layers, experts); required
+            with prior = file.
     """
 
     schedule: Literal["none", "fixed", "warmup", "warmup_anneal"] = "none"
@@ -661,6 +749,20 @@ class GuardrailConfig(_Validated):
     ``cooldown`` steps. Every trigger is an ``event`` record in ``metrics.jsonl``. With
     ``grad_spike_factor`` > 1 (0 = off) a layer whose router gradient norm exceeds that factor
     times the median of its last ``grad_spike_window`` steps is unhealthy too.
+
+    Attributes:
+        policy: what a routing collapse triggers: off, reduce_lambda, entropy_bonus, slow_warmup,
+            stop.
+        min_usage_entropy: a layer below this normalised usage entropy is unhealthy.
+        min_token_entropy: a layer below this mean normalised token entropy is unhealthy.
+        max_dead_fraction: a layer above this share of dead experts is unhealthy.
+        patience: unhealthy steps in a row before the policy acts.
+        cooldown: steps to wait after an action.
+        factor: reduce_lambda: λ ← factor·λ; slow_warmup: warm-up stretched by 1/factor.
+        entropy_bonus: entropy_bonus: added to the bonus weight γ per action.
+        grad_spike_factor: a router gradient norm above this × its recent median is unhealthy
+            (0 = off, else > 1).
+        grad_spike_window: steps whose median the gradient spike check uses.
     """
 
     policy: Literal["off", "reduce_lambda", "entropy_bonus", "slow_warmup", "stop"] = "off"
@@ -711,6 +813,30 @@ class TrainConfig(_Validated):
     backward pass) or ``moe`` (only each MoE FFN is; :mod:`moealign.nn.checkpointing`): less
     activation memory for more compute, the same gradients. ``compile``: ``torch.compile`` each
     block (:mod:`moealign.nn.compile`); the preflight checks that the compiler runs here.
+
+    Attributes:
+        steps: optimizer steps of the run.
+        batch_size: sequences per optimizer step over all ranks.
+        grad_accum: micro-batches per rank and step (divides batch_size).
+        seq_len: tokens per training sequence (at most model.max_seq_len).
+        eval_every: validation every this many steps (0 = only at the end).
+        eval_batches: validation batches per evaluation.
+        log_every: a training record in metrics.jsonl every this many steps.
+        checkpoint_every: a checkpoint every this many steps (0 = only at the end).
+        keep_checkpoints: newest checkpoints kept on disk.
+        task_eval_examples: examples per task answered in the final evaluation (0 = skip).
+        seed: seed of the model initialisation and the training randomness.
+        device: auto (CUDA when present), cpu or cuda.
+        precision: fp32, bf16 autocast, or auto (bf16 on a CUDA device that supports it).
+        tensorboard: mirror metrics.jsonl to TensorBoard (<run>/tensorboard).
+        wandb: mirror metrics.jsonl to offline W&B (<run>/wandb).
+        parallel: how torchrun ranks share the model: ddp, fsdp (optim.name = adamw) or ep
+            (model.ffn = moe).
+        ep_size: ranks the experts are split over (> 1 only with parallel = ep; divides
+            model.n_experts).
+        on_nonfinite: a non-finite loss or gradient: ``stop`` the run or ``skip`` the step.
+        activation_checkpointing: recompute activations in backward: none, full or moe.
+        compile: ``torch.compile`` each block (the preflight checks the compiler).
     """
 
     steps: int = bounded(100, ge=1, le=MAX_STEPS)
@@ -759,6 +885,16 @@ class CompressionConfig(_Validated):
     ``calibration`` data (``training data`` or a file) and its ``calibration_tokens``, the
     ``seed`` and the Sub-MoE joint-SVD ``rank`` (None = full rank). Recorded in ``config.json``
     only when ``method`` is not ``none``.
+
+    Attributes:
+        method: how the weights were compressed (none for an ordinary run).
+        source: the compressed run directory or model.
+        source_n_experts: E, the experts per layer before compression.
+        keep_experts: E′, the experts kept (= model.n_experts).
+        calibration: the calibration data ("training data" or a file).
+        calibration_tokens: calibration tokens used.
+        seed: seed of the compression method.
+        rank: Sub-MoE joint-SVD rank (none = full rank).
     """
 
     method: Literal["none", "frequency", "naee", "msmoe", "submoe"] = "none"
@@ -773,7 +909,20 @@ class CompressionConfig(_Validated):
 
 @dataclass
 class RunConfig(_Validated):
-    """Everything that defines a run; ``to_dict()`` is what the run directory records."""
+    """Everything that defines a run; ``to_dict()`` is what the run directory records.
+
+    Attributes:
+        model: the architecture.
+        data: the training data.
+        optim: optimizer and learning-rate schedule.
+        loss: auxiliary router loss weights.
+        alignment: routing alignment.
+        guardrails: routing-collapse guardrails.
+        train: the training loop.
+        compression: how ``moealign compress`` made the weights (compressed runs only).
+        name: the run's folder name under out_dir.
+        out_dir: the folder holding runs.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

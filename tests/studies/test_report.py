@@ -265,9 +265,13 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
         "## Per-task accuracy",
         "## Model cards and reproducibility",
         "### Model card: better__seed1",
-        "#### Reproducibility: base__seed0",
+        "<details><summary>Reproducibility: command, versions, hardware, wall time</summary>",
+        "<details><summary>Resolved config (config.json)</summary>",
     ):
         assert heading in markdown, heading
+    headings = re.findall(r"^#+ .*$", markdown, re.M)
+    assert len(headings) == len(set(headings)), "a section heading appears twice"
+    assert "n = 2 seeds" not in markdown  # 3 seeds each: no few-seeds note
     assert "*No " not in markdown  # every section had its data
     names = {p.name for p in files.figures}
     assert names == {
@@ -592,7 +596,27 @@ def test_report_of_a_real_tiny_study_in_a_headless_browser(tmp_path):
     study = {"name": "tiny", "baseline": "router=softmax_topk", "cells": cells}
     (root / "study.json").write_text(json.dumps(study))
     files = build_report([root], tmp_path / "report")
-    _check_layout(files.html, ("Ablation table", "Against the baseline", "Efficiency"))
+    layout = _check_layout(files.html, ("Ablation table", "Against the baseline", "Efficiency"))
+    html = files.html.read_text()
+    headings = re.findall(r"<h[1-6]>([^<]*)</h[1-6]>", html)
+    assert len(headings) == len(set(headings)), "a section heading appears twice"
+    # The method note: words and a MathML formula, no raw t_{...} notation.
+    assert '<math display="block">' in html and "t_{" not in html
+    assert html.count("Some cells rest on n = 2 seeds: their 95% interval is ±9.0 s") == 2
+    # Each run's resolved config is folded: its JSON sits only inside a <details>.
+    folded = re.findall(r"<details><summary>Resolved config \(config.json\)</summary>", html)
+    assert len(folded) == 4
+    dumped = [m.start() for m in re.finditer("&quot;d_model&quot;: ", html)]
+    assert len(dumped) == 4 and all(
+        html.rfind("<details>", 0, i) > html.rfind("</details>", 0, i) for i in dumped
+    )
+    # The same content unfolded (every <details> open, as the page was before folding) is at
+    # least twice as tall: measured 14,031 px unfolded vs 5,784 px folded at 1400 px.
+    unfolded = measure_page(files.html, width=VIEWPORT, open_details=True)
+    assert layout["scrollHeight"] <= 0.5 * unfolded["scrollHeight"], (
+        layout["scrollHeight"],
+        unfolded["scrollHeight"],
+    )
 
 
 def test_routing_statistics_change_from_step_0():
@@ -618,6 +642,19 @@ def test_routing_statistics_change_from_step_0():
     assert label == "validation projection alignment λ, change from step 0"
     no_step0 = RunRecord(Path("r"), "r", 0, "finished", final_eval=run.final_eval)
     assert not any(key.startswith("step0/") for key in run_results(no_step0))
+
+
+def test_few_seeds_note_uses_the_t_quantiles():
+    """t_{0.975,1} = 12.706, t_{0.975,2} = 4.303, t_{0.975,4} = 2.776 (printed tables): the
+    half widths in units of s are 12.706/√2 = 8.98, 4.303/√3 = 2.48 and 2.776/√5 = 1.24."""
+    from moealign.studies.report import _few_seeds_note, _interval_factor
+
+    assert _interval_factor(2) == pytest.approx(12.7062 / math.sqrt(2), rel=1e-4)
+    assert _interval_factor(3) == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
+    note = _few_seeds_note({2, 3})
+    assert "±9.0 s (t = 12.7 with 1 degree of freedom)" in note.text
+    assert "3 seeds give ±2.5 s, 5 seeds ±1.2 s" in note.text
+    assert _few_seeds_note({1, 3, 5}) is None and _few_seeds_note(set()) is None
 
 
 def test_baseline_table_holm_adjusts_its_tests_and_names_four_outcomes():

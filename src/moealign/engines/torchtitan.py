@@ -535,7 +535,7 @@ def routing_summary(
 
 def routing_metrics(summary: RoutingSummary, prefix: str = "moe/") -> dict[str, float]:
     """The summary as torchtitan metrics (``MetricsProcessor.log(..., extra_metrics=...)`` or
-    its ``logger.log(metrics, step)``): moealign's names (README "Routing statistics"):
+    its ``logger.log(metrics, step)``): moealign's names (docs/routers.md, "Routing statistics"):
     ``max_vio``, ``max_vio_batch``, ``dead_experts``, ``usage_entropy``, ``token_entropy``,
     ``projection_alignment``, ``projection_alignment_raw``, ... as the mean over layers and per
     layer (``{prefix}layer{l}/{name}``), plus ``{prefix}utilisation_min``/``_max``."""

@@ -66,6 +66,35 @@ class RomaConfig(_Validated):
     (research-roma.md §1.2): σ = 0.5 on the Euclidean distance of unit embeddings (code: 0.4 on
     1 − cos), λ_max = 1 with 20 warm-up steps (code: 0.8 over 2000 steps), AdamW lr 1e-3 (code:
     7e-5), batches of 16 (code: 32), k = 3 (code: 5).
+
+    Attributes:
+        layers: MoE layers whose routing RoMA reads and trains: n, "all" or none (the last 5).
+        token: the prompt token whose routing is used: last or first.
+        continuation: options scored by their ``text`` or by their ``letter``.
+        neighbours: how neighbours are chosen: knn, epsilon or random.
+        k: neighbours per question (knn, random).
+        epsilon: kernel similarity threshold of the epsilon neighbourhood.
+        sigma: σ of the Gaussian kernel on the question embeddings.
+        encoder: question embedder: minilm (all-MiniLM-L6-v2) or builtin (tests).
+        regularizer: manifold (RoMA), l1, l2, entropy (ablations) or none (router tuning).
+        lambda_max: λ after the warm-up.
+        lambda_warmup_steps: steps of the linear λ warm-up.
+        lr: AdamW learning rate of the routers.
+        weight_decay: AdamW weight decay.
+        epochs: passes over the training questions.
+        batch_size: questions per router-training step.
+        train_examples_per_task: training questions per seen task.
+        eval_examples_per_task: evaluation questions per task at most.
+        eval_batch_size: questions per evaluation batch.
+        c3po_alpha: C3PO kernel regression: weight of the sample's own routing.
+        c3po_ngd_steps: C3PO neighbourhood gradient descent: Adam steps.
+        c3po_ngd_lr: C3PO neighbourhood gradient descent: step size.
+        c3po_core_experts: C3PO: experts per layer whose routing is optimised.
+        oracle_steps: oracle routing: Adam steps on the routing logits.
+        oracle_lr: oracle routing: step size.
+        seeds: one run per seed of each trained method (distinct, at least one).
+        methods: which methods run besides the base model (distinct, at least one).
+        device: auto, cpu or cuda.
     """
 
     layers: int | Literal["all"] | None = None

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from scipy import stats as scipy_stats
+
 from moealign.evaluation.stats import mean_confidence_interval
 from moealign.evaluation.verdicts import (
     Comparison,
@@ -60,6 +62,8 @@ from moealign.studies import plots
 from moealign.studies.document import (
     Cell,
     Code,
+    Details,
+    Formula,
     Image,
     Note,
     Paragraph,
@@ -271,6 +275,32 @@ def _runs_section(run_set: RunSet) -> Section:
     )
 
 
+_INTERVAL_MATHML = (
+    "<mrow><mover><mi>x</mi><mo>‾</mo></mover><mo>±</mo><msub><mi>t</mi><mrow><mn>0.975</mn>"
+    "<mo>,</mo><mi>n</mi><mo>−</mo><mn>1</mn></mrow></msub><mo>·</mo><mfrac><mi>s</mi>"
+    "<msqrt><mi>n</mi></msqrt></mfrac></mrow>"
+)
+_INTERVAL_LATEX = r"\bar{x} \pm t_{0.975,\,n-1} \cdot \frac{s}{\sqrt{n}}"
+
+
+def _interval_factor(n: int) -> float:
+    """t_{0.975, n−1}/√n: the 95% half width of a mean of n values in units of their s."""
+    return float(scipy_stats.t.ppf(0.975, n - 1) / math.sqrt(n))
+
+
+def _few_seeds_note(seed_counts: set[int]) -> Note | None:
+    """A note when some interval rests on n = 2 values: t_{0.975,1} = 12.7 makes it about
+    ±9 s wide, so it cannot tell most differences apart (none for n ≥ 3 or n = 1)."""
+    if 2 not in seed_counts:
+        return None
+    return Note(
+        f"Some cells rest on n = 2 seeds: their 95% interval is ±{_interval_factor(2):.1f} s "
+        f"(t = {scipy_stats.t.ppf(0.975, 1):.1f} with 1 degree of freedom), often wider than "
+        "the value itself, so it says little; 3 seeds give "
+        f"±{_interval_factor(3):.1f} s, 5 seeds ±{_interval_factor(5):.1f} s."
+    )
+
+
 def _ablation_sections(
     run_set: RunSet,
     baseline: str | None,
@@ -283,16 +313,27 @@ def _ablation_sections(
     table = Section("Ablation table")
     groups = _metric_groups(shown)
     if shown:
-        table.blocks.append(
+        table.blocks += [
             Paragraph(
-                "Mean ± 95% Student-t half width over the finished seeds (t_{0.975,n−1}·s/√n), "
-                "the half width to 2 significant digits and the mean to the same decimal place; "
-                "one seed shows the value alone. ↓/↑: lower/higher is better. "
+                "Each cell is the mean over the seeds that finished, ± the half width of its 95% "
+                "confidence interval: Student's t quantile for n − 1 degrees of freedom times "
+                "the standard deviation s over the n seeds, divided by √n:"
+            ),
+            Formula(_INTERVAL_MATHML, _INTERVAL_LATEX),
+            Paragraph(
+                "The half width is shown to 2 significant digits and the mean to the same "
+                "decimal place; one seed shows the value alone. ↓/↑: lower/higher is better. "
                 + _MARKS_LEGEND
                 + " Columns are grouped by kind; in the HTML report each header's tooltip is "
                 "its metric key (for --metrics)."
-            )
-        )
+            ),
+        ]
+        counts = {
+            len(_values_by_seed(run_set.of_variant(variant), metric))
+            for variant in run_set.variants
+            for metric in shown
+        }
+        table.blocks += filter(None, [_few_seeds_note(counts)])
     else:
         table.blocks.append(Note("No run has any of the requested metrics."))
     if missing:
@@ -306,11 +347,22 @@ def _ablation_sections(
         against.blocks.append(
             Paragraph(
                 "Paired differences variant − its baseline (the study's per-variant baseline, "
-                f"else {baseline}) over the seeds both finished: mean ± 95% t half width, "
+                f"else {baseline}) over the seeds both finished: the mean difference ± its 95% "
+                "t half width (the formula above, over the per-seed differences), the "
                 "two-sided paired t-test p-value and, where a table holds several tests, its "
                 "Holm-adjusted value over that table's tests. " + outcome_legend(margins)
             )
         )
+        shared = {
+            len(
+                _values_by_seed(run_set.of_variant(variant), metric).keys()
+                & _values_by_seed(run_set.of_variant(base), metric).keys()
+            )
+            for variant in run_set.variants
+            if (base := run_set.baseline_of(variant, baseline)) not in (None, variant)
+            for metric in shown
+        }
+        against.blocks += filter(None, [_few_seeds_note(shared)])
         sections += _grouped_tables(
             against, groups, lambda m: baseline_table(run_set, baseline, m, margins)
         )
@@ -322,28 +374,38 @@ def _ablation_sections(
 _GROUP_COLUMNS = 5  # metric columns per table, so that a table fits the page
 
 
-def _metric_groups(metrics: Sequence[str]) -> list[tuple[str, list[str]]]:
+def _metric_groups(metrics: Sequence[str]) -> list[tuple[str, list[list[str]]]]:
     """``metrics`` by kind (:func:`moealign.studies.labels.metric_group`, in order of first
-    appearance), at most :data:`_GROUP_COLUMNS` to a group."""
+    appearance), each kind's metrics in tables of at most :data:`_GROUP_COLUMNS` columns."""
     by_group: dict[str, list[str]] = {}
     for metric in metrics:
         by_group.setdefault(metric_group(metric), []).append(metric)
     return [
-        (group, members[start : start + _GROUP_COLUMNS])
+        (
+            group,
+            [
+                members[start : start + _GROUP_COLUMNS]
+                for start in range(0, len(members), _GROUP_COLUMNS)
+            ],
+        )
         for group, members in by_group.items()
-        for start in range(0, len(members), _GROUP_COLUMNS)
     ]
 
 
 def _grouped_tables(
-    parent: Section, groups: list[tuple[str, list[str]]], table: Callable[[list[str]], Table]
+    parent: Section,
+    groups: list[tuple[str, list[list[str]]]],
+    table: Callable[[list[str]], Table],
 ) -> list[Section]:
-    """One table per metric group: in ``parent`` itself for a single group, else in
-    subsections titled "<parent>: <group>" (returned)."""
+    """The tables of each metric group: in ``parent`` itself for a single group, else in one
+    subsection per group titled "<parent>: <group>" (returned)."""
     if len(groups) == 1:
-        parent.blocks.append(table(groups[0][1]))
+        parent.blocks += [table(chunk) for chunk in groups[0][1]]
         return []
-    return [Section(f"{parent.title}: {group}", [table(members)], 3) for group, members in groups]
+    return [
+        Section(f"{parent.title}: {group}", [table(chunk) for chunk in chunks], 3)
+        for group, chunks in groups
+    ]
 
 
 def _target_loss(run_set: RunSet, baseline: str | None, target_loss: float | None) -> float | None:
@@ -650,8 +712,9 @@ def _failure_modes(run: RunRecord) -> list[str]:
     return found or ["none observed in the logged metrics"]
 
 
-def model_card(run: RunRecord) -> list[Section]:
-    """The model card and reproducibility appendix of one run."""
+def model_card(run: RunRecord) -> Section:
+    """The model card of one run, its reproducibility appendix and its resolved config, each
+    folded under a one-line summary (``<details>``)."""
     config, meta, results = run.config, run.meta, run_results(run)
     train, optim = config.get("train", {}), config.get("optim", {})
     params = (
@@ -695,7 +758,7 @@ def model_card(run: RunRecord) -> list[Section]:
     commands = [_command_text(meta)] + [
         _command_text(r) + f"   # resumed {r.get('time')}" for r in meta.get("resumed", [])
     ]
-    appendix = [
+    reproducibility = [
         Paragraph("Command (run from the directory the run was started in):"),
         Code("\n".join(commands), "bash"),
         Table(
@@ -715,13 +778,20 @@ def model_card(run: RunRecord) -> list[Section]:
                 ],
             ],
         ),
-        Paragraph("Resolved config (config.json):"),
-        Code(json.dumps(config, indent=2), "json"),
     ]
-    return [
-        Section(f"Model card: {run.name}", [card], level=3),
-        Section(f"Reproducibility: {run.name}", appendix, level=4),
-    ]
+    return Section(
+        f"Model card: {run.name}",
+        [
+            Details(
+                "Card: architecture, parameters, data, training budget, intended use, measured "
+                "results, known failure modes",
+                [card],
+            ),
+            Details("Reproducibility: command, versions, hardware, wall time", reproducibility),
+            Details("Resolved config (config.json)", [Code(json.dumps(config, indent=2), "json")]),
+        ],
+        level=3,
+    )
 
 
 # ---------------------------------------------------------------------- the report
@@ -815,10 +885,10 @@ def build_report(
         if not run.config:
             continue
         card = model_card(run)
-        card_sections += card
+        card_sections.append(card)
         card_path = cards_dir / f"{name}.md"
         atomic_write_text(
-            card_path, printable(to_markdown(f"Model card: {run.name}", card, cards_dir))
+            card_path, printable(to_markdown(f"Model card: {run.name}", [card], cards_dir))
         )
         card_paths.append(card_path)
     sections.append(
