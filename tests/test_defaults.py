@@ -35,15 +35,15 @@ def fresh_notes(monkeypatch):
 
 
 def test_a_warmup_longer_than_the_run_is_clamped_with_a_note(capsys, fresh_notes):
-    """``moealign demo --seeds 0 1 --set train.steps=40``: configs/demo.toml warms up over 50
-    steps; the demo's config loads with the warm-up clamped to the run and one note line."""
-    config = load_config(demo_config_path(), ["train.steps=40"])
-    assert config.optim.warmup_steps == 40 and config.to_dict()["optim"]["warmup_steps"] == 40
-    load_config(demo_config_path(), ["train.steps=40"])  # a second build notes nothing new
+    """``moealign demo --set train.steps=20``: configs/demo.toml warms up over 30 steps; the
+    demo's config loads with the warm-up clamped to the run and one note line."""
+    config = load_config(demo_config_path(), ["train.steps=20"])
+    assert config.optim.warmup_steps == 20 and config.to_dict()["optim"]["warmup_steps"] == 20
+    load_config(demo_config_path(), ["train.steps=20"])  # a second build notes nothing new
     err = capsys.readouterr().err
-    assert err == "note: optim.warmup_steps=50 > train.steps=40; using 40\n"
+    assert err == "note: optim.warmup_steps=30 > train.steps=20; using 20\n"
     # a warm-up within the run is left alone and silent
-    assert load_config(demo_config_path(), ["train.steps=50"]).optim.warmup_steps == 50
+    assert load_config(demo_config_path(), ["train.steps=30"]).optim.warmup_steps == 30
     assert capsys.readouterr().err == ""
 
 

@@ -138,6 +138,13 @@ SHRINK = (
     (r"moealign(\.cli)? train\b", _append(_TRAIN)),
     (r"^moealign roma ", _append(_ROMA)),
     (r"^moealign eval ", _append(" --eval-batches 1 --task-examples 1")),
+    (
+        r"^moealign demo\b",
+        _append(
+            " --seeds 0 1" + _TRAIN + " --set model.n_layers=2 --set model.d_model=32"
+            " --set model.n_heads=2 --set model.n_experts=4 --set model.expert_d_ff=32"
+        ),
+    ),
     (r"^moealign compress ", _append(" --calib-tokens 512")),
     (r"^moealign analyze ", _append(" --max-tokens 512")),
     (

@@ -12,9 +12,18 @@ import scipy.stats
 from helpers_cli import run_cli
 from moealign.config import load_config
 from moealign.evaluation.run import evaluate_run
+from moealign.studies.crossover import (
+    crossing,
+    curve_crossings,
+    format_tokens,
+    tokens_per_expert,
+)
 from moealign.studies.demo import (
     COMPARISONS,
     VARIANTS,
+    budget_paragraphs,
+    crossovers,
+    demo_config_path,
     paired_comparisons,
     run_demo,
     variant_configs,
@@ -105,6 +114,85 @@ def test_paired_comparisons_match_scipy_with_holm_and_four_outcomes():
     assert verdict(comparison).endswith("moe_softmax_topk higher (worse)")
 
 
+def test_crossing_is_the_last_sign_change_interpolated_between_evaluations():
+    steps = [0, 100, 200, 300, 400]
+    dense = [5.5, 3.0, 2.6, 2.4, 2.3]
+    # MoE − dense: (init) −0.1, +0.2, +0.1, −0.05, −0.1: below for good between 200 and 300,
+    # where the line from (200, +0.1) to (300, −0.05) is 0 at 200 + 100 · 0.1 / 0.15.
+    moe = [5.4, 3.2, 2.7, 2.35, 2.2]
+    found = crossing(steps, moe, dense)
+    assert found.outcome == "crossed"
+    assert found.step == pytest.approx(200 + 100 * 0.1 / 0.15)
+    assert found.text(tokens_per_step=1000) == "step 267 (267k tokens)"
+    # An early dip below that does not last is not the crossing: the last sign change is.
+    dip = crossing(steps, [5.4, 2.9, 2.7, 2.35, 2.2], dense)
+    assert dip.step == pytest.approx(found.step)
+    # Still behind at the last evaluation (a tie counts as behind): no crossing.
+    behind = crossing(steps, [5.4, 3.2, 2.5, 2.45, 2.3], dense)
+    assert behind.outcome == "not_crossed" and behind.step is None
+    assert behind.text(1000) == "no crossing within the budget (400 steps)"
+    # Ahead at every evaluation after step 0: nothing to interpolate.
+    ahead = crossing(steps, [5.6, 2.9, 2.5, 2.3, 2.2], dense)
+    assert ahead.outcome == "ahead_throughout" and ahead.step is None
+    assert ahead.text(1000) == "ahead at every evaluation from step 100"
+    assert crossing([0], [5.0], [5.1]) is None
+    assert tokens_per_expert(716_800, top_k=2, n_experts=8) == 179_200  # the issue's numbers
+    assert [format_tokens(t) for t in (1_433_600, 179_200, 640)] == ["1.43M", "179k", "640"]
+
+
+def _curve_runs(variant: str, curves: list[list[float]], steps: list[int]) -> list[RunRecord]:
+    """Finished runs of ``variant``, seeds 0, 1, ..., whose validation records hold ``curves``."""
+    return [
+        RunRecord(Path(f"{variant}__seed{seed}"), variant, seed, "finished",
+                  metrics=[{"step": s, "split": "val", "val_loss": v}
+                           for s, v in zip(steps, curve, strict=True)],
+                  final_eval={"val_loss": curve[-1]})
+        for seed, curve in enumerate(curves)
+    ]  # fmt: skip
+
+
+def test_curve_crossings_average_the_seeds_then_cross_and_report_each_seed():
+    steps = [0, 50, 100, 150]
+    dense = _curve_runs("dense", [[5.5, 3.0, 2.6, 2.5], [5.5, 3.0, 2.6, 2.5]], steps)
+    # seed 0 crosses between 50 and 100, seed 1 between 100 and 150 (MoE − dense: +0.2,
+    # −0.1, −0.2 and +0.2, +0.1, −0.1); their mean (+0.2, 0.0, −0.15) crosses at 100 + 0.
+    moe = _curve_runs("moe_softmax_topk", [[5.5, 3.2, 2.5, 2.3], [5.5, 3.2, 2.7, 2.4]], steps)
+    mean, per_seed = curve_crossings(moe, dense)
+    assert mean.step == pytest.approx(100.0)
+    assert per_seed[0].step == pytest.approx(50 + 50 * 0.2 / 0.3)
+    assert per_seed[1].step == pytest.approx(100 + 50 * 0.1 / 0.2)
+    # A seed only one side has is left out; the demo reports steps in tokens too.
+    assert set(curve_crossings(moe, dense[:1])[1]) == {0}
+    base = load_config(
+        demo_config_path(), ["train.steps=150", "train.batch_size=4", "train.seq_len=32"]
+    )
+    configs = variant_configs(base)
+    run_set = RunSet([*dense, *moe, *_curve_runs("moe_mpi", [[5.5, 3.3, 2.9, 2.8]] * 2, steps)])
+    rows = {row["variant"]: row for row in crossovers(run_set, configs)}
+    assert rows["moe_softmax_topk"]["tokens"] == pytest.approx(100.0 * 4 * 32)
+    assert rows["moe_softmax_topk"]["text"] == "step 100 (13k tokens)"
+    assert rows["moe_softmax_topk"]["per_seed"]["1"] == "step 125 (16k tokens)"
+    assert rows["moe_mpi"]["outcome"] == "not_crossed"
+    # Budget text: tokens per expert (K/E of 150 · 128 tokens) and the ranking's dependence.
+    comparisons = paired_comparisons(run_set)
+    text = " ".join(budget_paragraphs(configs, list(rows.values()), comparisons))
+    k, e = base.model.top_k, base.model.n_experts
+    assert f"K/E = {k}/{e}" in text and format_tokens(150 * 128 * k / e) in text
+    assert "ranking depends on the training budget" in text
+    assert "moe_softmax_topk: step 100 (13k tokens)" in text
+    assert "moe_mpi: no crossing within the budget (150 steps)" in text
+    # Neither MoE is significantly below dense here (seed 0 and 1 disagree): said so.
+    assert "No MoE reaches a significant advantage" in text
+    better = _curve_runs("moe_softmax_topk", [[5.5, 3.2, 2.4, 2.3], [5.5, 3.2, 2.45, 2.32]], steps)
+    comparisons = paired_comparisons(RunSet([*dense, *better]))
+    assert "No MoE reaches" not in " ".join(budget_paragraphs(configs, [], comparisons))
+
+
+def test_the_demo_config_takes_a_short_run_without_refusing_its_warm_up():
+    config = load_config(demo_config_path(), ["train.steps=40"])
+    assert config.optim.warmup_steps <= 40
+
+
 def test_demo_refuses_a_bad_margin(tmp_path):
     result = run_cli("demo", "--margin", "val_loss=-1", "--out", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
@@ -149,6 +237,17 @@ def test_demo_trains_each_model_per_seed_reports_intervals_and_reuses_finished_r
         assert all(line in text for line in summary["verdicts"])
         assert all(name in text for name in VARIANTS) and " ± " in text
     assert all(f"| {name} |" in table for name in VARIANTS)  # Markdown rows
+    # Crossover of each MoE's mean validation curve with the dense one, and the budget text.
+    assert [(c["variant"], c["baseline"]) for c in summary["crossovers"]] == [
+        ("moe_softmax_topk", "dense"),
+        ("moe_mpi", "dense"),
+    ]
+    assert all(set(c["per_seed"]) == {"0", "1"} for c in summary["crossovers"])
+    for text in (printed, table):
+        assert "Crossover and budget" in text and all(
+            c["text"] in text for c in summary["crossovers"]
+        )
+        assert all(paragraph in text for paragraph in summary["budget"])
     assert json.loads((out / "summary.json").read_text()) == summary
     assert matplotlib.image.imread(out / "loss_curves.png").shape[-1] in (3, 4)
     before = (out / "moe_mpi__seed1" / "final_eval.json").stat().st_mtime_ns

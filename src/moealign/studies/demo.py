@@ -14,6 +14,9 @@ same for every run, so runs of one seed are paired). It reports (DESIGN.md §7�
   equivalent within ±m (TOST; m = 0.01 nats for the loss, 1 point for accuracies, or
   ``--margin METRIC=M``) or inconclusive;
 * one verdict line per comparison on the validation loss, in those four outcomes;
+* where each MoE's seed-mean validation curve overtakes the dense one, as a step and in tokens
+  (interpolated between evaluations, :mod:`moealign.studies.crossover`), per seed too, the
+  tokens one expert has seen against the dense FFN, and that the ranking depends on the budget;
 * training and validation loss curves, the mean over seeds with a min–max band.
 
 Everything goes to the terminal and to ``summary.md``/``summary.json``/``loss_curves.png`` in
@@ -41,17 +44,18 @@ if TYPE_CHECKING:
     from moealign.studies.results import RunRecord, RunSet
 
 PRESETS = {
-    # three seeds of three models in about ten minutes on two CPU cores
+    # three seeds of three models within 15 minutes on two CPU cores (docs/demo.md)
     "quick": [],
-    # a longer, wider run for a GPU or a patient CPU
+    # a longer, wider run for a GPU (~15 hours of one CPU core, docs/demo.md)
     "full": [
         "model.d_model=256",
+        "optim.lr=3e-3",
         "model.n_layers=6",
         "model.expert_d_ff=256",
         "model.n_experts=16",
         "train.steps=3000",
         "train.batch_size=32",
-        "train.eval_every=500",
+        "train.eval_every=100",
         "train.checkpoint_every=500",
         "train.task_eval_examples=50",
     ],
@@ -72,6 +76,8 @@ METRICS = (
 COMPARISONS = (("moe_softmax_topk", "dense"), ("moe_mpi", "dense"), ("moe_mpi", "moe_softmax_topk"))
 DIFFERENCE_METRICS = ("val_loss", "task_accuracy_seen", "task_accuracy_heldout")
 VERDICT_METRIC = "val_loss"
+# Where each MoE's mean validation curve overtakes the dense model's (studies/crossover.py).
+CROSSOVER_PAIRS = (("moe_softmax_topk", "dense"), ("moe_mpi", "dense"))
 TITLE = "moealign demo: dense vs softmax top-k MoE vs MPI MoE"
 
 
@@ -229,6 +235,95 @@ def verdict(comparison: dict[str, Any]) -> str:
     return f"{head}: {c['variant']} {outcome}{judged}"
 
 
+def crossovers(run_set: RunSet, configs: dict[str, RunConfig]) -> list[dict[str, Any]]:
+    """For each pair of CROSSOVER_PAIRS: where the model's seed-mean validation loss falls
+    below the baseline's for good (:func:`moealign.studies.crossover.curve_crossings`), as a
+    step and in tokens, and each seed's own crossing."""
+    from moealign.studies.crossover import curve_crossings
+
+    rows = []
+    for variant, baseline in CROSSOVER_PAIRS:
+        mean, per_seed = curve_crossings(
+            run_set.of_variant(variant), run_set.of_variant(baseline), VERDICT_METRIC
+        )
+        if mean is None:
+            continue
+        tokens_per_step = _tokens_per_step(configs[variant])
+        rows.append(
+            {
+                "variant": variant,
+                "baseline": baseline,
+                "outcome": mean.outcome,
+                "step": mean.step,
+                "tokens": None if mean.step is None else mean.step * tokens_per_step,
+                "text": mean.text(tokens_per_step),
+                "per_seed": {
+                    str(seed): None if c is None else c.text(tokens_per_step)
+                    for seed, c in per_seed.items()
+                },
+            }
+        )
+    return rows
+
+
+def _tokens_per_step(config: RunConfig) -> int:
+    """Tokens of one optimizer step (the global batch): batch_size · seq_len."""
+    return config.train.batch_size * config.train.seq_len
+
+
+def budget_paragraphs(
+    configs: dict[str, RunConfig],
+    crossings: Sequence[dict[str, Any]],
+    comparisons: Sequence[dict[str, Any]],
+) -> list[str]:
+    """Tokens seen per expert against the dense FFN at the last step, that the ranking of MoE
+    and dense depends on the budget (with the crossings) and, when no MoE's val_loss outcome
+    against dense is "lower" (Holm-adjusted, :mod:`moealign.evaluation.verdicts`), that no
+    significant MoE advantage was reached."""
+    from moealign.studies.crossover import format_tokens, tokens_per_expert
+
+    moe, dense = configs["moe_softmax_topk"], configs["dense"]
+    steps, tokens = moe.train.steps, moe.train.steps * _tokens_per_step(moe)
+    per_expert = tokens_per_expert(tokens, moe.model.top_k, moe.model.n_experts)
+    paragraphs = [
+        f"Tokens seen in {steps} steps: each of the {moe.model.n_experts} experts of an MoE "
+        f"layer receives on average K/E = {moe.model.top_k}/{moe.model.n_experts} of the token "
+        f"slots, {format_tokens(per_expert)}, while the dense FFN (width "
+        f"{dense.model.d_ff}) sees all {format_tokens(tokens)}."
+    ]
+    where = "; ".join(f"{c['variant']}: {c['text']}" for c in crossings) or "not evaluated"
+    paragraphs.append(
+        "The ranking depends on the training budget: each expert trains on only K/E of the "
+        "tokens, so an MoE can trail the dense model of the same active size early and lead "
+        f"it later. Where the mean validation curves cross here: {where}. A run stopped at "
+        "another step can rank the models differently."
+    )
+    ahead = [
+        c["variant"]
+        for c in comparisons
+        if c["baseline"] == "dense" and c["metric"] == VERDICT_METRIC and c["outcome"] == "lower"
+    ]
+    if not ahead:
+        paragraphs.append(
+            "No MoE reaches a significant advantage over dense within this budget (no MoE's "
+            "val_loss verdict against dense is lower): telling needs more seeds or a longer "
+            "run (`--set train.steps=N`, `--preset full`; docs/demo.md)."
+        )
+    return paragraphs
+
+
+def _crossover_table(crossings: Sequence[dict[str, Any]], seeds: Sequence[int]) -> Table:
+    rows = [
+        [
+            f"{c['variant']} vs {c['baseline']}",
+            c["text"],
+            *(c["per_seed"].get(str(seed)) or "n/a" for seed in seeds),
+        ]
+        for c in crossings
+    ]
+    return Table(["MoE vs dense", "mean curves", *(f"seed {s}" for s in seeds)], rows)
+
+
 # ---------------------------------------------------------------------- summary
 
 
@@ -272,6 +367,8 @@ def summary_sections(
     curves: Path | None,
     comparisons: Sequence[dict[str, Any]],
     margins: dict[str, float] | None = None,
+    crossings: Sequence[dict[str, Any]] = (),
+    budget: Sequence[str] = (),
 ) -> list[Section]:
     """The summary as document sections (Markdown for summary.md and the terminal)."""
     from moealign.evaluation.verdicts import outcome_legend
@@ -317,6 +414,17 @@ def summary_sections(
             "Verdicts",
             [Paragraph("\n".join(f"- {line}" for line in verdicts) or "no comparison")],
         ),
+        Section(
+            "Crossover and budget",
+            [
+                _crossover_table(crossings, seeds),
+                Note(
+                    "where the MoE's validation loss falls below the dense model's for good, "
+                    "interpolated between evaluations (tokens = step · batch_size · seq_len)"
+                ),
+                *(Paragraph(text) for text in budget),
+            ],
+        ),
     ]
     if curves is not None:
         caption = "loss curves: mean over seeds, band from the lowest to the highest seed"
@@ -361,9 +469,11 @@ def run_demo(
     )
     comparisons = paired_comparisons(run_set, margins)
     verdicts = [verdict(c) for c in comparisons if c["metric"] == VERDICT_METRIC]
+    crossings = crossovers(run_set, configs)
+    budget = budget_paragraphs(configs, crossings, comparisons)
     curves = plot_loss_curves(run_set, out / "loss_curves.png")
     sections = summary_sections(
-        run_set, configs, seeds, preset, verdicts, curves, comparisons, margins
+        run_set, configs, seeds, preset, verdicts, curves, comparisons, margins, crossings, budget
     )
     summary = {
         "preset": preset,
@@ -382,6 +492,8 @@ def run_demo(
         "models": model_statistics(run_set),
         "comparisons": comparisons,
         "verdicts": verdicts,
+        "crossovers": crossings,
+        "budget": budget,
     }
     atomic_write_json(out / "summary.json", summary, sort_keys=False)
     atomic_write_text(out / "summary.md", to_markdown(TITLE, sections, out))
