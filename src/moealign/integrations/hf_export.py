@@ -305,9 +305,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
     transformers_logging.disable_progress_bar()  # progress is moealign.progress's alone
     # A shared lock: training (which rotates checkpoints) cannot run while the checkpoint is read.
     with RunLock(run_dir, shared=True):
-        with phase("export: load the checkpoint"):
-            model = MoETransformer(config.model)
-            _run_checkpoint(run_dir, step, model)
+        model = MoETransformer(config.model)
+        _run_checkpoint(run_dir, step, model)  # a bad --step fails before any progress line
         with phase("export: convert and write"), atomic_directory(out) as tmp:
             tokenizer = _write_run_tokenizer(run_dir, config, tmp)
             ids = {
