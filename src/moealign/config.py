@@ -281,6 +281,11 @@ class ModelConfig(_Validated):
     router's constructor (checked against its signature and built at load). ``n_layers`` is
     capped at 1024 (a sanity bound far above any public MoE) so that a memory estimate can
     build the model's shapes before anything is allocated.
+
+    ``merged_experts`` (None by default): a merged model's expert count E′ < ``n_experts``
+    (router mapping R2, :mod:`moealign.compression.plan`): each MoE layer keeps its
+    ``n_experts`` router rows and runs E′ experts, row e sending its gate to expert
+    ``expert_map[e]`` (a per-layer buffer in the state dict).
     """
 
     vocab_size: int = bounded(512, ge=1)
@@ -293,6 +298,7 @@ class ModelConfig(_Validated):
     n_experts: int = bounded(8, ge=1)
     top_k: int = bounded(2, ge=1)
     expert_d_ff: int = bounded(128, ge=1)
+    merged_experts: int | None = bounded(None, ge=1)
     moe_every: int = bounded(1, ge=1)  # every n-th layer is MoE (1 = all)
     shared_d_ff: int = bounded(0, ge=0)  # width of an always-on shared expert; 0 = none
     router: str = "softmax_topk"
@@ -329,6 +335,11 @@ class ModelConfig(_Validated):
             )
         if self.top_k > self.n_experts:
             raise ConfigError("top_k", f"got {self.top_k}; expected <= n_experts={self.n_experts}")
+        if self.merged_experts is not None and self.merged_experts > self.n_experts:
+            raise ConfigError(
+                "merged_experts",
+                f"got {self.merged_experts}; expected None or <= n_experts={self.n_experts}",
+            )
         self.router_options = self._checked_router_options()
         return self
 
@@ -724,10 +735,12 @@ COMPRESSION_METHODS = ("frequency", "naee", "msmoe", "submoe")
 class CompressionConfig(_Validated):
     """How a compressed run's weights were made (``moealign compress``;
     :mod:`moealign.compression`): ``method`` (``none`` for an ordinary run), the ``source`` run
-    directory, its ``source_n_experts`` E, the ``keep_experts`` E′ (= model.n_experts), the
-    ``calibration`` data (``training data`` or a file) and its ``calibration_tokens``, the
-    ``seed`` and the Sub-MoE joint-SVD ``rank`` (None = full rank). Recorded in ``config.json``
-    only when ``method`` is not ``none``.
+    directory, its ``source_n_experts`` E, the ``keep_experts`` E′ (``model.n_experts`` after
+    pruning, ``model.merged_experts`` after merging), the ``calibration`` data (``training
+    data`` or a file) and its ``calibration_tokens``, the ``seed`` and the Sub-MoE joint-SVD
+    ``rank`` (None = the default truncation of
+    :func:`moealign.compression.submoe.default_rank`). Recorded in ``config.json`` only when
+    ``method`` is not ``none``.
     """
 
     method: Literal["none", "frequency", "naee", "msmoe", "submoe"] = "none"
@@ -803,14 +816,23 @@ class RunConfig(_Validated):
                     f"got {self.train.ep_size}; expected a divisor of "
                     f"model.n_experts={self.model.n_experts}",
                 )
+        merged = self.model.merged_experts
+        if merged is not None and self.train.ep_size > 1:
+            raise ConfigError(
+                "train.ep_size",
+                f"got {self.train.ep_size}; a merged model (model.merged_experts={merged}) "
+                "runs without expert parallelism: expected 1",
+            )
         compression = self.compression
+        stored = self.model.n_experts if merged is None else merged
         if compression.method != "none" and not (
-            compression.keep_experts == self.model.n_experts < compression.source_n_experts
+            compression.keep_experts == stored < compression.source_n_experts
         ):
+            field_name = "model.n_experts" if merged is None else "model.merged_experts"
             raise ConfigError(
                 "compression.keep_experts",
-                f"got {compression.keep_experts}; expected model.n_experts="
-                f"{self.model.n_experts} < compression.source_n_experts="
+                f"got {compression.keep_experts}; expected {field_name}="
+                f"{stored} < compression.source_n_experts="
                 f"{compression.source_n_experts}",
             )
 

@@ -42,7 +42,9 @@ STUDY = [
     "epochs=1",
     "batch_size=8",
     "oracle_steps=3",
-    "c3po_ngd_steps=2",
+    "c3po_ngd_steps=[1, 2]",
+    "c3po_ngd_lrs=[1.0, 30.0]",
+    "c3po_ngd_validation_per_task=2",
     "lambda_warmup_steps=2",
     "device=cpu",
 ]

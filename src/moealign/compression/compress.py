@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from moealign.compression.apply import build_compressed
+from moealign.compression.apply import build_compressed, router_mapping
 from moealign.compression.calibration import LayerCalibration, calibrate
 from moealign.compression.layers import CompressionError, MoELayerView, moe_layer_views
 from moealign.compression.msmoe import msmoe_plan
@@ -23,7 +23,13 @@ from moealign.compression.pruning import frequency_keep, naee_keep
 from moealign.compression.submoe import submoe_plan
 from moealign.config import COMPRESSION_METHODS as METHODS
 
-ROUTER_UPDATE = {"frequency": "R1 slice", "naee": "R1 slice", "msmoe": "R3", "submoe": "R3"}
+MERGING_METHODS = ("msmoe", "submoe")
+ROUTER_NOTES = {
+    "R1 slice": "pruned experts' router rows removed",
+    "R2 share": "all router rows kept; each group's rows share its merged expert",
+    "R3 collapse": "one averaged router row per group: a transformers MoE config needs one "
+    "router row per expert (routing decisions change; R2 is not expressible there)",
+}
 
 
 @dataclass
@@ -37,6 +43,7 @@ class CompressionResult:
     keep_experts: int
     calibration_tokens: int
     groups: list[list[tuple[int, ...]]]
+    router_update: str
 
     def summary(self) -> dict:
         """A JSON-ready record of the compression (no weights)."""
@@ -44,7 +51,8 @@ class CompressionResult:
             "method": self.method,
             "n_experts": self.n_experts,
             "keep_experts": self.keep_experts,
-            "router_update": ROUTER_UPDATE[self.method],
+            "router_update": self.router_update,
+            "router_update_note": ROUTER_NOTES[self.router_update],
             "calibration_tokens": self.calibration_tokens,
             "groups": [[list(g) for g in layer] for layer in self.groups],
         }
@@ -122,6 +130,7 @@ def compress_model(
         for calibration in calibrations
     ]
     return CompressionResult(
+        router_update=router_mapping(model, plans),
         model=build_compressed(model, views, plans),
         method=method,
         n_experts=views[0].n_experts,
