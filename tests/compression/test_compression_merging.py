@@ -159,6 +159,14 @@ def test_r2_keeps_routing_decisions_and_beats_r3_in_float64(method):
         assert _relative_error(y_r2, y) < _relative_error(y_r3, y)
 
 
+def test_a_merged_mpi_layer_drives_each_row_by_its_merged_expert():
+    layer = make_layer(6, 2, seed=2, router="mpi")
+    compressed, groups = compress_layer(layer, "msmoe", 4, calibration_inputs(120))
+    expected = compressed.experts.w_gate[compressed.expert_map]
+    assert torch.equal(compressed.router_drive_matrix(), expected)
+    assert compressed.router.c_prime == layer.router.c_prime  # E rows kept: C unchanged
+
+
 def test_msmoe_merge_is_the_frequency_weighted_average():
     from moealign.compression.compress import plan_layer
 

@@ -123,10 +123,19 @@ class MoELayer(nn.Module):
         """The (E, F, D) matrix A whose AᵀA drives the MPI power step (DESIGN.md §3)."""
         choice = getattr(self.router, "expert_matrix", "gate")
         if choice == "gate":
-            return self.experts.w_gate
-        if choice == "up":
-            return self.experts.w_up
-        return self.experts.w_down.transpose(1, 2)  # W_oᵀW_o analogue: (E, D, F) → (E, F, D)
+            matrix = self.experts.w_gate
+        elif choice == "up":
+            matrix = self.experts.w_up
+        else:  # W_oᵀW_o analogue: (E, D, F) → (E, F, D)
+            matrix = self.experts.w_down.transpose(1, 2)
+        return self.per_row(matrix)  # a merged layer's row e: its expert's matrix
+
+    def per_row(self, expert_tensor: Tensor) -> Tensor:
+        """A per-expert tensor (E′, ...) as one entry per router row (E, ...): row e's is its
+        expert's, ``expert_map[e]`` in a merged layer (the tensor itself otherwise)."""
+        if self.expert_map is None:
+            return expert_tensor
+        return expert_tensor.index_select(0, self.expert_map)
 
     def forward(self, x: Tensor) -> tuple[Tensor, RoutingInfo]:
         if x.shape[-1] != self.d_model:
