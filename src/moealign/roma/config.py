@@ -78,7 +78,7 @@ class RomaConfig(_Validated):
     eval_examples_per_task: int = bounded(100, ge=1)
     eval_batch_size: int = bounded(64, ge=1)
     c3po_alpha: float = bounded(0.5, ge=0, le=1)
-    c3po_ngd_lrs: tuple[float, ...] = bounded((10.0, 100.0), gt=0)
+    c3po_ngd_lrs: tuple[float, ...] = bounded((30.0, 300.0), gt=0)
     c3po_ngd_steps: tuple[int, ...] = bounded((5, 10), ge=1)
     c3po_ngd_validation_per_task: int = bounded(10, ge=1)
     c3po_core_experts: int = bounded(3, ge=1)
