@@ -157,6 +157,9 @@ def test_r2_keeps_routing_decisions_and_beats_r3_in_float64(method):
                 expert = ExpertWeights(*(w[g] for w in plan.experts))
                 y_r3[rows] += weight[rows, k, None] * _swiglu(expert, x[rows])
         assert _relative_error(y_r2, y) < _relative_error(y_r3, y)
+        collapsed = build_compressed(layer, [calibration.view], [plan], collapse=True)
+        with torch.no_grad():
+            torch.testing.assert_close(collapsed(x)[0], y_r3, rtol=1e-10, atol=1e-12)
 
 
 def test_a_merged_mpi_layer_drives_each_row_by_its_merged_expert():

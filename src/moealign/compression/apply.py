@@ -40,12 +40,13 @@ from moealign.nn.transformer import ModelConfig, MoETransformer
 R1, R2, R3 = "R1 slice", "R2 share", "R3 collapse"
 
 
-def router_mapping(model: nn.Module, plans: Sequence[LayerPlan]) -> str:
+def router_mapping(model: nn.Module, plans: Sequence[LayerPlan], collapse: bool = False) -> str:
     """R1 for pruning plans; for merging, R2 on moealign models and R3 on transformers models
-    (whose config cannot express R2)."""
+    (whose config cannot express R2) or where ``collapse`` asks for it (a moealign model
+    meant for a Mixtral export, or a comparison of the two mappings)."""
     if not any(plan.merges for plan in plans):
         return R1
-    return R3 if is_hf_model(model) else R2
+    return R3 if collapse or is_hf_model(model) else R2
 
 
 def _moealign_layer_state(view: MoELayerView, plan: LayerPlan, mapping: str) -> dict[str, Tensor]:
@@ -75,11 +76,14 @@ def _hf_layer_state(view: MoELayerView, plan: LayerPlan, mapping: str) -> dict[s
 
 
 def compressed_state(
-    model: nn.Module, views: Sequence[MoELayerView], plans: Sequence[LayerPlan]
+    model: nn.Module,
+    views: Sequence[MoELayerView],
+    plans: Sequence[LayerPlan],
+    collapse: bool = False,
 ) -> dict[str, Tensor]:
     """``model.state_dict()`` with every MoE layer's experts and router updated
     (:func:`router_mapping`)."""
-    mapping = router_mapping(model, plans)
+    mapping = router_mapping(model, plans, collapse)
     names = {id(module): name for name, module in model.named_modules()}
     state = dict(model.state_dict())
     for view, plan in zip(views, plans, strict=True):
@@ -150,7 +154,10 @@ def _new_hf_model(model: nn.Module, n_experts: int) -> nn.Module:
 
 
 def build_compressed(
-    model: nn.Module, views: Sequence[MoELayerView], plans: Sequence[LayerPlan]
+    model: nn.Module,
+    views: Sequence[MoELayerView],
+    plans: Sequence[LayerPlan],
+    collapse: bool = False,
 ) -> nn.Module:
     """The compressed model (module docstring): same class, E′ experts per MoE layer (router
     rows by :func:`router_mapping`), on the
@@ -160,7 +167,7 @@ def build_compressed(
     if len(sizes) != 1:
         raise ValueError(f"plans give {sorted(sizes)} experts; every layer must keep the same E′")
     (n_experts,) = sizes
-    mapping = router_mapping(model, plans)
+    mapping = router_mapping(model, plans, collapse)
     parameter = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
         if is_hf_model(model):
@@ -177,5 +184,5 @@ def build_compressed(
                 "MoELayer or a transformers MoE model"
             )
     new = new.to(device=parameter.device)
-    new.load_state_dict(compressed_state(model, views, plans), strict=True)
+    new.load_state_dict(compressed_state(model, views, plans, collapse), strict=True)
     return new.train(model.training)

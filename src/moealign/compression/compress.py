@@ -116,13 +116,16 @@ def compress_model(
     *,
     seed: int = 0,
     rank: int | None = None,
+    collapse: bool = False,
 ) -> CompressionResult:
     """Compress every MoE layer of ``model`` (a MoETransformer or a softmax-family transformers
     MoE model; for a lone MoELayer, build a :class:`LayerCalibration` from its inputs and use
     :func:`plan_layer` and :func:`build_compressed`) to ``keep_experts`` experts by ``method``,
     calibrated on ``batches`` (dicts with ``input_ids`` and optionally ``attention_mask``).
-    ``seed`` seeds Sub-MoE's K-means; ``rank`` truncates Sub-MoE's joint SVD (None = full
-    rank)."""
+    ``seed`` seeds Sub-MoE's K-means; ``rank`` truncates Sub-MoE's joint SVD (None = the
+    default truncation, :func:`moealign.compression.submoe.default_rank`); ``collapse`` merges
+    with R3 (one collapsed router row per group) instead of R2 on a moealign model
+    (:func:`moealign.compression.apply.router_mapping`)."""
     views = check_request(model, method, keep_experts, rank)
     calibrations = calibrate(model, batches)
     plans = [
@@ -130,8 +133,8 @@ def compress_model(
         for calibration in calibrations
     ]
     return CompressionResult(
-        router_update=router_mapping(model, plans),
-        model=build_compressed(model, views, plans),
+        router_update=router_mapping(model, plans, collapse),
+        model=build_compressed(model, views, plans, collapse),
         method=method,
         n_experts=views[0].n_experts,
         keep_experts=keep_experts,
