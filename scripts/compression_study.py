@@ -9,10 +9,13 @@ compress``; calibration: the first ``--calib-tokens`` tokens of the run's traini
 A compression whose ``compression.json`` exists is not redone, so an interrupted study resumes.
 
 Tables (markdown, also written to ``<study>/compression_summary.md``; the numbers to
-``<study>/compression_summary.json``): mean ± 95% Student-t half width over seeds
-(``moealign.evaluation.stats.interval_text``, rendered by ``moealign.tables``) of each
-retention ratio per base variant, and the aligned − unaligned difference of retention paired
-by seed (``moealign.evaluation.stats.paired_t_test``). ``--task-examples`` evaluates more
+``<study>/compression_summary.json``): the bases' metrics, mean ± 95% Student-t half width over
+seeds (``moealign.evaluation.stats.interval_text``); each retention ratio per base variant as
+the geometric mean over seeds with the exponentiated t interval of the mean log ratio
+(``moealign.compression.retention.ratio_text``: always positive); and paired by seed on the log
+ratio (``moealign.evaluation.verdicts.paired_comparison``, margin ±0.01 ≈ ±1%, Holm over each
+table's tests, four outcomes) the aligned − unaligned difference and every pair of methods on
+the same base cells. ``--task-examples`` evaluates more
 task-suite examples than the runs' own ``train.task_eval_examples``; ``--cells`` compresses
 only the named bases (to split the work over processes; tabulate afterwards with
 ``--summary-only``).
@@ -34,11 +37,12 @@ from pathlib import Path
 
 from moealign.compression import METHODS
 from moealign.compression.command import TRAINING_DATA, compress_source
+from moealign.compression.retention import ratio_text
 from moealign.compression.runs import REPORT_FILE, RunSource
 from moealign.config import CompressionConfig
 from moealign.evaluation.stats import interval_text as interval
-from moealign.evaluation.stats import paired_t_test
-from moealign.tables import Table, format_interval, format_number, to_markdown
+from moealign.evaluation.verdicts import Comparison, judged_rows, outcome_legend, paired_comparison
+from moealign.tables import Table, format_number, to_markdown
 from moealign.training.runs import FINAL_EVAL_FILE
 
 VARIANTS = ("unaligned", "aligned")
@@ -52,6 +56,8 @@ RATIOS = (
     ("params_total", "params ×"),
     ("tokens_per_s", "tokens/s ×"),
 )
+# Equivalence margin of a difference of log retention ratios: ±0.01 ≈ ±1% of the ratio.
+LOG_RATIO_MARGIN = 0.01
 
 
 def base_cells(study: Path) -> list[Path]:
@@ -140,20 +146,19 @@ def retention_table(rows: list[dict], variant: str, keeps: Sequence[int]) -> Tab
         for keep in keeps:
             chosen = select(rows, variant=variant, method=method, keep=keep)
             if chosen:
-                cells = [interval([r["retention"][key] for r in chosen]) for key, _ in RATIOS]
+                cells = [ratio_text([r["retention"][key] for r in chosen]) for key, _ in RATIOS]
                 params = format_number(chosen[0]["compressed"]["params_total"])
                 body.append([method, str(keep), *cells, params])
     return Table(["method", "E′", *(label for _, label in RATIOS), "params after"], body)
 
 
-def paired_cell(pairs: list[tuple[float, float]]) -> str:
-    """aligned − unaligned: mean difference ± 95% t half width (p, n) over the seed pairs."""
-    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-    if len(pairs) < 2:
+def paired_cell(pairs: list[tuple[float | None, float | None]]) -> Comparison | str:
+    """log a − log b over the seed pairs with both ratios positive: the paired comparison
+    (written out, Holm-adjusted, by ``judged_rows``), or "–" with fewer than 2 pairs."""
+    logs = [(math.log(a), math.log(b)) for a, b in pairs if a and b and a > 0 and b > 0]
+    if len(logs) < 2:
         return "–"
-    mean, half_width, p = paired_t_test([a for a, _ in pairs], [b for _, b in pairs])
-    p_text = "" if math.isnan(p) else f"p={p:.2f}, "  # nan: no spread
-    return f"{format_interval(mean, half_width, signed=True)} ({p_text}n={len(pairs)})"
+    return paired_comparison([a for a, _ in logs], [b for _, b in logs], LOG_RATIO_MARGIN)
 
 
 def paired_table(rows: list[dict], keeps: Sequence[int]) -> Table:
@@ -180,7 +185,38 @@ def paired_table(rows: list[dict], keeps: Sequence[int]) -> Table:
                 for key, _ in keys
             ]
             body.append([method, str(keep), str(len(seeds)), *cells])
-    return Table(["method", "E′", "pairs", *(f"Δ {label}" for _, label in keys)], body)
+    headers = ["method", "E′", "pairs", *(f"Δ log({label})" for _, label in keys)]
+    return Table(headers, judged_rows(body))
+
+
+def method_pairs_table(rows: list[dict], variant: str, keep: int) -> Table | None:
+    """Every pair of methods on the same base cells (``variant``, E′ = ``keep``): log retention
+    of method A − method B paired by seed, one Holm family per table; None without a pair."""
+    keys = RATIOS[:4]
+    by_method = {
+        method: {r["seed"]: r for r in select(rows, variant=variant, method=method, keep=keep)}
+        for method in METHODS
+    }
+    body = []
+    for index, first in enumerate(METHODS):
+        for second in METHODS[index + 1 :]:
+            seeds = sorted(by_method[first].keys() & by_method[second].keys())
+            if len(seeds) < 2:
+                continue
+            cells = [
+                paired_cell(
+                    [
+                        tuple(by_method[m][s]["retention"][key] for m in (first, second))
+                        for s in seeds
+                    ]
+                )
+                for key, _ in keys
+            ]
+            body.append([first, second, str(len(seeds)), *cells])
+    if not body:
+        return None
+    headers = ["method A", "method B", "pairs", *(f"Δ log({label}) A − B" for _, label in keys)]
+    return Table(headers, judged_rows(body))
 
 
 def summary(rows: list[dict], keeps: Sequence[int]) -> str:
@@ -189,8 +225,15 @@ def summary(rows: list[dict], keeps: Sequence[int]) -> str:
         parts += [f"## Retention, {variant} bases (compressed / original)", ""]
         parts += [to_markdown(retention_table(rows, variant, keeps)), ""]
     parts += ["## Aligned − unaligned retention, paired by seed", ""]
-    parts += [to_markdown(paired_table(rows, keeps))]
-    return "\n".join(parts) + "\n"
+    parts += [outcome_legend({"every Δ log ratio": LOG_RATIO_MARGIN}, defaults=False), ""]
+    parts += [to_markdown(paired_table(rows, keeps)), ""]
+    for variant in VARIANTS:
+        for keep in keeps:
+            table = method_pairs_table(rows, variant, keep)
+            if table is not None:
+                parts += [f"## Method against method, {variant} bases, E′ = {keep}", ""]
+                parts += [to_markdown(table), ""]
+    return "\n".join(parts)
 
 
 def main() -> None:

@@ -4,7 +4,9 @@
 
 Every cell is mean ± 95% Student-t half width over the finished seeds
 (``moealign.evaluation.stats.mean_confidence_interval``); paired differences use
-``moealign.evaluation.stats.paired_t_test`` and say "within noise" when the interval covers 0;
+``moealign.evaluation.verdicts.paired_comparison``: Δ ± 95% t half width, raw and Holm p (the
+tests of one table are one family) and the outcome — lower / higher / equivalent within ±m (TOST;
+m = 0.01 nats for validation losses, none elsewhere) / inconclusive;
 steps to target use ``moealign.studies.results.steps_to_reference_loss`` /
 ``time_to_target`` with each MPI variant paired to the softmax top-k variant of the same
 optimizer. The projection alignment λ (MPI paper Eq. 11) is given for the powered rows R′ (the
@@ -23,7 +25,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from moealign.evaluation.stats import interval_text as interval
-from moealign.evaluation.stats import paired_t_test
+from moealign.evaluation.verdicts import (
+    Comparison,
+    default_margin,
+    judged_rows,
+    outcome_legend,
+    paired_comparison,
+)
 from moealign.studies.results import (
     RunDataError,
     RunRecord,
@@ -33,7 +41,7 @@ from moealign.studies.results import (
     steps_to_reference_loss,
     time_to_target,
 )
-from moealign.tables import Table, format_interval, to_markdown
+from moealign.tables import Table, to_markdown
 
 OPTIMIZERS = ("adamw", "adamh", "muon", "muonh")
 ROUTERS = ("softmax_topk", "mpi")
@@ -94,18 +102,17 @@ def per_seed(run_set: RunSet, variant: str, metric: Callable[[RunRecord], float]
     return [metric(run) for run in run_set.of_variant(variant)]
 
 
-def delta_text(ours: Sequence[float], theirs: Sequence[float]) -> str:
-    """Paired Δ = ours − theirs: mean ± 95% t half width (p), "within noise" if it covers 0."""
+def delta_text(
+    ours: Sequence[float], theirs: Sequence[float], margin: float | None = None
+) -> Comparison | str:
+    """Paired Δ = ours − theirs over the pairs with both values finite (a Comparison that
+    :func:`table` writes out, Holm-adjusted over its table), or "–" with fewer than 2 pairs."""
     pairs = [
         (a, b) for a, b in zip(ours, theirs, strict=True) if math.isfinite(a) and math.isfinite(b)
     ]
     if len(pairs) < 2:
         return "–"
-    delta, half_width, p = paired_t_test(*zip(*pairs, strict=True))
-    text = f"{format_interval(delta, half_width, signed=True)} (p={p:.2f})"
-    if len(pairs) != len(ours):
-        text += f" (n={len(pairs)})"
-    return text + (", within noise" if abs(delta) <= half_width else "")
+    return paired_comparison(*zip(*pairs, strict=True), margin=margin)
 
 
 def paired_delta(
@@ -113,15 +120,20 @@ def paired_delta(
     variant: str,
     reference: str,
     metric: Callable[[RunRecord], float],
-) -> str:
+    margin: float | None = None,
+) -> Comparison | str:
     ours = {r.seed: metric(r) for r in run_set.of_variant(variant)}
     theirs = {r.seed: metric(r) for r in run_set.of_variant(reference)}
     seeds = sorted(ours.keys() & theirs.keys())
-    return delta_text([ours[s] for s in seeds], [theirs[s] for s in seeds])
+    return delta_text([ours[s] for s in seeds], [theirs[s] for s in seeds], margin)
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    return to_markdown(Table(header, rows))
+LOSS_MARGIN = default_margin("val_loss")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; its paired differences Holm-adjusted as one family."""
+    return to_markdown(Table(header, judged_rows(rows)))
 
 
 def steps_text(run_set: RunSet, variant: str, reference: str) -> str:
@@ -196,7 +208,7 @@ def grid_section(run_set: RunSet) -> str:
                 optimizer,
                 interval(per_seed(run_set, softmax, final("val_loss"))),
                 interval(per_seed(run_set, mpi, final("val_loss"))),
-                paired_delta(run_set, mpi, softmax, final("val_loss")),
+                paired_delta(run_set, mpi, softmax, final("val_loss"), LOSS_MARGIN),
                 interval(per_seed(run_set, softmax, final("val_ppl"))),
                 interval(per_seed(run_set, mpi, final("val_ppl"))),
                 steps_text(run_set, softmax, softmax),
@@ -275,7 +287,7 @@ def ablation_section(run_set: RunSet) -> str:
                 interval(per_seed(run_set, variant, final("val_loss"))),
                 "–"
                 if variant == "mpi"
-                else paired_delta(run_set, variant, "mpi", final("val_loss")),
+                else paired_delta(run_set, variant, "mpi", final("val_loss"), LOSS_MARGIN),
                 interval(per_seed(run_set, variant, final("val_ppl"))),
                 interval(per_seed(run_set, variant, final("val_routing/projection_alignment"))),
                 interval(per_seed(run_set, variant, final("train_mean/routing/max_vio"))),
@@ -324,7 +336,10 @@ def no_retraction_section(run_set: RunSet) -> str:
     rows = []
     for variant, optimizer in NO_RETRACTION_PAIRS.items():
         reference = grid_variant(optimizer, "mpi")
-        row = [optimizer, paired_delta(run_set, variant, reference, final("val_loss"))]
+        row: list = [
+            optimizer,
+            paired_delta(run_set, variant, reference, final("val_loss"), LOSS_MARGIN),
+        ]
         for metric in (final("val_routing/max_vio"), max_over_training("grad_norm")):
             row += [
                 interval(per_seed(run_set, reference, metric)),
@@ -384,7 +399,9 @@ def router_comparison_table(run_set: RunSet, optimizer: str) -> str:
             label,
             interval(per_seed(run_set, softmax, metric)),
             interval(per_seed(run_set, mpi, metric)),
-            paired_delta(run_set, mpi, softmax, metric),
+            paired_delta(
+                run_set, mpi, softmax, metric, LOSS_MARGIN if "val loss" in label else None
+            ),
         ]
         for label, metric in measures
     ]
@@ -410,6 +427,7 @@ def main() -> None:
     parser.add_argument("--ablations", type=Path, default=Path("runs/mpi_ablations"))
     parser.add_argument("--finegrained", type=Path, default=Path("runs/mpi_finegrained"))
     args = parser.parse_args()
+    print(outcome_legend() + " Here only validation-loss differences have a margin.\n")
     if args.study.exists():
         print(grid_section(load_runs([args.study])))
     if args.ablations.exists():

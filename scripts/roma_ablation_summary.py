@@ -4,8 +4,9 @@ The reference is the main study (default RoMA: last 5 MoE layers, last token, kN
 manifold regulariser); each ablation directory holds a RoMA-only run (``methods = ["roma"]``)
 on the same base with one override. Accuracy cells are mean ± 95% Student-t half width over
 seeds (``moealign.evaluation.stats.mean_confidence_interval``); the difference to default RoMA is
-paired
-by seed (same training draws; ``moealign.evaluation.stats.paired_t_test``).
+paired by seed (same training draws; ``moealign.evaluation.verdicts.paired_comparison``), in
+points, with its raw and Holm p (the table's tests are one family) and the outcome: lower /
+higher / equivalent within ±1 point (TOST) / inconclusive.
 
     PYTHONPATH=src python3 scripts/roma_ablation_summary.py MAIN_DIR "NAME=ABLATION_DIR" ...
 
@@ -18,11 +19,13 @@ import math
 import sys
 from pathlib import Path
 
-from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from moealign.evaluation.stats import mean_confidence_interval
+from moealign.evaluation.verdicts import judged_rows, paired_comparison
 from moealign.io import read_json
 from moealign.tables import Table, to_markdown
 
 SETS = ("seen", "heldout")
+MARGIN_POINTS = 1.0  # equivalence margin: 1 accuracy point
 
 
 def roma_accuracy(results_dir: Path) -> dict[str, dict[str, float]]:
@@ -53,16 +56,18 @@ def ablation_table(
             if accuracy is reference:
                 cells.append("—")
             elif len(seeds) >= 2:
-                difference, half, p_value = paired_t_test(
-                    values, [reference[set_name][s] for s in seeds]
+                cells.append(
+                    paired_comparison(
+                        [100 * v for v in values],
+                        [100 * reference[set_name][s] for s in seeds],
+                        MARGIN_POINTS,
+                    )
                 )
-                p_text = f", p = {p_value:.2f}" if math.isfinite(p_value) else ""
-                cells.append(_points(difference, half, signed=True) + p_text)
             else:
                 cells.append(_points(values[0] - reference[set_name][seeds[0]], math.nan, True))
         rows.append([name, *cells, str(len(seeds))])
     header = ["RoMA variant", "seen", "Δ seen vs default", "held-out", "Δ held-out vs default"]
-    return Table([*header, "seeds"], rows)
+    return Table([*header, "seeds"], judged_rows(rows))
 
 
 def main(argv: list[str]) -> int:

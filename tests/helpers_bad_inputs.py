@@ -144,6 +144,13 @@ def params(cases: list[Case]) -> list:
     ]
 
 
+def train_tiny_run(root: Path) -> Path:
+    """Train the fast tiny run into ``root/run`` (checkpoints at steps 1 and 2); returns it."""
+    argv = [a.replace("{configs}", str(CONFIGS)).replace("{tmp}", str(root)) for a in train_args()]
+    assert main([*argv, "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
 def train_args(*overrides: str) -> list[str]:
     """``train`` of the tiny config with ``--set`` for each override (the fast run first)."""
     argv = ["train", "--config", "{configs}/tiny.toml", "--no-progress"]

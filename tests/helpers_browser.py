@@ -18,11 +18,13 @@ from pathlib import Path
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
-# Runs on the page's load event: the viewport, the page's own width, every table with its
-# scroll container and the heading above it, every image.
+# Runs on the page's load event: the viewport, the page's own width and height, every table with
+# its scroll container and the heading above it, every image. OPEN_DETAILS is replaced by true
+# to unfold every <details> first (the page with all its content in view).
 _PROBE = """
 <script>
 window.addEventListener("load", () => {
+  if (OPEN_DETAILS) document.querySelectorAll("details").forEach((d) => { d.open = true; });
   const page = document.documentElement;
   const tables = [...document.querySelectorAll("table")].map((table) => {
     const box = table.parentElement, style = getComputedStyle(box);
@@ -40,7 +42,8 @@ window.addEventListener("load", () => {
   probe.id = "layout-probe";
   probe.textContent = JSON.stringify({innerWidth: window.innerWidth,
     clientWidth: page.clientWidth, scrollWidth: page.scrollWidth,
-    bodyScrollWidth: document.body.scrollWidth, tables, images});
+    bodyScrollWidth: document.body.scrollWidth, scrollHeight: document.body.scrollHeight,
+    tables, images});
   document.body.appendChild(probe);
 });
 </script>
@@ -65,14 +68,22 @@ def _run(args: list[str], profile: str, timeout: float) -> subprocess.CompletedP
     )
 
 
-def measure_page(page: Path, width: int = 1400, height: int = 900, timeout: float = 120) -> dict:
+def measure_page(
+    page: Path,
+    width: int = 1400,
+    height: int = 900,
+    timeout: float = 120,
+    open_details: bool = False,
+) -> dict:
     """Open ``page`` at ``width`` × ``height`` CSS pixels and return the probe's measurements:
-    ``innerWidth``, ``clientWidth`` and ``scrollWidth`` of the page, and per table and image
-    its box (see ``_PROBE``)."""
+    ``innerWidth``, ``clientWidth`` and ``scrollWidth`` of the page, the body's
+    ``scrollHeight``, and per table and image its box (see ``_PROBE``); with ``open_details``
+    every ``<details>`` is unfolded first."""
     with tempfile.TemporaryDirectory() as scratch:
         probed = Path(scratch) / page.name
         text = page.read_text()
-        probed.write_text(text.replace("</body>", _PROBE + "</body>", 1))
+        probe = _PROBE.replace("OPEN_DETAILS", "true" if open_details else "false")
+        probed.write_text(text.replace("</body>", probe + "</body>", 1))
         result = _run(
             [
                 f"--window-size={width},{height}",

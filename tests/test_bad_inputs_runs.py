@@ -21,19 +21,16 @@ from helpers_bad_inputs import (
     check_case_in_subprocess,
     params,
     train_args,
+    train_tiny_run,
     write,
 )
 from helpers_cli import CONFIGS
-from moealign.cli import main
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished tiny run with checkpoints at steps 1 and 2."""
-    root = tmp_path_factory.mktemp("trained")
-    argv = [a.replace("{configs}", str(CONFIGS)).replace("{tmp}", str(root)) for a in train_args()]
-    assert main([*argv, "--out", str(root / "run")]) == 0
-    return root / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("trained"))
 
 
 # ------------------------------------------------------------------------------- plant helpers

@@ -151,10 +151,37 @@ def test_a_router_option_added_later_is_checked_from_its_signature(monkeypatch):
 
 
 def test_loading_builds_nothing_of_real_size():
-    """100 million experts load (on the meta device) in well under the memory they need; the
-    preflight is what refuses them (tests/test_bad_inputs_config.py)."""
-    config = load_config(None, ["model.n_experts=100000000"])
-    assert config.model.n_experts == 100_000_000
+    """16384 experts of width 65536 (terabytes) load (on the meta device) in well under the
+    memory they need; the preflight is what refuses them (tests/test_bad_inputs_config.py)."""
+    config = load_config(None, ["model.n_experts=16384", "model.expert_d_ff=65536"])
+    assert config.model.n_experts == 16384
+
+
+def test_every_numeric_config_field_has_an_upper_bound():
+    """The bounded-config rule (issue 23): no size, count, rate or seed without a maximum."""
+    import dataclasses
+    import typing
+
+    from moealign.config import RunConfig
+    from moealign.roma.config import RomaConfig
+
+    sections = [RomaConfig, *typing.get_type_hints(RunConfig).values()]
+    unbounded = []
+    checked = 0
+    for section in sections:
+        if not dataclasses.is_dataclass(section):
+            continue
+        checked += 1
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            numbers = {int, float}
+            kinds = set(typing.get_args(hints[f.name])) | {hints[f.name]}
+            if kinds & numbers or any(set(typing.get_args(k)) & numbers for k in kinds):
+                bounds = f.metadata.get("bounds")
+                if bounds is None or (bounds.le is None and bounds.lt is None):
+                    unbounded.append(f"{section.__name__}.{f.name}")
+    assert checked == 9
+    assert unbounded == ["RomaConfig.layers"], unbounded  # checked against the model's layers
 
 
 def test_memory_estimate_counts_parameters_buffers_gradients_and_state():

@@ -8,40 +8,55 @@ command imports what it needs when it runs.
 Exit status: 0 done; 2 a problem with what the user asked for (config, arguments, files, a run
 folder, a checkpoint, a full disk: any ``ValueError``, ``TypeError``, ``OSError`` or
 safetensors error), printed as one line ``error: <message>`` on stderr; 1 an internal failure,
-also one line; 130/143 a ``train`` or ``ablate`` stopped by SIGINT/SIGTERM after saving its
-state. Tracebacks only with ``moealign --debug COMMAND ...``. Log messages below WARNING are
+also one line; 130/143 any command stopped by SIGINT/SIGTERM, with one ``error:`` line (a
+``train`` or ``ablate`` saves its state first; other commands leave what they had written
+complete or absent: atomic writes). Running out of memory is exit 2 with one line too.
+Tracebacks only with ``moealign --debug COMMAND ...``. Log messages below WARNING are
 shown only for moealign's own loggers, unless ``--verbose``; every ``--help`` shows the options'
 defaults.
+
+Progress goes to stderr through :mod:`moealign.progress` (``--quiet`` on every command silences
+it). The commands with ``json=True`` take ``--json``: :func:`_run` then sends what they print
+to stderr and prints their returned document, alone, on stdout (docs/cli.md, docs/json.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from moealign import __version__
+from moealign.config import MAX_BATCH, MAX_EVAL_BATCHES, MAX_EXAMPLES, MAX_SEQ_LEN
 
 __all__ = ["COMMANDS", "Command", "HelpFormatter", "build_parser", "configure_logging", "main"]
 
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports it
 
 
+Document = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` returns the
-    exit status."""
+    exit status, or (a command with ``json=True``) its result as a JSON-ready document, which
+    means exit status 0 and is what ``--json`` prints (:func:`main`; docs/json.md)."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace], int | Document]
+    json: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,14 +66,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+def _int_at_least(minimum: int, maximum: int = 10**9) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= {minimum}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"got {value}; expected an integer >= {minimum} and <= {maximum:,}"
+            )
         return value
 
     parse.__name__ = f"integer >= {minimum}"
@@ -87,6 +104,16 @@ def _format_table(rows: Sequence[tuple[str, str]]) -> str:
     return to_text(Table([], rows, align="ll"))
 
 
+def _written(command: str, folder: str, files: dict[str, str], result_file: str) -> Document:
+    """The ``--json`` document of a command that wrote ``files`` (role -> name in ``folder``):
+    their paths, and as ``result`` the content of the JSON file ``files[result_file]`` (so the
+    document holds exactly what the command wrote)."""
+    from moealign.io import read_json
+
+    paths = {role: str(Path(folder) / name) for role, name in files.items()}
+    return {"command": command, "files": paths, "result": read_json(paths[result_file])}
+
+
 # ---------------------------------------------------------------------------- train
 
 
@@ -110,10 +137,21 @@ def _is_main_rank() -> bool:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from moealign.config import load_config
+    from moealign.config import ConfigError, load_config
     from moealign.training.preflight import check_before_training
-    from moealign.training.runs import CONFIG_FILE, RunDirectory, RunLock, finished_step
+    from moealign.training.runs import (
+        CONFIG_FILE,
+        RunDirectory,
+        RunExistsError,
+        RunLock,
+        finished_step,
+    )
 
+    if args.resume and args.out:  # before the config: the folder is what is wrong
+        try:
+            RunDirectory(Path(args.out)).check_resumable()
+        except RunExistsError as err:
+            raise ConfigError("--out", str(err)) from None
     config_path = args.config
     recorded = Path(args.out or "") / CONFIG_FILE
     if config_path is None and args.resume and args.out and recorded.is_file():
@@ -160,6 +198,12 @@ def _train(config, run_dir: Path, args: argparse.Namespace) -> int:
     status = SIGNAL_EXIT.get(result.stop_signal or "", 0) if result.interrupted else 0
     if not trainer.dist.is_main:
         return status
+    if status:
+        print(
+            f"error: interrupted by {result.stop_signal} at step {result.step} after saving a "
+            f"checkpoint; continue with --resume --out {result.run_dir}",
+            file=sys.stderr,
+        )
     counts = trainer.parameter_counts
     train, final = result.last_train, result.final_eval
     rows = [
@@ -194,14 +238,14 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `moealign train`")
     parser.add_argument(
         "--task-examples",
-        type=_int_at_least(0),
+        type=_int_at_least(0, MAX_EXAMPLES),
         default=None,
         metavar="N",
         help="examples per task and evaluation set (default: the run's train.task_eval_examples)",
     )
     parser.add_argument(
         "--eval-batches",
-        type=_int_at_least(1),
+        type=_int_at_least(1, MAX_EVAL_BATCHES),
         default=None,
         metavar="N",
         help="validation batches (default: the run's train.eval_batches)",
@@ -221,7 +265,7 @@ def _check_run_argument(path: str, field: str) -> None:
     read_run_config(path)
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def _run_eval(args: argparse.Namespace) -> Document:
     from moealign.training.preflight import check_device
     from moealign.training.runs import RunLock
 
@@ -233,10 +277,36 @@ def _run_eval(args: argparse.Namespace) -> int:
         result = evaluate_run(args.run_dir, args.task_examples, args.eval_batches, args.device)
     print(_format_table(summary_rows(result)))
     print(f"written to {Path(args.run_dir) / EVAL_FILE}")
-    return 0
+    return _written("eval", args.run_dir, {"eval": EVAL_FILE}, result_file="eval")
 
 
 # ---------------------------------------------------------------------------- demo
+
+
+def _margin(text: str) -> tuple[str, float]:
+    """``--margin METRIC=M`` (M > 0, in the metric's units): the pair (METRIC, M)."""
+    metric, _, value = text.partition("=")
+    try:
+        margin = float(value)
+    except ValueError:
+        margin = float("nan")
+    if not metric or not margin > 0 or margin == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}; expected METRIC=M with M a positive number, e.g. val_loss=0.01"
+        )
+    return metric, margin
+
+
+def _add_margin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--margin",
+        dest="margins",
+        type=_margin,
+        action="append",
+        metavar="METRIC=M",
+        help="equivalence margin of a metric for the verdicts (repeatable; default 0.01 for "
+        "val_loss/lm_loss in nats and for accuracies as fractions, none otherwise)",
+    )
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,20 +318,25 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=_int_at_least(0, 2**32 - 1),
         nargs="+",
         default=list(DEFAULT_SEEDS),
         metavar="SEED",
         help="train.seed of each run, at least 2",
     )
     _add_override_argument(parser, "override a config value of all three models")
+    _add_margin_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace) -> int | Document:
     from moealign.studies import demo
 
-    return demo.run(args)
+    status = demo.run(args)
+    if status:
+        return status
+    files = {"summary": "summary.json", "markdown": "summary.md", "plot": "loss_curves.png"}
+    return _written("demo", args.out, files, result_file="summary")
 
 
 # ---------------------------------------------------------------------------- ablate
@@ -272,16 +347,13 @@ def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
         "study", metavar="STUDY.toml", help="study file (see moealign.studies.ablate)"
     )
     parser.add_argument(
-        "--jobs", type=_int_at_least(1), default=1, metavar="N", help="cells run at once"
+        "--jobs", type=_int_at_least(1, 1024), default=1, metavar="N", help="cells run at once"
     )
     parser.add_argument("--out", metavar="DIR", help="study directory (default: from the study)")
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="validate every cell as `train` would and list the cells without running them",
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="no line per cell as it starts and ends"
     )
 
 
@@ -310,12 +382,23 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
         help="validation loss for time-to-target (default: the baseline's final)",
     )
     parser.add_argument("--title", default="moealign report", help="the report's title")
+    _add_margin_argument(parser)
 
 
-def _run_report(args: argparse.Namespace) -> int:
+def _run_report(args: argparse.Namespace) -> Document:
     from moealign.studies import report
 
-    return report.run_report(args)
+    files = report.run_report(args)
+    return {
+        "command": "report",
+        "files": {
+            "markdown": str(files.markdown),
+            "html": str(files.html),
+            "figures": [str(path) for path in files.figures],
+            "model_cards": [str(path) for path in files.model_cards],
+        },
+        "result": {"inputs": list(args.paths), "title": args.title},
+    }
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,10 +406,12 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_b", metavar="RUN_B")
 
 
-def _run_compare(args: argparse.Namespace) -> int:
+def _run_compare(args: argparse.Namespace) -> Document:
     from moealign.studies import report
 
-    return report.run_compare(args)
+    result = report.comparison(args.run_a, args.run_b)
+    print(report.compare_text(result))
+    return {"command": "compare", "files": {}, "result": result}
 
 
 # ---------------------------------------------------------------------------- analyze
@@ -338,9 +423,11 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
     parser.add_argument("--tokenizer", help="tokenizer path or name (default: the model's)")
     parser.add_argument("--out", default="analysis", metavar="DIR", help="output directory")
-    parser.add_argument("--seq-len", type=_int_at_least(1), default=256, help="tokens per window")
     parser.add_argument(
-        "--batch-size", type=_int_at_least(1), default=8, help="windows per forward pass"
+        "--seq-len", type=_int_at_least(1, MAX_SEQ_LEN), default=256, help="tokens per window"
+    )
+    parser.add_argument(
+        "--batch-size", type=_int_at_least(1, MAX_BATCH), default=8, help="windows per forward pass"
     )
     parser.add_argument(
         "--max-tokens", type=_int_at_least(1), default=100_000, help="stop after this many"
@@ -350,24 +437,13 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _looks_like_path(name: str) -> bool:
-    """A name that can only mean a local folder (a hub id is ``name`` or ``org/name``)."""
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or name.endswith("/")
-        or "\\" in name
-    )
-
-
 def _check_model_folder(name: str, field: str, needs_tokenizer: bool) -> None:
     from moealign.config import ConfigError
+    from moealign.integrations.locations import pretrained_location
 
     path = Path(name).expanduser()
     if not path.exists():
-        if _looks_like_path(name):
-            raise ConfigError(field, f"got {name!r}, a folder that does not exist")
+        pretrained_location(name, field)  # refuses a missing local path
         return  # a Hugging Face model name: transformers resolves it
     if not path.is_dir():
         raise ConfigError(field, f"got {name!r}, a file; expected a model folder or a model name")
@@ -381,7 +457,7 @@ def _check_model_folder(name: str, field: str, needs_tokenizer: bool) -> None:
         )
 
 
-def _run_analyze(args: argparse.Namespace) -> int:
+def _run_analyze(args: argparse.Namespace) -> Document:
     from moealign.config import ConfigError
     from moealign.training.preflight import check_writable_folder
 
@@ -396,7 +472,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     )
 
     try:
-        return run_analyze(args)
+        run_analyze(args)
     except OSError as err:
         if Path(args.model).expanduser().exists():
             raise
@@ -405,6 +481,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
             f"got {args.model!r}: no such local folder, and no such model in the local Hugging "
             "Face cache",
         ) from err
+    files = {
+        "routing": "routing.json",
+        "markdown": "routing.md",
+        "utilisation_plot": "utilisation.png",
+        "entropy_plot": "entropy_maxvio.png",
+    }
+    return _written("analyze", args.out, files, result_file="routing")
 
 
 # ---------------------------------------------------------------------------- roma
@@ -432,29 +515,30 @@ def _roma_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", required=True, help="results directory")
 
 
-def _run_roma(args: argparse.Namespace) -> int:
+def _run_roma(args: argparse.Namespace) -> Document:
     from moealign.config import ConfigError
-    from moealign.roma.config import load_roma_config
-    from moealign.training.preflight import check_device, check_writable_folder
-    from moealign.training.runs import RunLock
 
     if bool(args.hf_model) != bool(args.questions):
         raise ConfigError("--questions", "is given with --hf-model and only with it")
     if args.base and args.heldout_tasks:
         raise ConfigError("--heldout-tasks", "is given with --hf-model only (a run holds its own)")
+    if args.hf_model:  # before torch loads (seconds), and never a missing path to the Hub
+        _check_model_folder(args.hf_model, "--hf-model", needs_tokenizer=True)
+        if not Path(args.questions).is_file():
+            raise ConfigError("--questions", f"got {args.questions!r}, which is not a file")
+    from moealign.roma.config import load_roma_config
+    from moealign.training.preflight import check_device, check_writable_folder
+    from moealign.training.runs import RunLock
+
     config = load_roma_config(args.config, args.overrides)
     check_device(config.device, "device")
     if args.base:
         _check_run_argument(args.base, "--base")
-    else:
-        _check_model_folder(args.hf_model, "--hf-model", needs_tokenizer=True)
-        if not Path(args.questions).is_file():
-            raise ConfigError("--questions", f"got {args.questions!r}, which is not a file")
     check_writable_folder(args.out, "--out")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     base_lock = RunLock(args.base, shared=True) if args.base else contextlib.nullcontext()
     with base_lock, RunLock(args.out):
-        from moealign.roma.study import RomaStudy, markdown_tables
+        from moealign.roma.study import RESULTS_FILE, TABLE_FILE, RomaStudy, markdown_tables
 
         if args.hf_model:
             study = RomaStudy.from_hf_model(
@@ -463,14 +547,18 @@ def _run_roma(args: argparse.Namespace) -> int:
         else:
             study = RomaStudy.from_run(args.base, config)
         print(markdown_tables(study.run(args.out)))
-    return 0
+    files = {"results": RESULTS_FILE, "markdown": TABLE_FILE}
+    return _written("roma", args.out, files, result_file="results")
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `moealign train`")
     parser.add_argument("out", metavar="OUT", help="the Hugging Face model directory to write")
     parser.add_argument(
-        "--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest)"
+        "--step",
+        type=_int_at_least(0),
+        metavar="N",
+        help="the checkpoint of step N (default: the newest)",
     )
 
 
@@ -521,10 +609,22 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
-def _run_compress(args: argparse.Namespace) -> int:
-    from moealign.compression.command import run_compress  # torch loads only when compressing
+def _run_compress(args: argparse.Namespace) -> int | Document:
+    from moealign.config import ConfigError
 
-    return run_compress(args)
+    if not Path(args.source).expanduser().is_dir():  # before torch loads (seconds)
+        raise ConfigError(
+            "SOURCE",
+            f"got {args.source!r}, which is not a folder; expected a moealign run directory or a "
+            "Hugging Face model directory",
+        )
+    from moealign.compression.command import run_compress  # torch loads only when compressing
+    from moealign.compression.runs import REPORT_FILE
+
+    status = run_compress(args)
+    if status:
+        return status
+    return _written("compress", args.out, {"report": REPORT_FILE}, result_file="report")
 
 
 COMMANDS: dict[str, Command] = {
@@ -535,11 +635,13 @@ COMMANDS: dict[str, Command] = {
         help="evaluate a run directory (validation loss, routing, task accuracy)",
         add_arguments=_eval_arguments,
         run=_run_eval,
+        json=True,
     ),
     "demo": Command(
         help="the main job: train and compare dense, softmax top-k MoE and MPI MoE models",
         add_arguments=_demo_arguments,
         run=_run_demo,
+        json=True,
     ),
     "ablate": Command(
         help="run an ablation study: config variants × seeds, resumable",
@@ -550,16 +652,19 @@ COMMANDS: dict[str, Command] = {
         help="write a markdown/HTML report (tables, plots, model cards) from runs or studies",
         add_arguments=_report_arguments,
         run=_run_report,
+        json=True,
     ),
     "compare": Command(
         help="print two runs side by side: config differences, final metrics, deltas",
         add_arguments=_compare_arguments,
         run=_run_compare,
+        json=True,
     ),
     "analyze": Command(
         help="routing diagnostics of a Hugging Face MoE model on a text/JSONL file",
         add_arguments=_analyze_arguments,
         run=_run_analyze,
+        json=True,
     ),
     "export": Command(
         help="export a run's checkpoint as a Hugging Face model directory (with its tokenizer)",
@@ -571,12 +676,14 @@ COMMANDS: dict[str, Command] = {
         "a transformers MoE model",
         add_arguments=_roma_arguments,
         run=_run_roma,
+        json=True,
     ),
     "compress": Command(
         help="prune or merge the experts of a run or a Hugging Face MoE model (frequency, NAEE, "
         "M-SMoE, Sub-MoE) with a retention report",
         add_arguments=_compress_arguments,
         run=_run_compress,
+        json=True,
     ),
 }
 
@@ -611,7 +718,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--verbose", action="store_true", help="show other libraries' INFO log messages too"
         )
-        sub.set_defaults(run=command.run)
+        sub.add_argument(
+            "--quiet", action="store_true", help="no progress on stderr (errors and notes stay)"
+        )
+        if command.json:
+            sub.add_argument(
+                "--json",
+                action="store_true",
+                help="print one JSON document on stdout (docs/json.md); the human output goes "
+                "to stderr",
+            )
+        sub.set_defaults(run=command.run, json=False)
     return parser
 
 
@@ -643,6 +760,74 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; with ``--json`` everything it prints goes to stderr and its document
+    is the one thing on stdout (strict JSON: no NaN)."""
+    if not args.json:
+        result = args.run(args)
+        return 0 if isinstance(result, dict) else result
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        result = args.run(args)
+    if not isinstance(result, dict):
+        return result  # stopped (a signal, an error status): no document
+    stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    stdout.flush()
+    return 0
+
+
+class Stopped(BaseException):
+    """SIGTERM, raised where the process is (as SIGINT raises ``KeyboardInterrupt``), so that
+    every command ends with one line and exit 143; ``train`` and ``ablate`` install their own
+    handlers (save, then stop) while they work."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal = signal_name
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """While a command runs in the main thread, SIGTERM raises :class:`Stopped`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        if _importing(frame):  # raised inside an import, it can abort a native extension
+            retry = threading.Timer(0.1, os.kill, (os.getpid(), signum))
+            retry.daemon = True
+            retry.start()
+            return
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _importing(frame) -> bool:
+    """Whether the interrupted code is importing a module."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation (Python's, or torch's on the CPU or a GPU)."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text.lower())
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``moealign``; returns the process exit status (also for ``--help`` and
     argument errors, which argparse ends with ``SystemExit``)."""
@@ -651,14 +836,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 2
     configure_logging(args.verbose)
+    from moealign import progress
+
+    progress.set_quiet(args.quiet)
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints, escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return SIGNAL_EXIT["SIGINT"]
+        with _stop_on_sigterm():
+            if "MOEALIGN_PARENT_PID" in os.environ:  # a cell of `moealign ablate`
+                from moealign.studies.ablate import stop_with_parent
+
+                stop_with_parent()
+            return _run(args)
+    except (KeyboardInterrupt, Stopped) as stop:
+        name = stop.signal if isinstance(stop, Stopped) else "SIGINT"
+        print(
+            f"error: interrupted by {name}; what was already written is complete (rerun the "
+            "command to finish)",
+            file=sys.stderr,
+        )
+        return SIGNAL_EXIT[name]
     except Exception as err:
         if args.debug:
             traceback.print_exc()
+        if _out_of_memory(err):
+            print(
+                f"error: out of memory ({_one_line(err)[:200]}); make the model, batch, "
+                "sequence or evaluation smaller",
+                file=sys.stderr,
+            )
+            return 2
         if isinstance(err, _user_error_types()):
             print(f"error: {_one_line(err)}", file=sys.stderr)
             return 2

@@ -31,10 +31,13 @@ import math
 import sys
 import types
 import typing
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
+
+from moealign.progress import note
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -105,6 +108,22 @@ class Bounds:
             if bound is not None
         ]
         return f"{noun} " + " and ".join(parts)
+
+
+# Upper bounds of the sizes, counts and rates a config accepts: far above any run this library
+# is meant for, low enough that a typo (an extra zero, 1e20) is refused before it allocates
+# or loops for hours. Every numeric field has one (tests/test_bad_inputs_config.py checks).
+MAX_VOCAB = 2**21
+MAX_WIDTH = 2**20
+MAX_SEQ_LEN = 2**20
+MAX_EXPERTS = 2**14
+MAX_STEPS = 10**9
+MAX_BATCH = 2**16
+MAX_EXAMPLES = 200_000
+MAX_EVAL_BATCHES = 10_000
+MAX_LR = 1e4
+MAX_COEF = 1e3
+MAX_CALIBRATION_TOKENS = 2**24
 
 
 def bounded(default: Any, **bounds: float) -> Any:
@@ -282,48 +301,79 @@ class ModelConfig(_Validated):
     capped at 1024 (a sanity bound far above any public MoE) so that a memory estimate can
     build the model's shapes before anything is allocated.
 
-    ``merged_experts`` (None by default): a merged model's expert count E′ < ``n_experts``
-    (router mapping R2, :mod:`moealign.compression.plan`): each MoE layer keeps its
-    ``n_experts`` router rows and runs E′ experts, row e sending its gate to expert
-    ``expert_map[e]`` (a per-layer buffer in the state dict).
+    Attributes:
+        vocab_size: token ids of the embedding and output head (taken from an ``hf:`` tokenizer).
+        d_model: width of the residual stream.
+        n_layers: transformer blocks.
+        n_heads: attention heads; d_model / n_heads must be even (rotary pairs).
+        max_seq_len: longest sequence the model accepts; train.seq_len must not exceed it.
+        ffn: feed-forward kind of the blocks: ``moe`` or ``dense``.
+        d_ff: hidden width of a dense FFN (dense layers and the dense baseline).
+        n_experts: experts E per MoE layer (router rows per MoE layer).
+        top_k: experts K each token is routed to (at most n_experts).
+        expert_d_ff: hidden width F of each expert.
+        merged_experts: a merged model's expert count E′ < n_experts (None by default): router
+            mapping R2 (:mod:`moealign.compression.plan`): each MoE layer keeps its n_experts
+            router rows and runs E′ experts, row e sending its gate to expert expert_map[e] (a
+            per-layer buffer in the state dict).
+        moe_every: every n-th block is MoE (1 = all; the others are dense).
+        shared_d_ff: hidden width of an always-on shared expert (0 = none).
+        router: router kind: softmax_topk, switch, hierarchical or mpi (DESIGN.md §3).
+        router_options: keyword options of the router's constructor (temperature, c_prime, ...).
+        balance_scope: what the balance loss averages over: batch, sequence or global.
+        experts_implementation: expert dispatch: auto, grouped_mm or the per-expert loop.
+        tie_embeddings: share the input embedding with the output head.
+        rope_theta: base of the rotary position embedding's frequencies.
+        norm_eps: epsilon of the RMSNorm layers.
+        init_std: standard deviation of the embedding and attention initialisation.
     """
 
-    vocab_size: int = bounded(512, ge=1)
-    d_model: int = bounded(128, ge=1)
+    vocab_size: int = bounded(512, ge=1, le=MAX_VOCAB)
+    d_model: int = bounded(128, ge=1, le=MAX_WIDTH)
     n_layers: int = bounded(4, ge=1, le=1024)
-    n_heads: int = bounded(4, ge=1)
-    max_seq_len: int = bounded(256, ge=1)
+    n_heads: int = bounded(4, ge=1, le=1024)
+    max_seq_len: int = bounded(256, ge=1, le=MAX_SEQ_LEN)
     ffn: str = "moe"
-    d_ff: int = bounded(512, ge=1)  # dense FFN hidden width (dense layers and the dense baseline)
-    n_experts: int = bounded(8, ge=1)
-    top_k: int = bounded(2, ge=1)
-    expert_d_ff: int = bounded(128, ge=1)
-    merged_experts: int | None = bounded(None, ge=1)
-    moe_every: int = bounded(1, ge=1)  # every n-th layer is MoE (1 = all)
-    shared_d_ff: int = bounded(0, ge=0)  # width of an always-on shared expert; 0 = none
+    d_ff: int = bounded(
+        512, ge=1, le=MAX_WIDTH
+    )  # dense FFN hidden width (dense layers and the dense baseline)
+    n_experts: int = bounded(8, ge=1, le=MAX_EXPERTS)
+    top_k: int = bounded(2, ge=1, le=MAX_EXPERTS)
+    expert_d_ff: int = bounded(128, ge=1, le=MAX_WIDTH)
+    merged_experts: int | None = bounded(None, ge=1, le=MAX_EXPERTS)
+    moe_every: int = bounded(1, ge=1, le=1024)  # every n-th layer is MoE (1 = all)
+    shared_d_ff: int = bounded(
+        0, ge=0, le=MAX_WIDTH
+    )  # width of an always-on shared expert; 0 = none
     router: str = "softmax_topk"
     router_options: dict[str, Any] = field(default_factory=dict)
     balance_scope: str = "batch"
     experts_implementation: str = "auto"
     tie_embeddings: bool = True
-    rope_theta: float = bounded(10000.0, gt=0)
-    norm_eps: float = bounded(1e-6, gt=0)
-    init_std: float = bounded(0.02, gt=0)
+    rope_theta: float = bounded(10000.0, gt=0, le=1e12)
+    norm_eps: float = bounded(1e-6, gt=0, le=1)
+    init_std: float = bounded(0.02, gt=0, le=10)
 
-    def validate(self) -> ModelConfig:
-        """Check the choices and the router options by building one router on the meta device;
-        raise :class:`ConfigError` naming the field (relative to the ``model`` section)."""
+    @staticmethod
+    def choices() -> dict[str, tuple[str, ...]]:
+        """The accepted values of the string fields that name a component, read from the
+        components' own registries (so a new router kind is accepted without a change here)."""
         from moealign.nn.experts import EXPERT_IMPLEMENTATIONS
         from moealign.nn.losses import BALANCE_SCOPES
         from moealign.nn.routers import ROUTER_KINDS
         from moealign.nn.transformer import FFN_KINDS
 
-        for name, accepted in (
-            ("ffn", FFN_KINDS),
-            ("router", ROUTER_KINDS),
-            ("balance_scope", BALANCE_SCOPES),
-            ("experts_implementation", EXPERT_IMPLEMENTATIONS),
-        ):
+        return {
+            "ffn": FFN_KINDS,
+            "router": ROUTER_KINDS,
+            "balance_scope": BALANCE_SCOPES,
+            "experts_implementation": EXPERT_IMPLEMENTATIONS,
+        }
+
+    def validate(self) -> ModelConfig:
+        """Check the choices and the router options by building one router on the meta device;
+        raise :class:`ConfigError` naming the field (relative to the ``model`` section)."""
+        for name, accepted in self.choices().items():
             value = getattr(self, name)
             if value not in accepted:
                 raise ConfigError(name, f"got {value!r}; expected one of {accepted}")
@@ -339,6 +389,12 @@ class ModelConfig(_Validated):
             raise ConfigError(
                 "merged_experts",
                 f"got {self.merged_experts}; expected None or <= n_experts={self.n_experts}",
+            )
+        if self.ffn == "moe" and self.moe_every > self.n_layers:
+            raise ConfigError(
+                "moe_every",
+                f"got {self.moe_every} with n_layers={self.n_layers} and ffn='moe': no layer "
+                f"would be MoE; expected <= n_layers (or ffn='dense')",
             )
         self.router_options = self._checked_router_options()
         return self
@@ -396,8 +452,15 @@ class ModelConfig(_Validated):
         return model if device is None else model.to(device)
 
 
-# Local data files that data.source = "hf" reads, by suffix: the datasets builder for each.
-HF_FILE_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Local data files that data.source = "hf" reads, by suffix: the datasets builder for each
+# (a .txt file is read by paragraphs: blank lines separate its documents).
+HF_FILE_KINDS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 @dataclass
@@ -419,27 +482,52 @@ class DataConfig(_Validated):
 
     ``source = "hf"`` reads text with ``datasets.load_dataset``: ``hf_dataset`` (a dataset
     name, with its configuration ``hf_config``) or local ``paths`` (``.json``/``.jsonl``,
-    ``.csv`` or ``.parquet`` files of one kind, the split "train"), the ``text_column`` of
-    split ``hf_split`` (any ``datasets`` split expression, e.g. ``train[:90%]``), the
-    documents in order up to ``text_max_bytes``. Validation documents come from
-    ``hf_val_split`` (e.g. ``validation`` or ``train[90%:]``), or when it is empty from a
-    deterministic document-level split of ``hf_split``. ``hf_streaming`` reads the rows
+    ``.csv``, ``.parquet`` or ``.txt`` files of one kind, the split "train"; a ``.txt``
+    file's paragraphs, separated by blank lines, are its documents, in column ``text``), the
+    ``text_column`` of split ``hf_split`` (any ``datasets`` split expression, e.g.
+    ``train[:90%]``), the documents in order up to ``text_max_bytes``. Validation documents
+    come from ``hf_val_split`` (e.g. ``validation`` or ``train[90%:]``), or when it is empty
+    from a deterministic document-level split of ``hf_split``. ``hf_streaming`` reads the rows
     as a stream (for sets too large to download whole), stopping at ``text_max_bytes``.
     Datasets are cached under ``cache_dir``/datasets.
+
+    Attributes:
+        source: what to train on: tasks, text, mixed, files or hf.
+        tokenizer: ``byte``, ``bpe`` or ``hf:PATH`` (a transformers tokenizer).
+        vocab_size: ids of the ``bpe`` tokenizer trained on the text.
+        tasks: task families of the suite to use (empty = all).
+        heldout_tasks: tasks kept out of training (none = the suite's defaults).
+        heldout_compositions: compositions kept out of training (none = the suite's defaults).
+        examples_per_task: examples generated per task (split 70/15/15).
+        loss_on: task loss on the ``answer`` tokens only, or on ``all`` tokens.
+        format: task prompts ``plain``, or ``multiple_choice`` with lettered options.
+        n_options: options per question of the multiple-choice format.
+        text_max_bytes: text read at most (documents in order while they fit).
+        text_to_task_ratio: text batches per task batch for source ``mixed``.
+        paths: local files: .txt/.jsonl for ``files`` (at least one);
+            .json/.jsonl/.csv/.parquet/.txt of one kind for ``hf``.
+        hf_dataset: a ``datasets`` name for source ``hf`` (exactly one of it and paths).
+        hf_config: the configuration name of hf_dataset.
+        hf_split: the training split (any ``datasets`` split expression).
+        hf_val_split: the validation split ("" = a document-level split of hf_split).
+        hf_streaming: stream the rows instead of downloading the set whole.
+        text_column: the column holding the text (source ``hf``).
+        cache_dir: folder of the BPE tokenizer and ``datasets`` caches.
+        seed: seed of the task data, the document split and the batch order.
     """
 
     source: Literal["tasks", "text", "mixed", "files", "hf"] = "mixed"
     tokenizer: str = "byte"
-    vocab_size: int = bounded(4096, ge=258)
+    vocab_size: int = bounded(4096, ge=258, le=MAX_VOCAB)
     tasks: tuple[str, ...] = ()
     heldout_tasks: tuple[str, ...] | None = None
     heldout_compositions: tuple[str, ...] | None = None
-    examples_per_task: int = bounded(1000, ge=10)
+    examples_per_task: int = bounded(1000, ge=10, le=MAX_EXAMPLES)
     loss_on: Literal["answer", "all"] = "answer"
     format: Literal["plain", "multiple_choice"] = "plain"
     n_options: int = bounded(4, ge=2, le=26)
-    text_max_bytes: int = bounded(2_000_000, ge=1000)
-    text_to_task_ratio: float = bounded(1.0, gt=0)
+    text_max_bytes: int = bounded(2_000_000, ge=1000, le=2**40)
+    text_to_task_ratio: float = bounded(1.0, gt=0, le=1000)
     paths: tuple[str, ...] = ()
     hf_dataset: str = ""
     hf_config: str = ""
@@ -448,7 +536,7 @@ class DataConfig(_Validated):
     hf_streaming: bool = False
     text_column: str = "text"
     cache_dir: str = ".cache/moealign"
-    seed: int = bounded(0, ge=0, lt=2**64)
+    seed: int = bounded(0, ge=0, lt=2**32)  # the range NumPy seeds accept
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -477,7 +565,7 @@ class DataConfig(_Validated):
             raise ConfigError(
                 "paths",
                 f"got {list(self.paths)}; with source='hf' expected files of one kind: "
-                ".json/.jsonl, .csv or .parquet",
+                ".json/.jsonl, .csv, .parquet or .txt",
             )
         for name in ("hf_split", "text_column"):
             if not getattr(self, name).strip():
@@ -500,17 +588,31 @@ class OptimConfig(_Validated):
     :class:`moealign.optim.schedules.WarmupCosine`. ``matrix_lr`` (None = ``lr``) is the learning
     rate of the matrix optimizer for Muon/MuonH/AdamH; ``options`` go to
     :func:`moealign.optim.build_optimizer` unchanged. ``grad_clip`` 0 disables clipping.
+    A ``warmup_steps`` above ``train.steps`` is clamped to ``train.steps`` (the run's config
+    records it; a ``note:`` line on stderr says so).
+
+    Attributes:
+        name: optimizer: adamw, muon, adamh or muonh (DESIGN.md §6).
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay.
+        betas: Adam's (β₁, β₂).
+        grad_clip: clip the global gradient norm to this (0 = no clipping).
+        warmup_steps: linear warm-up steps of the learning rate (clamped to train.steps).
+        schedule: after warm-up: ``cosine`` decay or ``constant``.
+        min_lr_ratio: the cosine schedule's final lr as a fraction of lr.
+        matrix_lr: learning rate of the matrix optimizer (none = lr).
+        options: further keyword options of the optimizer (e.g. bias_correction).
     """
 
     name: Literal["adamw", "muon", "adamh", "muonh"] = "adamw"
-    lr: float = bounded(3e-3, gt=0)
-    weight_decay: float = bounded(0.1, ge=0)
+    lr: float = bounded(3e-3, gt=0, le=MAX_LR)
+    weight_decay: float = bounded(0.1, ge=0, le=10)
     betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
-    grad_clip: float = bounded(1.0, ge=0)
-    warmup_steps: int = bounded(10, ge=0)
+    grad_clip: float = bounded(1.0, ge=0, le=1e6)
+    warmup_steps: int = bounded(10, ge=0, le=MAX_STEPS)
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
-    matrix_lr: float | None = bounded(None, gt=0)
+    matrix_lr: float | None = bounded(None, gt=0, le=MAX_LR)
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> OptimConfig:
@@ -573,10 +675,14 @@ class LossConfig(_Validated):
     """Coefficients of the auxiliary router losses (DESIGN.md §4).
 
     L_total = L_lm + balance_coef · mean_l L_bal,l + z_coef · mean_l L_z,l (+ plugged-in terms).
+
+    Attributes:
+        balance_coef: α, the weight of the load-balance loss.
+        z_coef: β, the weight of the router z-loss.
     """
 
-    balance_coef: float = bounded(1e-2, ge=0)
-    z_coef: float = bounded(1e-3, ge=0)
+    balance_coef: float = bounded(1e-2, ge=0, le=MAX_COEF)
+    z_coef: float = bounded(1e-3, ge=0, le=MAX_COEF)
 
 
 @dataclass
@@ -588,14 +694,26 @@ class AlignmentConfig(_Validated):
     ``lambda_final`` over ``anneal_steps`` from ``anneal_start``). ``prior``: ``uniform``,
     ``marginal`` (EMA of the all-task routing with decay ``prior_decay``) or ``file``
     (safetensors ``prior_path`` holding an (L, E) tensor ``prior``).
+
+    Attributes:
+        schedule: λ(t): none (off), fixed, warmup or warmup_anneal (not none: model.ffn = moe).
+        lambda_target: λ after the warm-up (the guide's range 0.1–0.5).
+        lambda_final: λ at the end of the anneal (warmup_anneal).
+        warmup_steps: steps of the linear λ warm-up.
+        anneal_start: step where the anneal to lambda_final starts.
+        anneal_steps: steps of the linear anneal.
+        prior: the routing prior q_l: uniform, marginal (EMA) or file.
+        prior_decay: EMA decay of the marginal prior.
+        prior_path: safetensors file holding ``prior`` of shape (MoE layers, experts); required
+            with prior = file.
     """
 
     schedule: Literal["none", "fixed", "warmup", "warmup_anneal"] = "none"
-    lambda_target: float = bounded(0.1, ge=0)
-    lambda_final: float = bounded(0.0, ge=0)
-    warmup_steps: int = bounded(0, ge=0)
-    anneal_start: int = bounded(0, ge=0)
-    anneal_steps: int = bounded(0, ge=0)
+    lambda_target: float = bounded(0.1, ge=0, le=MAX_COEF)
+    lambda_final: float = bounded(0.0, ge=0, le=MAX_COEF)
+    warmup_steps: int = bounded(0, ge=0, le=MAX_STEPS)
+    anneal_start: int = bounded(0, ge=0, le=MAX_STEPS)
+    anneal_steps: int = bounded(0, ge=0, le=MAX_STEPS)
     prior: Literal["uniform", "marginal", "file"] = "uniform"
     prior_decay: float = bounded(0.99, ge=0, lt=1)
     prior_path: str = ""
@@ -641,18 +759,32 @@ class GuardrailConfig(_Validated):
     ``cooldown`` steps. Every trigger is an ``event`` record in ``metrics.jsonl``. With
     ``grad_spike_factor`` > 1 (0 = off) a layer whose router gradient norm exceeds that factor
     times the median of its last ``grad_spike_window`` steps is unhealthy too.
+
+    Attributes:
+        policy: what a routing collapse triggers: off, reduce_lambda, entropy_bonus, slow_warmup,
+            stop.
+        min_usage_entropy: a layer below this normalised usage entropy is unhealthy.
+        min_token_entropy: a layer below this mean normalised token entropy is unhealthy.
+        max_dead_fraction: a layer above this share of dead experts is unhealthy.
+        patience: unhealthy steps in a row before the policy acts.
+        cooldown: steps to wait after an action.
+        factor: reduce_lambda: λ ← factor·λ; slow_warmup: warm-up stretched by 1/factor.
+        entropy_bonus: entropy_bonus: added to the bonus weight γ per action.
+        grad_spike_factor: a router gradient norm above this × its recent median is unhealthy
+            (0 = off, else > 1).
+        grad_spike_window: steps whose median the gradient spike check uses.
     """
 
     policy: Literal["off", "reduce_lambda", "entropy_bonus", "slow_warmup", "stop"] = "off"
     min_usage_entropy: float = bounded(0.5, ge=0, le=1)
     min_token_entropy: float = bounded(0.0, ge=0, le=1)
     max_dead_fraction: float = bounded(0.5, ge=0, le=1)
-    patience: int = bounded(3, ge=1)
-    cooldown: int = bounded(20, ge=0)
+    patience: int = bounded(3, ge=1, le=MAX_STEPS)
+    cooldown: int = bounded(20, ge=0, le=MAX_STEPS)
     factor: float = bounded(0.5, gt=0, lt=1)
-    entropy_bonus: float = bounded(0.01, gt=0)
-    grad_spike_factor: float = bounded(0.0, ge=0)
-    grad_spike_window: int = bounded(20, ge=2)
+    entropy_bonus: float = bounded(0.01, gt=0, le=MAX_COEF)
+    grad_spike_factor: float = bounded(0.0, ge=0, le=1e6)
+    grad_spike_window: int = bounded(20, ge=2, le=MAX_STEPS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -691,25 +823,49 @@ class TrainConfig(_Validated):
     backward pass) or ``moe`` (only each MoE FFN is; :mod:`moealign.nn.checkpointing`): less
     activation memory for more compute, the same gradients. ``compile``: ``torch.compile`` each
     block (:mod:`moealign.nn.compile`); the preflight checks that the compiler runs here.
+
+    Attributes:
+        steps: optimizer steps of the run.
+        batch_size: sequences per optimizer step over all ranks.
+        grad_accum: micro-batches per rank and step (divides batch_size).
+        seq_len: tokens per training sequence (at most model.max_seq_len).
+        eval_every: validation every this many steps (0 = only at the end).
+        eval_batches: validation batches per evaluation.
+        log_every: a training record in metrics.jsonl every this many steps.
+        checkpoint_every: a checkpoint every this many steps (0 = only at the end).
+        keep_checkpoints: newest checkpoints kept on disk.
+        task_eval_examples: examples per task answered in the final evaluation (0 = skip).
+        seed: seed of the model initialisation and the training randomness.
+        device: auto (CUDA when present), cpu or cuda.
+        precision: fp32, bf16 autocast, or auto (bf16 on a CUDA device that supports it).
+        tensorboard: mirror metrics.jsonl to TensorBoard (<run>/tensorboard).
+        wandb: mirror metrics.jsonl to offline W&B (<run>/wandb).
+        parallel: how torchrun ranks share the model: ddp, fsdp (optim.name = adamw) or ep
+            (model.ffn = moe).
+        ep_size: ranks the experts are split over (> 1 only with parallel = ep; divides
+            model.n_experts).
+        on_nonfinite: a non-finite loss or gradient: ``stop`` the run or ``skip`` the step.
+        activation_checkpointing: recompute activations in backward: none, full or moe.
+        compile: ``torch.compile`` each block (the preflight checks the compiler).
     """
 
-    steps: int = bounded(100, ge=1)
-    batch_size: int = bounded(8, ge=1)
-    grad_accum: int = bounded(1, ge=1)
-    seq_len: int = bounded(64, ge=2)
-    eval_every: int = bounded(50, ge=0)
-    eval_batches: int = bounded(4, ge=1)
-    log_every: int = bounded(10, ge=1)
-    checkpoint_every: int = bounded(50, ge=0)
-    keep_checkpoints: int = bounded(3, ge=1)
-    task_eval_examples: int = bounded(50, ge=0)
-    seed: int = bounded(0, ge=0, lt=2**64)
+    steps: int = bounded(100, ge=1, le=MAX_STEPS)
+    batch_size: int = bounded(8, ge=1, le=MAX_BATCH)
+    grad_accum: int = bounded(1, ge=1, le=MAX_BATCH)
+    seq_len: int = bounded(128, ge=2, le=MAX_SEQ_LEN)  # the task suite's longest example fits
+    eval_every: int = bounded(50, ge=0, le=MAX_STEPS)
+    eval_batches: int = bounded(4, ge=1, le=MAX_EVAL_BATCHES)
+    log_every: int = bounded(10, ge=1, le=MAX_STEPS)
+    checkpoint_every: int = bounded(50, ge=0, le=MAX_STEPS)
+    keep_checkpoints: int = bounded(3, ge=1, le=10_000)
+    task_eval_examples: int = bounded(50, ge=0, le=MAX_EXAMPLES)
+    seed: int = bounded(0, ge=0, lt=2**32)  # the range NumPy seeds accept
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     tensorboard: bool = False
     wandb: bool = False
     parallel: Literal["ddp", "fsdp", "ep"] = "ddp"
-    ep_size: int = bounded(1, ge=1)
+    ep_size: int = bounded(1, ge=1, le=MAX_EXPERTS)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     activation_checkpointing: Literal["none", "full", "moe"] = "none"
     compile: bool = False
@@ -741,21 +897,46 @@ class CompressionConfig(_Validated):
     ``rank`` (None = the default truncation of
     :func:`moealign.compression.submoe.default_rank`). Recorded in ``config.json`` only when
     ``method`` is not ``none``.
+
+    Attributes:
+        method: how the weights were compressed (none for an ordinary run).
+        source: the compressed run directory or model.
+        source_n_experts: E, the experts per layer before compression.
+        keep_experts: E′, the experts kept (model.n_experts after pruning,
+            model.merged_experts after merging).
+        calibration: the calibration data ("training data" or a file).
+        calibration_tokens: calibration tokens used.
+        seed: seed of the compression method.
+        rank: Sub-MoE joint-SVD rank (none = the default truncation, floor(d_out·d_in /
+            (d_out + d_in)); a rank at or above the matrices' rank = full rank).
     """
 
     method: Literal["none", "frequency", "naee", "msmoe", "submoe"] = "none"
     source: str = ""
-    source_n_experts: int = bounded(0, ge=0)
-    keep_experts: int = bounded(0, ge=0)
+    source_n_experts: int = bounded(0, ge=0, le=MAX_EXPERTS)
+    keep_experts: int = bounded(0, ge=0, le=MAX_EXPERTS)
     calibration: str = ""
-    calibration_tokens: int = bounded(0, ge=0)
-    seed: int = 0
-    rank: int | None = bounded(None, ge=1)
+    calibration_tokens: int = bounded(0, ge=0, le=MAX_CALIBRATION_TOKENS)
+    seed: int = bounded(0, ge=0, lt=2**32)
+    rank: int | None = bounded(None, ge=1, le=MAX_WIDTH)
 
 
 @dataclass
 class RunConfig(_Validated):
-    """Everything that defines a run; ``to_dict()`` is what the run directory records."""
+    """Everything that defines a run; ``to_dict()`` is what the run directory records.
+
+    Attributes:
+        model: the architecture.
+        data: the training data.
+        optim: optimizer and learning-rate schedule.
+        loss: auxiliary router loss weights.
+        alignment: routing alignment.
+        guardrails: routing-collapse guardrails.
+        train: the training loop.
+        compression: how ``moealign compress`` made the weights (compressed runs only).
+        name: the run's folder name under out_dir.
+        out_dir: the folder holding runs.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -787,10 +968,14 @@ class RunConfig(_Validated):
                 f"got {self.train.seq_len}; expected <= model.max_seq_len={self.model.max_seq_len}",
             )
         if self.optim.warmup_steps > self.train.steps:
-            raise ConfigError(
-                "optim.warmup_steps",
-                f"got {self.optim.warmup_steps}; expected <= train.steps={self.train.steps}",
+            # A shortened run (e.g. --set train.steps=40 on a config warming up over 50) keeps
+            # the longest warm-up it can: the whole run, the learning rate reaching its peak at
+            # the last step. The recorded config holds the value used.
+            note(
+                f"optim.warmup_steps={self.optim.warmup_steps} > train.steps={self.train.steps}; "
+                f"using {self.train.steps}"
             )
+            self.optim.warmup_steps = self.train.steps
 
         if self.alignment.schedule != "none" and self.model.ffn != "moe":
             raise ConfigError(
@@ -874,12 +1059,15 @@ def check_run_name(name: str, field: str = "name") -> str:
         problem = "it names the folder itself or its parent"
     elif "/" in name or "\\" in name:
         problem = "it holds a path separator"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = "it holds a control character (NUL, newline, ...)"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        problem = "it holds a control character (NUL, newline, U+0085, ...)"
+    elif any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        problem = "it holds bytes that are not UTF-8"
     elif len(name.encode("utf-8", "surrogatepass")) > _NAME_BYTES:
         problem = f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes long"
     if problem:
-        shown = name if len(name) <= 60 else name[:57] + "..."
+        shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise ConfigError(
             field,
             f"got {shown!r}, but {problem}; expected one plain folder name (no '/', not '.' or "
@@ -969,17 +1157,24 @@ def parse_override(text: str, cls: type | None = None) -> tuple[list[str], Any]:
     path = key.split(".")
     if not all(path):
         raise ConfigError("", f"override {text!r} has an empty key")
+    from moealign.io import MAX_DEPTH, check_depth
+
     tp = _field_type(path, cls)
+    too_deep = ConfigError(key, f"the value is nested more than {MAX_DEPTH} levels deep")
     try:
-        return path, tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except RecursionError:
-        raise ConfigError(key, "the value is nested too deeply") from None
+        raise too_deep from None
     except tomllib.TOMLDecodeError:
         if _is_string_field(tp) or tp is Any:
             return path, raw
         raise ConfigError(
             key, f"got {raw!r}, which is not a TOML value; expected {_type_name(tp)}"
         ) from None
+    try:
+        return path, check_depth(value, key)
+    except ValueError:
+        raise too_deep from None
 
 
 def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -993,15 +1188,20 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     """The table in the TOML file ``path``; one :class:`ConfigError` naming ``what`` and the file
-    if it is missing, a folder, unreadable, not UTF-8 text or not TOML."""
+    if it is missing, a folder or not a regular file, too large, unreadable, not UTF-8 text, not
+    TOML or nested too deeply (:func:`moealign.io.read_bytes`, :func:`moealign.io.check_depth`)."""
+    from moealign.io import FileFormatError, check_depth, read_bytes
+
     shown = repr(str(path))
+    if Path(path).is_dir():
+        raise ConfigError("", f"{what} {shown} is a folder; expected a TOML file")
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
+        return check_depth(tomllib.loads(read_bytes(path).decode("utf-8")), f"{what} {shown}")
     except FileNotFoundError:
         raise ConfigError("", f"{what} {shown} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError("", f"{what} {shown} is a folder; expected a TOML file") from None
+    except FileFormatError as err:
+        reason = str(err).removeprefix(f"{path}: ").removeprefix(f"{what} {shown}: ")
+        raise ConfigError("", f"{what} {shown}: {reason}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(
             "", f"{what} {shown} is not UTF-8 text (bad byte at offset {err.start})"
@@ -1034,6 +1234,12 @@ def _read_json_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_WRITTEN_BY_COMPRESS = (
+    "is recorded by `moealign compress` in the config.json of the run it writes; not accepted "
+    "in a config file or --set (resume a compressed run with --resume --out DIR)"
+)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] = (), cls: type | None = None
 ) -> Any:
@@ -1045,13 +1251,14 @@ def load_config(
     """
     cls = RunConfig if cls is None else cls
     data: dict[str, Any] = {}
+    recorded = path is not None and Path(path).suffix == ".json"
     if path is not None:
-        data = (
-            _read_json_config(path)
-            if Path(path).suffix == ".json"
-            else read_toml(path, "config file")
-        )
+        data = _read_json_config(path) if recorded else read_toml(path, "config file")
     for text in overrides:
         key_path, value = parse_override(text, cls)
+        if cls is RunConfig and key_path[0] == "compression":
+            raise ConfigError(".".join(key_path), _WRITTEN_BY_COMPRESS)
         _set_path(data, key_path, value)
+    if cls is RunConfig and "compression" in data and not recorded:
+        raise ConfigError("compression", _WRITTEN_BY_COMPRESS)
     return build_config(cls, data)

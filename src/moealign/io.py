@@ -9,7 +9,13 @@
   full disk mid-append leaves) is skipped with one warning naming the file and line; a bad line
   anywhere else is corruption and raises :class:`FileFormatError` naming the file and line.
 * :func:`read_json` reads a JSON file with one clear error naming the file.
-* :func:`remove_temporaries` deletes the ``.tmp-*`` files and folders a killed writer left.
+* :func:`read_bytes` is the one reader of user and run files: it opens only regular files
+  (a FIFO or ``/dev/zero`` is refused at once, never read), refuses a file larger than its
+  limit, and names the file; :func:`check_depth` refuses values nested deeper than
+  :data:`MAX_DEPTH` (JSON, TOML and ``--set`` values alike).
+* :func:`temporary_name` names a temporary sibling ``.tmp-<pid>-<name>``, cut so that it (and
+  a random suffix) fits the 255 bytes of a file name; :func:`remove_temporaries` deletes the
+  ones whose writer process is dead (a kill -9 mid-write), never a live writer's.
 
 DESIGN.md §8 (run folders); STYLE.md: readers of files a crash may leave half-written tolerate
 and report it.
@@ -21,32 +27,132 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
     "TEMPORARY_PREFIX",
     "FileFormatError",
     "append_jsonl",
     "atomic_write_json",
     "atomic_write_text",
+    "check_depth",
     "iter_jsonl",
+    "naming_file",
+    "pid_alive",
+    "read_bytes",
     "read_json",
     "read_jsonl",
     "remove_temporaries",
+    "temporary_name",
 ]
 
 log = logging.getLogger(__name__)
 
 TEMPORARY_PREFIX = ".tmp-"
+_TEMPORARY = re.compile(r"^\.tmp-(\d+)-")  # .tmp-<pid>-...: the writer's pid
+_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file systems accept
+_RANDOM_SUFFIX = 9  # "-" and the 8 random characters tempfile adds
+MAX_FILE_BYTES = 256 * 2**20  # the largest config, record or metrics file read (256 MiB)
+MAX_DEPTH = 64  # the deepest nesting of tables/arrays accepted in a config or record
 _warned: set[tuple[str, int]] = set()
 
 
 class FileFormatError(ValueError):
     """A file that is not what it should be (not UTF-8, not JSON, a corrupt JSONL line)."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (signal 0: no signal is sent)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # exists but belongs to another user (or cannot be a pid: keep it)
+    return True
+
+
+def temporary_name(name: str) -> str:
+    """``.tmp-<pid>-<name>``, with ``name`` cut (on a character boundary) so that the result
+    plus a random suffix fits in 255 bytes: a legal 255-byte target keeps a legal sibling."""
+    prefix = f"{TEMPORARY_PREFIX}{os.getpid()}-"
+    room = _NAME_BYTES - len(prefix) - _RANDOM_SUFFIX
+    encoded = os.fsencode(name)
+    if len(encoded) > room:  # cut, and drop a character split by the cut
+        encoded = encoded[:room].decode("utf-8", "ignore").encode("utf-8")
+    return prefix + os.fsdecode(encoded)
+
+
+def read_bytes(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the regular file ``path``; :class:`FileFormatError` naming it if it is a
+    folder, a FIFO, a device or a socket (opened without blocking, never read) or larger than
+    ``limit`` bytes (``FileNotFoundError``/``PermissionError`` as ``open`` raises them)."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise FileFormatError(f"{path}: is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise FileFormatError(
+                f"{path}: not a regular file (a FIFO, device or socket); expected a file"
+            )
+        if info.st_size > limit:
+            raise FileFormatError(
+                f"{path}: {info.st_size:,} bytes, larger than the {limit:,} accepted"
+            )
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:  # grew while being read
+                raise FileFormatError(f"{path}: larger than the {limit:,} bytes accepted")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def naming_file(what: str, path: str | os.PathLike) -> Iterator[None]:
+    """Within the block, any failure of a third-party loader (transformers, tokenizers,
+    safetensors: each with its own error types and messages that name no file) becomes one
+    :class:`FileFormatError` naming ``what`` and ``path`` with the loader's first line."""
+    try:
+        yield
+    except FileFormatError:
+        raise
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        reason = " ".join(lines[0].split())[:300] if lines else type(err).__name__
+        raise FileFormatError(f"{what} {str(path)!r} cannot be loaded: {reason}") from None
+
+
+def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> Any:
+    """``value`` if its tables/arrays nest at most ``limit`` deep, else
+    :class:`FileFormatError` naming ``where`` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            raise FileFormatError(f"{where}: nested more than {limit} levels deep")
+        stack.extend((child, depth + 1) for child in children)
+    return value
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -70,7 +176,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     a reader sees the whole folder or none of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.name}-"))
+    remove_temporaries(path.parent, without_pid=False)  # what a killed writer left beside it
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_name(path.name) + "-"))
     try:
         yield tmp
         if path.is_dir():
@@ -86,7 +193,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     failure ``path`` is unchanged and no temporary file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.name}-")
+    remove_temporaries(path.parent, without_pid=False)  # what a killed writer left beside it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path.name) + "-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -164,10 +272,7 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
 
 
 def _decode(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise FileFormatError(f"{path}: is a directory, not a file") from None
+    data = read_bytes(path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -181,7 +286,7 @@ def read_json(path: str | os.PathLike) -> Any:
     or not JSON (``FileNotFoundError`` if it is missing)."""
     path = Path(path)
     try:
-        return json.loads(_decode(path))
+        return check_depth(json.loads(_decode(path)), str(path))
     except (json.JSONDecodeError, RecursionError) as err:
         reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
         raise FileFormatError(f"{path}: not valid JSON ({reason})") from None
@@ -221,7 +326,7 @@ def iter_jsonl(
             raise FileFormatError(
                 f"{path}:{number}: a JSON {type(record).__name__}; expected an object per line"
             )
-        yield number, record
+        yield number, check_depth(record, f"{path}:{number}")
 
 
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> list[dict]:
@@ -231,15 +336,22 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> l
     return [record for _, record in iter_jsonl(path, tolerate_torn_tail=tolerate_torn_tail)]
 
 
-def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the ``.tmp-*`` files and folders directly under ``directory`` (left by a writer
-    that was killed mid-write); call it only while holding the folder's lock. Returns them."""
+def remove_temporaries(directory: str | os.PathLike, *, without_pid: bool = True) -> list[Path]:
+    """Delete the ``.tmp-<pid>-*`` files and folders directly under ``directory`` whose writer
+    process is dead (killed mid-write), and with ``without_pid`` the older ``.tmp-*`` entries
+    that name no pid (only while holding the folder's lock). A live writer's temporaries stay.
+    Returns the removed entries."""
     directory = Path(directory)
-    if not directory.is_dir():
+    if not directory.is_dir() or directory.is_symlink():
         return []
     removed = []
     for entry in directory.iterdir():
         if not entry.name.startswith(TEMPORARY_PREFIX):
+            continue
+        match = _TEMPORARY.match(entry.name)
+        if not match and not without_pid:
+            continue
+        if match and (int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1)))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

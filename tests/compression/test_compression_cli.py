@@ -48,10 +48,12 @@ def _compress(source, out, method, keep, *extra):
 
 
 def _one_error_line(stderr: str) -> str:
+    """The one ``error:`` line, the last on stderr (progress lines may come before it)."""
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:], stderr
     assert "Traceback" not in stderr
-    return lines[0]
+    return lines[-1]
 
 
 @pytest.mark.parametrize(
@@ -99,9 +101,13 @@ def test_an_existing_out_is_not_touched(source_run, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["frequency", "naee", "msmoe", "submoe"])
 def test_compress_then_eval(source_run, tmp_path, capsys, method):
     out = tmp_path / "compressed"
-    assert _compress(source_run, out, method, 4) == 0
-    printed = capsys.readouterr().out
+    assert _compress(source_run, out, method, 4, "--json") == 0
+    document, printed = capsys.readouterr()  # --json: the document alone on stdout
+    document = json.loads(document)
     assert f"{method}: 6 -> 4 experts" in printed and "inference tokens/s" in printed
+    assert document["command"] == "compress"
+    assert document["files"] == {"report": str(out / "compression.json")}
+    assert document["result"] == json.loads((out / "compression.json").read_text())
     config = load_config(out / "config.json")
     merging = method in ("msmoe", "submoe")
     # Pruning slices the router (R1); merging keeps its 6 rows sharing 4 experts (R2).
@@ -126,8 +132,12 @@ def test_compress_then_eval(source_run, tmp_path, capsys, method):
     for name, tensor in expected.state_dict().items():
         assert torch.equal(written.state_dict()[name], tensor), name
     # `moealign eval` reads the compressed run; same weights, data and kernels as the report.
-    assert main(["eval", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--quiet"]) == 0
+    document, printed = capsys.readouterr()
     evaluation = json.loads((out / "eval.json").read_text())
+    assert json.loads(document)["result"] == evaluation and "val loss" in printed
+    assert "eval: validation batches" not in printed  # --quiet: no progress
     assert evaluation["val_loss"] == pytest.approx(report["compressed"]["val_loss"], rel=1e-9)
 
 
@@ -165,14 +175,19 @@ def test_compress_then_resume_training(source_run, tmp_path):
 def test_compression_section_is_recorded_only_for_compressed_runs(tmp_path):
     plain = tiny_config(tmp_path)
     assert "compression" not in plain.to_dict()
-    compressed = tiny_config(
-        tmp_path,
-        "model.n_experts=3",
-        "compression.method=naee",
-        "compression.source_n_experts=4",
-        "compression.keep_experts=3",
-    )
+
+    def recorded(n_experts: int, **compression) -> RunConfig:
+        """A config as a compressed run's config.json records it (only compress writes it)."""
+        data = plain.to_dict()
+        data["model"]["n_experts"] = n_experts
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({**data, "compression": compression}))
+        return load_config(path)
+
+    compressed = recorded(3, method="naee", source_n_experts=4, keep_experts=3)
     assert compressed.to_dict()["compression"]["method"] == "naee"
     with pytest.raises(ConfigError, match="compression.keep_experts"):
-        tiny_config(tmp_path, "compression.method=naee", "compression.keep_experts=3")
+        recorded(4, method="naee", keep_experts=3)
+    with pytest.raises(ConfigError, match="moealign compress"):  # never in a config file
+        tiny_config(tmp_path, "compression.method=naee")
     assert RunConfig().compression == CompressionConfig()

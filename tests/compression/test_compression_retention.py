@@ -3,9 +3,14 @@ moealign.tables (the one table renderer)."""
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from moealign.compression.retention import retention, retention_table
+import numpy as np
+import pytest
+import scipy.stats
+
+from moealign.compression.retention import ratio_interval, ratio_text, retention, retention_table
+from moealign.evaluation.stats import mean_confidence_interval
 from moealign.tables import to_text
 
 
@@ -34,3 +39,27 @@ def test_retention_ratios_and_table_by_hand():
     assert lines[0].split() == ["metric", "original", "compressed", "compressed/original"]
     assert lines[1].replace(" ", "").strip("-") == ""  # the header rule
     assert len(lines) == 2 + 7  # one row per metric of the report
+
+
+def test_ratio_interval_is_the_exponentiated_t_interval_of_the_log_ratio():
+    ratios = [1.2, 3.5, 9.0]  # spread like the perplexity ratios of a destructive method
+    logs = np.log(ratios)
+    low, high = scipy.stats.t.interval(0.95, 2, loc=logs.mean(), scale=scipy.stats.sem(logs))
+    mean, low_r, high_r = ratio_interval(ratios)
+    assert mean == pytest.approx(math.exp(logs.mean()))  # the geometric mean
+    assert (low_r, high_r) == (pytest.approx(math.exp(low)), pytest.approx(math.exp(high)))
+    assert 0 < low_r < mean < high_r  # a t interval on the raw ratios reaches below 0 here
+    raw_mean, raw_half, _ = mean_confidence_interval(ratios)
+    assert raw_mean - raw_half < 0
+    # × k and ÷ k are symmetric: inverting every ratio inverts the interval.
+    inverse = ratio_interval([1 / r for r in ratios])
+    assert inverse == (pytest.approx(1 / mean), pytest.approx(1 / high_r), pytest.approx(1 / low_r))
+
+
+def test_ratio_text():
+    assert ratio_text([1.0, 1.0]) == "1 [1, 1]"
+    assert ratio_text([2.0]) == "2"
+    assert ratio_text([None, 2.0, 2.0]).endswith("(n=2)")
+    assert ratio_text([None]) == "–"
+    with pytest.raises(ValueError, match="positive"):
+        ratio_interval([1.0, -1.0])

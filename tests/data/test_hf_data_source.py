@@ -1,4 +1,4 @@
-"""``data.source = "hf"`` (``datasets.load_dataset`` on local json/jsonl/csv/parquet files) and
+"""``data.source = "hf"`` (``datasets.load_dataset`` on local json/jsonl/csv/parquet/txt files) and
 ``data.tokenizer = "hf:PATH"`` (a transformers tokenizer), read through a run config."""
 
 from __future__ import annotations
@@ -57,6 +57,18 @@ def test_local_files_of_each_kind_become_the_documents_in_order(tmp_path, kind):
     assert hf_documents(streamed.data, "train") == documents
 
 
+def test_a_text_file_is_read_by_paragraphs(tmp_path):
+    """A .txt file's documents are its paragraphs (blank lines between), in order, in the
+    column "text"; the document-level split then has documents to split."""
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(TEXTS[:3]) + "\n\n\n" + "two\nlines\n")
+    overrides = hf_overrides(tmp_path, path)
+    overrides.remove("data.text_column=body")
+    config = tiny_config(tmp_path, *overrides)
+    documents = hf_documents(config.data, "train")
+    assert [d.text.strip("\n") for d in documents] == [*TEXTS[:3], "two\nlines"]
+
+
 def test_training_data_splits_and_byte_budget(tmp_path):
     path = write(tmp_path, "jsonl")
     # Explicit splits: datasets' slice syntax over the one "train" split of local files.
@@ -108,7 +120,8 @@ def test_unreadable_data_is_one_error_naming_the_field(tmp_path, setup, field, m
     [
         (["data.source=hf"], "data.hf_dataset"),  # neither a name nor files
         (["data.source=hf", "data.hf_dataset=x", "data.paths=['a.json']"], "data.hf_dataset"),
-        (["data.source=hf", "data.paths=['a.txt']"], "data.paths"),
+        (["data.source=hf", "data.paths=['a.md']"], "data.paths"),
+        (["data.source=hf", "data.paths=['a.txt', 'b.jsonl']"], "data.paths"),
         (["data.source=hf", "data.paths=['a.csv', 'b.json']"], "data.paths"),
         (["data.source=hf", "data.hf_dataset=x", "data.text_column= "], "data.text_column"),
         (["data.tokenizer=word"], "data.tokenizer"),
@@ -173,5 +186,7 @@ def test_cli_reports_an_unknown_dataset_name_offline(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: data.hf_dataset: dataset 'no-such-dataset'")
-    assert len(result.stderr.strip().splitlines()) == 1
+    # The progress ("train: build the data"), then one error line, the last.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [result.stderr.strip().splitlines()[-1]]
+    assert errors[0].startswith("error: data.hf_dataset: dataset 'no-such-dataset'")

@@ -200,6 +200,8 @@ def test_bad_inputs_raise_value_error():
         ctgi({}, {})
     with pytest.raises(ValueError, match="n_resamples"):
         ctgi({"a": [1, 0]}, {"a": [0, 0]}, n_resamples=0)
+    with pytest.raises(ValueError, match="same number of seeds"):
+        ctgi({"a": [[1, 0]], "b": [[1, 0], [0, 0]]}, {"a": [[0, 0]], "b": [[0, 0], [0, 0]]})
 
 
 def test_normalized_gain_signs():
@@ -296,3 +298,48 @@ def test_plain_gain_covers_every_task_including_those_without_headroom():
     result = ctgi(model, baseline, upper_bound=oracle, n_resamples=200)
     assert set(result.excluded_tasks) == {"easy"}
     assert result.accuracy_gain == pytest.approx((-0.005 + 0.1) / 2)
+
+
+def _seeded_answers(seed: int, n_seeds: int = 3, sizes=(("a", 60), ("b", 90))):
+    """Per task (seeds × examples) 0/1 answers of a baseline and of a model whose gain over it
+    differs from seed to seed."""
+    rng = np.random.default_rng(seed)
+    baseline, model = {}, {}
+    for task, n in sizes:
+        baseline[task] = rng.binomial(1, 0.4, size=(n_seeds, n)).astype(float)
+        lift = rng.uniform(0.0, 0.4, size=(n_seeds, 1))  # the seed effect
+        model[task] = np.where(rng.random((n_seeds, n)) < lift, 1.0, baseline[task])
+    return model, baseline
+
+
+@pytest.mark.parametrize("shared_examples", [False, True])
+def test_hierarchical_bootstrap_over_seeds_matches_a_loop_reference(shared_examples):
+    model, baseline = _seeded_answers(8)
+    result = ctgi(model, baseline, n_resamples=3000, seed=0, shared_examples=shared_examples)
+    # The point estimate pools every (seed, example): the 2-D input equals the concatenation.
+    pooled = ctgi(
+        {t: a.ravel() for t, a in model.items()}, {t: a.ravel() for t, a in baseline.items()}
+    )
+    assert result.value == pytest.approx(pooled.value) and result.accuracy_gain == pytest.approx(
+        pooled.accuracy_gain
+    )
+    reference_rng = np.random.default_rng(99)
+    replicates = []
+    for _ in range(3000):
+        seeds = reference_rng.integers(0, 3, size=3)  # one seed draw for every task
+        gains = []
+        for task in model:
+            n = model[task].shape[1]
+            shared = reference_rng.integers(0, n, size=n)
+            m = b = 0.0
+            for s in seeds:
+                index = shared if shared_examples else reference_rng.integers(0, n, size=n)
+                m += model[task][s, index].mean() / 3
+                b += baseline[task][s, index].mean() / 3
+            gains.append((m - b) / (1 - b))
+        replicates.append(np.mean(gains))
+    low, high = np.quantile(replicates, [0.025, 0.975])
+    assert result.ci_low == pytest.approx(low, abs=0.02)
+    assert result.ci_high == pytest.approx(high, abs=0.02)
+    # Seed-level variance widens the interval beyond the pooled (seed, example) bootstrap.
+    assert result.ci_high - result.ci_low > pooled.ci_high - pooled.ci_low

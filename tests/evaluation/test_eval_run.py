@@ -59,5 +59,5 @@ def test_bad_counts_are_a_config_error_before_anything_loads(bf16_run, tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: moealign eval: argument --eval-batches: got 0; expected an integer >= 1 "
-        "(see moealign eval --help)"
+        "and <= 10,000 (see moealign eval --help)"
     ]

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from moealign.evaluation.stats import mean_confidence_interval, paired_bootstrap_ci, paired_t_test
+from moealign.evaluation.stats import (
+    bootstrap_indices,
+    hierarchical_bootstrap_means,
+    mean_confidence_interval,
+    paired_bootstrap_ci,
+    paired_t_test,
+    seed_bootstrap_indices,
+)
 
 
 def mean_difference(a, b):
@@ -132,3 +139,51 @@ def test_interval_text_shows_mean_half_width_and_missing_values():
     assert interval_text([1.0, 2.0, 3.0]) == "2.0 ± 2.5"
     assert interval_text([0.5, None, float("nan")]) == "0.5 (n=1)"
     assert interval_text([None]) == "–"
+
+
+def _two_level_scores(seed: int = 0) -> np.ndarray:
+    """(1, S=4, N=30) scores with a seed effect, an example effect and noise."""
+    rng = np.random.default_rng(seed)
+    seed_effect = rng.normal(0, 0.3, size=(4, 1))
+    example_effect = rng.normal(0, 0.5, size=(1, 30))
+    return (seed_effect + example_effect + rng.normal(0, 0.2, size=(4, 30)))[None]
+
+
+def test_hierarchical_bootstrap_variance_matches_the_nested_formula():
+    scores = _two_level_scores()[0]
+    rng = np.random.default_rng(1)
+    seeds = seed_bootstrap_indices(4, 20000, rng)
+    means = hierarchical_bootstrap_means(scores[None], seeds, rng)[:, 0]
+    # Var* = σ²(seed means) / S + mean_s σ²_s / (S·N), population variances.
+    expected = scores.mean(axis=1).var() / 4 + scores.var(axis=1).mean() / (4 * 30)
+    assert means.var() == pytest.approx(expected, rel=0.05)
+    assert means.mean() == pytest.approx(scores.mean(), abs=0.01)
+
+
+def test_hierarchical_bootstrap_variance_matches_the_crossed_formula():
+    scores = _two_level_scores()[0]
+    rng = np.random.default_rng(2)
+    seeds = seed_bootstrap_indices(4, 20000, rng)
+    means = hierarchical_bootstrap_means(scores[None], seeds, rng, shared_examples=True)[:, 0]
+    # Two-way decomposition x = μ + r_s + c_n + e_sn: Var* = σ²_r/S + σ²_c/N + σ²_e/(S·N).
+    row = scores.mean(axis=1) - scores.mean()
+    column = scores.mean(axis=0) - scores.mean()
+    interaction = scores - scores.mean() - row[:, None] - column[None, :]
+    expected = row.var() / 4 + column.var() / 30 + (interaction**2).mean() / 120
+    assert means.var() == pytest.approx(expected, rel=0.05)
+    # The example effect is shared by the seeds: the crossed variance is the larger one.
+    nested = row.var() / 4 + scores.var(axis=1).mean() / 120
+    assert expected > 2 * nested
+
+
+def test_hierarchical_bootstrap_keeps_systems_paired_and_reduces_to_the_example_bootstrap():
+    rng = np.random.default_rng(3)
+    a = rng.binomial(1, 0.5, size=50).astype(float)
+    scores = np.stack([a, a])[:, None, :]  # two identical systems, one seed
+    draw = np.random.default_rng(7)
+    means = hierarchical_bootstrap_means(scores, seed_bootstrap_indices(1, 300, draw), draw)
+    np.testing.assert_array_equal(means[:, 0], means[:, 1])  # the same examples for both
+    expected = np.concatenate(
+        [a[index].mean(axis=1) for index in bootstrap_indices(50, 300, np.random.default_rng(7))]
+    )
+    np.testing.assert_allclose(means[:, 0], expected, rtol=1e-12)

@@ -310,9 +310,13 @@ def test_cli_analyze_writes_diagnostics_and_plots(tmp_path, capsys):
     data.write_text("\n".join(json.dumps({"text": text}) for text in texts))
     out = tmp_path / "report"
     argv = ["analyze", str(tmp_path / "model"), "--data", str(data), "--out", str(out)]
-    assert main([*argv, "--seq-len", "8", "--batch-size", "3"]) == 0
-    assert "MoE layers" in capsys.readouterr().out
+    assert main([*argv, "--seq-len", "8", "--batch-size", "3", "--json"]) == 0
+    document, printed = capsys.readouterr()
+    assert "MoE layers" in printed and "analyze: batches" in printed  # human output, progress
     report = json.loads((out / "routing.json").read_text())
+    document = json.loads(document)
+    assert document["result"] == report and document["command"] == "analyze"
+    assert document["files"]["entropy_plot"] == str(out / "entropy_maxvio.png")
     # Independent: each document alone (no padding, no windows) through capture_routing.
     counts = np.zeros((2, 4), dtype=int)
     for text in texts:

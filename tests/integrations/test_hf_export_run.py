@@ -5,6 +5,8 @@ pipeline) use like any hub model, answering and stopping as moealign's greedy de
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 pytest.importorskip("transformers")  # its loaders, generate and pipeline are under test
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers.utils import logging as transformers_logging
 
 from moealign.cli import main
 from moealign.config import load_config
@@ -51,7 +54,31 @@ def test_export_writes_a_complete_model_directory(exported):
     ids["pad_token_id"] = tokenizer.pad_id
     assert {key: config[key] for key in ids} == ids
     assert {key: generation[key] for key in ids} == ids
-    assert generation.get("do_sample", False) is False and generation["max_length"] == 64
+    assert generation.get("do_sample", False) is False and generation["max_new_tokens"] == 64
+    assert "max_length" not in generation  # see test_generate_and_pipeline_run_without_warnings
+
+
+def test_generate_and_pipeline_run_without_warnings(exported):
+    """A call's own budget meets no ``max_length`` of the export: no Python warning (an error
+    here) and no warning through transformers' logger (captured at its library root)."""
+    hf_model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(exported)
+    generator = pipeline("text-generation", model=hf_model, tokenizer=hf_tokenizer)
+    inputs = hf_tokenizer("copy: a b c =", return_tensors="pt")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    library_root = transformers_logging.get_logger()
+    library_root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("error")
+            output = hf_model.generate(**inputs, max_new_tokens=16)
+            answer = generator("copy: a b c =", max_new_tokens=16, return_full_text=False)
+    finally:
+        library_root.removeHandler(handler)
+    assert [record.getMessage() for record in records] == []
+    assert output.shape[1] <= inputs["input_ids"].shape[1] + 16 and answer[0]["generated_text"]
 
 
 def test_generate_and_pipeline_answer_and_stop_like_moealign(trained_run, exported):
@@ -76,13 +103,15 @@ def test_generate_and_pipeline_answer_and_stop_like_moealign(trained_run, export
         # Exact tokens: both argmax the same logits (within 1e-5, far from any tie here).
         assert output[0, len(prompt_ids) :].tolist() == ids
         assert answer[0]["generated_text"] == tokenizer.decode(ids)
-    # Without a budget both run to EOS or to the model's 64 positions.
+    # Without a budget of its own generate() runs to EOS or for the export's max_new_tokens
+    # (64 = model.max_seq_len); moealign's decoding also stops at the model's 64 positions.
     long = greedy_generate(model, prompts[:3], 64, tokenizer.eos_id)
     for text, ids in zip(texts[:3], long, strict=True):
         inputs = hf_tokenizer(text, return_tensors="pt")
         with torch.no_grad():
             output = hf_model.generate(**inputs)
-        assert output[0, inputs["input_ids"].shape[1] :].tolist() == ids
+        new_ids = output[0, inputs["input_ids"].shape[1] :].tolist()
+        assert new_ids == ids if ids[-1] == tokenizer.eos_id else new_ids[: len(ids)] == ids
 
 
 def test_export_of_an_earlier_step_and_bad_requests(trained_run, tmp_path, capsys):

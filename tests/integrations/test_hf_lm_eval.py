@@ -25,7 +25,8 @@ from moealign.evaluation.run import load_run_model
 
 pytestmark = pytest.mark.slow
 
-# The README's recipe: one multiple-choice and one rolling log-likelihood task on local JSONL.
+# The recipe of docs/huggingface.md: one multiple-choice and one rolling log-likelihood task on
+# local JSONL.
 TASKS_YAML = """\
 task: moealign_choice
 dataset_path: json

@@ -94,9 +94,15 @@ def test_roma_runs_every_method_on_a_transformers_model(hf_model, tmp_path, caps
     argv += ["--heldout-tasks", "brackets", "--out", str(out)]
     for override in STUDY:
         argv += ["--set", override]
-    assert main(argv) == 0
-    assert "| roma |" in capsys.readouterr().out
+    assert main([*argv, "--json"]) == 0
+    document, printed = capsys.readouterr()
+    assert "| roma |" in printed and "roma: seeds" in printed  # the tables and the progress
     results = json.loads((out / "results.json").read_text())
+    assert json.loads(document) == {
+        "command": "roma",
+        "files": {"results": str(out / "results.json"), "markdown": str(out / "results.md")},
+        "result": results,
+    }
     assert results["base_run"] == str(hf_model)
     assert results["tasks"] == {"seen": ["addition", "max"], "heldout": ["brackets"]}
     assert results["layers"] == [0, 1]

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from helpers_cli import run_cli
 from moealign.config import load_config
 from moealign.evaluation.tasks import TaskEvaluation, TaskResult
-from moealign.roma.study import METHODS, SETS, markdown_tables, summarise
+from moealign.roma.study import (
+    METHODS,
+    SETS,
+    macro_accuracy_replicates,
+    markdown_tables,
+    summarise,
+)
 from moealign.training.trainer import Trainer
 
 BASE = [
@@ -79,11 +86,11 @@ def test_roma_study_end_to_end(tmp_path):
         assert (
             summary["accuracy"]["oracle"][name]["mean"] >= summary["accuracy"]["base"][name]["mean"]
         )
-        assert set(summary["roma_minus_router_tuning"][name]) == {
-            "mean_difference",
-            "half_width",
-            "p_value",
-        }
+        difference = summary["roma_minus_router_tuning"][name]
+        assert difference["outcome"] in ("lower", "higher", "equivalent", "inconclusive")
+        assert difference["family"] == 2 and difference["margin"] == 0.01
+        roma = summary["accuracy"]["roma"][name]
+        assert roma["ci_low"] <= roma["mean"] <= roma["ci_high"]
     assert results["seeds"]["0"]["roma"]["regularizer_first"] > 0
     # Every method but the base reports its evaluation time against the base model's.
     assert set(results["inference_cost"]) == set(METHODS) - {"base"}
@@ -187,3 +194,89 @@ def test_summary_reports_ctgi_beside_the_plain_gain_and_warns_on_small_headroom(
     no_oracle = summarise({m: per_seed[m] for m in ("base", "c3po")}, [0])
     assert no_oracle["ctgi"]["c3po"]["mean"] is None
     assert no_oracle["ctgi"]["c3po"]["accuracy_gain"] == pytest.approx(0.0, abs=1e-12)
+
+
+def _seed_evaluation(correct: dict[str, list[int]]) -> TaskEvaluation:
+    return TaskEvaluation(
+        {
+            t: TaskResult(t, "multiple_choice", sum(c) / len(c), c, [], [])
+            for t, c in correct.items()
+        }
+    )
+
+
+def test_macro_accuracy_interval_resamples_seeds_then_the_same_questions():
+    rng = np.random.default_rng(0)
+    answers = {  # seed → task → 40 answers of one method; the questions are shared by the seeds
+        str(seed): {
+            task: rng.binomial(1, p, size=40).tolist() for task, p in (("a", 0.3), ("b", 0.7))
+        }
+        for seed in range(3)
+    }
+    by_seed = {
+        k: {"seen": _seed_evaluation(v), "heldout": _seed_evaluation(v)} for k, v in answers.items()
+    }
+    keys = ["0", "1", "2"]
+    estimate, replicates = macro_accuracy_replicates([by_seed], keys, "seen", n_resamples=4000)
+    assert estimate[0] == pytest.approx(np.mean([by_seed[k]["seen"].macro_accuracy for k in keys]))
+    reference_rng = np.random.default_rng(1)
+    reference = []
+    for _ in range(4000):
+        seeds = reference_rng.integers(0, 3, size=3)
+        task_means = []
+        for task in ("a", "b"):
+            questions = reference_rng.integers(0, 40, size=40)  # one draw for every seed
+            task_means.append(np.mean([np.take(answers[keys[s]][task], questions) for s in seeds]))
+        reference.append(np.mean(task_means))
+    np.testing.assert_allclose(
+        np.quantile(replicates[:, 0], [0.025, 0.975]),
+        np.quantile(reference, [0.025, 0.975]),
+        atol=0.015,
+    )
+    summary = summarise({"base": by_seed, "roma": by_seed, "router_tuning": by_seed}, [0, 1, 2])
+    assert summary["accuracy"]["roma"]["seen"]["ci_low"] == pytest.approx(
+        np.quantile(replicates[:, 0], 0.025), abs=0.015
+    )
+    # Identical methods: every replicate difference is 0, within ±1 point: equivalent.
+    same = summary["roma_minus_router_tuning"]["heldout"]
+    assert same["delta"] == 0.0 and same["outcome"] == "equivalent" and same["p_value"] == 1.0
+    assert summary["over_seeds"]["roma"]["accuracy_gain"]["outcome"] == "equivalent"
+
+
+def test_single_seed_studies_merge_into_one_summary(tmp_path):
+    """scripts/roma_summary.py: three one-seed results.json give the summary of one study."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "roma_summary.py"
+    spec = importlib.util.spec_from_file_location("roma_summary", script)
+    roma_summary = importlib.util.module_from_spec(spec)
+    sys.modules["roma_summary"] = roma_summary
+    spec.loader.exec_module(roma_summary)
+
+    rng = np.random.default_rng(4)
+    per_seed: dict = {m: {} for m in ("base", "router_tuning", "roma")}
+    for seed in range(3):
+        for method in per_seed:
+            answers = {t: rng.binomial(1, 0.5, size=20).tolist() for t in ("a", "b")}
+            evaluation = _seed_evaluation(answers)
+            per_seed[method][str(seed)] = {"seen": evaluation, "heldout": evaluation}
+        results = {
+            "base_run": "b",
+            "config": {"seeds": [seed]},
+            "methods": {
+                m: {str(seed): {n: e.to_dict() for n, e in by_seed[str(seed)].items()}}
+                for m, by_seed in per_seed.items()
+            },
+            "inference_cost": {},
+        }
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "results.json").write_text(json.dumps(results))
+    directories = [tmp_path / f"s{seed}" for seed in range(3)]
+    merged = roma_summary.merged_results(directories)
+    assert merged["config"]["seeds"] == [0, 1, 2]
+    assert merged["summary"] == summarise(per_seed, [0, 1, 2])
+    assert "RoMA − router tuning" in markdown_tables(merged)
+    with pytest.raises(ValueError, match="seed 0 is already"):
+        roma_summary.merged_results([directories[0], directories[0]])

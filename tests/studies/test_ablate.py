@@ -174,7 +174,7 @@ def test_failing_cells_are_recorded_and_the_study_goes_on(tmp_path, capsys, monk
         """
 [[variants]]
 name = "huge_lr"
-overrides = { "optim.lr" = 1e8, "optim.grad_clip" = 0.0, "optim.warmup_steps" = 0 }
+overrides = { "optim.lr" = 1e4, "optim.grad_clip" = 0.0, "optim.warmup_steps" = 0 }
 [[variants]]
 name = "empty_file"
 overrides = { "data.source" = "files", "data.paths" = ["empty.txt"] }
@@ -204,7 +204,7 @@ overrides = { "data.source" = "files", "data.paths" = ["empty.txt"] }
     assert failed["status"] == "failed" and failed["returncode"] == 2
     assert "empty.txt" in failed["error"] and "is empty" in failed["error"]
     assert "empty.txt" in (out / "logs/empty_file__seed0.log").read_text()
-    printed = capsys.readouterr().out
+    printed = "".join(capsys.readouterr())  # the table on stdout, the progress on stderr
     assert f"diverged at step {first_bad}" in printed and "failed: " in printed
     # One line per cell as it starts and as it ends; the first to end estimates the rest.
     lines = printed.splitlines()
@@ -230,10 +230,10 @@ def test_quiet_silences_the_progress_lines(tmp_path, capsys):
         _finished_cell(tmp_path / "o" / f"base__seed{seed}", 2.0)
     argv = ["ablate", str(path), "--out", str(tmp_path / "o")]
     assert main(argv) == 0
-    assert "2 of 2 cells already finished; 0 to run" in capsys.readouterr().out
+    assert "2 of 2 cells already finished; 0 to run" in capsys.readouterr().err
     assert main([*argv, "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "already finished" not in out and "base__seed1  finished" in out
+    out, err = capsys.readouterr()
+    assert "already finished" not in err and "base__seed1  finished" in out
 
 
 def test_progress_lines_give_status_wall_time_loss_and_eta(tmp_path):

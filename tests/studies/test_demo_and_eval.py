@@ -63,13 +63,16 @@ def _runs(values: dict[str, list[float]]) -> RunSet:
     )  # fmt: skip
 
 
-def test_paired_comparisons_match_scipy_and_say_within_noise_when_the_interval_covers_zero():
+def test_paired_comparisons_match_scipy_with_holm_and_four_outcomes():
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
     dense = [2.00, 2.10, 2.05, 1.98]
     topk = [1.90, 1.99, 1.96, 1.87]  # about 0.1 lower on every seed
-    mpi = [1.93, 1.95, 1.98, 1.86]  # topk ± 0.03: noise
+    mpi = [1.93, 1.95, 1.98, 1.86]  # topk ± 0.03: neither lower nor within ±0.01
     values = {"dense": dense, "moe_softmax_topk": topk, "moe_mpi": mpi}
-    comparisons = {(c["variant"], c["baseline"]): c for c in paired_comparisons(_runs(values))}
+    found = paired_comparisons(_runs(values))
+    comparisons = {(c["variant"], c["baseline"]): c for c in found}
     assert set(comparisons) == set(COMPARISONS)
+    raw = []
     for (variant, baseline), comparison in comparisons.items():
         a, b = values[variant], values[baseline]
         difference = np.subtract(a, b)
@@ -77,18 +80,36 @@ def test_paired_comparisons_match_scipy_and_say_within_noise_when_the_interval_c
         assert comparison["delta"] == pytest.approx(difference.mean())
         assert comparison["half_width"] == pytest.approx(half_width)
         assert comparison["p_value"] == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue)
-        assert comparison["seeds"] == [0, 1, 2, 3]
-    assert not comparisons[("moe_softmax_topk", "dense")]["within_noise"]
-    assert comparisons[("moe_mpi", "moe_softmax_topk")]["within_noise"]
+        assert comparison["seeds"] == [0, 1, 2, 3] and comparison["margin"] == 0.01
+        raw.append(comparison["p_value"])
+    holm = multitest.multipletests(raw, method="holm")[1]
+    np.testing.assert_allclose([c["p_adjusted"] for c in found], holm)
+    assert comparisons[("moe_softmax_topk", "dense")]["outcome"] == "lower"
+    assert comparisons[("moe_mpi", "moe_softmax_topk")]["outcome"] == "inconclusive"
     lines = {pair: verdict(c) for pair, c in comparisons.items()}
     assert lines[("moe_softmax_topk", "dense")].endswith("moe_softmax_topk lower (better)")
-    assert lines[("moe_mpi", "moe_softmax_topk")].endswith("within noise")
-    assert "n = 4 seeds" in lines[("moe_mpi", "dense")]
+    assert lines[("moe_mpi", "moe_softmax_topk")].endswith("inconclusive (neither a difference "
+                                                           "nor equivalence shown)")  # fmt: skip
+    assert "n = 4 seeds" in lines[("moe_mpi", "dense")] and "Holm p" in lines[("moe_mpi", "dense")]
+    # A wide margin makes the MPI − top-k difference (|Δ| ≤ 0.03, tight) equivalent.
+    wide = {
+        (c["variant"], c["baseline"]): c
+        for c in paired_comparisons(_runs(values), margins={"val_loss": 0.2})
+    }
+    assert wide[("moe_mpi", "moe_softmax_topk")]["outcome"] == "equivalent"
+    assert verdict(wide[("moe_mpi", "moe_softmax_topk")]).endswith("equivalent within ±0.2")
     # A higher loss is worse; a seed one model lacks is left out of the pairing.
     worse = _runs({"dense": dense, "moe_softmax_topk": [x + 0.2 for x in dense[:3]]})
     (comparison,) = [c for c in paired_comparisons(worse) if c["baseline"] == "dense"]
     assert comparison["seeds"] == [0, 1, 2]
     assert verdict(comparison).endswith("moe_softmax_topk higher (worse)")
+
+
+def test_demo_refuses_a_bad_margin(tmp_path):
+    result = run_cli("demo", "--margin", "val_loss=-1", "--out", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "METRIC=M" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_demo_needs_two_distinct_seeds(tmp_path):
@@ -133,6 +154,14 @@ def test_demo_trains_each_model_per_seed_reports_intervals_and_reuses_finished_r
     before = (out / "moe_mpi__seed1" / "final_eval.json").stat().st_mtime_ns
     assert run_demo(out, overrides=TINY_DEMO, progress=False, seeds=(0, 1)) == summary
     assert (out / "moe_mpi__seed1" / "final_eval.json").stat().st_mtime_ns == before
+    # --json (the finished runs reused): the summary as one document on stdout
+    sets = [arg for override in TINY_DEMO for arg in ("--set", override)]
+    cli = run_cli("demo", "--out", str(out), "--seeds", "0", "1", *sets, "--json", cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    document = json.loads(cli.stdout)
+    assert document["result"] == json.loads((out / "summary.json").read_text())
+    assert document["files"]["plot"] == str(out / "loss_curves.png")
+    assert "demo: run 6/6: moe_mpi seed 1" in cli.stderr
 
     # `moealign eval` on one of the runs: same validation loss as the run's own final eval
     result = evaluate_run(out / "moe_mpi__seed0", task_examples=1)
@@ -146,9 +175,14 @@ def test_demo_trains_each_model_per_seed_reports_intervals_and_reuses_finished_r
         written["val_loss"] == result["val_loss"]
         and written["expert_counts"] == (final["expert_counts"])
     )
-    cli = run_cli("eval", str(out / "moe_mpi__seed0"), "--task-examples", "1", cwd=tmp_path)
+    cli = run_cli(
+        "eval", str(out / "moe_mpi__seed0"), "--task-examples", "1", "--json", cwd=tmp_path
+    )
     assert cli.returncode == 0, cli.stderr
-    assert "val perplexity" in cli.stdout and "projection alignment" in cli.stdout
+    document = json.loads(cli.stdout)  # nothing but the document on stdout
+    assert document["result"] == json.loads((out / "moe_mpi__seed0" / "eval.json").read_text())
+    assert "eval: validation batches (1)" in cli.stderr and "val loss" in cli.stderr
+    assert "val perplexity" in cli.stderr and "projection alignment" in cli.stderr
 
 
 def test_eval_of_a_directory_without_a_run_is_a_clear_error(tmp_path):

@@ -19,6 +19,7 @@ from helpers_cli import CONFIGS
 from moealign.cli import main
 from moealign.config import load_config
 from moealign.evaluation.ctgi import ctgi
+from moealign.evaluation.verdicts import format_p, holm_adjust
 from moealign.studies import plots
 from moealign.studies.labels import metric_label
 from moealign.studies.plots import ema
@@ -27,13 +28,15 @@ from moealign.studies.report import (
     baseline_table,
     best_marks,
     build_report,
-    compare_runs,
+    compare_text,
+    comparison,
     metric_direction,
     transfer_table,
 )
 from moealign.studies.results import (
     RunDataError,
     RunRecord,
+    RunSet,
     load_run,
     load_runs,
     run_results,
@@ -197,7 +200,7 @@ def test_ablation_interval_and_paired_test_match_scipy(study_dir):
     assert [str(c) for c in rows["unstable"][1:3]] == ["0/1 (1 diverged)", "–"]
     assert rows["broken"][1] == "0/1 (1 failed)"
     # Lower loss is better: 'better' has the best mean, but [1.69, 2.07] overlaps base's
-    # [1.85, 2.35], so it is marked as within noise (italic), not bold.
+    # [1.85, 2.35], so it is marked italic (not shown to be best), not bold.
     assert rows["better"][2].emphasis == "em" and rows["base"][2].emphasis == ""
     assert all(row[3].emphasis == "" for row in table.rows)  # every tokens/s equal: none best
     assert table.headers[2].text == "validation loss (nats/token) ↓"
@@ -211,9 +214,9 @@ def test_ablation_interval_and_paired_test_match_scipy(study_dir):
     half_width = t_critical * scipy_stats.sem(difference)
     assert deltas["better"][2] == (
         f"{format_interval(difference.mean(), half_width, signed=True)} "
-        f"(p={reference.pvalue:.3f}, n=3)"
+        f"(p={reference.pvalue:.3f}, n=3): lower (better)"
     )
-    assert deltas["better"][2] == "-0.217 ± 0.072 (p=0.006, n=3)"  # t = −13.0, 2 df
+    assert deltas["better"][2] == "-0.217 ± 0.072 (p=0.006, n=3): lower (better)"  # t = −13.0
     assert deltas["unstable"][2] == "–"
 
 
@@ -262,9 +265,13 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
         "## Per-task accuracy",
         "## Model cards and reproducibility",
         "### Model card: better__seed1",
-        "#### Reproducibility: base__seed0",
+        "<details><summary>Reproducibility: command, versions, hardware, wall time</summary>",
+        "<details><summary>Resolved config (config.json)</summary>",
     ):
         assert heading in markdown, heading
+    headings = re.findall(r"^#+ .*$", markdown, re.M)
+    assert len(headings) == len(set(headings)), "a section heading appears twice"
+    assert "n = 2 seeds" not in markdown  # 3 seeds each: no few-seeds note
     assert "*No " not in markdown  # every section had its data
     names = {p.name for p in files.figures}
     assert names == {
@@ -296,10 +303,16 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
     heldout_gain, indomain_gain = (0.4 + 0.15) / 2, (0.05 + 0.05) / 2
     assert expected.accuracy_gain == pytest.approx(heldout_gain)
     assert expected.warning is None  # headrooms 80 and 60 points
+    gain_p, ctgi_p = holm_adjust([expected.gain_comparison.p_value, expected.comparison.p_value])
     assert (
         f"| better | base | 0,1,2 | {heldout_gain:+.3f} "
-        f"[{expected.gain_ci_low:+.3f}, {expected.gain_ci_high:+.3f}] | {indomain_gain:+.3f} | "
-        f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}] | "
+        f"[{expected.gain_ci_low:+.3f}, {expected.gain_ci_high:+.3f}]: "
+        f"{expected.gain_comparison.describe('higher')} "
+        f"({format_p(expected.gain_comparison.p_value)}, Holm {format_p(gain_p)}) | "
+        f"{indomain_gain:+.3f} | "
+        f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}]: "
+        f"{expected.comparison.describe('higher')} "
+        f"({format_p(expected.comparison.p_value)}, Holm {format_p(ctgi_p)}) | "
         f"{heldout_gain / indomain_gain:.4g} | none |"
     ) in markdown
     # Model cards: one per run with a config; failure modes found in the logs.
@@ -316,10 +329,11 @@ def test_report_has_every_section_valid_images_and_model_cards(study_dir, tmp_pa
 
 
 def _pooled_ctgi(variant, baseline):
-    """ctgi() on each held-out task's answers concatenated over seeds 0–2, paired by seed."""
+    """ctgi() on each held-out task's answers, one row per seed 0–2 (each seed its own
+    examples: the nested hierarchical bootstrap)."""
     pooled = {
         name: {
-            task: np.concatenate([correct_array(HELDOUT[name][task], seed) for seed in range(3)])
+            task: np.stack([correct_array(HELDOUT[name][task], seed) for seed in range(3)])
             for task in HELDOUT[name]
         }
         for name in (variant, baseline)
@@ -339,8 +353,10 @@ def test_per_variant_baselines_drive_the_paired_table_and_ctgi(study_dir, tmp_pa
     for variant, baseline in (("better", "base"), ("base", "better")):
         expected = _pooled_ctgi(variant, baseline)
         assert rows[variant][1] == baseline and rows[variant][2] == "0,1,2"
-        assert rows[variant][5] == (
-            f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}]"
+        assert rows[variant][5].startswith(
+            f"{expected.value:+.3f} [{expected.ci_low:+.3f}, {expected.ci_high:+.3f}]: "
+            f"{expected.comparison.describe('higher')} ({format_p(expected.comparison.p_value)}, "
+            "Holm p"
         )
     # base vs better: gains (0.2 − 0.6)/(1 − 0.6) and (0.4 − 0.55)/(1 − 0.55).
     assert _numbers(rows["base"][5])[0] == pytest.approx(np.mean([-1.0, -0.15 / 0.45]), abs=5e-4)
@@ -398,8 +414,14 @@ def test_report_of_a_real_tiny_run_through_the_cli(tmp_path, capsys):
     assert counts_LE.shape == (2, 4) and counts_LE.sum() > 0
     max_vio_L = (counts_LE.max(1) - counts_LE.mean(1)) / counts_LE.mean(1)
     assert final["val_routing/max_vio"] == pytest.approx(max_vio_L.mean(), rel=1e-6)
-    assert main(["report", str(run_dir)]) == 0
-    assert "1 model cards" in capsys.readouterr().out
+    assert main(["report", str(run_dir), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 model cards" in err
+    files = json.loads(out)["files"]
+    assert files["markdown"] == str(run_dir / "report/report.md")
+    assert files["html"] == str(run_dir / "report/report.html")
+    assert str(run_dir / "report/figures/expert_utilisation.png") in files["figures"]
+    assert len(files["model_cards"]) == 1 and Path(files["model_cards"][0]).is_file()
     markdown = (run_dir / "report/report.md").read_text()
     assert "| real | 1/1 |" in markdown
     assert (run_dir / "report/figures/expert_utilisation.png").read_bytes()[:8] == PNG_SIGNATURE
@@ -414,7 +436,17 @@ def test_compare_prints_both_runs_config_differences_and_deltas(tmp_path, capsys
     assert re.search(r"train\.seed\s+0\s+1", out)
     assert re.search(r"val_loss ↓\s+2\s+1\.75\s+-0\.25", out)
     assert "layer" not in out
-    assert compare_runs(tmp_path / "a", tmp_path / "a").count("(none)") == 1
+    assert "every difference is inconclusive" in out
+    assert compare_text(comparison(tmp_path / "a", tmp_path / "a")).count("(none)") == 1
+    # --json: one document on stdout, the table on stderr
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    document = json.loads(out)
+    assert document["command"] == "compare" and "config differences" in err
+    result = document["result"]
+    assert result["a"] == {"path": str(tmp_path / "a"), "status": "finished"}
+    assert result["config_differences"]["train.seed"] == {"a": 0, "b": 1}
+    assert result["metrics"]["val_loss"] == {"a": 2.0, "b": 1.75, "difference": -0.25}
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert "expected a run directory" in capsys.readouterr().err
 
@@ -424,7 +456,7 @@ def test_compare_prints_both_runs_config_differences_and_deltas(tmp_path, capsys
     [
         # lower is better; [1.0, 1.2] is clear of [1.5, 1.7]: bold
         ([(1.6, 0.1), (1.1, 0.1), (2.0, 0.1)], "lower", {1: "strong"}),
-        # [1.0, 1.6] overlaps the runner-up's [1.5, 1.7]: within noise
+        # [1.0, 1.6] overlaps the runner-up's [1.5, 1.7]: not shown to be best
         ([(1.6, 0.1), (1.3, 0.3), (2.0, 0.1)], "lower", {1: "em"}),
         ([(1.6, 0.1), (1.1, 0.1)], "higher", {0: "strong"}),
         ([(1.6, math.nan), (1.1, 0.1)], "higher", {0: "em"}),  # one seed: no interval
@@ -564,7 +596,27 @@ def test_report_of_a_real_tiny_study_in_a_headless_browser(tmp_path):
     study = {"name": "tiny", "baseline": "router=softmax_topk", "cells": cells}
     (root / "study.json").write_text(json.dumps(study))
     files = build_report([root], tmp_path / "report")
-    _check_layout(files.html, ("Ablation table", "Against the baseline", "Efficiency"))
+    layout = _check_layout(files.html, ("Ablation table", "Against the baseline", "Efficiency"))
+    html = files.html.read_text()
+    headings = re.findall(r"<h[1-6]>([^<]*)</h[1-6]>", html)
+    assert len(headings) == len(set(headings)), "a section heading appears twice"
+    # The method note: words and a MathML formula, no raw t_{...} notation.
+    assert '<math display="block">' in html and "t_{" not in html
+    assert html.count("Some cells rest on n = 2 seeds: their 95% interval is ±9.0 s") == 2
+    # Each run's resolved config is folded: its JSON sits only inside a <details>.
+    folded = re.findall(r"<details><summary>Resolved config \(config.json\)</summary>", html)
+    assert len(folded) == 4
+    dumped = [m.start() for m in re.finditer("&quot;d_model&quot;: ", html)]
+    assert len(dumped) == 4 and all(
+        html.rfind("<details>", 0, i) > html.rfind("</details>", 0, i) for i in dumped
+    )
+    # The same content unfolded (every <details> open, as the page was before folding) is at
+    # least twice as tall: measured 14,031 px unfolded vs 5,784 px folded at 1400 px.
+    unfolded = measure_page(files.html, width=VIEWPORT, open_details=True)
+    assert layout["scrollHeight"] <= 0.5 * unfolded["scrollHeight"], (
+        layout["scrollHeight"],
+        unfolded["scrollHeight"],
+    )
 
 
 def test_routing_statistics_change_from_step_0():
@@ -590,3 +642,66 @@ def test_routing_statistics_change_from_step_0():
     assert label == "validation projection alignment λ, change from step 0"
     no_step0 = RunRecord(Path("r"), "r", 0, "finished", final_eval=run.final_eval)
     assert not any(key.startswith("step0/") for key in run_results(no_step0))
+
+
+def test_few_seeds_note_uses_the_t_quantiles():
+    """t_{0.975,1} = 12.706, t_{0.975,2} = 4.303, t_{0.975,4} = 2.776 (printed tables): the
+    half widths in units of s are 12.706/√2 = 8.98, 4.303/√3 = 2.48 and 2.776/√5 = 1.24."""
+    from moealign.studies.report import _few_seeds_note, _interval_factor
+
+    assert _interval_factor(2) == pytest.approx(12.7062 / math.sqrt(2), rel=1e-4)
+    assert _interval_factor(3) == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
+    note = _few_seeds_note({2, 3})
+    assert "±9.0 s (t = 12.7 with 1 degree of freedom)" in note.text
+    assert "3 seeds give ±2.5 s, 5 seeds ±1.2 s" in note.text
+    assert _few_seeds_note({1, 3, 5}) is None and _few_seeds_note(set()) is None
+
+
+def test_baseline_table_holm_adjusts_its_tests_and_names_four_outcomes():
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    losses = {
+        "base": [2.00, 2.10, 2.05],
+        "lower": [1.80, 1.91, 1.84],  # about −0.2 on every seed
+        "same": [2.001, 2.099, 2.0505],  # within ±0.002 of base
+        "noisy": [1.90, 2.30, 1.95],  # differences of both signs
+    }
+    accuracy = {"base": [0.5, 0.6, 0.55], "lower": [0.52, 0.6, 0.58]}
+    accuracy |= {"same": [0.5, 0.6, 0.55], "noisy": [0.4, 0.7, 0.5]}
+    run_set = RunSet(
+        [
+            RunRecord(Path(f"{variant}__seed{seed}"), variant, seed, "finished",
+                      final_eval={"val_loss": loss, "acc": accuracy[variant][seed]})
+            for variant, values in losses.items()
+            for seed, loss in enumerate(values)
+        ]
+    )  # fmt: skip
+    table = baseline_table(run_set, "base", ["val_loss", "acc"], margins={"acc": 0.05})
+    rows = {row[0]: row for row in table.rows}
+    raw = [
+        scipy_stats.ttest_rel(values, losses["base"]).pvalue
+        for values in (losses["lower"], losses["same"], losses["noisy"])
+    ]
+    raw_accuracy = [
+        scipy_stats.ttest_rel(accuracy[v], accuracy["base"]).pvalue for v in ("lower", "noisy")
+    ]  # "same" has every difference 0: no p-value, left out of the family
+    order = [raw[0], raw_accuracy[0], raw[1], raw[2], raw_accuracy[1]]
+    holm = multitest.multipletests(order, method="holm")[1]
+    assert f"Holm p={holm[0]:.3f}" in rows["lower"][2] and rows["lower"][2].endswith(
+        "lower (better)"
+    )
+    assert rows["same"][2].endswith("equivalent within ±0.01")  # val_loss default margin
+    assert rows["same"][3].endswith("equivalent within ±0.05")  # acc: --margin acc=0.05
+    assert "p=n/a" in rows["same"][3]
+    assert f"Holm p={holm[3]:.3f}" in rows["noisy"][2]
+    assert rows["noisy"][2].endswith("inconclusive") and rows["noisy"][3].endswith("inconclusive")
+
+
+@pytest.mark.slow
+def test_report_cli_takes_equivalence_margins(study_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["report", str(study_dir), "--out", str(out), "--metrics", "val_loss"]
+    assert main([*args, "--margin", "val_loss=0.5"]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "val_loss: ±0.5" in markdown and "lower (better)" in markdown
+    assert main([*args, "--margin", "val_loss"]) == 2
+    assert "METRIC=M" in capsys.readouterr().err

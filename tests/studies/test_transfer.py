@@ -12,6 +12,7 @@ from moealign.studies.transfer import paired_task_answers, variant_transfer
 
 
 def _set(per_task: dict[str, list[int]], seed: int) -> dict:
+    """Answers of one run; the references name the seed (each seed its own examples)."""
     return {
         "tasks": {
             task: {
@@ -23,8 +24,12 @@ def _set(per_task: dict[str, list[int]], seed: int) -> dict:
     }
 
 
-def _run(variant: str, seed: int, seen: dict, heldout: dict) -> RunRecord:
-    final = {"tasks": {"sets": {"test": _set(seen, seed), "heldout_tasks": _set(heldout, seed)}}}
+def _run(
+    variant: str, seed: int, seen: dict, heldout: dict, references_seed: int | None = None
+) -> RunRecord:
+    """``references_seed``: the seed the references name (default ``seed``)."""
+    data = seed if references_seed is None else references_seed
+    final = {"tasks": {"sets": {"test": _set(seen, data), "heldout_tasks": _set(heldout, data)}}}
     return RunRecord(Path(f"{variant}{seed}"), variant, seed, "finished", final_eval=final)
 
 
@@ -48,11 +53,28 @@ def test_gains_ctgi_and_transfer_ratio_by_hand():
     assert found.indomain_gain == pytest.approx(0.9 - 0.75)
     assert found.transfer_ratio == pytest.approx(0.3 / 0.15)
     assert found.ctgi.value == pytest.approx((0.5 - 0.2) / (1 - 0.2))
-    # The interval is the paired bootstrap over the 20 (seed, example) pairs, seed 0 first.
+    # The interval is the hierarchical bootstrap over seeds (rows, seed 0 first), then
+    # examples; the seeds' references differ here (nested: examples drawn per seed).
     reference = ctgi(
-        {"h": _ones(6) + _ones(4)}, {"h": _ones(2) + _ones(2)}, n_resamples=500, seed=0
+        {"h": [_ones(6), _ones(4)]}, {"h": [_ones(2), _ones(2)]}, n_resamples=500, seed=0
     )
     assert (found.ctgi.ci_low, found.ctgi.ci_high) == (reference.ci_low, reference.ci_high)
+
+
+def test_seeds_that_answered_the_same_examples_get_the_crossed_bootstrap():
+    runs = [
+        _run("m", seed, {"s": _ones(9)}, {"h": _ones(k)}, references_seed=0)
+        for seed, k in ((0, 6), (1, 4), (2, 5))
+    ] + [_run("b", seed, {"s": _ones(8)}, {"h": _ones(2)}, references_seed=0) for seed in range(3)]
+    answers = paired_task_answers(runs[:3], runs[3:], ["heldout_tasks"])
+    assert answers.shared_examples and answers.seeds == [0, 1, 2]
+    assert answers.model["h"].shape == (3, 10)
+    found = variant_transfer(RunSet(runs), "m", "b", n_resamples=400)
+    reference = ctgi(answers.model, answers.baseline, n_resamples=400, seed=0, shared_examples=True)
+    assert (found.ctgi.ci_low, found.ctgi.ci_high) == (reference.ci_low, reference.ci_high)
+    unequal = [_run("m", 1, {}, {"h": _ones(3, n=12)}), _run("b", 1, {}, {"h": _ones(3, n=12)})]
+    with pytest.raises(ValueError, match="different numbers of examples"):
+        paired_task_answers([runs[0], unequal[0]], [runs[3], unequal[1]], ["heldout_tasks"])
 
 
 def test_equal_in_domain_accuracy_gives_no_transfer_ratio_despite_rounding():
@@ -77,8 +99,5 @@ def test_no_headroom_and_no_shared_seed():
         [_run("m", 0, {"s": _ones(5)}, {"h": _ones(2)}), _run("b", 1, {}, {"h": _ones(2)})]
     )
     assert variant_transfer(alone, "m", "b") is None
-    assert paired_task_answers(alone.of_variant("m"), alone.of_variant("b"), ["heldout_tasks"]) == (
-        {},
-        {},
-        [],
-    )
+    answers = paired_task_answers(alone.of_variant("m"), alone.of_variant("b"), ["heldout_tasks"])
+    assert (answers.model, answers.baseline, answers.seeds) == ({}, {}, [])

@@ -1,8 +1,8 @@
-"""The README's determinism statement. On one machine with one thread count, the same config and
-seed give bit-identical runs: checkpoints (weights, optimizer state, RNG and data-stream state)
-byte for byte and every logged number but the clock's. Under other CPU kernels and another
-thread count (as on another machine) the numbers move, by far less than another seed moves
-them."""
+"""The determinism statement of docs/development.md. On one machine with one thread count, the same
+config and seed give bit-identical runs: checkpoints (weights, optimizer state, RNG and
+data-stream state) byte for byte and every logged number but the clock's. Under other CPU kernels
+and another thread count (as on another machine) the numbers move, by far less than another seed
+moves them."""
 
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def test_a_nonfinite_state_is_never_checkpointed_and_rotation_keeps_the_last_fin
 
 @pytest.mark.slow
 def test_cli_diverged_run_is_one_error_line_and_a_nonzero_exit(tmp_path):
-    overrides = [*TINY, "train.steps=8", "optim.lr=1e6", "optim.warmup_steps=0"]
+    overrides = [*TINY, "train.steps=8", "optim.lr=1e4", "optim.warmup_steps=0"]
     overrides += ["train.checkpoint_every=1", "train.keep_checkpoints=2"]
     args = [arg for override in overrides for arg in ("--set", override)]
     run_dir = tmp_path / "run"

@@ -38,6 +38,7 @@ def test_loss_goes_down_and_run_directory_is_complete(tmp_path):
     run = result.run_dir
     assert {p.name for p in run.iterdir()} == {
         ".lock",
+        ".moealign.json",
         "config.json",
         "meta.json",
         "metrics.jsonl",

@@ -12,7 +12,7 @@ DIR (must not exist). A bad one is one ``error:`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,8 +21,12 @@ from typing import Any
 from moealign.compression.compress import METHODS, compress_model
 from moealign.compression.layers import CompressionError, moe_layer_views
 from moealign.compression.retention import inference_tokens_per_s, retention, retention_table
-from moealign.config import CompressionConfig
+from moealign.config import MAX_CALIBRATION_TOKENS, MAX_EXPERTS, MAX_WIDTH, CompressionConfig
+from moealign.io import read_json
+from moealign.progress import phase
 from moealign.tables import to_text
+from moealign.training.preflight import check_writable_folder
+from moealign.training.runs import RunLock
 
 TRAINING_DATA = "training data"
 
@@ -30,18 +34,26 @@ TRAINING_DATA = "training data"
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.method not in METHODS:
         raise CompressionError(f"--method {args.method!r} is not accepted; choose one of {METHODS}")
-    for flag, value in (
-        ("--keep-experts", args.keep_experts),
-        ("--calib-tokens", args.calib_tokens),
+    for flag, value, most in (
+        ("--keep-experts", args.keep_experts, MAX_EXPERTS),
+        ("--calib-tokens", args.calib_tokens, MAX_CALIBRATION_TOKENS),
     ):
-        if value < 1:
-            raise CompressionError(f"{flag} {value} is not accepted; expected an integer >= 1")
-    if args.rank is not None and (args.method != "submoe" or args.rank < 1):
+        if not 1 <= value <= most:
+            raise CompressionError(
+                f"{flag} {value} is not accepted; expected an integer from 1 to {most:,}"
+            )
+    if not 0 <= args.seed < 2**32:
         raise CompressionError(
-            f"--rank {args.rank} is not accepted; expected an integer >= 1 with --method submoe"
+            f"--seed {args.seed} is not accepted; expected an integer from 0 to {2**32 - 1}"
+        )
+    if args.rank is not None and (args.method != "submoe" or not 1 <= args.rank <= MAX_WIDTH):
+        raise CompressionError(
+            f"--rank {args.rank} is not accepted; expected an integer from 1 to {MAX_WIDTH:,} "
+            "with --method submoe"
         )
     if args.calib is not None and not Path(args.calib).is_file():
         raise CompressionError(f"--calib {args.calib}: no such file")
+    check_writable_folder(args.out, "--out", writes="compress")
     if Path(args.out).exists():
         raise CompressionError(f"--out {args.out} already exists; give a new directory")
 
@@ -56,9 +68,10 @@ def source_kind(path: str | Path) -> str:
     if not config.is_file():
         raise CompressionError(f"SOURCE {path} has no config.json; {accepted}")
     try:
-        data = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CompressionError(f"SOURCE {config} is not valid JSON ({error}); {accepted}") from None
+        data = read_json(config)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise CompressionError(f"SOURCE {config}: {reason}; {accepted}") from None
     if isinstance(data, dict) and "model_type" in data:
         return "hf"
     if isinstance(data, dict) and {"model", "train"} <= data.keys():
@@ -91,6 +104,19 @@ def _check_experts(model, keep_experts: int) -> int:
     return n_experts
 
 
+def _check_rank(model, rank: int | None) -> None:
+    """A Sub-MoE rank no larger than the experts of one group stacked can have: n·max(F, D)."""
+    if rank is None:
+        return
+    views = moe_layer_views(model)
+    most = max(view.n_experts * max(view.weights.gate.shape[1:]) for view in views)
+    if rank > most:
+        raise CompressionError(
+            f"--rank {rank} is not accepted; expected at most {most} (the largest rank the "
+            "model's stacked expert matrices can have)"
+        )
+
+
 def compress_source(
     source, out: Path, record: CompressionConfig, original: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -100,6 +126,7 @@ def compress_source(
     report: ``compression`` (method, groups, ...), ``original``, ``compressed``, ``retention``.
     CompressionError (before anything is written) for what the source cannot do."""
     n_experts = _check_experts(source.model, record.keep_experts)
+    _check_rank(source.model, record.rank)
     calib = None if record.calibration == TRAINING_DATA else Path(record.calibration)
     if source.needs_calibration_file and calib is None:
         raise CompressionError(
@@ -111,17 +138,22 @@ def compress_source(
         batches = source.calibration_batches(calib, record.calibration_tokens)
     except ValueError as error:  # an unreadable file, or no tokens in it
         raise CompressionError(f"--calib {calib}: {error}") from None
-    result = compress_model(
-        source.model,
-        record.method,
-        record.keep_experts,
-        batches,
-        seed=record.seed,
-        rank=record.rank,
-    )
-    original = dict(source.evaluate(source.model) if original is None else original)
-    compressed = source.evaluate(result.model)
-    speeds = inference_tokens_per_s([source.model, result.model], source.timing_batches)
+    with phase(f"compress: {record.method} on {len(batches)} calibration batches"):
+        result = compress_model(
+            source.model,
+            record.method,
+            record.keep_experts,
+            batches,
+            seed=record.seed,
+            rank=record.rank,
+        )
+    with phase("compress: evaluate the original and the compressed model", 2) as evaluated:
+        original = dict(source.evaluate(source.model) if original is None else original)
+        evaluated.update()
+        compressed = source.evaluate(result.model)
+        evaluated.update()
+    with phase("compress: time inference"):
+        speeds = inference_tokens_per_s([source.model, result.model], source.timing_batches)
     original["tokens_per_s"], compressed["tokens_per_s"] = speeds
     report = {
         "compression": result.summary(),
@@ -137,20 +169,29 @@ def run_compress(args: argparse.Namespace) -> int:
     """``moealign compress``: check, compress, write DIR, print the retention table."""
     try:
         _check_arguments(args)
-        source = _open_source(args.source, args.device)
-        record = CompressionConfig(
-            method=args.method,
-            source=str(Path(args.source).resolve()),
-            keep_experts=args.keep_experts,
-            calibration=str(Path(args.calib).resolve()) if args.calib else TRAINING_DATA,
-            calibration_tokens=args.calib_tokens,
-            seed=args.seed,
-            rank=args.rank,
-        )
-        report = compress_source(source, Path(args.out), record)
+        # A run is read under a shared lock: its training cannot rotate the checkpoint away.
+        shared = source_kind(args.source) == "run"
+        with RunLock(args.source, shared=True) if shared else contextlib.nullcontext():
+            return _compress(args)
     except CompressionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _compress(args: argparse.Namespace) -> int:
+    """Open, compress and write (after :func:`_check_arguments`)."""
+    with phase("compress: load the model"):
+        source = _open_source(args.source, args.device)
+    record = CompressionConfig(
+        method=args.method,
+        source=str(Path(args.source).resolve()),
+        keep_experts=args.keep_experts,
+        calibration=str(Path(args.calib).resolve()) if args.calib else TRAINING_DATA,
+        calibration_tokens=args.calib_tokens,
+        seed=args.seed,
+        rank=args.rank,
+    )
+    report = compress_source(source, Path(args.out), record)
     summary = report["compression"]
     print(f"{args.method}: {summary['n_experts']} -> {args.keep_experts} experts per MoE layer")
     print(to_text(retention_table(report)))

@@ -24,7 +24,7 @@ from torch import nn
 
 from moealign.compression.compress import CompressionResult
 from moealign.compression.data import Batch, text_batches
-from moealign.compression.layers import CompressionError, moe_layer_views
+from moealign.compression.layers import moe_layer_views
 from moealign.compression.retention import lm_metrics
 from moealign.compression.runs import REPORT_FILE
 from moealign.config import CompressionConfig
@@ -32,7 +32,7 @@ from moealign.data.batching import IGNORE_INDEX
 from moealign.distributed.context import resolve_device
 from moealign.evaluation.common import strict_json
 from moealign.evaluation.lm import evaluate_lm
-from moealign.io import atomic_directory, atomic_write_json
+from moealign.io import atomic_directory, atomic_write_json, naming_file
 
 MAX_WINDOW = 256
 WINDOWS_PER_BATCH = 8
@@ -55,21 +55,15 @@ class HFSource:
     def open(cls, path: str | Path, device: str = "auto") -> HFSource:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:
+        from moealign.integrations.locations import pretrained_location
+
+        path = pretrained_location(path, "SOURCE")
+        with naming_file("SOURCE", path):
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-        except (OSError, ValueError) as error:
-            raise CompressionError(
-                f"SOURCE {path}: transformers cannot load it ({error})"
-            ) from None
         model = model.to(resolve_device(device)).eval()
         moe_layer_views(model)  # an unsupported family or router fails here, before any work
-        try:
+        with naming_file("the tokenizer (it tokenises the --calib text) of SOURCE", path):
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise CompressionError(
-                f"SOURCE {path} has no tokenizer that AutoTokenizer can load ({error}); the "
-                "--calib text is tokenised with the model's tokenizer"
-            ) from None
         return cls(Path(path), model, tokenizer)
 
     def _encode(self, text: str) -> list[int]:

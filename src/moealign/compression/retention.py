@@ -9,18 +9,26 @@ and the compressed model take turns, and the fastest of ``repeats`` passes count
 
 Retention r = compressed / original for each metric (None when either is missing or the
 original is 0). For loss and perplexity r > 1 is a loss of quality; for accuracy r < 1 is.
+
+Over several seeds a ratio is summarised on the log scale (:func:`ratio_interval`): the
+geometric mean exp(mean log r) with the Student-t interval of mean log r exponentiated back,
+exp(mean log r ± t_{(1+c)/2, n−1} · s_log / √n), which stays positive and is symmetric in
+"× k" and "÷ k" (a t interval on r itself can reach below 0, e.g. perplexity × 3.6 ± 6.9).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from moealign.evaluation.common import evaluation_mode, model_device
+from moealign.evaluation.stats import mean_confidence_interval
 from moealign.tables import Table, format_number
 
 METRICS = (
@@ -76,6 +84,31 @@ def retention(original: Mapping[str, Any], compressed: Mapping[str, Any]) -> dic
         before, after = original.get(key), compressed.get(key)
         ratios[key] = None if before in (None, 0) or after is None else after / before
     return ratios
+
+
+def ratio_interval(ratios: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of positive ratios over seeds: the t interval of the mean
+    log ratio, exponentiated (module docstring); low = high = nan for a single ratio."""
+    ratios_N = np.asarray(ratios, dtype=np.float64)
+    if ratios_N.ndim != 1 or ratios_N.size == 0 or not np.all(ratios_N > 0):
+        raise ValueError(f"ratios must be a non-empty sequence of positive numbers, got {ratios}")
+    logs_N = np.log(ratios_N)
+    mean, half_width, _ = mean_confidence_interval(logs_N, confidence)
+    return math.exp(mean), math.exp(mean - half_width), math.exp(mean + half_width)
+
+
+def ratio_text(ratios: Sequence[float | None]) -> str:
+    """``0.987 [0.951, 1.024]``: :func:`ratio_interval` of the positive ratios at 3 significant
+    digits (the geometric mean alone for one, ``–`` for none; ``(n=k)`` when some are missing
+    or not positive)."""
+    present = [r for r in ratios if r is not None and math.isfinite(r) and r > 0]
+    if not present:
+        return "–"
+    mean, low, high = ratio_interval(present)
+    text = format_number(mean, 3)
+    if math.isfinite(low):
+        text += f" [{format_number(low, 3)}, {format_number(high, 3)}]"
+    return text + (f" (n={len(present)})" if len(present) != len(ratios) else "")
 
 
 def retention_table(report: Mapping[str, Any]) -> Table:

@@ -46,7 +46,7 @@ from moealign.evaluation.tasks import HELDOUT_SETS
 from moealign.io import atomic_directory, atomic_write_json
 from moealign.nn.transformer import MoETransformer
 from moealign.training.checkpoint import Checkpoint, save_checkpoint
-from moealign.training.runs import TOKENIZER_DIR, RunDirectory
+from moealign.training.runs import TOKENIZER_DIR, RunDirectory, run_identity
 
 REPORT_FILE = "compression.json"
 PRIOR_FILE = "alignment_prior.safetensors"
@@ -174,6 +174,7 @@ class RunSource:
                 else result.groups
             )
             trainer_state = compressed_trainer_state(self.checkpoint.trainer_state, prior_groups)
+            trainer_state["identity"] = run_identity(config.to_dict())  # the new run's own
             save_checkpoint(
                 run.checkpoint_dir,
                 self.checkpoint.step,

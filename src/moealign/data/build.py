@@ -73,6 +73,8 @@ def hf_documents(data: DataConfig, split: str) -> list[Document]:
         options["data_files"] = list(data.paths)
     if data.hf_config:
         options["name"] = data.hf_config
+    if data.hf_builder == "text":  # plain text files: one document per paragraph
+        options["sample_by"] = "paragraph"
     try:
         return load_hf_dataset(
             data.hf_builder,

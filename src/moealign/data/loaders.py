@@ -111,6 +111,12 @@ def load_hf_dataset(
     a missing column, a value that is not a string and a split without rows."""
     import datasets  # optional dependency (the "hf" extra)
 
+    from moealign.integrations.locations import pretrained_location
+
+    try:  # a local dataset folder that is not there never goes to the Hub
+        path_or_name = pretrained_location(path_or_name, "")
+    except ValueError as err:
+        raise DatasetError("dataset", str(err)) from None
     where = f"dataset {path_or_name!r} split {split!r}"
     try:
         dataset = datasets.load_dataset(path_or_name, split=split, streaming=streaming, **kwargs)

@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from moealign.io import atomic_write_text
+from moealign.io import atomic_write_text, naming_file, read_json
 
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = EOS_TOKEN
@@ -186,9 +186,11 @@ def load_transformers_tokenizer(path_or_name: str) -> TransformersTokenizer:
     ValueError (one line) when it cannot be loaded or has no EOS."""
     from transformers import AutoTokenizer  # optional dependency (the "hf" extra)
 
+    from moealign.integrations.locations import pretrained_location
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_or_name)
-    except (OSError, ValueError) as err:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_location(path_or_name, ""))
+    except Exception as err:  # transformers' and tokenizers' own error types too
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"no Hugging Face tokenizer at {path_or_name!r} ({reason}); accepted: a directory "
@@ -203,10 +205,11 @@ def load_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"tokenizer path={str(path)!r} is not a file")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("kind") == _BYTE_TOKENIZER_KIND:
-        return ByteTokenizer()
-    return BPETokenizer(HFTokenizer.from_str(json.dumps(data)))
+    with naming_file("tokenizer file", path):
+        data = read_json(path)
+        if isinstance(data, dict) and data.get("kind") == _BYTE_TOKENIZER_KIND:
+            return ByteTokenizer()
+        return BPETokenizer(HFTokenizer.from_str(json.dumps(data)))
 
 
 def texts_fingerprint(texts: Iterable[str]) -> str:

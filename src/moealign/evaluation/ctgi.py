@@ -11,7 +11,13 @@ held-out task t with accuracy A(t):
 U(t) − A_b(t) is below ``min_headroom`` are flagged and excluded (the ratio is unstable there);
 ``min_headroom`` is in the same units as the accuracies (0.01 for fractions = 1 point, 1.0 for
 percentages). The 95% interval is a paired percentile bootstrap over examples: within each task
-the same resampled items score model, baseline and upper bound.
+the same resampled items score model, baseline and upper bound. Per-example scores of several
+seeds (one row per seed) get the hierarchical bootstrap
+(:func:`moealign.evaluation.stats.hierarchical_bootstrap_means`): each replicate draws the seeds
+with replacement (the same draw for every task, a seed being one run), then the examples of
+each task — per drawn seed (nested), or once for all seeds when they answered the same examples
+(crossed) — so that the interval holds the seed-to-seed variance as well as the
+example-sampling one.
 
 CTGI is reported beside the plain held-out accuracy gain ΔA = mean_t (A_m(t) − A_b(t)) over
 every held-out task, with its paired interval from the same resamples. With h_t = U(t) − A_b(t),
@@ -32,7 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moealign.evaluation.stats import bootstrap_indices, percentile_interval
+from moealign.evaluation.stats import (
+    hierarchical_bootstrap_means,
+    percentile_interval,
+    seed_bootstrap_indices,
+)
+from moealign.evaluation.verdicts import Comparison, bootstrap_comparison
 
 # Above this share of CTGI's weight on small-headroom tasks, CTGI carries a warning.
 SMALL_HEADROOM_SHARE_WARNING = 0.5
@@ -76,13 +87,17 @@ class CTGIEstimate:
 @dataclass(frozen=True)
 class CTGIResult(CTGIEstimate):
     """CTGI with its paired bootstrap percentile interval [ci_low, ci_high], and the plain
-    accuracy gain's [gain_ci_low, gain_ci_high] from the same resamples."""
+    accuracy gain's [gain_ci_low, gain_ci_high] from the same resamples; ``comparison`` and
+    ``gain_comparison`` are their verdicts against 0 (percentile-bootstrap p-values, TOST
+    within ±``margin``; :func:`moealign.evaluation.verdicts.bootstrap_comparison`)."""
 
     ci_low: float
     ci_high: float
     confidence: float
     gain_ci_low: float
     gain_ci_high: float
+    comparison: Comparison
+    gain_comparison: Comparison
 
 
 def normalized_gain(
@@ -168,13 +183,16 @@ def ctgi_from_accuracies(
 
 
 def _per_example(values: Sequence[float] | np.ndarray, name: str, task: str) -> np.ndarray:
-    values_N = np.asarray(values, dtype=np.float64)
-    if values_N.ndim != 1 or values_N.size == 0:
+    """Per-example scores as (S, N): one row per seed (a 1-D array is one seed)."""
+    values_SN = np.asarray(values, dtype=np.float64)
+    if values_SN.ndim == 1:
+        values_SN = values_SN[None]
+    if values_SN.ndim != 2 or values_SN.size == 0:
         raise ValueError(
-            f"{name}[{task!r}] must be a non-empty 1-D array of per-example scores, got shape "
-            f"{values_N.shape}"
+            f"{name}[{task!r}] must be a non-empty array of per-example scores, 1-D (examples) "
+            f"or 2-D (seeds × examples), got shape {np.shape(values)}"
         )
-    return values_N
+    return values_SN
 
 
 def ctgi(
@@ -186,28 +204,35 @@ def ctgi(
     confidence: float = 0.95,
     seed: int = 0,
     small_headroom: float = 0.10,
+    shared_examples: bool = False,
+    margin: float = 0.01,
 ) -> CTGIResult:
     """CTGI over held-out tasks with a paired bootstrap interval. DESIGN.md §7.
 
     ``per_task_model[t]`` and ``per_task_baseline[t]`` hold per-example correctness (0/1, or
-    scores) on the same examples of task t; A(t) is their mean. ``upper_bound`` is a constant
+    scores) on the same examples of task t: 1-D (examples), or 2-D (seeds × examples, the
+    same seeds, in the same order, for every task); A(t) is their mean. With several seeds the
+    interval is the hierarchical bootstrap of the module docstring, crossed when
+    ``shared_examples`` (every seed answered the same examples of a task), else nested.
+    ``upper_bound`` is a constant
     (1.0 = 100% for 0/1 correctness), or per task either a constant or the oracle's per-example
     correctness on the same examples. Tasks with U(t) − A_b(t) < ``min_headroom`` (same units as
     the accuracies; 0.01 = 1 point) on the full data are excluded and listed in
     ``excluded_tasks``. ``small_headroom`` (same units; 0.10 = 10 points) sets the warning of
-    the module docstring.
+    the module docstring. ``margin`` is the equivalence margin of the verdicts (same units:
+    0.01 = 1 point of accuracy, and 0.01 of CTGI).
 
-    Bootstrap: for each of ``n_resamples`` replicates and each task, draw that task's examples
-    with replacement, apply the same indices to model, baseline and an oracle upper bound,
-    recompute the accuracies, CTGI (included tasks) and the plain gain (every task); the
-    intervals are the percentile intervals of the replicates. If a replicate leaves a task with
-    zero headroom the gain is inf/nan and so may the interval be: raise ``min_headroom`` or use
-    more examples.
+    Bootstrap: for each of ``n_resamples`` replicates draw the seeds (with several), then for
+    each task that task's examples with replacement, apply the same indices to model, baseline
+    and an oracle upper bound, recompute the accuracies, CTGI (included tasks) and the plain
+    gain (every task); the intervals are the percentile intervals of the replicates. If a
+    replicate leaves a task with zero headroom the gain is inf/nan and so may the interval be:
+    raise ``min_headroom`` or use more examples.
     """
     if n_resamples <= 0:
         raise ValueError(f"n_resamples must be a positive number of replicates, got {n_resamples}")
     tasks = _check_same_tasks(per_task_model, per_task_baseline, upper_bound)
-    scores_by_task: dict[str, np.ndarray] = {}  # rows: model, baseline[, oracle]; (S, N)
+    scores_by_task: dict[str, np.ndarray] = {}  # model, baseline[, oracle]; (K, seeds, N)
     upper_constant: dict[str, float] = {}
     for task in tasks:
         rows = [
@@ -219,17 +244,22 @@ def ctgi(
             upper_constant[task] = float(upper)
         else:
             rows.append(_per_example(upper, "upper_bound", task))
-        if len({row.size for row in rows}) != 1:
+        if len({row.shape for row in rows}) != 1:
             raise ValueError(
-                f"task {task!r}: model, baseline and upper bound must score the same examples, "
-                f"got lengths {[row.size for row in rows]}"
+                f"task {task!r}: model, baseline and upper bound must score the same examples "
+                f"(and seeds), got shapes {[row.shape for row in rows]}"
             )
         scores_by_task[task] = np.stack(rows)
+    n_seeds = {scores_KSN.shape[1] for scores_KSN in scores_by_task.values()}
+    if len(n_seeds) != 1:
+        raise ValueError(f"every task must have the same number of seeds (rows), got {n_seeds}")
 
     def upper_accuracy(task: str, accuracy_RS: np.ndarray) -> np.ndarray:
         return upper_constant[task] if task in upper_constant else accuracy_RS[..., 2]
 
-    accuracy_by_task = {task: scores_SN.mean(axis=1) for task, scores_SN in scores_by_task.items()}
+    accuracy_by_task = {
+        task: scores_KSN.mean(axis=(1, 2)) for task, scores_KSN in scores_by_task.items()
+    }
     estimate = ctgi_from_accuracies(
         {task: acc_S[0] for task, acc_S in accuracy_by_task.items()},
         {task: acc_S[1] for task, acc_S in accuracy_by_task.items()},
@@ -239,15 +269,12 @@ def ctgi(
     )
 
     rng = np.random.default_rng(seed)
+    seeds_RS = seed_bootstrap_indices(n_seeds.pop(), n_resamples, rng)
     normalized_sum_R = np.zeros(n_resamples)
     accuracy_gain_sum_R = np.zeros(n_resamples)
     for task in tasks:
-        scores_SN = scores_by_task[task]
-        accuracy_RS = np.concatenate(
-            [
-                np.stack([row_N[index_RN].mean(axis=1) for row_N in scores_SN], axis=1)
-                for index_RN in bootstrap_indices(scores_SN.shape[1], n_resamples, rng)
-            ]
+        accuracy_RS = hierarchical_bootstrap_means(
+            scores_by_task[task], seeds_RS, rng, shared_examples
         )
         accuracy_gain_sum_R += accuracy_RS[:, 0] - accuracy_RS[:, 1]
         if task not in estimate.per_task_gain:
@@ -256,10 +283,11 @@ def ctgi(
             normalized_sum_R += normalized_gain(
                 accuracy_RS[:, 0], accuracy_RS[:, 1], upper_accuracy(task, accuracy_RS)
             )
-    ci_low, ci_high = percentile_interval(
-        normalized_sum_R / len(estimate.per_task_gain), confidence
-    )
-    gain_ci_low, gain_ci_high = percentile_interval(accuracy_gain_sum_R / len(tasks), confidence)
+    ctgi_R = normalized_sum_R / len(estimate.per_task_gain)
+    gain_R = accuracy_gain_sum_R / len(tasks)
+    ci_low, ci_high = percentile_interval(ctgi_R, confidence)
+    gain_ci_low, gain_ci_high = percentile_interval(gain_R, confidence)
+    seeds = seeds_RS.shape[1]
     return CTGIResult(
         **vars(estimate),
         ci_low=ci_low,
@@ -267,6 +295,10 @@ def ctgi(
         confidence=confidence,
         gain_ci_low=gain_ci_low,
         gain_ci_high=gain_ci_high,
+        comparison=bootstrap_comparison(estimate.value, ctgi_R, margin, 1 - confidence, seeds),
+        gain_comparison=bootstrap_comparison(
+            estimate.accuracy_gain, gain_R, margin, 1 - confidence, seeds
+        ),
     )
 
 

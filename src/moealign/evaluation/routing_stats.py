@@ -10,8 +10,8 @@ It lives in ``evaluation/`` beside the diagnostics it is built from: training, t
 Every statistic is per layer l; a record (:meth:`RoutingSummary.record`) holds
 ``<prefix>layer{l}/<name>`` and ``<prefix><name>``, the mean over layers. The names and their
 definitions are :data:`STATISTICS` (and :data:`ARRAYS`, per expert), with c_e the token slots
-expert e processed in the window and p_t the full routing softmax of token t; the README's
-"Routing statistics" table lists the same.
+expert e processed in the window and p_t the full routing softmax of token t; the
+"Routing statistics" table of docs/routers.md lists the same.
 """
 
 from __future__ import annotations

@@ -25,10 +25,9 @@ from moealign.evaluation.lm import LMEvaluation, evaluate_lm
 from moealign.evaluation.tasks import suite_record
 from moealign.io import atomic_write_json
 from moealign.nn.transformer import MoETransformer
+from moealign.progress import phase, track
 from moealign.training.checkpoint import Checkpoint, CheckpointError, load_latest
-from moealign.training.runs import read_run_config
-
-EVAL_FILE = "eval.json"
+from moealign.training.runs import EVAL_FILE, read_run_config
 
 
 def load_run_checkpoint(
@@ -38,9 +37,17 @@ def load_run_checkpoint(
     checkpoint."""
     config = read_run_config(run_dir)
     model = MoETransformer(config.model).to(resolve_device(device))
-    checkpoint = load_latest(
-        Path(run_dir) / "checkpoints", fallback=True, apply=lambda ckpt: ckpt.load_model(model)
-    )
+
+    def load_finite(checkpoint: Checkpoint) -> None:
+        checkpoint.load_model(model)
+        bad = [name for name, p in model.state_dict().items() if not torch.isfinite(p).all()]
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} holds non-finite weights (NaN or inf in "
+                f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+            )
+
+    checkpoint = load_latest(Path(run_dir) / "checkpoints", fallback=True, apply=load_finite)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to evaluate")
     return config, model, checkpoint
@@ -94,13 +101,16 @@ def evaluate_run(
     ):
         if value is not None and not (isinstance(value, int) and value >= least):
             raise ConfigError(name, f"got {value!r}; expected an integer >= {least}")
-    config, model = load_run_model(run_dir, device)
+    with phase("eval: load the checkpoint"):
+        config, model = load_run_model(run_dir, device)
     if eval_batches is not None:
         config.train.eval_batches = eval_batches
-    data = build_training_data(config)
+    with phase("eval: build the data"):
+        data = build_training_data(config)
     limit = config.train.task_eval_examples if task_examples is None else task_examples
     dtype = autocast_dtype(config.train.precision, model_device(model))
-    lm = evaluate_lm(model, data.validation, autocast_dtype=dtype)
+    batches = track(data.validation, "eval: validation batches")
+    lm = evaluate_lm(model, batches, autocast_dtype=dtype)
     result = evaluation_record(model, lm, data, limit, dtype)
     atomic_write_json(Path(run_dir) / EVAL_FILE, strict_json(result))
     return result

@@ -2,7 +2,9 @@
 
 DESIGN.md §7–8: results over several seeds are reported as mean ± 95% Student-t half width;
 two methods run on the same seeds are compared with a paired t-test; per-example metrics of two
-systems on the same examples get a paired bootstrap percentile interval.
+systems on the same examples get a paired bootstrap percentile interval; per-example metrics
+over several seeds get a hierarchical (two-level) bootstrap, so that the interval holds both
+the seed-to-seed and the example-sampling variance (:func:`hierarchical_bootstrap_means`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,53 @@ def bootstrap_indices(
     chunk = max(1, _MAX_INDEX_ELEMENTS // n_examples)
     for start in range(0, n_resamples, chunk):
         yield rng.integers(0, n_examples, size=(min(chunk, n_resamples - start), n_examples))
+
+
+def seed_bootstrap_indices(n_seeds: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(R, S) seed indices drawn with replacement, the first level of
+    :func:`hierarchical_bootstrap_means` (shared by every task of one replicate, since a seed
+    is one run for all of them). With one seed nothing is drawn: every index is 0."""
+    if n_seeds == 1:
+        return np.zeros((n_resamples, 1), dtype=np.int64)
+    return rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
+
+
+def hierarchical_bootstrap_means(
+    scores_KSN: np.ndarray,
+    seeds_RS: np.ndarray,
+    rng: np.random.Generator,
+    shared_examples: bool = False,
+) -> np.ndarray:
+    """Bootstrap replicates (R, K) of the mean score of K paired systems (e.g. model, baseline,
+    oracle) over S seeds × N examples: replicate r takes the seeds ``seeds_RS[r]`` (drawn with
+    :func:`seed_bootstrap_indices`) and, for each drawn seed, N examples with replacement, the
+    same examples for all K systems (paired), and averages over the S · N draws.
+
+    Nested (``shared_examples`` False; Davison & Hinkley 1997 §3.8, resampling both stages):
+    each drawn seed gets its own example draw — for seeds that evaluated different examples.
+    Var*(mean) = σ²_seed / S + mean_s σ²_s / (S·N) (σ²_seed: variance of the seed means,
+    σ²_s: the variance within seed s; population variances).
+
+    Crossed (``shared_examples`` True): one example draw per replicate serves every seed — for
+    seeds that answered the same examples, where an example's difficulty is shared by all
+    seeds; Var*(mean) = σ²_seed / S + σ²_example / N + σ²_interaction / (S·N) (two-way
+    decomposition). Drawing the examples per seed there would divide the example variance by
+    S · N instead of N and make the interval too narrow.
+
+    With S = 1 both reduce to the plain example bootstrap (the draws of
+    :func:`bootstrap_indices`). Memory is bounded by drawing replicates in chunks.
+    """
+    n_systems, n_seeds, n_examples = scores_KSN.shape
+    n_resamples = seeds_RS.shape[0]
+    chunk = max(1, _MAX_INDEX_ELEMENTS // (n_seeds * n_examples))
+    means_RK = np.empty((n_resamples, n_systems))
+    for start in range(0, n_resamples, chunk):
+        seeds_rS = seeds_RS[start : start + chunk]
+        size = (len(seeds_rS), 1 if shared_examples else n_seeds, n_examples)
+        examples_rSN = rng.integers(0, n_examples, size=size)
+        drawn_KrSN = scores_KSN[:, seeds_rS[:, :, None], examples_rSN]
+        means_RK[start : start + len(seeds_rS)] = drawn_KrSN.mean(axis=(2, 3)).T
+    return means_RK
 
 
 def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:

@@ -19,6 +19,7 @@ from moealign.data.tokenizer import Tokenizer
 from moealign.evaluation.common import check_positive_int
 from moealign.evaluation.generation import greedy_generate
 from moealign.evaluation.metrics import bleu, exact_match, rouge_l
+from moealign.progress import phase
 
 HELDOUT_SETS = ("heldout_tasks", "heldout_compositions")
 
@@ -172,17 +173,18 @@ def evaluate_suite(
     task accuracy over the held-out tasks and held-out compositions together (None when the
     suite holds none out).
     """
-    evaluations = {
-        name: evaluate_tasks(
-            model,
-            tokenizer,
-            first_per_task(examples, max_examples_per_task),
-            max_new_tokens,
-            batch_size,
-        )
+    chosen = {
+        name: first_per_task(examples, max_examples_per_task)
         for name, examples in suite.evaluation_sets().items()
         if examples and (sets is None or name in sets)
     }
+    evaluations = {}
+    with phase("evaluate: task answers", sum(map(len, chosen.values()))) as done:
+        for name, examples in chosen.items():
+            evaluations[name] = evaluate_tasks(
+                model, tokenizer, examples, max_new_tokens, batch_size
+            )
+            done.update(len(examples))
     heldout_accuracies = [
         result.accuracy
         for name in HELDOUT_SETS

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from moealign.data.loaders import load_jsonl, load_text_files
+from moealign.io import naming_file
+from moealign.progress import phase, track
 from moealign.tables import Table, to_markdown
 
 
@@ -161,10 +163,16 @@ def run_analyze(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moealign.integrations.hf import detect_family
+    from moealign.integrations.locations import pretrained_location
 
     texts = load_texts(args.data, args.text_field)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    model_path = pretrained_location(args.model, "model")
+    tokenizer_path = pretrained_location(args.tokenizer or args.model, "--tokenizer")
+    with phase("analyze: load the model"):
+        with naming_file("tokenizer", tokenizer_path):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        with naming_file("model", model_path):
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
     detect_family(model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     # Whole documents are tokenised, then cut into windows: no warning about their length.
@@ -172,7 +180,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] for text in texts
     ]
     batches = token_batches(token_ids, args.seq_len, args.batch_size, args.max_tokens)
-    rows = analyze_model(model, batches)
-    paths = write_report(rows, args.out, str(args.model))
+    rows = analyze_model(model, track(batches, "analyze: batches"))
+    with phase("analyze: write the report"):
+        paths = write_report(rows, args.out, str(args.model))
     print(f"{rows[0]['tokens']:,} tokens, {len(rows)} MoE layers; report: {paths['routing.md']}")
     return 0

@@ -34,10 +34,11 @@ from moealign.config import RunConfig
 from moealign.data.build import build_data_tokenizer
 from moealign.integrations.hf import detect_family
 from moealign.integrations.router_weights import linear_router_weight
-from moealign.io import atomic_directory
+from moealign.io import atomic_directory, naming_file
 from moealign.nn.moe import MoELayer
 from moealign.nn.routers import MPIRouter
 from moealign.nn.transformer import ModelConfig, MoETransformer
+from moealign.progress import phase
 from moealign.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -46,7 +47,8 @@ from moealign.training.checkpoint import (
     load_latest,
     step_dir_name,
 )
-from moealign.training.runs import CHECKPOINT_DIR, TOKENIZER_DIR, read_run_config
+from moealign.training.preflight import check_writable_folder
+from moealign.training.runs import CHECKPOINT_DIR, TOKENIZER_DIR, RunLock, read_run_config
 
 # --- MoETransformer ↔ Mixtral -------------------------------------------------------------------
 
@@ -242,21 +244,30 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _run_checkpoint(run_dir: Path, step: int | None) -> Checkpoint:
+def _run_checkpoint(run_dir: Path, step: int | None, model: MoETransformer) -> Checkpoint:
+    """Load the newest checkpoint whose weights fit ``model`` (or that of ``step``) into it."""
     directory = run_dir / CHECKPOINT_DIR
     if step is None:
-        checkpoint = load_latest(directory, fallback=True)
+        checkpoint = load_latest(directory, fallback=True, apply=lambda c: c.load_model(model))
         if checkpoint is None:
             raise CheckpointError(f"run directory {run_dir} holds no checkpoint to export")
         return checkpoint
-    path = directory / step_dir_name(step)
-    if not path.is_dir():
+    path = directory / step_dir_name(step) if 0 <= step < 10**9 else None
+    if path is None or not path.is_dir():
         steps = [int(p.name.removeprefix("step_")) for p in list_checkpoints(directory)]
         raise CheckpointError(
             f"--step {step}: run directory {run_dir} has no checkpoint of that step; "
             f"its checkpoints are at steps {steps}"
         )
-    return load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    try:
+        checkpoint.load_model(model)
+    except Exception as err:  # weights that do not fit the (edited) config.json
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {run_dir / 'config.json'}: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from None
+    return checkpoint
 
 
 def _write_run_tokenizer(run_dir: Path, config: RunConfig, directory: Path):
@@ -269,15 +280,18 @@ def _write_run_tokenizer(run_dir: Path, config: RunConfig, directory: Path):
         shutil.copytree(saved, directory, dirs_exist_ok=True)
     else:
         build_data_tokenizer(config.data).save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
+    with naming_file("the tokenizer", directory):
+        return AutoTokenizer.from_pretrained(directory)
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> Path:
     """Export a run directory's checkpoint (the newest good one, or that of ``step``) as a
     complete Hugging Face model directory ``out``: ``model.safetensors`` and ``config.json``
     (Mixtral, :func:`to_mixtral`) with the tokenizer's BOS/EOS/PAD ids,
-    ``generation_config.json`` (greedy, stopping at EOS or at ``model.max_seq_len`` tokens, as
-    :func:`moealign.evaluation.generation.greedy_generate` does) and the run's tokenizer files.
+    ``generation_config.json`` (greedy, stopping at EOS or after ``model.max_seq_len`` new
+    tokens unless a call gives its own ``max_new_tokens``; no ``max_length``, so that
+    ``generate(ids, max_new_tokens=16)`` and the text-generation pipeline run without warnings)
+    and the run's tokenizer files.
 
     ``out`` must not exist or be an empty directory; the export is written next to it and
     moved into place, so a failed export leaves nothing behind. Raises
@@ -285,27 +299,34 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | N
     checkpoint and ``ValueError`` for a model Mixtral cannot express.
     """
     from transformers import GenerationConfig
+    from transformers.utils import logging as transformers_logging
 
     run_dir, out = Path(run_dir), Path(out)
+    check_writable_folder(out, "OUT", writes="export")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"OUT={str(out)!r} exists and is not an empty directory; choose another")
     config = read_run_config(run_dir)
     _check_exportable(config.model)
-    checkpoint = _run_checkpoint(run_dir, step)
-    model = MoETransformer(config.model)
-    checkpoint.load_model(model)
-    with atomic_directory(out) as tmp:
-        tokenizer = _write_run_tokenizer(run_dir, config, tmp)
-        ids = {
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        hf_model = to_mixtral(model, ids)
-        hf_model.generation_config = GenerationConfig(
-            **ids, do_sample=False, max_length=config.model.max_seq_len
-        )
-        hf_model.save_pretrained(tmp)
+    transformers_logging.disable_progress_bar()  # progress is moealign.progress's alone
+    # A shared lock: training (which rotates checkpoints) cannot run while the checkpoint is read.
+    with RunLock(run_dir, shared=True):
+        with phase("export: load the checkpoint"):
+            model = MoETransformer(config.model)
+            _run_checkpoint(run_dir, step, model)
+        with phase("export: convert and write"), atomic_directory(out) as tmp:
+            tokenizer = _write_run_tokenizer(run_dir, config, tmp)
+            ids = {
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+            hf_model = to_mixtral(model, ids)
+            # A budget of new tokens, never max_length: transformers warns "Both max_new_tokens
+            # and max_length seem to have been set" on every call that passes its own budget.
+            hf_model.generation_config = GenerationConfig(
+                **ids, do_sample=False, max_new_tokens=config.model.max_seq_len
+            )
+            hf_model.save_pretrained(tmp)
     return out
 
 
@@ -316,8 +337,10 @@ def import_pretrained(source, **from_pretrained_options) -> MoETransformer:
     if isinstance(source, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
 
+        from moealign.integrations.locations import pretrained_location
+
         source = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, **from_pretrained_options
+            pretrained_location(source, "source"), dtype=torch.float32, **from_pretrained_options
         )
     return from_mixtral(source)
 

@@ -16,6 +16,7 @@ all kinds: ``temperature``, ``logit_dropout`` (in training, :func:`drop_logits`)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -324,6 +325,44 @@ class PowerStep(torch.autograd.Function):
         return grad_matrix_EFD, grad_rows_ED
 
 
+def mpi_rows(
+    rows_ED: Tensor,
+    matrix_EFD: Tensor,
+    *,
+    scale: float,
+    power_steps: int = 1,
+    retract: bool = True,
+    power: bool = True,
+    detach_experts: bool = False,
+    sum_partial: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The MPI router rows (DESIGN.md §3): ``scale`` · retract(power(r_e)) for each row r_e of
+    ``rows_ED`` with its expert's drive matrix A_e = ``matrix_EFD[e]``, in fp32 (or wider).
+
+    ``power_steps`` steps u_e = A_eᵀ(A_e r_e) (:class:`PowerStep`; rows re-normalised between
+    steps when retracting), then r'_e = u_e/‖u_e‖ if ``retract``; ``power=False`` skips the
+    steps ("normalisation only"). ``sum_partial``, when A_e is split by rows over ranks (expert
+    tensor parallelism: A_e = [A_e¹; A_e²; …]), sums each rank's partial A_eⁱᵀ(A_eⁱ r_e) into
+    u_e = Σ_i A_eⁱᵀA_eⁱ r_e (an autograd-aware all-reduce). :class:`MPIRouter` and the engine
+    drop-ins (:mod:`moealign.engines`) share this function.
+    """
+    dtype = torch.promote_types(rows_ED.dtype, torch.float32)
+    rows_ED = rows_ED.to(dtype)
+    if power:
+        matrix_EFD = matrix_EFD.to(dtype)
+        if detach_experts:
+            matrix_EFD = matrix_EFD.detach()
+        for step in range(power_steps):
+            if step > 0 and retract:
+                rows_ED = F.normalize(rows_ED, dim=-1)  # keeps long iterations finite
+            rows_ED = PowerStep.apply(matrix_EFD, rows_ED)
+            if sum_partial is not None:
+                rows_ED = sum_partial(rows_ED)
+    if retract:
+        rows_ED = F.normalize(rows_ED, dim=-1)
+    return scale * rows_ED
+
+
 class MPIRouter(Router):
     """``mpi``: Manifold Power Iteration router (DESIGN.md §3; arXiv 2606.12397, Eqs. 4–6).
 
@@ -396,19 +435,15 @@ class MPIRouter(Router):
         """C · retract(power(r_e)) for any subset of rows with their experts' drive matrices
         (all E here; an expert-parallel rank's own experts in
         :mod:`moealign.distributed.parallel`)."""
-        dtype = torch.promote_types(rows_ED.dtype, torch.float32)
-        rows_ED = rows_ED.to(dtype)
-        if self.power:
-            matrix_EFD = expert_weight_EFD.to(dtype)
-            if self.detach_experts:
-                matrix_EFD = matrix_EFD.detach()
-            for step in range(self.power_steps):
-                if step > 0 and self.retract:
-                    rows_ED = F.normalize(rows_ED, dim=-1)  # keeps long iterations finite
-                rows_ED = PowerStep.apply(matrix_EFD, rows_ED)
-        if self.retract:
-            rows_ED = F.normalize(rows_ED, dim=-1)
-        return self.scale * rows_ED
+        return mpi_rows(
+            rows_ED,
+            expert_weight_EFD,
+            scale=self.scale,
+            power_steps=self.power_steps,
+            retract=self.retract,
+            power=self.power,
+            detach_experts=self.detach_experts,
+        )
 
     def compute_logits(self, x_TD: Tensor, expert_weight_EFD: Tensor | None) -> Tensor:
         if expert_weight_EFD is None:

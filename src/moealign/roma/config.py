@@ -10,7 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from moealign.config import ConfigError, _Validated, bounded, load_config
+from moealign.config import (
+    MAX_BATCH,
+    MAX_COEF,
+    MAX_EXAMPLES,
+    MAX_EXPERTS,
+    MAX_LR,
+    MAX_STEPS,
+    ConfigError,
+    _Validated,
+    bounded,
+    load_config,
+)
 
 REGULARIZERS = ("manifold", "l1", "l2", "entropy", "none")
 NEIGHBOUR_MODES = ("knn", "epsilon", "random")
@@ -57,34 +68,63 @@ class RomaConfig(_Validated):
     (research-roma.md §1.2): σ = 0.5 on the Euclidean distance of unit embeddings (code: 0.4 on
     1 − cos), λ_max = 1 with 20 warm-up steps (code: 0.8 over 2000 steps), AdamW lr 1e-3 (code:
     7e-5), batches of 16 (code: 32), k = 3 (code: 5).
+
+    Attributes:
+        layers: MoE layers whose routing RoMA reads and trains: n, "all" or none (the last 5).
+        token: the prompt token whose routing is used: last or first.
+        continuation: options scored by their ``text`` or by their ``letter``.
+        neighbours: how neighbours are chosen: knn, epsilon or random.
+        k: neighbours per question (knn, random).
+        epsilon: kernel similarity threshold of the epsilon neighbourhood.
+        sigma: σ of the Gaussian kernel on the question embeddings.
+        encoder: question embedder: minilm (all-MiniLM-L6-v2) or builtin (tests).
+        regularizer: manifold (RoMA), l1, l2, entropy (ablations) or none (router tuning).
+        lambda_max: λ after the warm-up.
+        lambda_warmup_steps: steps of the linear λ warm-up.
+        lr: AdamW learning rate of the routers.
+        weight_decay: AdamW weight decay.
+        epochs: passes over the training questions.
+        batch_size: questions per router-training step.
+        train_examples_per_task: training questions per seen task.
+        eval_examples_per_task: evaluation questions per task at most.
+        eval_batch_size: questions per evaluation batch.
+        c3po_alpha: C3PO kernel regression: weight of the sample's own routing.
+        c3po_ngd_steps: C3PO neighbourhood gradient descent: Adam steps.
+        c3po_ngd_lr: C3PO neighbourhood gradient descent: step size.
+        c3po_core_experts: C3PO: experts per layer whose routing is optimised.
+        oracle_steps: oracle routing: Adam steps on the routing logits.
+        oracle_lr: oracle routing: step size.
+        seeds: one run per seed of each trained method (distinct, at least one).
+        methods: which methods run besides the base model (distinct, at least one).
+        device: auto, cpu or cuda.
     """
 
     layers: int | Literal["all"] | None = None
     token: Literal["last", "first"] = "last"
     continuation: Literal["text", "letter"] = "text"
     neighbours: Literal["knn", "epsilon", "random"] = "knn"
-    k: int = bounded(3, ge=1)
+    k: int = bounded(3, ge=1, le=1024)
     epsilon: float = bounded(0.5, gt=0, le=1)
-    sigma: float = bounded(0.5, gt=0)
+    sigma: float = bounded(0.5, gt=0, le=1e3)
     encoder: Literal["minilm", "builtin"] = "minilm"
     regularizer: Literal["manifold", "l1", "l2", "entropy", "none"] = "manifold"
-    lambda_max: float = bounded(1.0, ge=0)
-    lambda_warmup_steps: int = bounded(20, ge=0)
-    lr: float = bounded(1e-3, gt=0)
-    weight_decay: float = bounded(0.01, ge=0)
-    epochs: int = bounded(3, ge=1)
-    batch_size: int = bounded(16, ge=1)
-    train_examples_per_task: int = bounded(100, ge=1)
-    eval_examples_per_task: int = bounded(100, ge=1)
-    eval_batch_size: int = bounded(64, ge=1)
+    lambda_max: float = bounded(1.0, ge=0, le=MAX_COEF)
+    lambda_warmup_steps: int = bounded(20, ge=0, le=MAX_STEPS)
+    lr: float = bounded(1e-3, gt=0, le=MAX_LR)
+    weight_decay: float = bounded(0.01, ge=0, le=10)
+    epochs: int = bounded(3, ge=1, le=10_000)
+    batch_size: int = bounded(16, ge=1, le=MAX_BATCH)
+    train_examples_per_task: int = bounded(100, ge=1, le=MAX_EXAMPLES)
+    eval_examples_per_task: int = bounded(100, ge=1, le=MAX_EXAMPLES)
+    eval_batch_size: int = bounded(64, ge=1, le=MAX_BATCH)
     c3po_alpha: float = bounded(0.5, ge=0, le=1)
-    c3po_ngd_lrs: tuple[float, ...] = bounded((30.0, 300.0), gt=0)
-    c3po_ngd_steps: tuple[int, ...] = bounded((5, 10), ge=1)
-    c3po_ngd_validation_per_task: int = bounded(10, ge=1)
-    c3po_core_experts: int = bounded(3, ge=1)
-    oracle_steps: int = bounded(20, ge=1)
-    oracle_lr: float = bounded(0.2, gt=0)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    c3po_ngd_lrs: tuple[float, ...] = bounded((30.0, 300.0), gt=0, le=MAX_LR)
+    c3po_ngd_steps: tuple[int, ...] = bounded((5, 10), ge=1, le=100_000)
+    c3po_ngd_validation_per_task: int = bounded(10, ge=1, le=MAX_EXAMPLES)
+    c3po_core_experts: int = bounded(3, ge=1, le=MAX_EXPERTS)
+    oracle_steps: int = bounded(20, ge=1, le=100_000)
+    oracle_lr: float = bounded(0.2, gt=0, le=MAX_LR)
+    seeds: tuple[int, ...] = bounded((0, 1, 2), ge=0, lt=2**32)
     methods: tuple[
         Literal["router_tuning", "roma", "oracle_tuning", "c3po", "c3po_ngd", "oracle"], ...
     ] = TRAINED_METHODS

@@ -39,8 +39,8 @@ recorded), ``failed`` (the process exited with an error; the last line of its lo
 recorded) or ``interrupted`` (stopped by a signal; rerun the study to continue). Each attempt
 is appended to ``<out_dir>/cells.jsonl``; ``<out_dir>/study.json`` holds the expanded grid, the
 study's ``status`` (``running``, ``interrupted`` or ``done``) and every cell's latest status,
-rewritten as cells finish. Unless ``--quiet``, one line is printed as each cell starts and as it
-ends (status, wall time, final validation loss, and an estimate of the time left from the cells
+rewritten as cells finish. Unless ``--quiet``, one line goes to stderr as each cell starts and as
+it ends (status, wall time, final validation loss, and an estimate of the time left from the cells
 finished so far). SIGINT/SIGTERM sent to ``ablate`` are forwarded to the running cells, which
 checkpoint and stop; ``ablate`` waits for them, records the study as interrupted and exits with
 130/143.
@@ -67,15 +67,22 @@ from pathlib import Path
 from typing import Any
 
 import moealign
+from moealign import progress
 from moealign.config import ConfigError, RunConfig, load_config, read_toml
-from moealign.io import append_jsonl, atomic_write_json, read_json, read_jsonl
+from moealign.io import TEMPORARY_PREFIX, append_jsonl, atomic_write_json, read_json, read_jsonl
 from moealign.tables import Table, format_number, to_text
+from moealign.training.preflight import check_writable_folder
 from moealign.training.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     FINAL_EVAL_FILE,
+    LOCK_FILE,
+    MARKER_FILE,
     METRICS_FILE,
+    RunLock,
+    folder_kind,
     utc_now,
+    write_marker,
 )
 
 __all__ = [
@@ -365,8 +372,14 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> AblationS
     baselines = _variant_baselines(spec.get("baselines", {}), variants)
     fixed = _overrides_table(spec.get("overrides", {}), "overrides")
     _refuse_seed_keys(seed_keys, axes, fixed, variants)
-    root = Path(out_dir) if out_dir is not None else Path(spec.get("out_dir", f"runs/{path.stem}"))
-    root = root.resolve()
+    root = out_dir if out_dir is not None else spec.get("out_dir", f"runs/{path.stem}")
+    _expect(
+        isinstance(root, (str, Path)) and str(root).strip() != "" and "\0" not in str(root),
+        "out_dir",
+        root,
+        "a folder path (not empty)",
+    )
+    root = Path(root).resolve()
     cells = []
     for seed in seeds:
         for variant, overrides in variants.items():
@@ -411,6 +424,26 @@ def first_nonfinite_step(metrics: Sequence[Mapping[str, Any]]) -> int | None:
             if key in flagged or (isinstance(value, (int, float)) and not math.isfinite(value)):
                 return int(record["step"])
     return None
+
+
+PARENT_PID_ENV = "MOEALIGN_PARENT_PID"
+
+
+def stop_with_parent() -> None:
+    """In a cell's ``train`` process (``MOEALIGN_PARENT_PID`` set by ablate): ask Linux to send
+    it SIGTERM when the ablate process dies, even by kill -9 (``prctl(PR_SET_PDEATHSIG)``), so
+    the cell saves a checkpoint and stops instead of training on as an orphan that holds its
+    run's lock; stop at once if the parent is already gone. A no-op elsewhere."""
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):  # died before prctl: nobody will signal us
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # Exit statuses of a cell stopped by a signal: 130/143 after checkpointing (moealign.cli), or
@@ -557,6 +590,7 @@ class _StudyRunner:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        env[PARENT_PID_ENV] = str(os.getpid())  # the cell stops when this process dies
         # The child imports the same moealign sources as this process.
         source_root = str(Path(moealign.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
@@ -672,6 +706,43 @@ class StudyInterrupted(Exception):
         self.signal, self.results = signal_name, results
 
 
+def check_study_folder(study: AblationStudy) -> None:
+    """The study's ``out_dir`` may be written (the writers' guard,
+    :func:`moealign.training.preflight.check_writable_folder`), and is new, empty or this
+    study's folder: one whose ``study.json`` names another study, or that holds other files,
+    is refused (ConfigError naming ``out_dir``)."""
+    out = study.out_dir
+    check_writable_folder(out, "out_dir", writes="study")
+    if not out.is_dir():
+        return
+    file = out / STUDY_FILE
+    if file.exists():
+        try:
+            recorded = read_json(file)
+        except (OSError, ValueError) as err:
+            raise ConfigError("out_dir", f"{file} cannot be read: {err}") from None
+        name = recorded.get("name") if isinstance(recorded, dict) else None
+        if name != study.name:
+            raise ConfigError(
+                "out_dir",
+                f"got {str(out)!r}, which holds the study {name!r}, not {study.name!r}; choose "
+                "another folder (a study folder holds one study)",
+            )
+    elif folder_kind(out) != "study":
+        own = {MARKER_FILE, LOCK_FILE, CELLS_LOG, "logs", *(cell.name for cell in study.cells)}
+        foreign = [
+            p.name
+            for p in out.iterdir()
+            if p.name not in own and not p.name.startswith(TEMPORARY_PREFIX)
+        ]
+        if foreign:
+            raise ConfigError(
+                "out_dir",
+                f"got {str(out)!r}, which is not empty and holds no study ({foreign[0]}, ...); "
+                "choose a new or empty folder",
+            )
+
+
 def run_study(
     study: AblationStudy, jobs: int = 1, progress: Callable[[str], None] | None = None
 ) -> list[CellResult]:
@@ -684,8 +755,13 @@ def run_study(
     """
     if jobs < 1:
         raise ValueError(f"jobs: got {jobs}; expected an integer >= 1")
-    runner = _StudyRunner(study, jobs, progress)
-    results = runner.run()
+    check_study_folder(study)
+    study.out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(study.out_dir):  # one ablate per study folder: another is refused
+        check_study_folder(study)
+        write_marker(study.out_dir, "study")
+        runner = _StudyRunner(study, jobs, progress)
+        results = runner.run()
     if runner.stop_signal is not None:
         raise StudyInterrupted(runner.stop_signal, results)
     return results
@@ -702,16 +778,13 @@ def _status_text(result: CellResult) -> str:
     return result.status
 
 
-def _print_flushed(line: str) -> None:
-    print(line, flush=True)
-
-
 def run_ablate(args: argparse.Namespace) -> int:
     """``moealign ablate``: 0 when every cell finished or diverged, 1 otherwise; 130/143 when
     stopped by SIGINT/SIGTERM."""
     study = load_study(args.study, args.out)
     if args.jobs < 1:
         raise ConfigError("--jobs", f"got {args.jobs}; expected an integer >= 1")
+    check_study_folder(study)
     check_cells(study)
     print(f"study {study.name}: {len(study.cells)} cells in {study.out_dir}")
     if args.dry_run:
@@ -719,7 +792,7 @@ def run_ablate(args: argparse.Namespace) -> int:
             print(f"  {cell.name}: {' '.join(cell.overrides) or '(base config)'}")
         return 0
     try:
-        results = run_study(study, args.jobs, None if args.quiet else _print_flushed)
+        results = run_study(study, args.jobs, progress.write)  # silent with --quiet
     except StudyInterrupted as stopped:
         print(
             f"error: interrupted by {stopped.signal}; the running cells saved a checkpoint: run "

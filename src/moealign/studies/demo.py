@@ -9,10 +9,11 @@ same for every run, so runs of one seed are paired). It reports (DESIGN.md §7�
 * per model and column, the mean over seeds ± the 95% Student-t half width
   (:func:`moealign.evaluation.stats.mean_confidence_interval`);
 * for each MoE against softmax top-k and against dense, the paired difference by seed with its
-  95% t interval and two-sided paired t-test p-value
-  (:func:`moealign.evaluation.stats.paired_t_test`);
-* one verdict line per comparison on the validation loss: "within noise" when the interval of
-  the difference covers 0, else which model is lower;
+  95% t interval, the two-sided paired t-test p-value and its Holm-adjusted value over the
+  table's tests, and the outcome (:mod:`moealign.evaluation.verdicts`): lower / higher,
+  equivalent within ±m (TOST; m = 0.01 nats for the loss, 1 point for accuracies, or
+  ``--margin METRIC=M``) or inconclusive;
+* one verdict line per comparison on the validation loss, in those four outcomes;
 * training and validation loss curves, the mean over seeds with a min–max band.
 
 Everything goes to the terminal and to ``summary.md``/``summary.json``/``loss_curves.png`` in
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from moealign.config import ConfigError, RunConfig, load_config
 from moealign.io import atomic_write_json, atomic_write_text
+from moealign.progress import write as write_progress
 from moealign.studies.document import Image, Note, Paragraph, Section, to_markdown
 from moealign.tables import Table, format_number, to_text
 
@@ -163,13 +165,18 @@ def model_statistics(run_set: RunSet) -> dict[str, dict[str, dict[str, Any]]]:
     return statistics
 
 
-def paired_comparisons(run_set: RunSet) -> list[dict[str, Any]]:
+def paired_comparisons(
+    run_set: RunSet, margins: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """Every (model, baseline) of COMPARISONS and metric of DIFFERENCE_METRICS with at least two
-    seeds both finished: Δ = model − baseline, its 95% t interval, the paired t-test p-value
-    and whether the interval covers 0 ("within noise")."""
-    from moealign.evaluation.stats import paired_t_test
+    seeds both finished: Δ = model − baseline, its 95% t interval, the paired t-test p-value,
+    the TOST p-value against the metric's equivalence margin (``margins``, else
+    :func:`moealign.evaluation.verdicts.default_margin`), both Holm-adjusted over the whole set
+    of comparisons, and the outcome (lower / higher / equivalent / inconclusive)."""
+    from moealign.evaluation.verdicts import default_margin, holm, paired_comparison
+    from moealign.studies.report import metric_direction
 
-    comparisons = []
+    keys, tests = [], []
     for variant, baseline in COMPARISONS:
         for metric in DIFFERENCE_METRICS:
             ours = _by_seed(run_set.of_variant(variant), metric)
@@ -177,48 +184,49 @@ def paired_comparisons(run_set: RunSet) -> list[dict[str, Any]]:
             seeds = sorted(ours.keys() & theirs.keys())
             if len(seeds) < 2:
                 continue
-            delta, half_width, p_value = paired_t_test(
-                [ours[s] for s in seeds], [theirs[s] for s in seeds], CONFIDENCE
+            keys.append(
+                {"variant": variant, "baseline": baseline, "metric": metric, "seeds": seeds}
             )
-            low, high = delta - half_width, delta + half_width
-            comparisons.append(
-                {
-                    "variant": variant,
-                    "baseline": baseline,
-                    "metric": metric,
-                    "seeds": seeds,
-                    "delta": delta,
-                    "half_width": half_width,
-                    "low": low,
-                    "high": high,
-                    "p_value": _finite_or_none(p_value),
-                    "within_noise": bool(low <= 0.0 <= high),
-                }
+            tests.append(
+                paired_comparison(
+                    [ours[s] for s in seeds],
+                    [theirs[s] for s in seeds],
+                    default_margin(metric, margins),
+                    1 - CONFIDENCE,
+                )
             )
-    return comparisons
+    return [
+        key
+        | test.to_dict()
+        | {"half_width": test.high - test.delta, "text": test.text(metric_direction(key["metric"]))}
+        for key, test in zip(keys, holm(tests), strict=True)
+    ]
 
 
 def verdict(comparison: dict[str, Any]) -> str:
-    """One line: the difference, its interval and p-value, then "within noise" when the
-    interval covers 0, else which model is lower or higher (and whether that is better)."""
+    """One line: the difference, its interval, raw and Holm-adjusted p-values and the outcome
+    (:class:`moealign.evaluation.verdicts.Comparison`; lower/higher say better or worse)."""
+    from moealign.evaluation.verdicts import format_p
     from moealign.studies.report import metric_direction
 
     c = comparison
-    p = c["p_value"]
-    p_text = "p = n/a" if p is None else ("p < 0.001" if p < 0.001 else f"p = {p:.3f}")
     low, high = (format_number(c[key], digits=3, signed=True) for key in ("low", "high"))
+    p_text = f"{format_p(c['p_value'])}, Holm {format_p(c['p_adjusted'])}"
+    margin = "no equivalence margin" if c["margin"] is None else f"margin ±{c['margin']:g}"
     head = (
         f"{c['variant']} vs {c['baseline']}: Δ {c['metric']} = "
         f"{format_number(c['delta'], digits=3, signed=True)} "
-        f"(95% CI [{low}, {high}], {p_text}, n = {len(c['seeds'])} seeds)"
+        f"(95% CI [{low}, {high}], {p_text} over {c['family']} tests, {margin}, "
+        f"n = {len(c['seeds'])} seeds)"
     )
-    if c["within_noise"]:
-        return f"{head}: within noise"
-    lower = c["delta"] < 0
     direction = metric_direction(c["metric"])
-    better = (direction == "lower") == lower if direction else None
-    judged = "" if better is None else (" (better)" if better else " (worse)")
-    return f"{head}: {c['variant']} {'lower' if lower else 'higher'}{judged}"
+    outcome = c["outcome"]
+    if outcome == "equivalent":
+        return f"{head}: equivalent within ±{c['margin']:g}"
+    if outcome == "inconclusive":
+        return f"{head}: inconclusive (neither a difference nor equivalence shown)"
+    judged = "" if direction is None else (" (better)" if outcome == direction else " (worse)")
+    return f"{head}: {c['variant']} {outcome}{judged}"
 
 
 # ---------------------------------------------------------------------- summary
@@ -242,20 +250,17 @@ def _models_table(run_set: RunSet, configs: dict[str, RunConfig]) -> Table:
     return Table(["model", "FFN", "params total", "params active"], rows)
 
 
-def _differences_table(run_set: RunSet) -> Table:
-    """Paired differences (moealign.studies.report.baseline_table), one row per comparison."""
-    from moealign.studies.report import baseline_table
-    from moealign.studies.results import RunSet
-
-    rows, headers = [], []
-    for variant, baseline in COMPARISONS:
-        pair = RunSet(
-            [r for r in run_set.runs if r.variant in (variant, baseline)], baseline=baseline
-        )
-        table = baseline_table(pair, baseline, DIFFERENCE_METRICS)
-        headers = table.headers
-        rows += [row for row in table.rows if row[0] == variant]
-    return Table(headers, rows)
+def _differences_table(comparisons: Sequence[dict[str, Any]]) -> Table:
+    """One row per (model, baseline) of :func:`paired_comparisons`, one column per metric of
+    DIFFERENCE_METRICS: "Δ ± half width (p, Holm p, n): outcome"."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for c in comparisons:
+        cells.setdefault((c["variant"], c["baseline"]), {})[c["metric"]] = c["text"]
+    rows = [
+        [variant, baseline, *(found.get(metric, "–") for metric in DIFFERENCE_METRICS)]
+        for (variant, baseline), found in cells.items()
+    ]
+    return Table(["model", "baseline", *(f"Δ {metric}" for metric in DIFFERENCE_METRICS)], rows)
 
 
 def summary_sections(
@@ -265,8 +270,11 @@ def summary_sections(
     preset: str,
     verdicts: Sequence[str],
     curves: Path | None,
+    comparisons: Sequence[dict[str, Any]],
+    margins: dict[str, float] | None = None,
 ) -> list[Section]:
     """The summary as document sections (Markdown for summary.md and the terminal)."""
+    from moealign.evaluation.verdicts import outcome_legend
     from moealign.studies.report import ablation_table
 
     seed_text = ", ".join(str(s) for s in seeds)
@@ -288,15 +296,21 @@ def summary_sections(
                 ablation_table(run_set, METRICS),
                 Note(
                     f"mean ± 95% Student-t half width over the {len(seeds)} seeds; bold: the "
-                    "best mean, clear of the runner-up's interval; italic: best but within noise"
+                    "best mean, clear of the runner-up's interval; italic: the best mean, but the "
+                    "intervals overlap (not shown to be best)"
                 ),
             ],
         ),
         Section(
             "Paired differences by seed",
             [
-                _differences_table(run_set),
-                Note("Δ = model − baseline, mean ± 95% t half width; p: two-sided paired t-test"),
+                _differences_table(comparisons),
+                Note(
+                    "Δ = model − baseline, mean ± 95% t half width; p: two-sided paired t-test, "
+                    "Holm: adjusted over the table's "
+                    f"{max((c['family'] for c in comparisons), default=0)} tests with a p-value "
+                    "(p=n/a: every seed gave the same difference). " + outcome_legend(margins)
+                ),
             ],
         ),
         Section(
@@ -324,33 +338,38 @@ def run_demo(
     overrides: Sequence[str] = (),
     progress: bool = True,
     seeds: Sequence[int] = DEFAULT_SEEDS,
+    margins: dict[str, float] | None = None,
 ) -> dict[str, Any] | None:
-    """Train every model with every seed, evaluate and compare them; write the summary files
-    and return what summary.json holds (None if interrupted)."""
+    """Train every model with every seed, evaluate and compare them (``margins``: equivalence
+    margins by metric, over the defaults); write the summary files and return what
+    summary.json holds (None if interrupted)."""
     from moealign.studies.results import RunSet, load_run
 
     seeds = check_seeds(seeds)
     base = load_config(demo_config_path(), [*PRESETS[preset], *overrides])
     configs = variant_configs(base)
-    for seed in seeds:
-        for name, config in configs.items():
-            print(
-                f"== {name} seed {seed}: {config.model.ffn} FFN, router {config.model.router}",
-                flush=True,
-            )
-            if not train_run(seeded(config, seed), out / run_name(name, seed), progress):
-                return None
+    runs = [(seed, name, config) for seed in seeds for name, config in configs.items()]
+    for number, (seed, name, config) in enumerate(runs, 1):
+        write_progress(
+            f"demo: run {number}/{len(runs)}: {name} seed {seed} ({config.model.ffn} FFN, "
+            f"router {config.model.router})"
+        )
+        if not train_run(seeded(config, seed), out / run_name(name, seed), progress):
+            return None
     run_set = RunSet(
         [load_run(out / run_name(v, s), variant=v, seed=s) for v in configs for s in seeds]
     )
-    comparisons = paired_comparisons(run_set)
+    comparisons = paired_comparisons(run_set, margins)
     verdicts = [verdict(c) for c in comparisons if c["metric"] == VERDICT_METRIC]
     curves = plot_loss_curves(run_set, out / "loss_curves.png")
-    sections = summary_sections(run_set, configs, seeds, preset, verdicts, curves)
+    sections = summary_sections(
+        run_set, configs, seeds, preset, verdicts, curves, comparisons, margins
+    )
     summary = {
         "preset": preset,
         "seeds": list(seeds),
         "confidence": CONFIDENCE,
+        "margins": margins or {},
         "runs": [
             {
                 "variant": run.variant,
@@ -392,9 +411,17 @@ def _run_metrics(run: RunRecord) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moealign.training.preflight import check_writable_folder
+
     out = Path(args.out)
+    check_writable_folder(out, "--out")
     summary = run_demo(
-        out, args.preset, args.overrides, progress=not args.no_progress, seeds=args.seeds
+        out,
+        args.preset,
+        args.overrides,
+        progress=not args.no_progress,
+        seeds=args.seeds,
+        margins=dict(args.margins or []),
     )
     if summary is None:
         print("interrupted: run the same command again to continue", file=sys.stderr)

@@ -3,7 +3,9 @@
 A report is a list of :class:`Section` s holding blocks: :class:`Paragraph`, :class:`Note`
 (a one-line remark, e.g. why a section is left out), :class:`Table` (:mod:`moealign.tables`,
 the one table renderer; in HTML it scrolls sideways inside the page when wider than it),
-:class:`Image` (a PNG file; Markdown links it, HTML inlines it as base64) and :class:`Code`.
+:class:`Image` (a PNG file; Markdown links it, HTML inlines it as base64), :class:`Code`,
+:class:`Formula` (MathML in HTML, LaTeX math in Markdown) and :class:`Details` (blocks folded
+under a one-line summary: ``<details>``, closed until clicked).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from moealign.tables import Cell, Table
 __all__ = [
     "Cell",
     "Code",
+    "Details",
+    "Formula",
     "Image",
     "Note",
     "Paragraph",
@@ -53,7 +57,24 @@ class Code:
     language: str = ""
 
 
-Block = Paragraph | Note | Table | Image | Code
+@dataclass
+class Formula:
+    """A displayed equation: ``mathml`` (the content of a ``<math>`` element, rendered by the
+    browser) and ``latex`` (Markdown's ``$$ ... $$`` math, as GitHub renders it)."""
+
+    mathml: str
+    latex: str
+
+
+@dataclass
+class Details:
+    """``blocks`` folded under ``summary`` (HTML ``<details>``; Markdown has the same element)."""
+
+    summary: str
+    blocks: list[Paragraph | Note | Table | Image | Code | Formula]
+
+
+Block = Paragraph | Note | Table | Image | Code | Formula | Details
 
 
 @dataclass
@@ -73,6 +94,11 @@ def _markdown_block(block: Block, base_dir: Path) -> str:
     if isinstance(block, Image):
         link = Path(os.path.relpath(block.path, base_dir)).as_posix()
         return f"![{block.caption}]({link})\n\n*{block.caption}*"
+    if isinstance(block, Formula):
+        return f"$$\n{block.latex}\n$$"
+    if isinstance(block, Details):
+        inner = "\n\n".join(_markdown_block(b, base_dir) for b in block.blocks)
+        return f"<details><summary>{html.escape(block.summary)}</summary>\n\n{inner}\n\n</details>"
     return f"```{block.language}\n{block.text.rstrip()}\n```"
 
 
@@ -99,6 +125,11 @@ def _html_block(block: Block) -> str:
             f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
             f"<figcaption>{caption}</figcaption></figure>"
         )
+    if isinstance(block, Formula):
+        return f'<math display="block">{block.mathml}</math>'
+    if isinstance(block, Details):
+        inner = "".join(_html_block(b) for b in block.blocks)
+        return f"<details><summary>{html.escape(block.summary)}</summary>{inner}</details>"
     return f"<pre><code>{html.escape(block.text.rstrip())}</code></pre>"
 
 
@@ -109,6 +140,8 @@ body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; 
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 figure { margin: 1em 0; } img { max-width: 100%; height: auto; }
 figcaption, .note { color: #666; font-style: italic; }
+details { margin: 0.5em 0; } summary { cursor: pointer; color: #444; }
+math[display="block"] { margin: 0.6em 0; font-size: 1.1em; }
 """
     + tables.TABLE_CSS
 )

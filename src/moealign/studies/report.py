@@ -9,13 +9,15 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
   (:func:`moealign.evaluation.stats.mean_confidence_interval`), the half width to 2 significant
   digits and the mean to the same decimal place (:func:`moealign.tables.format_interval`).
   Where the metric has a direction (:func:`metric_direction`) the best mean is bold when its
-  interval does not overlap the runner-up's, else italic (within noise; :func:`best_marks`).
+  interval does not overlap the runner-up's, else italic (not shown to be best;
+  :func:`best_marks`).
   Headers are human-readable names with units (:mod:`moealign.studies.labels`); the raw key
   is the HTML tooltip.
 * **Against the baseline** — per variant, the paired difference variant − baseline (the
   study's per-variant ``baselines``, else its ``baseline``) over the seeds both finished, with
-  its t interval and two-sided paired t-test p-value
-  (:func:`moealign.evaluation.stats.paired_t_test`).
+  its t interval, two-sided paired t-test p-value, Holm-adjusted p over the table's tests and
+  the outcome: lower / higher, equivalent within ±m (TOST) or inconclusive
+  (:mod:`moealign.evaluation.verdicts`; margins ``--margin METRIC=M`` over the defaults).
 * **Efficiency** (guide Step 6) — tokens/s, training and wall time, peak memory, and the steps
   and training time to reach a target validation loss (default: the baseline's mean final
   validation loss).
@@ -23,10 +25,10 @@ From run and study directories (DESIGN.md §8; guide Steps 4–6 and 8) the repo
   entropy, MaxVio and the projection alignment λ (MPI paper Eq. 11, at each evaluation) over
   training, the learning-rate and λ schedules (seed bands), expert-utilisation heatmaps
   (diverging colours centred at load / mean load = 1), per-task accuracy (seen vs held-out)
-  and the CTGI of each variant against its baseline with a paired bootstrap interval over the
-  per-example answers, and the transfer ratio (DESIGN.md §7, upper bound 1;
-  :mod:`moealign.studies.transfer`). A chart with nothing to show (no data, or every per-task
-  accuracy 0) is a one-line note instead.
+  and the CTGI of each variant against its baseline with a paired hierarchical bootstrap
+  interval (seeds, then per-example answers) and its outcome, and the transfer ratio
+  (DESIGN.md §7, upper bound 1; :mod:`moealign.studies.transfer`). A chart with nothing to
+  show (no data, or every per-task accuracy 0) is a one-line note instead.
 * **Model cards** and a **reproducibility appendix** per run.
 
 A section whose data no run has is replaced by a one-line note.
@@ -43,11 +45,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from moealign.evaluation.stats import mean_confidence_interval, paired_t_test
+from scipy import stats as scipy_stats
+
+from moealign.evaluation.stats import mean_confidence_interval
+from moealign.evaluation.verdicts import (
+    Comparison,
+    default_margin,
+    format_p,
+    holm,
+    outcome_legend,
+    paired_comparison,
+)
+from moealign.io import atomic_write_text
+from moealign.progress import phase
 from moealign.studies import plots
 from moealign.studies.document import (
     Cell,
     Code,
+    Details,
+    Formula,
     Image,
     Note,
     Paragraph,
@@ -64,12 +80,14 @@ from moealign.studies.results import (
     RunSet,
     load_run,
     load_runs,
+    printable,
     run_results,
     time_to_target,
 )
 from moealign.studies.transfer import variant_transfer
 from moealign.tables import Emphasis, format_interval, format_number, to_text
-from moealign.training.runs import flatten_config, utc_now
+from moealign.training.preflight import check_writable_folder
+from moealign.training.runs import MARKER_FILE, flatten_config, folder_kind, utc_now, write_marker
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -77,9 +95,9 @@ __all__ = [
     "RunDataError",
     "best_marks",
     "build_report",
-    "compare_runs",
+    "compare_text",
+    "comparison",
     "metric_direction",
-    "run_compare",
     "run_report",
     "transfer_table",
 ]
@@ -128,11 +146,6 @@ def _header(metric: str, prefix: str = "") -> Cell:
     return Cell(_with_arrow(prefix + metric_label(metric), metric), title=metric)
 
 
-def _format_p(p: float) -> str:
-    """``p<0.001`` or ``p=0.123``."""
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
-
-
 # ---------------------------------------------------------------------- statistics
 
 
@@ -163,8 +176,8 @@ def best_marks(
 
     ``strong``: the best mean, where its interval does not overlap the runner-up's
     (|m₁ − m₂| > h₁ + h₂); ``em``: the best mean otherwise (the intervals overlap, a variant has
-    one seed and no interval, or two share the best mean) — within noise. Nothing is marked
-    without a direction or with fewer than two distinct finite means.
+    one seed and no interval, or two share the best mean) — not shown to be best. Nothing is
+    marked without a direction or with fewer than two distinct finite means.
     """
     finite = [
         (mean, half, row) for row, (mean, half) in enumerate(intervals) if math.isfinite(mean)
@@ -182,7 +195,7 @@ def best_marks(
 
 _MARKS_LEGEND = (
     "Bold: the best mean, and its 95% interval does not overlap the runner-up's. Italic: the "
-    "best mean, but within noise (the intervals overlap, or a variant has one seed). "
+    "best mean, but not shown to be best (the intervals overlap, or a variant has one seed). "
     "“± 0”: every seed gave the same value."
 )
 
@@ -205,17 +218,24 @@ def ablation_table(run_set: RunSet, metrics: Sequence[str]) -> Table:
     return Table(["variant", "seeds finished"] + [_header(m) for m in metrics], rows)
 
 
-def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Table:
+def baseline_table(
+    run_set: RunSet,
+    baseline: str,
+    metrics: Sequence[str],
+    margins: dict[str, float] | None = None,
+) -> Table:
     """Per variant and metric: paired difference to the variant's baseline (the study's
-    per-variant baseline, else ``baseline``) over shared seeds, "Δ ± half width (p)"; with one
-    shared seed only Δ; with none "–"."""
-    rows = []
+    per-variant baseline, else ``baseline``) over shared seeds, "Δ ± half width (p, Holm p,
+    n): outcome" (:mod:`moealign.evaluation.verdicts`; the table's tests are one Holm family;
+    equivalence margins from ``margins``, else the metric's default); with one shared seed
+    only Δ and "inconclusive (one seed)"; with none "–"."""
+    rows, tests = [], []
     for variant in run_set.variants:
         base = run_set.baseline_of(variant, baseline)
         if variant == base:
             continue
         base_runs = run_set.of_variant(base)
-        row = [variant, base]
+        row: list = [variant, base]
         for metric in metrics:
             ours = _values_by_seed(run_set.of_variant(variant), metric)
             theirs = _values_by_seed(base_runs, metric)
@@ -223,16 +243,20 @@ def baseline_table(run_set: RunSet, baseline: str, metrics: Sequence[str]) -> Ta
             if not seeds:
                 row.append("–")
             elif len(seeds) == 1:
-                row.append(f"{format_number(ours[seeds[0]] - theirs[seeds[0]], signed=True)} (n=1)")
+                delta = ours[seeds[0]] - theirs[seeds[0]]
+                row.append(f"{format_number(delta, signed=True)} (n=1): inconclusive (one seed)")
             else:
-                delta, half_width, p = paired_t_test(
-                    [ours[s] for s in seeds], [theirs[s] for s in seeds]
+                row.append(None)  # filled below, once the family is known
+                comparison = paired_comparison(
+                    [ours[s] for s in seeds],
+                    [theirs[s] for s in seeds],
+                    default_margin(metric, margins),
                 )
-                p_text = "" if math.isnan(p) else f"{_format_p(p)}, "  # nan: no spread
-                row.append(
-                    f"{format_interval(delta, half_width, signed=True)} ({p_text}n={len(seeds)})"
-                )
+                tests.append((len(rows), len(row) - 1, metric, comparison))
         rows.append(row)
+    adjusted = holm([comparison for *_, comparison in tests])
+    for (row, column, metric, _), comparison in zip(tests, adjusted, strict=True):
+        rows[row][column] = comparison.text(metric_direction(metric))
     return Table(["variant", "baseline"] + [_header(m, "Δ ") for m in metrics], rows)
 
 
@@ -251,8 +275,37 @@ def _runs_section(run_set: RunSet) -> Section:
     )
 
 
+_INTERVAL_MATHML = (
+    "<mrow><mover><mi>x</mi><mo>‾</mo></mover><mo>±</mo><msub><mi>t</mi><mrow><mn>0.975</mn>"
+    "<mo>,</mo><mi>n</mi><mo>−</mo><mn>1</mn></mrow></msub><mo>·</mo><mfrac><mi>s</mi>"
+    "<msqrt><mi>n</mi></msqrt></mfrac></mrow>"
+)
+_INTERVAL_LATEX = r"\bar{x} \pm t_{0.975,\,n-1} \cdot \frac{s}{\sqrt{n}}"
+
+
+def _interval_factor(n: int) -> float:
+    """t_{0.975, n−1}/√n: the 95% half width of a mean of n values in units of their s."""
+    return float(scipy_stats.t.ppf(0.975, n - 1) / math.sqrt(n))
+
+
+def _few_seeds_note(seed_counts: set[int]) -> Note | None:
+    """A note when some interval rests on n = 2 values: t_{0.975,1} = 12.7 makes it about
+    ±9 s wide, so it cannot tell most differences apart (none for n ≥ 3 or n = 1)."""
+    if 2 not in seed_counts:
+        return None
+    return Note(
+        f"Some cells rest on n = 2 seeds: their 95% interval is ±{_interval_factor(2):.1f} s "
+        f"(t = {scipy_stats.t.ppf(0.975, 1):.1f} with 1 degree of freedom), often wider than "
+        "the value itself, so it says little; 3 seeds give "
+        f"±{_interval_factor(3):.1f} s, 5 seeds ±{_interval_factor(5):.1f} s."
+    )
+
+
 def _ablation_sections(
-    run_set: RunSet, baseline: str | None, metrics: Sequence[str]
+    run_set: RunSet,
+    baseline: str | None,
+    metrics: Sequence[str],
+    margins: dict[str, float] | None = None,
 ) -> list[Section]:
     present = {k for run in run_set.runs for k in run_results(run)}
     shown = [m for m in metrics if m in present]
@@ -260,16 +313,27 @@ def _ablation_sections(
     table = Section("Ablation table")
     groups = _metric_groups(shown)
     if shown:
-        table.blocks.append(
+        table.blocks += [
             Paragraph(
-                "Mean ± 95% Student-t half width over the finished seeds (t_{0.975,n−1}·s/√n), "
-                "the half width to 2 significant digits and the mean to the same decimal place; "
-                "one seed shows the value alone. ↓/↑: lower/higher is better. "
+                "Each cell is the mean over the seeds that finished, ± the half width of its 95% "
+                "confidence interval: Student's t quantile for n − 1 degrees of freedom times "
+                "the standard deviation s over the n seeds, divided by √n:"
+            ),
+            Formula(_INTERVAL_MATHML, _INTERVAL_LATEX),
+            Paragraph(
+                "The half width is shown to 2 significant digits and the mean to the same "
+                "decimal place; one seed shows the value alone. ↓/↑: lower/higher is better. "
                 + _MARKS_LEGEND
                 + " Columns are grouped by kind; in the HTML report each header's tooltip is "
                 "its metric key (for --metrics)."
-            )
-        )
+            ),
+        ]
+        counts = {
+            len(_values_by_seed(run_set.of_variant(variant), metric))
+            for variant in run_set.variants
+            for metric in shown
+        }
+        table.blocks += filter(None, [_few_seeds_note(counts)])
     else:
         table.blocks.append(Note("No run has any of the requested metrics."))
     if missing:
@@ -283,11 +347,25 @@ def _ablation_sections(
         against.blocks.append(
             Paragraph(
                 "Paired differences variant − its baseline (the study's per-variant baseline, "
-                f"else {baseline}) over the seeds both finished: mean ± 95% t half width, "
-                "two-sided paired t-test p-value."
+                f"else {baseline}) over the seeds both finished: the mean difference ± its 95% "
+                "t half width (the formula above, over the per-seed differences), the "
+                "two-sided paired t-test p-value and, where a table holds several tests, its "
+                "Holm-adjusted value over that table's tests. " + outcome_legend(margins)
             )
         )
-        sections += _grouped_tables(against, groups, lambda m: baseline_table(run_set, baseline, m))
+        shared = {
+            len(
+                _values_by_seed(run_set.of_variant(variant), metric).keys()
+                & _values_by_seed(run_set.of_variant(base), metric).keys()
+            )
+            for variant in run_set.variants
+            if (base := run_set.baseline_of(variant, baseline)) not in (None, variant)
+            for metric in shown
+        }
+        against.blocks += filter(None, [_few_seeds_note(shared)])
+        sections += _grouped_tables(
+            against, groups, lambda m: baseline_table(run_set, baseline, m, margins)
+        )
     else:
         against.blocks.append(Note("Only one variant (or no metric): nothing to compare."))
     return sections
@@ -296,28 +374,38 @@ def _ablation_sections(
 _GROUP_COLUMNS = 5  # metric columns per table, so that a table fits the page
 
 
-def _metric_groups(metrics: Sequence[str]) -> list[tuple[str, list[str]]]:
+def _metric_groups(metrics: Sequence[str]) -> list[tuple[str, list[list[str]]]]:
     """``metrics`` by kind (:func:`moealign.studies.labels.metric_group`, in order of first
-    appearance), at most :data:`_GROUP_COLUMNS` to a group."""
+    appearance), each kind's metrics in tables of at most :data:`_GROUP_COLUMNS` columns."""
     by_group: dict[str, list[str]] = {}
     for metric in metrics:
         by_group.setdefault(metric_group(metric), []).append(metric)
     return [
-        (group, members[start : start + _GROUP_COLUMNS])
+        (
+            group,
+            [
+                members[start : start + _GROUP_COLUMNS]
+                for start in range(0, len(members), _GROUP_COLUMNS)
+            ],
+        )
         for group, members in by_group.items()
-        for start in range(0, len(members), _GROUP_COLUMNS)
     ]
 
 
 def _grouped_tables(
-    parent: Section, groups: list[tuple[str, list[str]]], table: Callable[[list[str]], Table]
+    parent: Section,
+    groups: list[tuple[str, list[list[str]]]],
+    table: Callable[[list[str]], Table],
 ) -> list[Section]:
-    """One table per metric group: in ``parent`` itself for a single group, else in
-    subsections titled "<parent>: <group>" (returned)."""
+    """The tables of each metric group: in ``parent`` itself for a single group, else in one
+    subsection per group titled "<parent>: <group>" (returned)."""
     if len(groups) == 1:
-        parent.blocks.append(table(groups[0][1]))
+        parent.blocks += [table(chunk) for chunk in groups[0][1]]
         return []
-    return [Section(f"{parent.title}: {group}", [table(members)], 3) for group, members in groups]
+    return [
+        Section(f"{parent.title}: {group}", [table(chunk) for chunk in chunks], 3)
+        for group, chunks in groups
+    ]
 
 
 def _target_loss(run_set: RunSet, baseline: str | None, target_loss: float | None) -> float | None:
@@ -389,10 +477,14 @@ def _task_accuracy(run_set: RunSet) -> dict[str, dict[str, dict[str, tuple[float
 def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
     """Per variant, against its baseline (the study's per-variant baseline, else ``baseline``):
     mean held-out and in-domain accuracy gains (the held-out one with its paired bootstrap 95%
-    interval), CTGI with its paired bootstrap 95% interval over (seed, example) pairs and a
-    warning when tasks with headroom under 10 points carry over half its weight, and the
-    transfer ratio (:func:`moealign.studies.transfer.variant_transfer`)."""
-    rows = []
+    interval), CTGI with its paired bootstrap 95% interval (hierarchical: seeds, then examples)
+    and a warning when tasks with headroom under 10 points carry over half its weight, and the
+    transfer ratio (:func:`moealign.studies.transfer.variant_transfer`). The held-out gain and
+    CTGI each carry their outcome against 0 (bootstrap p, Holm-adjusted over the table's tests;
+    margin 1 point and 0.01)."""
+    rows: list[list[str]] = []
+    tests: list[tuple[int, int, Comparison]] = []  # (row, column, comparison)
+    warnings: dict[int, str] = {}
     for variant in run_set.variants:
         base = run_set.baseline_of(variant, baseline)
         if base is None or base == variant:
@@ -410,8 +502,7 @@ def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
         if estimate is not None:
             heldout_text += f" [{estimate.gain_ci_low:+.3f}, {estimate.gain_ci_high:+.3f}]"
             ctgi_text = f"{estimate.value:+.3f} [{estimate.ci_low:+.3f}, {estimate.ci_high:+.3f}]"
-            if estimate.warning:
-                ctgi_text += f" (warning: {estimate.warning})"
+            tests += [(len(rows), 3, estimate.gain_comparison), (len(rows), 5, estimate.comparison)]
         excluded = (
             ", ".join(sorted(estimate.excluded_tasks)) or "none"
             if estimate is not None
@@ -429,6 +520,15 @@ def transfer_table(run_set: RunSet, baseline: str) -> Table | Note:
                 excluded,
             ]
         )
+        if estimate is not None and estimate.warning:
+            warnings[len(rows) - 1] = f" (warning: {estimate.warning})"
+    for (row, column, _), comparison in zip(tests, holm([c for *_, c in tests]), strict=True):
+        p_text = format_p(comparison.p_value)
+        if comparison.family > 1:
+            p_text += f", Holm {format_p(comparison.p_adjusted)}"
+        rows[row][column] += f": {comparison.describe('higher')} ({p_text})"
+    for row, warning in warnings.items():
+        rows[row][5] += warning
     if not rows:
         return Note(
             "No variant shares a seed with per-example held-out answers with its baseline: no CTGI."
@@ -518,8 +618,10 @@ def _figure_sections(run_set: RunSet, baseline: str | None, figures: Path) -> li
                 Paragraph(
                     "CTGI (DESIGN.md §7) against each variant's baseline, upper bound 1: mean "
                     "over held-out tasks of (A_m − A_b)/(1 − A_b), tasks with headroom under 1 "
-                    "point excluded; 95% paired percentile bootstrap over (seed, example) pairs "
-                    "(runs of one seed answer the same examples), beside the plain held-out "
+                    "point excluded; 95% paired percentile bootstrap, hierarchical: each replicate "
+                    "draws the seeds, then the examples (once for all seeds where they answered "
+                    "the same examples, else per seed), so seed-to-seed variance counts; beside "
+                    "the plain held-out "
                     "accuracy gain and its interval from the same resamples; a task's weight in "
                     "CTGI is ∝ 1/headroom, so a warning marks CTGI values where tasks with under "
                     "10 points of headroom carry over half of it. Transfer ratio: mean held-out "
@@ -610,8 +712,9 @@ def _failure_modes(run: RunRecord) -> list[str]:
     return found or ["none observed in the logged metrics"]
 
 
-def model_card(run: RunRecord) -> list[Section]:
-    """The model card and reproducibility appendix of one run."""
+def model_card(run: RunRecord) -> Section:
+    """The model card of one run, its reproducibility appendix and its resolved config, each
+    folded under a one-line summary (``<details>``)."""
     config, meta, results = run.config, run.meta, run_results(run)
     train, optim = config.get("train", {}), config.get("optim", {})
     params = (
@@ -655,7 +758,7 @@ def model_card(run: RunRecord) -> list[Section]:
     commands = [_command_text(meta)] + [
         _command_text(r) + f"   # resumed {r.get('time')}" for r in meta.get("resumed", [])
     ]
-    appendix = [
+    reproducibility = [
         Paragraph("Command (run from the directory the run was started in):"),
         Code("\n".join(commands), "bash"),
         Table(
@@ -675,13 +778,20 @@ def model_card(run: RunRecord) -> list[Section]:
                 ],
             ],
         ),
-        Paragraph("Resolved config (config.json):"),
-        Code(json.dumps(config, indent=2), "json"),
     ]
-    return [
-        Section(f"Model card: {run.name}", [card], level=3),
-        Section(f"Reproducibility: {run.name}", appendix, level=4),
-    ]
+    return Section(
+        f"Model card: {run.name}",
+        [
+            Details(
+                "Card: architecture, parameters, data, training budget, intended use, measured "
+                "results, known failure modes",
+                [card],
+            ),
+            Details("Reproducibility: command, versions, hardware, wall time", reproducibility),
+            Details("Resolved config (config.json)", [Code(json.dumps(config, indent=2), "json")]),
+        ],
+        level=3,
+    )
 
 
 # ---------------------------------------------------------------------- the report
@@ -704,6 +814,24 @@ def _unique_names(runs: Sequence[RunRecord]) -> list[str]:
     return names
 
 
+_REPORT_ENTRIES = {"report.md", "report.html", "figures", "model_cards", MARKER_FILE}
+
+
+def _check_report_folder(out_dir: Path) -> None:
+    """``--out`` may be new, empty, or a report folder (its marker, or only the entries a report
+    writes, for one written before the marker): a report never overwrites others' files."""
+    check_writable_folder(out_dir, "--out", writes="report")
+    if not out_dir.is_dir() or folder_kind(out_dir) == "report":
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _REPORT_ENTRIES)
+    if foreign:
+        raise RunDataError(
+            f"--out: got {str(out_dir)!r}, which holds files a report did not write "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or "
+            "empty folder"
+        )
+
+
 def build_report(
     paths: Sequence[str | Path],
     out_dir: str | Path,
@@ -712,19 +840,26 @@ def build_report(
     metrics: Sequence[str] | None = None,
     target_loss: float | None = None,
     title: str = "moealign report",
+    margins: dict[str, float] | None = None,
 ) -> ReportFiles:
     """Write the report of the runs/studies in ``paths`` to ``out_dir`` (see module doc).
 
     ``baseline`` (default: the study's) names a variant; ``metrics`` default to
-    :data:`DEFAULT_METRICS`; ``target_loss`` defaults to the baseline's final validation loss.
+    :data:`DEFAULT_METRICS`; ``target_loss`` defaults to the baseline's final validation loss;
+    ``margins`` are equivalence margins by metric over the defaults
+    (:func:`moealign.evaluation.verdicts.default_margin`).
     """
+    if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
+        raise RunDataError(f"--target-loss: got {target_loss}; expected a finite number > 0")
+    out_dir = Path(out_dir)
+    _check_report_folder(out_dir)
     run_set = load_runs(paths)
     baseline = baseline or run_set.baseline
     if baseline is not None and baseline not in run_set.variants:
         raise RunDataError(f"--baseline: got {baseline!r}; expected one of {run_set.variants}")
-    out_dir = Path(out_dir)
     figures_dir, cards_dir = out_dir / "figures", out_dir / "model_cards"
     cards_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, "report")
 
     summary = Section(
         "Summary",
@@ -740,7 +875,7 @@ def build_report(
     sections = [
         summary,
         _runs_section(run_set),
-        *_ablation_sections(run_set, baseline, metrics or DEFAULT_METRICS),
+        *_ablation_sections(run_set, baseline, metrics or DEFAULT_METRICS, margins),
         _efficiency_section(run_set, target),
         *_figure_sections(run_set, baseline, figures_dir),
     ]
@@ -750,9 +885,11 @@ def build_report(
         if not run.config:
             continue
         card = model_card(run)
-        card_sections += card
+        card_sections.append(card)
         card_path = cards_dir / f"{name}.md"
-        card_path.write_text(to_markdown(f"Model card: {run.name}", card, cards_dir))
+        atomic_write_text(
+            card_path, printable(to_markdown(f"Model card: {run.name}", [card], cards_dir))
+        )
         card_paths.append(card_path)
     sections.append(
         Section(
@@ -763,8 +900,8 @@ def build_report(
     sections += card_sections
 
     markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    markdown_path.write_text(to_markdown(title, sections, out_dir))
-    html_path.write_text(to_html(title, sections))
+    atomic_write_text(markdown_path, printable(to_markdown(title, sections, out_dir)))
+    atomic_write_text(html_path, printable(to_html(title, sections)))
     figures = sorted(figures_dir.glob("*.png")) if figures_dir.exists() else []
     return ReportFiles(markdown_path, html_path, figures, card_paths)
 
@@ -772,58 +909,87 @@ def build_report(
 # ---------------------------------------------------------------------- compare
 
 
-def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
-    """Two runs side by side: config keys that differ, then every final (non per-layer) result
-    with the difference B − A."""
+def comparison(path_a: str | Path, path_b: str | Path) -> dict[str, Any]:
+    """Two runs side by side, as data: ``a``/``b`` (path, status), ``config_differences``
+    (flattened config key -> {a, b}; a key one run lacks is None there) and ``metrics``
+    (every final non per-layer result -> {a, b, difference = b − a}; None where a run lacks
+    it or a value is not finite). One run each cannot judge a difference: it is inconclusive
+    (:mod:`moealign.evaluation.verdicts` needs repeated seeds)."""
     a, b = load_run(path_a), load_run(path_b)
     for run, path in ((a, path_a), (b, path_b)):
         if not run.config:
             raise RunDataError(f"{path}: expected a run directory (with config.json)")
-    lines = [f"A: {a.path} ({a.status})", f"B: {b.path} ({b.status})", ""]
     flat_a, flat_b = flatten_config(a.config), flatten_config(b.config)
     differing = sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+    results_a, results_b = run_results(a), run_results(b)
+    keys = sorted(k for k in results_a.keys() | results_b.keys() if "/layer" not in k)
+
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    metrics = {}
+    for key in keys:
+        va, vb = results_a.get(key, math.nan), results_b.get(key, math.nan)
+        metrics[key] = {"a": finite(va), "b": finite(vb), "difference": finite(vb - va)}
+    return {
+        "a": {"path": str(a.path), "status": a.status},
+        "b": {"path": str(b.path), "status": b.status},
+        "config_differences": {k: {"a": flat_a.get(k), "b": flat_b.get(k)} for k in differing},
+        "metrics": metrics,
+    }
+
+
+def compare_text(result: dict[str, Any]) -> str:
+    """:func:`comparison` for the terminal: config keys that differ, then every final result
+    with the difference B − A."""
+    a, b = result["a"], result["b"]
+    lines = [f"A: {a['path']} ({a['status']})", f"B: {b['path']} ({b['status']})", ""]
     lines.append("config differences")
-    if differing:
-        rows = [[k, json.dumps(flat_a.get(k)), json.dumps(flat_b.get(k))] for k in differing]
+    if result["config_differences"]:
+        rows = [
+            [k, json.dumps(values["a"]), json.dumps(values["b"])]
+            for k, values in result["config_differences"].items()
+        ]
         lines.append(to_text(Table(["key", "A", "B"], rows, align="lll")))
     else:
         lines.append("(none)")
-    results_a, results_b = run_results(a), run_results(b)
-    keys = sorted(k for k in results_a.keys() | results_b.keys() if "/layer" not in k)
     lines += ["", "final metrics"]
-    rows = []
-    for key in keys:
-        va, vb = results_a.get(key, math.nan), results_b.get(key, math.nan)
-        rows.append(
-            [
-                _with_arrow(key, key),
-                format_number(va),
-                format_number(vb),
-                format_number(vb - va, signed=True),
-            ]
-        )
+    rows = [
+        [
+            _with_arrow(key, key),
+            format_number(m["a"]),
+            format_number(m["b"]),
+            format_number(m["difference"], signed=True),
+        ]
+        for key, m in result["metrics"].items()
+    ]
     lines.append(to_text(Table(["metric", "A", "B", "B − A"], rows)) if rows else "(none)")
+    if rows:
+        lines += [
+            "",
+            "B − A is one draw of each run: without repeated seeds there is no interval, so every "
+            "difference is inconclusive (neither lower, higher nor equivalent is shown); compare "
+            "several seeds of each with `moealign report` for verdicts.",
+        ]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- command line
 
 
-def run_report(args: argparse.Namespace) -> int:
+def run_report(args: argparse.Namespace) -> ReportFiles:
+    """``moealign report``: write the report; print (and return) where."""
     out = args.out or (str(Path(args.paths[0]) / "report") if len(args.paths) == 1 else "report")
-    files = build_report(
-        args.paths,
-        out,
-        baseline=args.baseline,
-        metrics=args.metrics,
-        target_loss=args.target_loss,
-        title=args.title,
-    )
+    with phase(f"report: {len(args.paths)} inputs to tables, figures and model cards"):
+        files = build_report(
+            args.paths,
+            out,
+            baseline=args.baseline,
+            metrics=args.metrics,
+            target_loss=args.target_loss,
+            title=args.title,
+            margins=dict(args.margins or []),
+        )
     print(f"wrote {files.markdown}, {files.html}")
     print(f"  {len(files.figures)} figures, {len(files.model_cards)} model cards")
-    return 0
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    print(compare_runs(args.run_a, args.run_b))
-    return 0
+    return files

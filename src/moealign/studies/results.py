@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from moealign.io import read_json, read_jsonl
+from moealign.io import iter_jsonl, read_json
 from moealign.studies.ablate import STUDY_FILE, classify_run
 from moealign.training.runs import CONFIG_FILE, FINAL_EVAL_FILE, META_FILE, METRICS_FILE
 
@@ -67,6 +67,39 @@ def _read_table(path: Path) -> dict[str, Any]:
     return data
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8 for tables, plots and documents: bytes of a file name that are
+    not UTF-8 (held as surrogates by Python) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _check_numbers(record: dict[str, Any], structured: set[str], where: str) -> None:
+    """Every value of ``record`` but the ``structured`` keys is a number, string, bool or null
+    (what a report reads as a metric); RunDataError naming ``where`` and the key."""
+    for key, value in record.items():
+        if key not in structured and isinstance(value, (list, dict)):
+            raise RunDataError(
+                f"{where}: {key} is a JSON {'array' if isinstance(value, list) else 'object'}; "
+                "expected a number"
+            )
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``, each with an integer ``step`` and scalar metrics (an
+    ``event`` record may hold lists); RunDataError naming the file and line."""
+    if not path.exists():
+        return []
+    records = []
+    for number, record in iter_jsonl(path):
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RunDataError(f"{path}:{number}: step {step!r} is not an integer")
+        if "event" not in record:
+            _check_numbers(record, set(), f"{path}:{number}")
+        records.append(record)
+    return records
+
+
 @dataclass
 class RunRecord:
     """One run directory's files; missing files read as empty."""
@@ -84,7 +117,7 @@ class RunRecord:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return printable(self.path.name)
 
     def records(self, split: str) -> list[dict[str, Any]]:
         """Logged records of ``split`` (``train``/``val``), sorted by step."""
@@ -134,14 +167,18 @@ def load_run(
     path = Path(path)
     config = _read_table(path / CONFIG_FILE)
     meta = _read_table(path / META_FILE)
-    metrics = read_jsonl(path / METRICS_FILE)
+    metrics = _read_metrics(path / METRICS_FILE)
     final = _read_table(path / FINAL_EVAL_FILE)
+    _check_numbers(final, {"expert_counts", "task_accuracy", "tasks"}, str(path / FINAL_EVAL_FILE))
     found_status, diverged_step = classify_run(path)
     if seed is None:
-        seed = int(meta.get("seed", config.get("train", {}).get("seed", 0)))
+        train = config.get("train")
+        seed = meta.get("seed", train.get("seed", 0) if isinstance(train, dict) else 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise RunDataError(f"{path / META_FILE}: seed {seed!r} is not an integer")
     return RunRecord(
         path=path,
-        variant=variant or path.name,
+        variant=printable(variant or path.name),
         seed=seed,
         status=status if status in ("failed", "interrupted", "pending") else found_status,
         diverged_step=diverged_step,

@@ -3,14 +3,18 @@
 For each held-out task t (the final evaluation's ``heldout_tasks`` and ``heldout_compositions``
 sets) and each seed run by both variants, ``final_eval.json["tasks"]`` holds one 0/1
 correctness per example. Runs of the same seed answer the same examples (checked on the
-references), so the two variants' arrays are paired example by example; the seeds' arrays are
-concatenated per task. Then (DESIGN.md §7, :func:`moealign.evaluation.ctgi.ctgi`)
+references), so the two variants' arrays are paired example by example; per task the seeds'
+arrays are stacked, one row per seed. Then (DESIGN.md §7, :func:`moealign.evaluation.ctgi.ctgi`)
 
     A(t) = mean over seeds and examples,  G(t) = (A_m(t) − A_b(t)) / (U − A_b(t)),  U = 1,
     CTGI = mean over held-out tasks with U − A_b(t) ≥ 1 point of G(t),
 
-with the paired percentile bootstrap 95% interval over (seed, example) pairs within each task,
-and the transfer ratio TR = mean_t∈held-out (A_m − A_b) / mean_t∈seen (A_m − A_b) on the
+with the paired hierarchical percentile bootstrap 95% interval: each replicate draws the seeds
+with replacement, then the examples of each task, once for all seeds where every seed answered
+the same examples, else per drawn seed
+(:func:`moealign.evaluation.stats.hierarchical_bootstrap_means`), so that the interval holds
+the seed-to-seed variance, not only the example sampling; and the transfer ratio
+TR = mean_t∈held-out (A_m − A_b) / mean_t∈seen (A_m − A_b) on the
 seen-task test split (:func:`moealign.evaluation.ctgi.transfer_ratio`; undefined when the in-domain
 gain is 0).
 """
@@ -27,7 +31,7 @@ from moealign.evaluation.ctgi import CTGIResult, ctgi, transfer_ratio
 from moealign.evaluation.tasks import HELDOUT_SETS
 from moealign.studies.results import RunRecord, RunSet
 
-__all__ = ["VariantTransfer", "paired_task_answers", "variant_transfer"]
+__all__ = ["PairedAnswers", "VariantTransfer", "paired_task_answers", "variant_transfer"]
 
 SEEN_SET = "test"
 _ZERO_GAIN = 1e-12
@@ -43,14 +47,27 @@ def _task_answers(run: RunRecord, sets: Sequence[str]) -> dict[str, dict]:
     }
 
 
+@dataclass(frozen=True)
+class PairedAnswers:
+    """Per task, (seeds × examples) correctness of a variant and its baseline, one row per
+    shared seed (``seeds``, ascending); ``shared_examples``: every seed answered the same
+    examples of every task (the bootstrap then draws examples once for all seeds)."""
+
+    model: dict[str, np.ndarray]
+    baseline: dict[str, np.ndarray]
+    seeds: list[int]
+    shared_examples: bool
+
+
 def paired_task_answers(
     model_runs: Sequence[RunRecord], baseline_runs: Sequence[RunRecord], sets: Sequence[str]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[int]]:
+) -> PairedAnswers:
     """Per task of ``sets``, the model's and the baseline's per-example correctness, paired by
-    seed (same seed → same examples) and concatenated over the shared seeds (ascending).
+    seed (same seed → same examples), one row per shared seed.
 
     Only seeds where both runs recorded per-example answers count, and only tasks every such
-    pair recorded. Raises ``ValueError`` when a pair scored different examples of a task.
+    pair recorded. Raises ``ValueError`` when a pair scored different examples of a task, or
+    when seeds scored different numbers of examples of a task.
     """
     baseline_by_seed = {run.seed: run for run in baseline_runs}
     pairs = []
@@ -62,10 +79,11 @@ def paired_task_answers(
         if ours and theirs:
             pairs.append((run.seed, ours, theirs))
     if not pairs:
-        return {}, {}, []
+        return PairedAnswers({}, {}, [], False)
     tasks = sorted(set.intersection(*(set(o) & set(t) for _, o, t in pairs)))
     model: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
     baseline: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
+    shared = all(len({str(o[t].get("references")) for _, o, _ in pairs}) == 1 for t in tasks)
     for seed, ours, theirs in pairs:
         for task in tasks:
             if ours[task].get("references") != theirs[task].get("references"):
@@ -76,10 +94,18 @@ def paired_task_answers(
                 )
             model[task].append(np.asarray(ours[task]["correct"], dtype=np.float64))
             baseline[task].append(np.asarray(theirs[task]["correct"], dtype=np.float64))
-    return (
-        {task: np.concatenate(arrays) for task, arrays in model.items()},
-        {task: np.concatenate(arrays) for task, arrays in baseline.items()},
+    for task, arrays in model.items():
+        if len({array.size for array in arrays}) != 1:
+            raise ValueError(
+                f"task {task!r}: the seeds answered different numbers of examples "
+                f"({[array.size for array in arrays]}); runs must share "
+                "train.task_eval_examples"
+            )
+    return PairedAnswers(
+        {task: np.stack(arrays) for task, arrays in model.items()},
+        {task: np.stack(arrays) for task, arrays in baseline.items()},
         [seed for seed, _, _ in pairs],
+        shared,
     )
 
 
@@ -119,14 +145,17 @@ def variant_transfer(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> VariantTransfer | None:
-    """CTGI (upper bound 1, 1-point headroom rule) with its paired bootstrap interval, and the
+    """CTGI (upper bound 1, 1-point headroom rule) with its hierarchical paired bootstrap
+    interval, and the
     transfer ratio, of ``variant`` against ``baseline`` (module docstring). None when the two
     share no seed with per-example held-out answers."""
     model_runs, base_runs = run_set.of_variant(variant), run_set.of_variant(baseline)
-    heldout_m, heldout_b, seeds = paired_task_answers(model_runs, base_runs, HELDOUT_SETS)
+    heldout = paired_task_answers(model_runs, base_runs, HELDOUT_SETS)
+    heldout_m, heldout_b = heldout.model, heldout.baseline
     if not heldout_m:
         return None
-    seen_m, seen_b, _ = paired_task_answers(model_runs, base_runs, (SEEN_SET,))
+    seen = paired_task_answers(model_runs, base_runs, (SEEN_SET,))
+    seen_m, seen_b = seen.model, seen.baseline
     heldout_gain, indomain_gain = _mean_gain(heldout_m, heldout_b), _mean_gain(seen_m, seen_b)
     ratio = (
         transfer_ratio(heldout_gain, indomain_gain) + 0.0  # + 0.0: no "-0" for a zero gain
@@ -142,6 +171,7 @@ def variant_transfer(
             n_resamples=n_resamples,
             confidence=confidence,
             seed=seed,
+            shared_examples=heldout.shared_examples,
         )
         note = ""
     except ValueError as err:
@@ -149,7 +179,7 @@ def variant_transfer(
     return VariantTransfer(
         variant=variant,
         baseline=baseline,
-        seeds=seeds,
+        seeds=heldout.seeds,
         heldout_gain=heldout_gain,
         indomain_gain=indomain_gain,
         transfer_ratio=ratio,

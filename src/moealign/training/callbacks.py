@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tqdm.auto import tqdm
-
 from moealign.evaluation.common import strict_json
 from moealign.evaluation.lm import LMEvaluation
 from moealign.evaluation.routing_stats import RoutingSummary
 from moealign.evaluation.run import evaluation_record
 from moealign.nn import update_expert_biases
+from moealign.progress import Phase
 from moealign.training.loggers import LoggerGroup, build_loggers
 from moealign.training.runs import peak_memory_bytes, utc_now
 
@@ -145,22 +144,25 @@ class TrainLogging(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over the steps (rank 0, unless disabled) showing the logged loss and rate."""
+    """The "train" phase of :mod:`moealign.progress` over the steps (rank 0, unless disabled),
+    showing the logged loss and rate: a bar on a terminal, a line every tenth otherwise."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled = total, enabled
-        self.bar: tqdm | None = None
+        self.bar: Phase | None = None
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self.bar = tqdm(total=self.total, initial=trainer.step, disable=not self.enabled)
+        if self.enabled:
+            self.bar = Phase("train: steps", self.total, initial=trainer.step)
 
     def on_step_end(self, trainer: Trainer, step: StepResult) -> None:
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         loss, rate = record.get("loss"), record.get("tokens_per_s")
         if self.bar is not None and record.get("split") == "train" and None not in (loss, rate):
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+            self.bar.postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         self.on_close(trainer)
@@ -200,7 +202,10 @@ class Guardrail(Callback):
             return
         trainer.log(event)
         if trainer.dist.is_main:
-            tqdm.write(f"guardrail at step {step.step}: {event['layers']} -> {event['action']}")
+            print(
+                f"guardrail at step {step.step}: {event['layers']} -> {event['action']}",
+                flush=True,
+            )
         if trainer.guardrail.stop_requested:
             trainer.request_stop("guardrail")
 

@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from moealign.io import TEMPORARY_PREFIX, FileFormatError, read_json
+from moealign.io import FileFormatError, read_json, temporary_name
 
 __all__ = [
     "Checkpoint",
@@ -230,7 +230,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(step)
-    tmp = directory / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
+    tmp = directory / temporary_name(final.name)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -247,7 +247,7 @@ def save_checkpoint(
         ) from None
 
     if final.exists():  # re-saving the same step (e.g. on a signal right after a periodic save)
-        stale = directory / f"{TEMPORARY_PREFIX}stale-{final.name}-{os.getpid()}"
+        stale = directory / temporary_name(f"stale-{final.name}")
         os.replace(final, stale)
         os.replace(tmp, final)
         shutil.rmtree(stale)

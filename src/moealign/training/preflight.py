@@ -47,19 +47,61 @@ def check_device(device: str, field: str = "train.device") -> None:
         )
 
 
-def check_writable_folder(path: str | Path, field: str) -> None:
-    """``path`` is a folder (or can be made one) that this process can write: neither it nor a
-    parent is a file, and its nearest existing ancestor is writable."""
+def check_writable_folder(path: str | Path, field: str, writes: str = "files") -> None:
+    """May a command that writes ``writes`` (``run``, ``study``, ``report``, ``export``,
+    ``compress``, ``files``) write the folder ``path``? The one guard of every writer:
+
+    * neither ``path`` nor a parent is a file, and its nearest existing ancestor is writable;
+    * ``path`` is not a dangling symbolic link (named as given), nor any link for ``export``
+      and ``compress``, which create their folder;
+    * no folder above it (links resolved) is a moealign run (:func:`folder_kind`): a run's
+      checkpoints and records belong to it alone (a run's own ``report`` folder excepted
+      for ``report``);
+    * ``path`` itself, if it holds a moealign run, study or report, holds the kind the command
+      writes (a command never writes into another's folder).
+
+    Raises :class:`ConfigError` naming ``field`` and ``path`` as given.
+    """
+    from moealign.training.runs import folder_kind
+
     path = Path(path)
+    shown = str(path)
+    if path.is_symlink():
+        target = os.readlink(path)
+        if not path.exists():
+            raise ConfigError(
+                field, f"got {shown!r}, a symbolic link to {target!r}, which does not exist"
+            )
+        if writes in ("export", "compress"):
+            raise ConfigError(
+                field, f"got {shown!r}, a symbolic link to {target!r}; expected a new folder"
+            )
     for ancestor in (path, *path.parents):
         if not ancestor.exists():
             continue
         if not ancestor.is_dir():
             where = "it" if ancestor == path else f"its parent {ancestor}"
-            raise ConfigError(field, f"got {str(path)!r}, but {where} is not a folder")
+            raise ConfigError(field, f"got {shown!r}, but {where} is not a folder")
         if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise ConfigError(field, f"got {str(path)!r}, but {ancestor} is not writable")
-        return
+            raise ConfigError(field, f"got {shown!r}, but {ancestor} is not writable")
+        break
+    real = Path(os.path.realpath(path))
+    for ancestor in real.parents:
+        if folder_kind(ancestor) == "run" and not (
+            writes == "report" and real == ancestor / "report"
+        ):
+            raise ConfigError(
+                field,
+                f"got {shown!r}, which is inside the run folder {str(ancestor)!r}; a run's "
+                "folder holds only what its own commands write: choose a folder outside it",
+            )
+    kind = folder_kind(real)
+    if kind is not None and kind != writes:
+        raise ConfigError(
+            field,
+            f"got {shown!r}, which holds a moealign {kind}; `{writes}` does not write into "
+            "it: choose a new or empty folder",
+        )
 
 
 def _check_data_files(config: RunConfig) -> None:
@@ -166,7 +208,7 @@ def check_before_training(
     """Every check of the module docstring for a run of ``config`` written to ``run_dir``
     (``out_field`` names where the user gave it: ``out_dir`` or ``--out``)."""
     check_device(config.train.device)
-    check_writable_folder(run_dir, out_field)
+    check_writable_folder(run_dir, out_field, writes="run")
     cache = Path(config.data.cache_dir)
     if cache.exists() and not cache.is_dir():
         raise ConfigError("data.cache_dir", f"got {str(cache)!r}, which is not a folder")

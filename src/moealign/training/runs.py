@@ -9,18 +9,25 @@ Layout (DESIGN.md §8)::
       checkpoints/       step_* directories (moealign.training.checkpoint)
       tokenizer/         the run's tokenizer as Hugging Face files (AutoTokenizer loads it)
       final_eval.json    the evaluation at the end of training
+      .moealign.json     the marker: {"kind": "run", "format": 1}
       .lock              held (flock) by the process writing or reading the run
 
-A folder is a *run* when it holds ``meta.json`` and ``metrics.jsonl`` (both written when it is
-created). Nothing is lost by accident: opening a folder that holds a run needs ``resume=True``
-(continue it, with an unchanged config apart from ``train.steps``) or ``overwrite=True``
-(replace it); a folder that holds anything else is never written into or deleted; one process at
-a time holds a run folder (:class:`RunLock`, naming the holder's pid). Temporary ``.tmp-*``
-entries that a killed writer left are removed when a run is opened.
+A folder is a *run* when its marker says so (:func:`folder_kind`; a run written before the
+marker existed is recognised by the provenance moealign wrote into its ``meta.json``, and gets
+the marker when it is resumed). Nothing is lost by accident: opening a folder that holds a run
+needs ``resume=True`` (continue it, with an unchanged config apart from ``train.steps``) or
+``overwrite=True`` (replace it); a folder that holds anything else is never written into or
+deleted; one process at a time holds a run folder (:class:`RunLock`, naming the holder's pid);
+a run whose lock, checkpoints or records are symbolic links is refused (a write would land in
+what the link points at). A resume checks every record it will rewrite (meta, metrics, final
+evaluation) before it writes anything. Temporary ``.tmp-*`` entries that a killed writer left
+are removed when a run is opened. Checkpoints carry :func:`run_identity` (the hash of the
+config that must not change on resume, seed included): a resume refuses a foreign one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -39,6 +46,7 @@ from moealign.io import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
+    iter_jsonl,
     read_json,
     read_jsonl,
     remove_temporaries,
@@ -52,11 +60,14 @@ __all__ = [
     "environment_info",
     "finished_step",
     "flatten_config",
+    "folder_kind",
     "git_commit",
     "is_run_dir",
     "peak_memory_bytes",
     "read_run_config",
+    "run_identity",
     "utc_now",
+    "write_marker",
 ]
 
 CONFIG_FILE = "config.json"
@@ -66,6 +77,21 @@ FINAL_EVAL_FILE = "final_eval.json"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 TOKENIZER_DIR = "tokenizer"
+MARKER_FILE = ".moealign.json"
+FORMAT_VERSION = 1  # of the folders moealign writes (the marker's "format")
+EVAL_FILE = "eval.json"
+# Entries of a run that moealign writes or deletes in place: never a symbolic link.
+_NO_LINKS = (
+    LOCK_FILE,
+    MARKER_FILE,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    META_FILE,
+    METRICS_FILE,
+    FINAL_EVAL_FILE,
+    EVAL_FILE,
+    TOKENIZER_DIR,
+)
 # Changes that do not alter the result: the budget, the dashboards the metrics go to, what a
 # non-finite step does (a run stopped by one may go on, skipping it), and the parallel layout
 # (a resume on another number of ranks keeps world size × grad_accum, so the global batch and
@@ -91,10 +117,82 @@ class RunLockedError(RunExistsError):
     """Another process holds the run folder's lock."""
 
 
-def is_run_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a moealign run folder: it holds ``meta.json`` and ``metrics.jsonl``."""
+def write_marker(folder: str | Path, kind: str) -> None:
+    """Mark ``folder`` as a moealign ``kind`` (run, study, report) of :data:`FORMAT_VERSION`."""
+    atomic_write_json(Path(folder) / MARKER_FILE, {"kind": kind, "format": FORMAT_VERSION})
+
+
+def _legacy_kind(path: Path) -> str | None:
+    """The kind of a folder written before the marker: a run by the provenance in its
+    ``meta.json`` (``versions.moealign``) beside ``metrics.jsonl`` and ``config.json``; a
+    study by its ``study.json`` (``cells`` and ``study_file``)."""
+    try:
+        if (path / METRICS_FILE).is_file() and (path / CONFIG_FILE).is_file():
+            meta = read_json(path / META_FILE)
+            versions = meta.get("versions") if isinstance(meta, dict) else None
+            if isinstance(versions, dict) and "moealign" in versions:
+                return "run"
+        if (path / "study.json").is_file():
+            study = read_json(path / "study.json")
+            if isinstance(study, dict) and {"cells", "study_file"} <= study.keys():
+                return "study"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def folder_kind(path: str | Path) -> str | None:
+    """What moealign wrote in ``path``: ``run``, ``study`` or ``report`` by its marker (or, for
+    a folder older than the marker, by content: :func:`_legacy_kind`); None for anything else.
+    A marker of a newer format than this version reads is an error naming the file."""
     path = Path(path)
-    return (path / META_FILE).is_file() and (path / METRICS_FILE).is_file()
+    marker = path / MARKER_FILE
+    if not path.is_dir():
+        return None
+    if not marker.is_file():
+        return _legacy_kind(path)
+    try:
+        data = read_json(marker)
+    except (OSError, ValueError):
+        data = None
+    version = data.get("format") if isinstance(data, dict) else None
+    if not (isinstance(version, int) and not isinstance(version, bool)) or not isinstance(
+        data.get("kind"), str
+    ):
+        return _legacy_kind(path)  # a damaged marker: judged by content, as before it
+    if version > FORMAT_VERSION:
+        raise RunExistsError(
+            f"{marker}: format {version}, newer than the {FORMAT_VERSION} this moealign "
+            f"{moealign.__version__} reads; upgrade moealign"
+        )
+    return data["kind"]
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a moealign run folder (:func:`folder_kind` is ``run``)."""
+    return folder_kind(path) == "run"
+
+
+def check_no_links(path: str | Path) -> None:
+    """Refuse a run whose lock, marker, records, checkpoints folder or a checkpoint in it is a
+    symbolic link (rotation would delete what the link points at)."""
+    checkpoints = Path(path) / CHECKPOINT_DIR
+    steps = list(checkpoints.iterdir()) if checkpoints.is_dir() else []
+    for entry in [Path(path) / name for name in _NO_LINKS] + steps:
+        if entry.is_symlink():
+            raise RunExistsError(
+                f"{entry} is a symbolic link; moealign writes the entries of a run folder in "
+                "place and would change what the link points at: replace the link by the "
+                "file or folder itself"
+            )
+
+
+def run_identity(config: dict[str, Any]) -> str:
+    """SHA-256 of the recorded config without what a resume may change (and the run's name):
+    equal for a run and its resumption, different for another config or seed."""
+    flat = flatten_config(config)
+    kept = {k: v for k, v in flat.items() if k not in _RESUMABLE_CHANGES and k != "name"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def finished_step(path: str | Path) -> int | None:
@@ -102,8 +200,9 @@ def finished_step(path: str | Path) -> int | None:
     file = Path(path) / FINAL_EVAL_FILE
     if not file.is_file():
         return None
-    step = read_json(file).get("step")
-    return step if isinstance(step, int) else None
+    record = read_json(file)
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_run_config(path: str | Path) -> Any:
@@ -147,8 +246,10 @@ class RunLock:
             RunLock._held[key] = (fd, count + 1)
             self._key = key
             return self
+        if path.is_symlink() or not self.shared:  # a writer: nothing it writes is a link
+            check_no_links(self.folder)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except PermissionError:
             if self.shared:  # a read-only folder: nobody here can write to it either
                 return self
@@ -310,11 +411,17 @@ class RunDirectory:
         if resume and overwrite:
             raise ValueError("resume and overwrite: got both; expected at most one of them")
         _check_folder(self.path, "run directory")
+        if resume:
+            self.check_resumable()
         if not self.path.exists():
             return
+        check_no_links(self.path)
         if is_run_dir(self.path):
             if resume:
-                self._check_same_config(read_json(self.path / CONFIG_FILE), config)
+                self._check_same_config(
+                    self._read_object(CONFIG_FILE, "the recorded config"), config
+                )
+                self._check_records()
             elif not overwrite:
                 raise RunExistsError(
                     f"run directory {self.path} already holds a run; "
@@ -323,9 +430,54 @@ class RunDirectory:
         elif self._foreign_entries():
             raise RunExistsError(
                 f"run directory {self.path} is not empty and holds no moealign run (no "
-                f"{META_FILE} and {METRICS_FILE}); refusing to write into it or replace it: "
-                "choose a new or empty folder"
+                f"{MARKER_FILE} marker nor the {META_FILE} moealign writes); refusing to write "
+                "into it or replace it: choose a new or empty folder"
             )
+
+    def check_resumable(self) -> None:
+        """Raise :class:`RunExistsError` naming the folder unless it holds a run to resume."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunExistsError(f"cannot resume {self.path}: it is not a folder")
+        if not self.path.is_dir():
+            raise RunExistsError(
+                f"cannot resume {self.path}: no such folder; give the folder of a run (or "
+                "leave out --resume to start one)"
+            )
+        if not is_run_dir(self.path):
+            raise RunExistsError(
+                f"cannot resume {self.path}: it holds no moealign run (no {MARKER_FILE} marker "
+                f"nor the {META_FILE} moealign writes); give the folder of a run"
+            )
+
+    def _read_object(self, name: str, what: str) -> dict[str, Any]:
+        file = self.path / name
+        data = read_json(file)
+        if not isinstance(data, dict):
+            raise RunExistsError(
+                f"{file}: a JSON {type(data).__name__}; expected an object ({what})"
+            )
+        return data
+
+    def _check_records(self) -> None:
+        """Every record a resume reads or rewrites has the right type (nothing is written yet):
+        ``meta.json`` an object, ``metrics.jsonl`` objects with an integer ``step``,
+        ``final_eval.json`` (if any) an object whose ``step`` is an integer."""
+        meta = self._read_object(META_FILE, "the run's provenance")
+        if not isinstance(meta.get("resumed", []), list):
+            raise RunExistsError(f"{self.path / META_FILE}: resumed is not a list")
+        for number, record in iter_jsonl(self.metrics_path):
+            step = record.get("step", 0)
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise RunExistsError(
+                    f"{self.metrics_path}:{number}: step {step!r} is not an integer"
+                )
+        if (self.path / FINAL_EVAL_FILE).exists():
+            final = self._read_object(FINAL_EVAL_FILE, "the final evaluation")
+            step = final.get("step", 0)
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise RunExistsError(
+                    f"{self.path / FINAL_EVAL_FILE}: step {step!r} is not an integer"
+                )
 
     def _foreign_entries(self) -> list[str]:
         """Entries of the folder other than a lock file and temporaries."""
@@ -357,6 +509,7 @@ class RunDirectory:
             meta.setdefault("resumed", []).append({"time": utc_now(), "command": sys.argv})
         else:
             meta = {"seed": seed, "device": device, "start_time": utc_now(), **environment_info()}
+        write_marker(self.path, "run")
         self.metrics_path.touch()
         atomic_write_json(self.path / CONFIG_FILE, config)
         atomic_write_json(self.path / META_FILE, meta)

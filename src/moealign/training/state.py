@@ -20,6 +20,7 @@ import torch
 
 from moealign.nn.transformer import MoETransformer
 from moealign.training import checkpoint
+from moealign.training.runs import run_identity
 
 if TYPE_CHECKING:
     from moealign.training.trainer import Trainer
@@ -65,6 +66,7 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
         "tokens_seen": trainer.tokens_seen,
         "aux_terms": trainer.objective.state_dict(),
         "guardrail": trainer.guardrail.state_dict() if trainer.guardrail else None,
+        "identity": run_identity(trainer.config.to_dict()),
     }
 
 
@@ -84,7 +86,14 @@ def restore_state(trainer: Trainer) -> bool:
 
 def apply_checkpoint(trainer: Trainer, found: checkpoint.Checkpoint) -> None:
     """Load ``found`` into the trainer's model, optimizer, schedule, data order, loss terms,
-    guardrail and random generators; raises on any mismatch."""
+    guardrail and random generators; raises on any mismatch, first on a checkpoint of another
+    run (:func:`moealign.training.runs.run_identity` of another config or seed)."""
+    identity = found.trainer_state.get("identity")  # absent in checkpoints older than it
+    if identity is not None and identity != run_identity(trainer.config.to_dict()):
+        raise checkpoint.CheckpointError(
+            f"checkpoint {found.path} belongs to another run: it was written with another "
+            "config or seed than this run's"
+        )
     if trainer.parallel.shards:
         whole = whole_model_copy(trainer)
         found.load_model(whole)

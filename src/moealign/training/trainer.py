@@ -43,6 +43,7 @@ from moealign.evaluation.routing_stats import RoutingStats, moe_shape
 from moealign.nn.checkpointing import apply_activation_checkpointing
 from moealign.nn.compile import compile_blocks
 from moealign.nn.transformer import MoETransformer
+from moealign.progress import phase
 from moealign.training import state
 from moealign.training.callbacks import Callback, StepResult, TrainResult, default_callbacks
 from moealign.training.objective import LossTerm, Objective
@@ -108,7 +109,10 @@ class Trainer:
         np.random.seed(train_cfg.seed)
         torch.manual_seed(train_cfg.seed)
         self.model = (model if model is not None else config.model.build()).to(self.device)
-        self.data = data if data is not None else build_training_data(config)
+        if data is None:
+            with phase("train: build the data"):
+                data = build_training_data(config)
+        self.data = data
         self.parameter_counts: dict[str, int] = self.model.parameter_counts()  # before sharding
         # Checkpointing, then compiling (of the checkpointed blocks), then sharding: torchtitan's
         # order. Neither changes a parameter name.
@@ -135,7 +139,10 @@ class Trainer:
         self.run_path = Path(run_dir) if run_dir is not None else config.run_dir
         self.checkpoint_dir = self.run_path / "checkpoints"
         self.run: RunDirectory | None = None
-        # Restored before the run folder is touched: an unusable checkpoint changes nothing.
+        # Checked, then restored, before the run folder is touched: a changed config or an
+        # unusable checkpoint changes nothing.
+        if self.dist.is_main:  # the rank that opens the run folder
+            RunDirectory(self.run_path).check(config.to_dict(), resume=resume, overwrite=overwrite)
         restored = state.restore_state(self) if resume else False
         if self.dist.is_main:
             self.run = RunDirectory.open(
