@@ -89,8 +89,11 @@ class RomaConfig(_Validated):
         eval_examples_per_task: evaluation questions per task at most.
         eval_batch_size: questions per evaluation batch.
         c3po_alpha: C3PO kernel regression: weight of the sample's own routing.
-        c3po_ngd_steps: C3PO neighbourhood gradient descent: Adam steps.
-        c3po_ngd_lr: C3PO neighbourhood gradient descent: step size.
+        c3po_ngd_lrs: C3PO neighbourhood gradient descent: candidate step sizes of its plain
+            gradient steps (chosen per seed on validation questions).
+        c3po_ngd_steps: C3PO neighbourhood gradient descent: candidate step counts.
+        c3po_ngd_validation_per_task: seen-task validation questions per task that choose
+            NGD's step size and count.
         c3po_core_experts: C3PO: experts per layer whose routing is optimised.
         oracle_steps: oracle routing: Adam steps on the routing logits.
         oracle_lr: oracle routing: step size.
