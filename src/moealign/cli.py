@@ -599,7 +599,11 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of Sub-MoE's K-means")
     parser.add_argument(
-        "--rank", type=int, default=None, help="submoe only: joint-SVD rank (default: full)"
+        "--rank",
+        type=int,
+        default=None,
+        help="submoe only: joint-SVD rank (default: floor(d_out*d_in/(d_out+d_in)); a rank >= "
+        "the matrices' own rank gives the frequency-weighted average of each cluster)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (new)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -309,9 +309,13 @@ class ModelConfig(_Validated):
         max_seq_len: longest sequence the model accepts; train.seq_len must not exceed it.
         ffn: feed-forward kind of the blocks: ``moe`` or ``dense``.
         d_ff: hidden width of a dense FFN (dense layers and the dense baseline).
-        n_experts: experts E per MoE layer.
+        n_experts: experts E per MoE layer (router rows per MoE layer).
         top_k: experts K each token is routed to (at most n_experts).
         expert_d_ff: hidden width F of each expert.
+        merged_experts: a merged model's expert count E′ < n_experts (None by default): router
+            mapping R2 (:mod:`moealign.compression.plan`): each MoE layer keeps its n_experts
+            router rows and runs E′ experts, row e sending its gate to expert expert_map[e] (a
+            per-layer buffer in the state dict).
         moe_every: every n-th block is MoE (1 = all; the others are dense).
         shared_d_ff: hidden width of an always-on shared expert (0 = none).
         router: router kind: softmax_topk, switch, hierarchical or mpi (DESIGN.md §3).
@@ -336,6 +340,7 @@ class ModelConfig(_Validated):
     n_experts: int = bounded(8, ge=1, le=MAX_EXPERTS)
     top_k: int = bounded(2, ge=1, le=MAX_EXPERTS)
     expert_d_ff: int = bounded(128, ge=1, le=MAX_WIDTH)
+    merged_experts: int | None = bounded(None, ge=1, le=MAX_EXPERTS)
     moe_every: int = bounded(1, ge=1, le=1024)  # every n-th layer is MoE (1 = all)
     shared_d_ff: int = bounded(
         0, ge=0, le=MAX_WIDTH
@@ -380,6 +385,11 @@ class ModelConfig(_Validated):
             )
         if self.top_k > self.n_experts:
             raise ConfigError("top_k", f"got {self.top_k}; expected <= n_experts={self.n_experts}")
+        if self.merged_experts is not None and self.merged_experts > self.n_experts:
+            raise ConfigError(
+                "merged_experts",
+                f"got {self.merged_experts}; expected None or <= n_experts={self.n_experts}",
+            )
         if self.ffn == "moe" and self.moe_every > self.n_layers:
             raise ConfigError(
                 "moe_every",
@@ -881,20 +891,24 @@ COMPRESSION_METHODS = ("frequency", "naee", "msmoe", "submoe")
 class CompressionConfig(_Validated):
     """How a compressed run's weights were made (``moealign compress``;
     :mod:`moealign.compression`): ``method`` (``none`` for an ordinary run), the ``source`` run
-    directory, its ``source_n_experts`` E, the ``keep_experts`` E′ (= model.n_experts), the
-    ``calibration`` data (``training data`` or a file) and its ``calibration_tokens``, the
-    ``seed`` and the Sub-MoE joint-SVD ``rank`` (None = full rank). Recorded in ``config.json``
-    only when ``method`` is not ``none``.
+    directory, its ``source_n_experts`` E, the ``keep_experts`` E′ (``model.n_experts`` after
+    pruning, ``model.merged_experts`` after merging), the ``calibration`` data (``training
+    data`` or a file) and its ``calibration_tokens``, the ``seed`` and the Sub-MoE joint-SVD
+    ``rank`` (None = the default truncation of
+    :func:`moealign.compression.submoe.default_rank`). Recorded in ``config.json`` only when
+    ``method`` is not ``none``.
 
     Attributes:
         method: how the weights were compressed (none for an ordinary run).
         source: the compressed run directory or model.
         source_n_experts: E, the experts per layer before compression.
-        keep_experts: E′, the experts kept (= model.n_experts).
+        keep_experts: E′, the experts kept (model.n_experts after pruning,
+            model.merged_experts after merging).
         calibration: the calibration data ("training data" or a file).
         calibration_tokens: calibration tokens used.
         seed: seed of the compression method.
-        rank: Sub-MoE joint-SVD rank (none = full rank).
+        rank: Sub-MoE joint-SVD rank (none = the default truncation, floor(d_out·d_in /
+            (d_out + d_in)); a rank at or above the matrices' rank = full rank).
     """
 
     method: Literal["none", "frequency", "naee", "msmoe", "submoe"] = "none"
@@ -987,14 +1001,23 @@ class RunConfig(_Validated):
                     f"got {self.train.ep_size}; expected a divisor of "
                     f"model.n_experts={self.model.n_experts}",
                 )
+        merged = self.model.merged_experts
+        if merged is not None and self.train.ep_size > 1:
+            raise ConfigError(
+                "train.ep_size",
+                f"got {self.train.ep_size}; a merged model (model.merged_experts={merged}) "
+                "runs without expert parallelism: expected 1",
+            )
         compression = self.compression
+        stored = self.model.n_experts if merged is None else merged
         if compression.method != "none" and not (
-            compression.keep_experts == self.model.n_experts < compression.source_n_experts
+            compression.keep_experts == stored < compression.source_n_experts
         ):
+            field_name = "model.n_experts" if merged is None else "model.merged_experts"
             raise ConfigError(
                 "compression.keep_experts",
-                f"got {compression.keep_experts}; expected model.n_experts="
-                f"{self.model.n_experts} < compression.source_n_experts="
+                f"got {compression.keep_experts}; expected {field_name}="
+                f"{stored} < compression.source_n_experts="
                 f"{compression.source_n_experts}",
             )
 

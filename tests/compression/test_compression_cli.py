@@ -109,12 +109,17 @@ def test_compress_then_eval(source_run, tmp_path, capsys, method):
     assert document["files"] == {"report": str(out / "compression.json")}
     assert document["result"] == json.loads((out / "compression.json").read_text())
     config = load_config(out / "config.json")
-    assert config.model.n_experts == 4
+    merging = method in ("msmoe", "submoe")
+    # Pruning slices the router (R1); merging keeps its 6 rows sharing 4 experts (R2).
+    assert (config.model.n_experts, config.model.merged_experts) == (
+        (6, 4) if merging else (4, None)
+    )
     assert config.compression.method == method
     assert config.compression.source == str(source_run.resolve())
     assert (config.compression.source_n_experts, config.compression.keep_experts) == (6, 4)
     report = json.loads((out / "compression.json").read_text())
     assert [len(layer) for layer in report["compression"]["groups"]] == [4, 4]
+    assert report["compression"]["router_update"] == ("R2 share" if merging else "R1 slice")
     assert report["compressed"]["params_total"] < report["original"]["params_total"]
     # The written checkpoint is the API's compression of the source on the same calibration
     # tokens (the first CALIB_TOKENS real tokens of the training stream).
@@ -143,15 +148,10 @@ def test_compress_then_resume_training(source_run, tmp_path):
     groups = json.loads((out / "compression.json").read_text())["compression"]["groups"]
     source_state = load_latest(source_run / "checkpoints").trainer_state
     state = load_latest(out / "checkpoints").trainer_state
-    # The marginal prior (L, E) becomes each group's mass, renormalised: (L, E').
+    assert [len(layer) for layer in groups] == [3, 3]
+    # Merging keeps the E router rows (R2): the marginal prior (L, E) stays as it was.
     source_prior = source_state["aux_terms"][0]["prior"]["value"]
-    expected = torch.tensor(
-        [[float(source_prior[l, g].sum()) for g in layer] for l, layer in enumerate(groups)],
-        dtype=torch.float64,
-    )
-    torch.testing.assert_close(
-        state["aux_terms"][0]["prior"]["value"], expected / expected.sum(-1, keepdim=True)
-    )
+    torch.testing.assert_close(state["aux_terms"][0]["prior"]["value"], source_prior)
     assert (
         state["data"] == source_state["data"]
         and state["tokens_seen"] == source_state["tokens_seen"]
@@ -169,6 +169,7 @@ def test_compress_then_resume_training(source_run, tmp_path):
     assert checkpoint.step == STEPS + 2
     _, before = load_run_model(out)  # newest checkpoint: after training
     assert before.moe_layers[0].experts.w_gate.shape[0] == 3
+    assert before.moe_layers[0].router.weight.shape[0] == 6
 
 
 def test_compression_section_is_recorded_only_for_compressed_runs(tmp_path):

@@ -96,3 +96,6 @@ def test_cli_compresses_a_hugging_face_directory(tmp_path, capsys):
     report = json.loads((out / "compression.json").read_text())
     assert report["original"]["val_loss"] is not None
     assert report["retention"]["params_total"] < 1
+    # A transformers config has one router row per expert: merging uses R3 there, and says so.
+    assert report["compression"]["router_update"] == "R3 collapse"
+    assert "needs one router row per expert" in report["compression"]["router_update_note"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,8 +125,65 @@ def test_dropping_logits_matches_the_pruned_layer(router):
     with torch.no_grad():
         expected = pruned(x)[0] - (0 if layer.shared_expert is None else layer.shared_expert(x))
         full = layer(x)[0] - (0 if layer.shared_expert is None else layer.shared_expert(x))
-    torch.testing.assert_close(calibration.routed_output(keep_E), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(calibration.routed_output(), full, rtol=1e-5, atol=1e-6)
+    # float64 sums of the float32 expert outputs against the float32 forward.
+    torch.testing.assert_close(
+        calibration.routed_output(keep_E), expected.double(), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(calibration.routed_output(), full.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_naee_output_is_summed_in_float64_from_the_expert_outputs():
+    """The NAEE loss is float64 as documented: Z_K = Σ_e g_te E_e(x_t) with the expert outputs
+    cast to float64 and float64 gates, checked against a per-token numpy sum."""
+    layer = make_layer(6, 2, seed=5)
+    x = calibration_inputs(40)
+    calibration = layer_calibration(layer, x)
+    keep_E = torch.tensor([True, False, True, True, False, True])
+    z = calibration.routed_output(keep_E)
+    assert z.dtype == torch.float64
+    logits = calibration.logits_TE.double().numpy()
+    outputs = calibration.outputs_ETD.double().numpy()
+    expected = np.zeros((40, outputs.shape[-1]))
+    for t in range(40):
+        kept = np.flatnonzero(keep_E.numpy())
+        p = np.exp(logits[t, kept] - logits[t, kept].max())
+        p /= p.sum()
+        top = np.argsort(-logits[t, kept], kind="stable")[:2]
+        w = p[top] / p[top].sum()
+        expected[t] = sum(wi * outputs[kept[i], t] for wi, i in zip(w, top, strict=True))
+    np.testing.assert_allclose(z.numpy(), expected, rtol=1e-12, atol=1e-13)
+
+
+def test_capacity_dropped_slots_do_not_count():
+    """A router with capacity_factor drops slots per forward: calibration counts only the kept
+    slots, and Z / Z_K are the layer's (and the pruned layer's) forward with its drops, batch
+    by batch."""
+    layer = make_layer(6, 2, seed=6, capacity_factor=0.6)
+    x = calibration_inputs(96)
+    batch_tokens = [48, 48]
+    calibration = layer_calibration(layer, x, batch_tokens)
+    keep = [0, 1, 3, 4]
+    keep_E = torch.zeros(6, dtype=torch.bool)
+    keep_E[keep] = True
+    pruned = build_compressed(
+        layer, [calibration.view], [prune_plan(calibration.view.weights, keep)]
+    )
+    counts = torch.zeros(6, dtype=torch.long)
+    for chunk, z_full, z_pruned in zip(
+        x.split(batch_tokens),
+        calibration.routed_output().split(batch_tokens),
+        calibration.routed_output(keep_E).split(batch_tokens),
+        strict=True,
+    ):
+        with torch.no_grad():
+            y, info = layer(chunk)
+            y_pruned = pruned(chunk)[0]
+        assert not info.keep.all()  # the capacity does drop slots here
+        counts += torch.bincount(info.topk_idx[info.keep], minlength=6)
+        torch.testing.assert_close(z_full, y.double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z_pruned, y_pruned.double(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(calibration.counts, counts)
+    torch.testing.assert_close(calibration.frequencies, counts.double() / counts.sum())
 
 
 def _pruned_error(layer, x, keep, batch_tokens) -> float:

@@ -146,3 +146,17 @@ def test_export_refuses_a_model_mixtral_cannot_express(tmp_path, capsys):
         "error: this MoETransformer cannot be exported as Mixtral: ffn='dense' (needs 'moe')\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_merged_model_and_says_why(tmp_path, capsys):
+    """An R2-merged model (E router rows sharing E′ experts) has no Mixtral form."""
+    config = load_config(None, ["model.n_experts=8", "model.merged_experts=4"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config.to_dict()))
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        "error: this MoETransformer cannot be exported as Mixtral: merged_experts=4 (a merged "
+        "model keeps 8 router rows that share its experts, R2; Mixtral needs one router row "
+        "per expert)\n"
+    )
+    assert not (tmp_path / "out").exists()

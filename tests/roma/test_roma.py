@@ -419,7 +419,7 @@ def test_core_routing_descent_on_a_toy_objective_moves_only_core_experts():
     def loss_fn(routing_BLE):
         return (routing_BLE - target_BLE).square().sum()
 
-    routing_BLE = descend_core_routing(own_BLE, loss_fn, steps=200, lr=0.1, core_experts=2)
+    routing_BLE = descend_core_routing(own_BLE, loss_fn, steps=300, lr=3.0, core_experts=2)
     core_BLE = torch.tensor([[[True, True, False, False]], [[False, False, True, True]]])
     assert torch.equal(routing_BLE[~core_BLE], own_BLE[~core_BLE])  # bit for bit
     torch.testing.assert_close(routing_BLE.sum(-1), own_BLE.sum(-1))
@@ -429,8 +429,53 @@ def test_core_routing_descent_on_a_toy_objective_moves_only_core_experts():
     expected = torch.tensor([[[0.15, 0.65, 0.15, 0.05]], [[0.1, 0.2, 0.35, 0.35]]])
     torch.testing.assert_close(routing_BLE, expected, atol=2e-3, rtol=0)
     # Every expert in the core: the plain routing descent of the oracle reaches the target.
-    free = descend_core_routing(own_BLE, loss_fn, steps=400, lr=0.1, core_experts=None)
+    free = descend_core_routing(
+        own_BLE, loss_fn, steps=400, lr=0.1, core_experts=None, optimizer="adam"
+    )
     torch.testing.assert_close(free, target_BLE, atol=2e-3, rtol=0)
+
+
+def test_ngd_takes_plain_gradient_steps_checked_in_float64_by_hand():
+    """C3PO's NGD is plain gradient descent on the core logits z (C3PO): one step on a linear
+    loss L(ω) = Σ a·ω is, by hand, ∂L/∂z_c = m·s_c·(a_c − Σ_core s·a) with s = softmax(z_core)
+    and m the core mass, z ← z − η ∂L/∂z; non-core experts keep their weight bit for bit."""
+    own = np.array([[0.45, 0.3, 0.15, 0.1], [0.05, 0.6, 0.1, 0.25]])
+    a = np.array([[1.0, -2.0, 0.5, 3.0], [0.3, 1.0, -1.0, 2.0]])
+    lr, core = 0.7, 2
+    expected = own.copy()
+    for row in range(2):
+        c = np.argsort(-own[row])[:core]
+        m = own[row, c].sum()
+        z = np.log(own[row, c])
+        s = np.exp(z) / np.exp(z).sum()
+        z = z - lr * m * s * (a[row, c] - (s * a[row, c]).sum())
+        expected[row, c] = m * np.exp(z) / np.exp(z).sum()
+    own_BLE = torch.tensor(own).unsqueeze(1)
+    a_BLE = torch.tensor(a).unsqueeze(1)
+    got = descend_core_routing(own_BLE, lambda w: (a_BLE * w).sum(), 1, lr, core_experts=core)
+    np.testing.assert_allclose(got.squeeze(1).numpy(), expected, rtol=0, atol=1e-13)
+    outside = torch.tensor([[False, False, True, True], [True, False, True, False]]).unsqueeze(1)
+    assert torch.equal(got[outside], own_BLE[outside])
+
+
+def test_ngd_step_scales_with_the_loss():
+    """Plain gradient descent: the loss scaled by c with step size η moves the routing exactly
+    as the loss with step size c·η (Adam's per-coordinate rescaling would make the loss scale
+    almost irrelevant: c = 1e-3 would then move ω as far as c = 1)."""
+    torch.manual_seed(0)
+    own_BLE = torch.rand(3, 2, 5, dtype=torch.float64).softmax(-1)
+    target_BLE = torch.rand(3, 2, 5, dtype=torch.float64).softmax(-1)
+
+    def loss(scale):
+        return lambda w: scale * (w - target_BLE).square().sum()
+
+    small = descend_core_routing(own_BLE, loss(1e-3), 3, 2.0, core_experts=3)
+    rescaled = descend_core_routing(own_BLE, loss(1.0), 3, 2e-3, core_experts=3)
+    torch.testing.assert_close(small, rescaled, rtol=0, atol=1e-14)
+    full = descend_core_routing(own_BLE, loss(1.0), 3, 2.0, core_experts=3)
+    moved_small = (small - own_BLE).abs().max()
+    moved_full = (full - own_BLE).abs().max()
+    assert moved_small < 0.01 * moved_full
 
 
 def _neighbour_loss(routed, references, hood, routing_QP):
@@ -466,7 +511,7 @@ def test_c3po_ngd_lowers_the_neighbour_loss_and_moves_only_core_experts(question
     embed = HashedTrigramEncoder().encode
     hood = find_neighbours(embed([q.prompt for q in tests]), embed([q.prompt for q in references]))
     ngd = c3po_ngd_capture(
-        routed, TOKENIZER, tests, LAYERS, hood, references, steps=10, lr=0.2, core_experts=2
+        routed, TOKENIZER, tests, LAYERS, hood, references, steps=10, lr=5.0, core_experts=2
     )
     assert all(torch.equal(v, routed.model.state_dict()[k]) for k, v in before.items())
     # The first chosen layer (its input does not depend on the re-mixing): non-core experts

@@ -49,7 +49,9 @@ STUDY = [
     "epochs=1",
     "batch_size=8",
     "oracle_steps=3",
-    "c3po_ngd_steps=2",
+    "c3po_ngd_steps=[1, 2]",
+    "c3po_ngd_lrs=[1.0, 30.0]",
+    "c3po_ngd_validation_per_task=2",
     "lambda_warmup_steps=2",
     "device=cpu",
 ]
@@ -95,6 +97,16 @@ def test_roma_study_end_to_end(tmp_path):
     for method, cost in results["inference_cost"].items():
         assert all(cost[name]["ratio"] > 0 for name in SETS), method
     assert results["seeds"]["0"]["oracle_tuning"]["oracle_targets_s"] > 0
+    # C3PO NGD: per seed, every (lr, steps) of the grid evaluated on 2 validation questions
+    # per seen task (3 tasks), and the best validation accuracy (first on ties) chosen.
+    for seed in ("0", "1"):
+        choice = results["seeds"][seed]["c3po_ngd"]
+        grid = choice["grid"]
+        assert [(g["lr"], g["steps"]) for g in grid] == [(1.0, 1), (1.0, 2), (30.0, 1), (30.0, 2)]
+        assert choice["validation_examples"] == 6
+        best = max(g["validation_accuracy"] for g in grid)
+        first = next(g for g in grid if g["validation_accuracy"] == best)
+        assert (choice["lr"], choice["steps"]) == (first["lr"], first["steps"])
     table = (out / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
     assert "| roma |" in result.stdout

@@ -42,7 +42,8 @@ def routing_alignment_loss(
     same T tokens; ``task_ids_T``: each token's task (−1 = none, ignored); ``prior_LE``: the
     fixed prior q_l per layer (no gradient flows into it). Zero (with a graph) when the batch
     holds no task tokens. KL(p ‖ q) = Σ_e p_e log p_e − p_e log q_e with 0·log 0 = 0 and
-    finite gradients where p_e = 0 (:func:`moealign.nn.functional.plogp`).
+    finite gradients where p_e = 0 (:func:`moealign.nn.functional.plogp`). Computed in float32,
+    or in the inputs' dtype where wider (float64 inputs give a float64 loss).
     """
     if len(probs_per_layer) != prior_LE.shape[0]:
         raise ValueError(
@@ -52,7 +53,8 @@ def routing_alignment_loss(
     total = probs_per_layer[0].new_zeros(())
     n_tasks = 0
     for probs_TE, prior_E in zip(probs_per_layer, prior_LE, strict=True):
-        tasks, p_NE = task_routing_distributions(probs_TE.float(), task_ids_T)
+        dtype = torch.promote_types(probs_TE.dtype, torch.float32)
+        tasks, p_NE = task_routing_distributions(probs_TE.to(dtype), task_ids_T)
         kl_N = (plogp(p_NE) - torch.special.xlogy(p_NE, prior_E.to(p_NE))).sum(-1)
         total = total + kl_N.sum()
         n_tasks = tasks.shape[0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from moealign.compression.apply import build_compressed
+from moealign.compression.apply import build_compressed, router_mapping
 from moealign.compression.calibration import LayerCalibration, calibrate
 from moealign.compression.layers import CompressionError, MoELayerView, moe_layer_views
 from moealign.compression.msmoe import msmoe_plan
@@ -23,7 +23,13 @@ from moealign.compression.pruning import frequency_keep, naee_keep
 from moealign.compression.submoe import submoe_plan
 from moealign.config import COMPRESSION_METHODS as METHODS
 
-ROUTER_UPDATE = {"frequency": "R1 slice", "naee": "R1 slice", "msmoe": "R3", "submoe": "R3"}
+MERGING_METHODS = ("msmoe", "submoe")
+ROUTER_NOTES = {
+    "R1 slice": "pruned experts' router rows removed",
+    "R2 share": "all router rows kept; each group's rows share its merged expert",
+    "R3 collapse": "one averaged router row per group: a transformers MoE config needs one "
+    "router row per expert (routing decisions change; R2 is not expressible there)",
+}
 
 
 @dataclass
@@ -37,6 +43,7 @@ class CompressionResult:
     keep_experts: int
     calibration_tokens: int
     groups: list[list[tuple[int, ...]]]
+    router_update: str
 
     def summary(self) -> dict:
         """A JSON-ready record of the compression (no weights)."""
@@ -44,7 +51,8 @@ class CompressionResult:
             "method": self.method,
             "n_experts": self.n_experts,
             "keep_experts": self.keep_experts,
-            "router_update": ROUTER_UPDATE[self.method],
+            "router_update": self.router_update,
+            "router_update_note": ROUTER_NOTES[self.router_update],
             "calibration_tokens": self.calibration_tokens,
             "groups": [[list(g) for g in layer] for layer in self.groups],
         }
@@ -108,13 +116,16 @@ def compress_model(
     *,
     seed: int = 0,
     rank: int | None = None,
+    collapse: bool = False,
 ) -> CompressionResult:
     """Compress every MoE layer of ``model`` (a MoETransformer or a softmax-family transformers
     MoE model; for a lone MoELayer, build a :class:`LayerCalibration` from its inputs and use
     :func:`plan_layer` and :func:`build_compressed`) to ``keep_experts`` experts by ``method``,
     calibrated on ``batches`` (dicts with ``input_ids`` and optionally ``attention_mask``).
-    ``seed`` seeds Sub-MoE's K-means; ``rank`` truncates Sub-MoE's joint SVD (None = full
-    rank)."""
+    ``seed`` seeds Sub-MoE's K-means; ``rank`` truncates Sub-MoE's joint SVD (None = the
+    default truncation, :func:`moealign.compression.submoe.default_rank`); ``collapse`` merges
+    with R3 (one collapsed router row per group) instead of R2 on a moealign model
+    (:func:`moealign.compression.apply.router_mapping`)."""
     views = check_request(model, method, keep_experts, rank)
     calibrations = calibrate(model, batches)
     plans = [
@@ -122,7 +133,8 @@ def compress_model(
         for calibration in calibrations
     ]
     return CompressionResult(
-        model=build_compressed(model, views, plans),
+        router_update=router_mapping(model, plans, collapse),
+        model=build_compressed(model, views, plans, collapse),
         method=method,
         n_experts=views[0].n_experts,
         keep_experts=keep_experts,

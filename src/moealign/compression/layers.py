@@ -59,7 +59,8 @@ class MoELayerView:
     ``selection_bias`` (E,) is added to the logits for the top-k choice only (moealign's
     aux-loss-free expert bias), None when absent. ``route(x_TD)`` returns the layer's router
     logits (T, E; fp32, after temperature; MPI: C · ⟨x, r'_e⟩, DESIGN.md §3) and its own top-k
-    indices (T, K). ``activation`` is the experts' SwiGLU activation.
+    indices (T, K). ``activation`` is the experts' SwiGLU activation. ``capacity_factor``: the
+    router's token-dropping capacity (None: dropless; transformers routers are dropless).
     """
 
     name: str
@@ -71,6 +72,7 @@ class MoELayerView:
     selection_bias: Tensor | None
     activation: Callable[[Tensor], Tensor]
     route: Callable[[Tensor], tuple[Tensor, Tensor]]
+    capacity_factor: float | None = None
 
     @property
     def n_experts(self) -> int:
@@ -83,6 +85,11 @@ def _moealign_view(name: str, layer: MoELayer) -> MoELayerView:
         raise CompressionError(
             f"{name}: router kind 'hierarchical' cannot be compressed (its experts live in "
             "fixed groups with a group router); accepted router kinds: softmax_topk, switch, mpi"
+        )
+    if layer.expert_map is not None:
+        raise CompressionError(
+            f"{name}: the layer is already merged (model.merged_experts="
+            f"{layer.experts.n_experts}, R2); compress the model it was merged from instead"
         )
 
     def route(x_TD: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,6 +108,7 @@ def _moealign_view(name: str, layer: MoELayer) -> MoELayerView:
         selection_bias=router.expert_bias,
         activation=F.silu,
         route=route,
+        capacity_factor=router.capacity_factor,
     )
 
 

@@ -5,15 +5,18 @@ Router update (research-compression.md §0):
 
 * **R1 slice** (pruning): a kept expert keeps its router row; dropped rows go. Equivalent to
   setting the dropped logits to −∞ before the softmax; top-k is unchanged (K ≤ E′).
-* **R3 collapse** (merging): one row per group, the frequency-weighted mean of its members'
-  rows, r_G = Σ_{e∈G} f̂_e r_e with f̂_e = f_e / Σ_{j∈G} f_j (uniform when no member was
-  routed). A group of one is R1.
-
-Why R3 and not R2 for merging: R2 (keep all E rows and route a member's gate to its group)
-is what the MC-SMoE, HC-SMoE and REAP code do, but no transformers MoE class can express an
-expert→group map, so an R2 model could neither be saved as a plain E′-expert checkpoint nor
-reloaded by transformers; R3 is what the Sub-MoE reproduction (zhy617) does and leaves an
-ordinary E′-expert model that trains, evaluates, resumes and exports like any other.
+* **R2 share** (merging, moealign models; the MC-SMoE, HC-SMoE and REAP code): all E router
+  rows stay and row e sends its gate to its group's merged expert, expert_map[e] = g for
+  e ∈ G (:class:`moealign.nn.moe.MoELayer`'s ``merged_experts``). The routing decisions are
+  the original model's; a token whose top-k rows fall in one group gets that group's expert
+  with their summed weight.
+* **R3 collapse** (merging, transformers models only): one row per group, the
+  frequency-weighted mean of its members' rows, r_G = Σ_{e∈G} f̂_e r_e with
+  f̂_e = f_e / Σ_{j∈G} f_j (uniform when no member was routed), as the Sub-MoE reproduction
+  (zhy617) does. Used only where the target format demands it: a transformers MoE config has
+  one router row per expert and no expert→group map. It changes the routing decisions (a
+  token whose two choices fall in one group gets that group and the next best one), so it
+  loses more than R2. A group of one is R1.
 """
 
 from __future__ import annotations
@@ -40,6 +43,20 @@ class LayerPlan:
     @property
     def n_experts(self) -> int:
         return len(self.groups)
+
+    @property
+    def merges(self) -> bool:
+        """Whether some new expert stands for more than one original expert."""
+        return any(len(group) > 1 for group in self.groups)
+
+    def expert_map(self, n_experts: int) -> Tensor:
+        """R2's map (E,) int64: original expert e → its group's new expert g."""
+        mapping = torch.full((n_experts,), -1, dtype=torch.long)
+        for g, group in enumerate(self.groups):
+            mapping[list(group)] = g
+        if (mapping < 0).any():
+            raise ValueError("an R2 map needs every original expert in a group")
+        return mapping
 
     def collapse_rows(self, rows_E: Tensor) -> Tensor:
         """Per-expert rows (E, ...) of the router (weights, expert bias) → (E′, ...): R1 for a

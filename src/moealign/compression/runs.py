@@ -2,8 +2,9 @@
 writes.
 
 The compressed run is an ordinary run directory (DESIGN.md §8): ``config.json`` is the
-source's config with ``model.n_experts`` = E′ (MPI: the adjusted ``router_options.c_prime``,
-:mod:`moealign.compression.apply`), ``name``/``out_dir`` of the new directory and a
+source's config with ``model.n_experts`` = E′ after pruning (MPI: the adjusted
+``router_options.c_prime``) or ``model.merged_experts`` = E′ after merging (R2: the E router
+rows stay; :mod:`moealign.compression.apply`), ``name``/``out_dir`` of the new directory and a
 ``compression`` section (method, source, E, E′, calibration, seed, rank); ``meta.json`` the
 provenance of this command; ``checkpoints/step_N`` one checkpoint at the source's step N; and
 ``compression.json`` the groups and the retention report. ``moealign eval DIR`` evaluates it
@@ -14,10 +15,11 @@ guardrail), so training continues where the source stopped, except:
 
 * the optimizer keeps its parameter groups (learning rates, betas) but its per-parameter state
   (moments) starts empty: the expert tensors changed shape, and merged experts have no moments;
-* a routing-alignment prior (L, E) becomes (L, E′): ``uniform`` is 1/E′; ``marginal`` (and the
-  tensor of a ``file`` prior, written as ``alignment_prior.safetensors`` in the new run, which
-  the config then names) gives each new expert its group's mass, q′_G = Σ_{e∈G} q_e,
-  renormalised over the kept groups.
+* after merging (R2) routing stays over the E router rows and a routing-alignment prior is
+  kept as it was; after pruning a prior (L, E) becomes (L, E′): ``uniform`` is 1/E′;
+  ``marginal`` (and the tensor of a ``file`` prior, written as
+  ``alignment_prior.safetensors`` in the new run, which the config then names) gives each
+  new expert its group's mass, q′_G = Σ_{e∈G} q_e, renormalised over the kept groups.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from moealign.compression.apply import compressed_model_config
-from moealign.compression.compress import CompressionResult
+from moealign.compression.apply import R1, R2, compressed_model_config
+from moealign.compression.compress import MERGING_METHODS, CompressionResult
 from moealign.compression.data import Batch, stream_batches, text_batches
 from moealign.compression.retention import lm_metrics
 from moealign.config import AlignmentConfig, CompressionConfig, RunConfig
@@ -142,7 +144,9 @@ class RunSource:
             alignment = replace(alignment, prior_path=str((out / PRIOR_FILE).resolve()))
         self.output_config = replace(
             self.config,
-            model=compressed_model_config(self.model, record.keep_experts),
+            model=compressed_model_config(
+                self.model, record.keep_experts, R2 if record.method in MERGING_METHODS else R1
+            ),
             alignment=alignment,
             compression=record,
             name=out.name,
@@ -163,7 +167,13 @@ class RunSource:
                 "state": {},
                 "param_groups": self.checkpoint.optimizer_state()["param_groups"],
             }
-            trainer_state = compressed_trainer_state(self.checkpoint.trainer_state, result.groups)
+            # Under R2 routing stays over the E original rows: the prior keeps its E entries.
+            prior_groups = (
+                [[(e,) for e in range(len(layer_map))] for layer_map in _r2_maps(result)]
+                if result.router_update == R2
+                else result.groups
+            )
+            trainer_state = compressed_trainer_state(self.checkpoint.trainer_state, prior_groups)
             trainer_state["identity"] = run_identity(config.to_dict())  # the new run's own
             save_checkpoint(
                 run.checkpoint_dir,
@@ -174,11 +184,15 @@ class RunSource:
                 keep=config.train.keep_checkpoints,
             )
             if config.alignment.prior == "file":
-                _write_prior(self.config.alignment, tmp / PRIOR_FILE, result.groups)
+                _write_prior(self.config.alignment, tmp / PRIOR_FILE, prior_groups)
             atomic_write_json(tmp / REPORT_FILE, strict_json(report))
             self.data.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             run.update_meta(compression=result.summary(), source_step=self.checkpoint.step)
             run.close()  # the lock file goes with the folder; nothing holds it any more
+
+
+def _r2_maps(result: CompressionResult) -> list[Tensor]:
+    return [layer.expert_map for layer in result.model.moe_layers]
 
 
 def _write_prior(alignment: AlignmentConfig, path: Path, groups: list) -> None:

@@ -10,14 +10,20 @@ Per layer, to E′ experts:
    along the input axis, C = [W_e1, …, W_en] (d_out × n·d_in), and decomposed C = U Σ Vᵀ
    (thin SVD, float64); U is shared and B_e = Vᵀ[:, j·d_in:(j+1)·d_in] is expert e's block.
 3. **Merge V**: B̄ = Σ_{e∈G} f̂_e B_e with f̂_e = f_e / Σ_{j∈G} f_j (uniform if none routed).
-4. **Reconstruct**: W_G = U_k Σ_k B̄_k with the top-k singular triplets; ``rank=None`` (the
-   default, as both reproductions) keeps them all. At full rank W_e = U Σ B_e exactly, so
-   W_G = Σ f̂_e W_e (§1.6); at rank k, W_G = U_k U_kᵀ Σ f̂_e W_e. A rank above a matrix's own
-   rank keeps it whole. W_G is stored reconstructed (dense), so ``rank`` changes the merged
-   weights but not the parameter count.
+4. **Reconstruct**: W_G = U_k Σ_k B̄_k with the top-k singular triplets (the truncated SVD
+   stage). At full rank W_e = U Σ B_e exactly, so W_G = Σ f̂_e W_e (§1.6): a
+   frequency-weighted average of the cluster, no SVD stage left; at rank k,
+   W_G = U_k U_kᵀ Σ f̂_e W_e, the average projected on the cluster's top-k shared subspace.
+   ``rank=None`` (the default) takes k = ⌊d_out·d_in / (d_out + d_in)⌋ per matrix, the
+   largest k at which the factors U_kΣ_k (d_out × k) and B̄_k (k × d_in) hold no more numbers
+   than W_G itself (the paper does not publish its k; both reproductions keep full rank). A
+   rank at or above a matrix's own rank keeps it whole (the frequency-weighted average). W_G
+   is stored reconstructed (dense), so the rank changes the merged weights but not the
+   parameter count.
 
-A cluster of one at full rank is the expert unchanged. Router: R3
-(:mod:`moealign.compression.plan`; the paper's router update is not published, zhy617 uses R3).
+A cluster of one is not merged: the expert is kept unchanged. Router: R2 on moealign models,
+R3 on transformers models (:mod:`moealign.compression.plan`; the paper's router update is not
+published, zhy617 uses R3, REAP R2).
 Deviations: E′ is the same in every layer (the paper shares a budget over adjacent layers by
 a "diversity" rule it does not give, §1.2); no hidden-unit alignment before the SVD (the
 paper's stance is not published); no whitening; no intra-expert compression.
@@ -72,12 +78,21 @@ def joint_svd(matrices: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]
     return u, s, list(vh.split(matrices[0].shape[1], dim=1))
 
 
+def default_rank(d_out: int, d_in: int) -> int:
+    """⌊d_out·d_in / (d_out + d_in)⌋: the largest rank whose factors are no larger than the
+    dense d_out × d_in matrix (module docstring)."""
+    return max(1, d_out * d_in // (d_out + d_in))
+
+
 def subspace_merge(
     matrices: Sequence[Tensor], coefficients: Tensor, rank: int | None = None
 ) -> Tensor:
-    """W_G = U_k diag(Σ_k) Σ_e c_e B_e[:k] (module docstring), in the matrices' dtype."""
+    """W_G = U_k diag(Σ_k) Σ_e c_e B_e[:k] (module docstring), in the matrices' dtype; ``rank``
+    None = :func:`default_rank`."""
     u, s, blocks = joint_svd(matrices)
-    k = len(s) if rank is None else min(rank, len(s))
+    if rank is None:
+        rank = default_rank(*matrices[0].shape)
+    k = min(rank, len(s))
     merged_block = sum(c * b[:k] for c, b in zip(coefficients.tolist(), blocks, strict=True))
     return ((u[:, :k] * s[:k]) @ merged_block).to(matrices[0].dtype)
 
@@ -91,7 +106,7 @@ def submoe_plan(
     coefficients = [merge_coefficients(calibration.frequencies, group) for group in groups]
     merged = []
     for group, coefficients_g in zip(groups, coefficients, strict=True):
-        if len(group) == 1 and rank is None:
+        if len(group) == 1:
             merged.append(weights.expert(group[0]))
             continue
         members = [weights.expert(e) for e in group]

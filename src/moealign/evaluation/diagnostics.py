@@ -94,6 +94,6 @@ def routing_projection_alignment(model: nn.Module, rows: str = "effective") -> l
                 rows_ED = router.effective_weight(layer.router_drive_matrix())
             else:
                 rows_ED = router.weight
-            alignment_E = projection_alignment(rows_ED, layer.experts.w_gate)
+            alignment_E = projection_alignment(rows_ED, layer.per_row(layer.experts.w_gate))
         alignments.append(float(alignment_E.mean()))
     return alignments

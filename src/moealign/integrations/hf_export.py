@@ -71,6 +71,11 @@ def _check_exportable(config: ModelConfig) -> None:
         problems.append(f"moe_every={config.moe_every} (Mixtral has MoE in every layer)")
     if config.shared_d_ff:
         problems.append(f"shared_d_ff={config.shared_d_ff} (Mixtral has no shared expert)")
+    if config.merged_experts is not None:
+        problems.append(
+            f"merged_experts={config.merged_experts} (a merged model keeps {config.n_experts} "
+            "router rows that share its experts, R2; Mixtral needs one router row per expert)"
+        )
     if problems:
         raise ValueError(
             "this MoETransformer cannot be exported as Mixtral: " + "; ".join(problems)

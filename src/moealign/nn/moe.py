@@ -65,7 +65,12 @@ class MoELayer(nn.Module):
     ``y, info = layer(x)`` for x of shape (..., d_model). Router kinds and options: see
     :mod:`moealign.nn.routers`. ``balance_scope`` "batch" (per micro-batch), "global" (expert
     fractions summed over data-parallel ranks) or "sequence" (per row of a (B, S, D) input).
-    ``shared_d_ff`` adds an always-on shared SwiGLU expert.
+    ``shared_d_ff`` adds an always-on shared SwiGLU expert. ``merged_experts`` = E′ (None: E′ =
+    E) gives a merged layer (router mapping R2, :mod:`moealign.compression.plan`): the router
+    keeps its E rows, E′ experts run, and row e's gate goes to expert ``expert_map[e]`` (a
+    buffer, (E,) int64, set from the state dict), so a token whose top-k rows share an expert
+    gets that expert with their summed weight: y = Σ_k w_k · expert_{map[idx_k]}(x). Routing
+    (logits, probs, top-k, expert counts, the balance loss) stays over the E rows.
     ``probs_override`` (None by default) replaces the routing softmax before the experts run
     (:meth:`Router.reroute`); set it through
     :meth:`moealign.nn.routed.MoealignRouted.override_routing`.
@@ -82,6 +87,7 @@ class MoELayer(nn.Module):
         balance_scope: str = "batch",
         experts_implementation: str = "auto",
         shared_d_ff: int | None = None,
+        merged_experts: int | None = None,
         **router_options,
     ):
         super().__init__()
@@ -96,7 +102,18 @@ class MoELayer(nn.Module):
         self.balance_scope = balance_scope
         self.router: Router = build_router(router, d_model, n_experts, top_k, **router_options)
         self.top_k = self.router.top_k
-        self.experts = SwiGLUExperts(n_experts, d_model, d_ff, experts_implementation)
+        stored = n_experts if merged_experts is None else merged_experts
+        if not (isinstance(stored, int) and 1 <= stored <= n_experts):
+            raise ValueError(
+                f"merged_experts={merged_experts!r} is not accepted; expected None or an "
+                f"integer from 1 to n_experts={n_experts}"
+            )
+        self.experts = SwiGLUExperts(stored, d_model, d_ff, experts_implementation)
+        self.expert_map: Tensor | None
+        if merged_experts is None:
+            self.expert_map = None
+        else:
+            self.register_buffer("expert_map", torch.arange(n_experts) % merged_experts)
         self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff else None
         # Set by moealign.nn.routed.MoealignRouted.override_routing: probs (..., E) -> new probs
         # (..., E), applied through Router.reroute (test-time re-mixing, oracle routing).
@@ -106,10 +123,19 @@ class MoELayer(nn.Module):
         """The (E, F, D) matrix A whose AᵀA drives the MPI power step (DESIGN.md §3)."""
         choice = getattr(self.router, "expert_matrix", "gate")
         if choice == "gate":
-            return self.experts.w_gate
-        if choice == "up":
-            return self.experts.w_up
-        return self.experts.w_down.transpose(1, 2)  # W_oᵀW_o analogue: (E, D, F) → (E, F, D)
+            matrix = self.experts.w_gate
+        elif choice == "up":
+            matrix = self.experts.w_up
+        else:  # W_oᵀW_o analogue: (E, D, F) → (E, F, D)
+            matrix = self.experts.w_down.transpose(1, 2)
+        return self.per_row(matrix)  # a merged layer's row e: its expert's matrix
+
+    def per_row(self, expert_tensor: Tensor) -> Tensor:
+        """A per-expert tensor (E′, ...) as one entry per router row (E, ...): row e's is its
+        expert's, ``expert_map[e]`` in a merged layer (the tensor itself otherwise)."""
+        if self.expert_map is None:
+            return expert_tensor
+        return expert_tensor.index_select(0, self.expert_map)
 
     def forward(self, x: Tensor) -> tuple[Tensor, RoutingInfo]:
         if x.shape[-1] != self.d_model:
@@ -125,7 +151,10 @@ class MoELayer(nn.Module):
             routed = self.router.reroute(
                 routed, self.probs_override(probs_NE).view_as(routed.probs)
             )
-        y_TD = self.experts(x_TD, routed.topk_idx, routed.topk_weight, routed.keep)
+        expert_idx = routed.topk_idx
+        if self.expert_map is not None:
+            expert_idx = self.expert_map[expert_idx]
+        y_TD = self.experts(x_TD, expert_idx, routed.topk_weight, routed.keep)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         info = RoutingInfo(

@@ -85,6 +85,7 @@ class Block(nn.Module):
                 balance_scope=config.balance_scope,
                 experts_implementation=config.experts_implementation,
                 shared_d_ff=config.shared_d_ff or None,
+                merged_experts=config.merged_experts,
                 **config.router_options,
             )
         else:
@@ -171,5 +172,6 @@ class MoETransformer(nn.Module):
         inactive = 0
         for layer in self.moe_layers:
             expert_params = sum(p.numel() for p in layer.experts.parameters())
-            inactive += expert_params * (layer.n_experts - layer.top_k) // layer.n_experts
+            stored = layer.experts.n_experts  # E′ < E in a merged (R2) model
+            inactive += expert_params * max(stored - layer.top_k, 0) // stored
         return {"total": total, "active": total - inactive}

@@ -20,9 +20,15 @@ Test-time methods change only the routing of the chosen layers at the routed tok
   weight in q's own routing r_q. Our reading of the restriction (:func:`descend_core_routing`):
   the other experts keep their weights exactly and the core experts share their own total mass
   m = Σ_core r_q,e as ω_core = m · softmax(z_core) with z = log r_q at the start (C3PO: last 5
-  of 16 layers, top-20 of 64 experts, about 10 steps; our steps are Adam's, as the oracle's).
-* Oracle routing: per question, the same descent on all experts with the question's own label
-  (L = CE(f(x_q; ω), y_q)): the upper bound of what routing alone can reach.
+  of 16 layers, top-20 of 64 experts, about 10 steps). The steps are plain gradient descent,
+  z ← z − η ∇_z L_q, as C3PO describes NGD: the kernel weights and the gradient's size set the
+  step (an adaptive optimiser such as Adam would rescale each coordinate and undo both). The
+  study chooses η and the step count on seen-task validation questions
+  (:func:`moealign.roma.study.RomaStudy`; ``c3po_ngd_lrs`` × ``c3po_ngd_steps``).
+* Oracle routing: per question, a descent on all experts' logits with the question's own label
+  (L = CE(f(x_q; ω), y_q)), with Adam steps (the paper does not say how its oracle was
+  computed; Adam reaches the per-question optimum in few steps): the upper bound of what
+  routing alone can reach.
 
 A question without neighbours keeps its routing under both C3PO variants.
 
@@ -136,15 +142,22 @@ def _check_descent(steps: int, lr: float) -> None:
         raise ValueError(f"lr={lr!r} is not accepted; expected a float > 0")
 
 
+DESCENT_OPTIMIZERS = ("gd", "adam")
+
+
 def descend_core_routing(
     own_BLE: Tensor,
     loss_fn: Callable[[Tensor], Tensor],
     steps: int,
     lr: float,
     core_experts: int | None = None,
+    optimizer: str = "gd",
 ) -> Tensor:
-    """``steps`` Adam steps (learning rate ``lr``) on routing distributions ω (B, L, E) from
+    """``steps`` descent steps (learning rate ``lr``) on routing distributions ω (B, L, E) from
     the model's own ``own_BLE``, minimising ``loss_fn(ω)``; returns ω (no gradient).
+
+    ``optimizer``: "gd" (plain gradient descent z ← z − lr·∇_z L, C3PO's NGD; scaling L by c
+    scales every step by c) or "adam" (``torch.optim.Adam``, the oracle's).
 
     Core restriction (C3PO; None = every expert, the oracle's plain descent): per row, the
     ``core_experts`` largest entries of ``own_BLE`` form the core C, ω_e = own_e outside C, and
@@ -152,6 +165,10 @@ def descend_core_routing(
     start. Rows are independent when ``loss_fn`` sums per-row losses.
     """
     _check_descent(steps, lr)
+    if optimizer not in DESCENT_OPTIMIZERS:
+        raise ValueError(
+            f"optimizer={optimizer!r} is not accepted; choose one of {DESCENT_OPTIMIZERS}"
+        )
     n_experts = own_BLE.shape[-1]
     core = n_experts if core_experts is None else min(core_experts, n_experts)
     if core < 1:
@@ -166,10 +183,15 @@ def descend_core_routing(
         inside_BLE = logits_BLE.masked_fill(~core_BLE, -torch.inf).softmax(-1) * mass_BL1
         return torch.where(core_BLE, inside_BLE, own_BLE)
 
-    optimizer = torch.optim.Adam([logits_BLE], lr=lr)
+    adam = torch.optim.Adam([logits_BLE], lr=lr) if optimizer == "adam" else None
     for _ in range(steps):
-        (logits_BLE.grad,) = torch.autograd.grad(loss_fn(routing()), [logits_BLE])
-        optimizer.step()
+        (gradient_BLE,) = torch.autograd.grad(loss_fn(routing()), [logits_BLE])
+        if adam is None:
+            with torch.no_grad():
+                logits_BLE -= lr * gradient_BLE
+        else:
+            logits_BLE.grad = gradient_BLE
+            adam.step()
     with torch.no_grad():
         return routing()
 
@@ -228,6 +250,7 @@ def oracle_capture(
                 ).sum(),
                 steps,
                 lr,
+                optimizer="adam",
             )
             _answer_with(routed, batch, layers, routing_BLE, result)
     return result.build()
@@ -247,7 +270,8 @@ def c3po_ngd_capture(
     continuation: str = "letter",
     batch_size: int = 64,
 ) -> Capture:
-    """Evaluate ``examples`` with C3PO neighbourhood gradient descent (module docstring).
+    """Evaluate ``examples`` with C3PO neighbourhood gradient descent (module docstring):
+    ``steps`` plain gradient steps of size ``lr`` on the core experts' routing logits.
 
     ``neighbourhood`` rows are the examples, its indices rows of ``references`` (the successful
     training questions, with their labels) and its weights W_qj. Each batch of test questions

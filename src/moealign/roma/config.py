@@ -47,12 +47,14 @@ class RomaConfig(_Validated):
     ``batch_size``; loss CE + λ(t)·R with λ(t) = ``lambda_max`` · min(1, t /
     ``lambda_warmup_steps``) and R the ``regularizer`` ("manifold" = RoMA; "none" = router
     tuning; "l1"/"l2"/"entropy" = ablations). C3PO kernel regression mixes with weight
-    ``c3po_alpha`` on the sample's own routing; C3PO neighbourhood gradient descent takes
-    ``c3po_ngd_steps`` Adam steps of ``c3po_ngd_lr`` on the routing of the ``c3po_core_experts``
-    experts the sample weighs most per layer (C3PO: about 10 steps; 20 core experts of 64, the
-    share 3 is of 8); the oracle takes ``oracle_steps`` Adam steps of ``oracle_lr`` on the
-    routing logits, and Oracle Tuning trains the routers toward the oracle routing of the
-    training questions (with ``lr``, ``epochs``, ``batch_size``). Evaluation uses at most
+    ``c3po_alpha`` on the sample's own routing; C3PO neighbourhood gradient descent takes plain
+    gradient steps on the routing of the ``c3po_core_experts`` experts the sample weighs most
+    per layer (C3PO: about 10 steps; 20 core experts of 64, the share 3 is of 8), with the
+    step size and count chosen per seed among ``c3po_ngd_lrs`` × ``c3po_ngd_steps`` on
+    ``c3po_ngd_validation_per_task`` seen-task validation questions per task; the oracle
+    takes ``oracle_steps`` Adam steps of ``oracle_lr`` on the routing logits, and Oracle
+    Tuning trains the routers toward the oracle routing of the training questions (with
+    ``lr``, ``epochs``, ``batch_size``). Evaluation uses at most
     ``eval_examples_per_task`` examples per task.
     ``continuation``: options scored by their text's log-likelihood ("text") or by the
     next-token logit of their letter ("letter"; :mod:`moealign.roma.choices`). ``seeds``: one
@@ -87,8 +89,11 @@ class RomaConfig(_Validated):
         eval_examples_per_task: evaluation questions per task at most.
         eval_batch_size: questions per evaluation batch.
         c3po_alpha: C3PO kernel regression: weight of the sample's own routing.
-        c3po_ngd_steps: C3PO neighbourhood gradient descent: Adam steps.
-        c3po_ngd_lr: C3PO neighbourhood gradient descent: step size.
+        c3po_ngd_lrs: C3PO neighbourhood gradient descent: candidate step sizes of its plain
+            gradient steps (chosen per seed on validation questions).
+        c3po_ngd_steps: C3PO neighbourhood gradient descent: candidate step counts.
+        c3po_ngd_validation_per_task: seen-task validation questions per task that choose
+            NGD's step size and count.
         c3po_core_experts: C3PO: experts per layer whose routing is optimised.
         oracle_steps: oracle routing: Adam steps on the routing logits.
         oracle_lr: oracle routing: step size.
@@ -116,8 +121,9 @@ class RomaConfig(_Validated):
     eval_examples_per_task: int = bounded(100, ge=1, le=MAX_EXAMPLES)
     eval_batch_size: int = bounded(64, ge=1, le=MAX_BATCH)
     c3po_alpha: float = bounded(0.5, ge=0, le=1)
-    c3po_ngd_steps: int = bounded(10, ge=1, le=100_000)
-    c3po_ngd_lr: float = bounded(0.2, gt=0, le=MAX_LR)
+    c3po_ngd_lrs: tuple[float, ...] = bounded((30.0, 300.0), gt=0, le=MAX_LR)
+    c3po_ngd_steps: tuple[int, ...] = bounded((5, 10), ge=1, le=100_000)
+    c3po_ngd_validation_per_task: int = bounded(10, ge=1, le=MAX_EXAMPLES)
     c3po_core_experts: int = bounded(3, ge=1, le=MAX_EXPERTS)
     oracle_steps: int = bounded(20, ge=1, le=100_000)
     oracle_lr: float = bounded(0.2, gt=0, le=MAX_LR)
@@ -135,6 +141,9 @@ class RomaConfig(_Validated):
             raise ConfigError("seeds", "got (); expected at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"got {self.seeds!r}; expected distinct seeds")
+        for name in ("c3po_ngd_lrs", "c3po_ngd_steps"):
+            if not getattr(self, name):
+                raise ConfigError(name, "got (); expected at least one value")
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ConfigError(
                 "methods",

@@ -11,7 +11,8 @@ in multiple-choice form:
 * ``roma``: the same with the configured regulariser (``manifold`` = RoMA);
 * ``oracle_tuning``: routers trained toward the oracle routing of the training questions;
 * ``c3po``: test-time kernel-regression re-mixing towards the successful training neighbours;
-* ``c3po_ngd``: C3PO's neighbourhood gradient descent on the core experts' routing;
+* ``c3po_ngd``: C3PO's neighbourhood gradient descent (plain gradient steps) on the core
+  experts' routing, its step size and count chosen per seed on seen-task validation questions;
 * ``oracle``: per-question routing optimised with the label (the upper bound).
 
 Every method's evaluation is timed: its inference cost is reported against the base model's
@@ -322,6 +323,58 @@ class RomaStudy:
             generator=torch.Generator().manual_seed(seed),
         )
 
+    def _ngd(self, examples, neighbourhood, successful, choice: dict) -> Capture:
+        """C3PO NGD on ``examples`` with the step size and count of ``choice``."""
+        c = self.config
+        return c3po_ngd_capture(
+            self.routed,
+            self.tokenizer,
+            examples,
+            self.layers,
+            neighbourhood,
+            successful,
+            choice["steps"],
+            choice["lr"],
+            c.c3po_core_experts,
+            c.token,
+            c.continuation,
+            c.eval_batch_size,
+        )
+
+    def _choose_ngd(self, train, reference_embeddings, successful, seed: int) -> dict:
+        """NGD's step size and step count, chosen on seen-task validation questions: the first
+        ``c3po_ngd_validation_per_task`` questions per task of the training pool that this
+        seed did not draw (so neither a reference nor a test question). Every pair of
+        ``c3po_ngd_lrs`` × ``c3po_ngd_steps`` is evaluated; the highest macro accuracy wins
+        (the first in grid order on ties). Returns the choice and every candidate's accuracy."""
+        c = self.config
+        drawn = {id(example) for example in train}
+        validation = _first_per_task(
+            [e for e in self.train_pool if id(e) not in drawn], c.c3po_ngd_validation_per_task
+        )
+        if not validation:
+            raise ValueError(
+                f"seed {seed}: the training pool has no question outside the seed's draw; "
+                "C3PO NGD needs validation questions to choose its step size"
+            )
+        neighbourhood = self._neighbours(
+            self.encoder.encode([e.prompt for e in validation]), reference_embeddings, seed
+        )
+        grid = []
+        for lr in c.c3po_ngd_lrs:
+            for steps in c.c3po_ngd_steps:
+                candidate = {"lr": lr, "steps": steps}
+                result = self._ngd(validation, neighbourhood, successful, candidate)
+                accuracy = _evaluation(validation, result).macro_accuracy
+                grid.append(candidate | {"validation_accuracy": accuracy})
+        best = max(grid, key=lambda entry: entry["validation_accuracy"])  # first on ties
+        return {
+            "lr": best["lr"],
+            "steps": best["steps"],
+            "validation_examples": len(validation),
+            "grid": grid,
+        }
+
     def _train(self, examples, regularizer: str, targets, neighbourhood, seed: int) -> dict:
         """Router tuning (``regularizer="none"``) or RoMA from the base model, evaluated."""
         c = self.config
@@ -452,6 +505,9 @@ class RomaStudy:
                 query_ids=torch.arange(len(train)),
                 reference_ids=success_S,
             )
+            ngd_choice = None
+            if "c3po_ngd" in methods:
+                ngd_choice = self._choose_ngd(train, embeddings[success_S], successful, seed)
             for method in test_time:
                 for name, examples in self.eval_sets.items():
                     # The test questions' embeddings (timed once above) count for each seed.
@@ -473,20 +529,7 @@ class RomaStudy:
                             c.eval_batch_size,
                         )
                     else:
-                        remixed = c3po_ngd_capture(
-                            self.routed,
-                            self.tokenizer,
-                            examples,
-                            self.layers,
-                            test_neighbours,
-                            successful,
-                            c.c3po_ngd_steps,
-                            c.c3po_ngd_lr,
-                            c.c3po_core_experts,
-                            c.token,
-                            c.continuation,
-                            c.eval_batch_size,
-                        )
+                        remixed = self._ngd(examples, test_neighbours, successful, ngd_choice)
                     _record(timings, method, name, start)
                     per_seed[method].setdefault(key, {})[name] = _evaluation(examples, remixed)
             seeds_info[key] = {
@@ -494,6 +537,8 @@ class RomaStudy:
                 "successful": int(success_S.numel()),
                 "mean_neighbours": float(neighbourhood.valid_QK.sum(-1).float().mean()),
             }
+            if ngd_choice is not None:
+                seeds_info[key]["c3po_ngd"] = ngd_choice
             trainings = {
                 "router_tuning": partial(self._train, train, "none", None, None, seed),
                 "roma": partial(
