@@ -532,7 +532,10 @@ def test_oracle_tuning_reaches_base_accuracy_on_its_training_questions(questions
     routed = MoealignRouted(tiny_model())
     base = capture(routed, TOKENIZER, questions, LAYERS)
     oracle = oracle_capture(routed, TOKENIZER, questions, LAYERS, steps=30, lr=0.5)
-    assert oracle.correct_N.sum() > base.correct_N.sum()
+    # The oracle's objective (the gold option's log-probability) improves; whether that flips
+    # an answer of this untrained model depends on the CPU's kernels, so accuracy is >= only.
+    assert oracle.gold_log_prob_N.sum() > base.gold_log_prob_N.sum()
+    assert oracle.correct_N.sum() >= base.correct_N.sum()
     before = {k: v.clone() for k, v in routed.model.state_dict().items()}
     config = RouterTrainingConfig(lr=1e-2, epochs=5, batch_size=8)
     log = oracle_tuning(routed, TOKENIZER, questions, LAYERS, oracle.routing_NP, config, seed=0)
