@@ -261,6 +261,21 @@ def test_demo_trains_each_model_per_seed_reports_intervals_and_reuses_finished_r
     assert document["result"] == json.loads((out / "summary.json").read_text())
     assert document["files"]["plot"] == str(out / "loss_curves.png")
     assert "demo: run 6/6: moe_mpi seed 1" in cli.stderr
+    # Another config into the same folder is refused, naming the key, not mixed with old runs.
+    other = run_cli(
+        "demo",
+        "--out",
+        str(out),
+        "--seeds",
+        "0",
+        "1",
+        *sets,
+        "--set",
+        "optim.lr=0.002",
+        cwd=tmp_path,
+    )
+    assert other.returncode == 2 and "optim.lr" in other.stderr, other.stderr
+    assert (out / "moe_mpi__seed1" / "final_eval.json").stat().st_mtime_ns == before
 
     # `moealign eval` on one of the runs: same validation loss as the run's own final eval
     result = evaluate_run(out / "moe_mpi__seed0", task_examples=1)

@@ -125,9 +125,12 @@ def seeded(config: RunConfig, seed: int) -> RunConfig:
 def train_run(config: RunConfig, run_dir: Path, progress: bool) -> bool:
     """Train one model (or reuse its finished run); False if a signal interrupted it (its
     checkpoint is saved and the next demo continues it)."""
+    from moealign.io import read_json
+    from moealign.training.runs import check_same_config
     from moealign.training.trainer import Trainer
 
-    if (run_dir / "final_eval.json").is_file():
+    if (run_dir / "final_eval.json").is_file():  # reused only if trained with this config
+        check_same_config(run_dir, read_json(run_dir / "config.json"), config.to_dict())
         return True
     resume = (run_dir / "config.json").is_file()
     trainer = Trainer(config, run_dir=run_dir, resume=resume, progress=progress)

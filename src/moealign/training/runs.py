@@ -57,6 +57,7 @@ __all__ = [
     "RunExistsError",
     "RunLock",
     "RunLockedError",
+    "check_same_config",
     "environment_info",
     "finished_step",
     "flatten_config",
@@ -193,6 +194,23 @@ def run_identity(config: dict[str, Any]) -> str:
     flat = flatten_config(config)
     kept = {k: v for k, v in flat.items() if k not in _RESUMABLE_CHANGES and k != "name"}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_config(path: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """RunExistsError naming every key in which ``new`` differs from the config ``old``
+    recorded in run folder ``path``, beyond what a resume may change."""
+    old_flat, new_flat = flatten_config(old), flatten_config(new)
+    changed = sorted(
+        key
+        for key in old_flat.keys() | new_flat.keys()
+        if old_flat.get(key) != new_flat.get(key) and key not in _RESUMABLE_CHANGES
+    )
+    if changed:
+        details = ", ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in changed)
+        raise RunExistsError(
+            f"cannot resume or reuse {path}: the config differs from the recorded one in "
+            f"{details}; only {', '.join(sorted(_RESUMABLE_CHANGES))} may change"
+        )
 
 
 def finished_step(path: str | Path) -> int | None:
@@ -418,8 +436,8 @@ class RunDirectory:
         check_no_links(self.path)
         if is_run_dir(self.path):
             if resume:
-                self._check_same_config(
-                    self._read_object(CONFIG_FILE, "the recorded config"), config
+                check_same_config(
+                    self.path, self._read_object(CONFIG_FILE, "the recorded config"), config
                 )
                 self._check_records()
             elif not overwrite:
@@ -524,20 +542,6 @@ class RunDirectory:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
-    def _check_same_config(self, old: dict[str, Any], new: dict[str, Any]) -> None:
-        old_flat, new_flat = flatten_config(old), flatten_config(new)
-        changed = sorted(
-            key
-            for key in old_flat.keys() | new_flat.keys()
-            if old_flat.get(key) != new_flat.get(key) and key not in _RESUMABLE_CHANGES
-        )
-        if changed:
-            details = ", ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in changed)
-            raise RunExistsError(
-                f"cannot resume {self.path}: the config differs from the recorded one in "
-                f"{details}; only {', '.join(sorted(_RESUMABLE_CHANGES))} may change"
-            )
 
     @property
     def checkpoint_dir(self) -> Path:
