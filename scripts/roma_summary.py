@@ -24,11 +24,18 @@ from moealign.roma.study import RESULTS_FILE, markdown_tables, summarise
 
 
 def task_evaluation(record: dict[str, Any]) -> TaskEvaluation:
-    """A :class:`TaskEvaluation` back from its ``to_dict`` form."""
-    fields = ("kind", "accuracy", "correct", "predictions", "references", "bleu", "rouge_l")
+    """A :class:`TaskEvaluation` back from its ``to_dict`` form. The prediction and reference
+    texts may be left out (``docs/results/roma_study_issue24.json`` keeps only the scores): the
+    summary uses the per-example correctness, so they come back empty."""
+    fields = ("kind", "accuracy", "correct", "bleu", "rouge_l")
     return TaskEvaluation(
         {
-            task: TaskResult(task, **{k: result[k] for k in fields if k in result})
+            task: TaskResult(
+                task,
+                **{k: result[k] for k in fields if k in result},
+                predictions=result.get("predictions", []),
+                references=result.get("references", []),
+            )
             for task, result in record["tasks"].items()
         }
     )

@@ -280,3 +280,14 @@ def test_single_seed_studies_merge_into_one_summary(tmp_path):
     assert "RoMA − router tuning" in markdown_tables(merged)
     with pytest.raises(ValueError, match="seed 0 is already"):
         roma_summary.merged_results([directories[0], directories[0]])
+    # Without the prediction and reference texts (as the results kept under docs/results/):
+    # the same summary, which reads only the per-example correctness.
+    for directory in directories:
+        results = json.loads((directory / "results.json").read_text())
+        for by_seed in results["methods"].values():
+            for sets in by_seed.values():
+                for record in sets.values():
+                    for task in record["tasks"].values():
+                        del task["predictions"], task["references"]
+        (directory / "results.json").write_text(json.dumps(results))
+    assert roma_summary.merged_results(directories)["summary"] == merged["summary"]
