@@ -86,7 +86,8 @@ _TRAIN = (
 )
 _ROMA = (
     " --set encoder=builtin --set 'seeds=[0]' --set epochs=1 --set train_examples_per_task=4"
-    " --set eval_examples_per_task=4 --set c3po_ngd_steps=1 --set oracle_steps=1"
+    " --set eval_examples_per_task=4 --set 'c3po_ngd_steps=[1]' --set 'c3po_ngd_lrs=[30.0]'"
+    " --set oracle_steps=1"
 )
 
 
