@@ -48,17 +48,20 @@ def moe_config(*, fp32_experts: bool = True, expert_bias: bool = False):
     config = softmax_moe_config(
         D, FF, E, K, param_init=init_weight, load_balance_coeff=1e-3 if expert_bias else None
     )
-    if fp32_experts:
-        inner = config.routed_experts.inner_experts
-        fp32 = Float32GroupedExperts.Config(
-            dim=inner.dim,
-            hidden_dim=inner.hidden_dim,
-            num_experts=inner.num_experts,
-            param_init=inner.param_init,
-        )
-        routed = dataclasses.replace(config.routed_experts, inner_experts=fp32)
-        config = dataclasses.replace(config, routed_experts=routed)
-    return config
+    return with_fp32_experts(config) if fp32_experts else config
+
+
+def with_fp32_experts(config):
+    """The ``MoE.Config`` ``config`` (any subclass) with :class:`Float32GroupedExperts`."""
+    inner = config.routed_experts.inner_experts
+    fp32 = Float32GroupedExperts.Config(
+        dim=inner.dim,
+        hidden_dim=inner.hidden_dim,
+        num_experts=inner.num_experts,
+        param_init=inner.param_init,
+    )
+    routed = dataclasses.replace(config.routed_experts, inner_experts=fp32)
+    return dataclasses.replace(config, routed_experts=routed)
 
 
 def build(config, seed: int = 0):
