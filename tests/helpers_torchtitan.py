@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,15 @@ from moealign.engines.torchtitan import moe_weights, softmax_moe_config, to_moe_
 from moealign.nn.moe import MoELayer
 
 D, FF, E, K = 16, 24, 8, 2
+EXAMPLE = Path(__file__).parents[1] / "examples" / "torchtitan_mpi.py"
+
+
+def load_example():
+    """examples/torchtitan_mpi.py as a module (its tiny Qwen3 MoE, ``train`` and ``export``)."""
+    spec = importlib.util.spec_from_file_location("torchtitan_mpi_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def init_weight(weight):
