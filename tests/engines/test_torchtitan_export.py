@@ -1,6 +1,6 @@
 """torchtitan Qwen3 MoE → Hugging Face Qwen3-MoE (``export_hf``): transformers loads the folder
-and computes torchtitan's logits and routing; ``moealign analyze`` reads it; what HF cannot
-express is refused. The torchtitan side runs with fp32 experts (helpers_torchtitan's
+and computes torchtitan's logits and routing; ``moealign analyze`` and ``compress`` read it;
+what HF cannot express is refused. The torchtitan side runs with fp32 experts (helpers_torchtitan's
 ``Float32GroupedExperts``: torchtitan's stock experts round to bf16), so logits are compared
 at fp32 tolerance and the top-K expert ids exactly."""
 
@@ -83,7 +83,7 @@ def test_exported_mpi_model_loads_in_transformers_with_torchtitans_logits_and_ro
 
 
 @pytest.mark.slow
-def test_dcp_checkpoint_exports_and_moealign_analyze_reads_it(tmp_path):
+def test_dcp_checkpoint_exports_for_moealign_analyze_and_compress(tmp_path):
     example.train(tmp_path / "run", 3, checkpoint_every=3)
     checkpoint = tmp_path / "run" / "checkpoint" / "step-3"
     hf_dir = example.export(tmp_path / "run", tmp_path / "hf")
@@ -108,6 +108,26 @@ def test_dcp_checkpoint_exports_and_moealign_analyze_reads_it(tmp_path):
         counts = torch.bincount(ids.flatten(), minlength=example.EXPERTS)
         assert row["expert_counts"] == counts.tolist()
         assert row["tokens"] == ids.shape[0]
+    # and moealign compress prunes it (frequency: the 4 most used experts of every layer)
+    result = run_cli(
+        "compress",
+        str(hf_dir),
+        "--method",
+        "frequency",
+        "--keep-experts",
+        "4",
+        "--calib",
+        str(hf_dir / "tasks.jsonl"),
+        "--calib-tokens",
+        "128",
+        "--out",
+        str(tmp_path / "pruned"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "pruned").num_experts == 4
 
 
 @pytest.mark.parametrize(
