@@ -26,13 +26,14 @@ from moealign.engines.torchtitan import (  # noqa: E402
 example = load_example()
 
 
-def fp32_model(mpi_options: dict | None = {"c_prime": 4.0}, seed: int = 0, **router):  # noqa: B006
-    """The example's tiny torchtitan Qwen3 MoE with fp32 experts (and ``router`` options)."""
-    config = example.tiny_qwen3_moe(mpi_options)
+def fp32_model(mpi_options: dict | None = {"c_prime": 4.0}, tie: bool = False, **router):  # noqa: B006
+    """The example's tiny torchtitan Qwen3 MoE with fp32 experts (and ``router`` options;
+    ``tie``: the embedding and output weights tied)."""
+    config = dataclasses.replace(example.tiny_qwen3_moe(mpi_options), enable_weight_tying=tie)
     for layer in config.layers:
         moe = with_fp32_experts(layer.moe)
         layer.moe = dataclasses.replace(moe, router=dataclasses.replace(moe.router, **router))
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = config.build()
     model.init_states()
     return model
@@ -79,6 +80,22 @@ def test_exported_mpi_model_loads_in_transformers_with_torchtitans_logits_and_ro
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert len(ids) == len(expected_ids) == example.LAYERS
     for got, want in zip(ids, expected_ids, strict=True):  # as sets: torchtitan's are unsorted
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def test_tied_embeddings_export_as_hfs_tied_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = fp32_model(None, tie=True)  # torchtitan's own softmax router
+    export_hf(model, tmp_path / "hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert hf_model.config.tie_word_embeddings
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
+    input_ids, _, _ = example.task_batch(1)
+    expected, expected_ids = torchtitan_routing(model, input_ids)
+    logits, ids = hf_routing(hf_model, input_ids)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(ids, expected_ids, strict=True):
         assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 

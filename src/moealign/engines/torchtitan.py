@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,7 @@ from torchtitan.models.common.config_utils import (
 )
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import MoE
+from torchtitan.models.common.rope import CosSinRoPE
 
 from moealign.alignment.guardrails import RoutingGuardrail
 from moealign.alignment.term import RoutingAlignment
@@ -665,12 +667,11 @@ def export_hf(model: nn.Module, out_dir: str | Path, checkpoint: str | Path | No
     QK norm, RMSNorm epsilons that differ, or MoE layers of different shapes. The attention
     mask is not a weight: HF's is causal (torchtitan's SDPA default). Returns ``out_dir``.
     """
-    from torchtitan.models.common.rope import CosSinRoPE
     from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
 
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
-    config = _hf_config(model, CosSinRoPE)
+    config = _hf_config(model)
     state = dict(model.state_dict())
     for name, module in model.named_modules():
         if isinstance(module, MPIGate):  # precompute's R_eff, without changing the model
@@ -678,9 +679,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, checkpoint: str | Path | No
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in state.items()}
     hf_state = Qwen3StateDictAdapter(model.config, None).to_hf(state)
     exported = sum(t.numel() for t in hf_state.values())
-    expected = sum(p.numel() for p in model.parameters())
-    if config.tie_word_embeddings:
-        expected -= model.lm_head.weight.numel()
+    expected = sum(p.numel() for p in model.parameters())  # a tied weight counts once
     if exported != expected:
         raise ValueError(
             f"torchtitan's Qwen3 adapter mapped {exported} of the model's {expected} weights: "
@@ -696,12 +695,12 @@ def export_hf(model: nn.Module, out_dir: str | Path, checkpoint: str | Path | No
     return out
 
 
-def _hf_config(model: nn.Module, cos_sin_rope: type):
+def _hf_config(model: nn.Module):
     """transformers' ``Qwen3MoeConfig`` of torchtitan's Qwen3 MoE ``model``, or a ValueError
     naming the first option HF's Qwen3-MoE cannot express (:func:`export_hf`)."""
     from transformers import Qwen3MoeConfig
 
-    def refuse(option: str, value, accepted: str) -> None:
+    def refuse(option: str, value, accepted: str) -> NoReturn:
         raise ValueError(
             f"{option}={value!r} cannot be exported to Hugging Face Qwen3-MoE; "
             f"it accepts {accepted}"
@@ -740,7 +739,7 @@ def _hf_config(model: nn.Module, cos_sin_rope: type):
     ((n_experts, top_k, hidden, route_norm),) = shapes
     attention = blocks[0].attention
     rope = attention.rope
-    if type(rope) is not cos_sin_rope or rope.config.scaling != "none":
+    if type(rope) is not CosSinRoPE or rope.config.scaling != "none":
         refuse("rope", f"{type(rope).__name__}/{rope.config.scaling}", "CosSinRoPE, scaling 'none'")
     if attention.q_norm is None:
         refuse("attention.qk_norm", None, "an RMSNorm (Qwen3's QK norm)")
