@@ -6,8 +6,9 @@ and learning-rate containers, the DCP ``CheckpointManager`` and the TensorBoard 
 moealign adds the MPI router (:func:`mpi_moe_config`), the routing alignment term
 (:class:`AlignmentTerm`) and the routing statistics (:func:`routing_metrics`). The data are
 three synthetic "tasks" (token sequences counting up in steps of 1, 3 or 5), with the task id of
-every token in the batch. docs/engines.md "torchtitan" runs this file; tests/engines runs
-:func:`train`.
+every token in the batch. With ``--export-hf DIR`` the last checkpoint is written as a Hugging
+Face Qwen3-MoE folder (:func:`export`), which ``moealign analyze`` reads. docs/engines.md
+"torchtitan" runs this file; tests/engines runs :func:`train` and :func:`export`.
 
     python examples/torchtitan_mpi.py --out runs/torchtitan_mpi --steps 60
 """
@@ -39,6 +40,7 @@ from moealign.distributed.context import free_port
 from moealign.engines.torchtitan import (
     AlignmentTerm,
     RoutingRecorder,
+    export_hf,
     mpi_moe_config,
     router_grad_norms,
     routing_metrics,
@@ -235,13 +237,39 @@ class TrainState:
         self.step = int(state["step"])
 
 
+def export(out_dir: str | Path, hf_dir: str | Path, mpi_options: dict | None = None) -> Path:
+    """The last checkpoint of ``out_dir`` as a Hugging Face Qwen3-MoE folder ``hf_dir``
+    (:func:`moealign.engines.torchtitan.export_hf`: the MPI gates as R_eff), with a word-level
+    tokenizer whose word ``t{i}`` is token id i and ``tasks.jsonl``: the sequences of batch 0,
+    one document each, written as those words (data for ``moealign analyze``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    steps = sorted(Path(out_dir, "checkpoint").glob("step-*"), key=lambda p: int(p.name[5:]))
+    if not steps:
+        raise ValueError(f"{out_dir}/checkpoint holds no step-N folder: train first")
+    mpi_options = {"c_prime": 4.0} if mpi_options is None else mpi_options
+    hf_dir = export_hf(tiny_qwen3_moe(mpi_options).build(), hf_dir, checkpoint=steps[-1])
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0").save_pretrained(hf_dir)
+    inputs, _, _ = task_batch(0)
+    (hf_dir / "tasks.jsonl").unlink(missing_ok=True)
+    for row in inputs:
+        append_jsonl(hf_dir / "tasks.jsonl", {"text": " ".join(f"t{int(i)}" for i in row)})
+    return hf_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="run folder (checkpoints, TensorBoard)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--checkpoint-every", type=int, default=20)
+    parser.add_argument("--export-hf", metavar="DIR", help="write the last checkpoint as HF")
     args = parser.parse_args()
     history = train(args.out, args.steps, checkpoint_every=args.checkpoint_every)
+    if args.export_hf:
+        print(f"Hugging Face Qwen3-MoE folder: {export(args.out, args.export_hf)}")
     if not history:
         print(f"{args.out} already holds all {args.steps} steps")
         return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,15 @@ from moealign.engines.torchtitan import moe_weights, softmax_moe_config, to_moe_
 from moealign.nn.moe import MoELayer
 
 D, FF, E, K = 16, 24, 8, 2
+EXAMPLE = Path(__file__).parents[1] / "examples" / "torchtitan_mpi.py"
+
+
+def load_example():
+    """examples/torchtitan_mpi.py as a module (its tiny Qwen3 MoE, ``train`` and ``export``)."""
+    spec = importlib.util.spec_from_file_location("torchtitan_mpi_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def init_weight(weight):
@@ -48,17 +59,20 @@ def moe_config(*, fp32_experts: bool = True, expert_bias: bool = False):
     config = softmax_moe_config(
         D, FF, E, K, param_init=init_weight, load_balance_coeff=1e-3 if expert_bias else None
     )
-    if fp32_experts:
-        inner = config.routed_experts.inner_experts
-        fp32 = Float32GroupedExperts.Config(
-            dim=inner.dim,
-            hidden_dim=inner.hidden_dim,
-            num_experts=inner.num_experts,
-            param_init=inner.param_init,
-        )
-        routed = dataclasses.replace(config.routed_experts, inner_experts=fp32)
-        config = dataclasses.replace(config, routed_experts=routed)
-    return config
+    return with_fp32_experts(config) if fp32_experts else config
+
+
+def with_fp32_experts(config):
+    """The ``MoE.Config`` ``config`` (any subclass) with :class:`Float32GroupedExperts`."""
+    inner = config.routed_experts.inner_experts
+    fp32 = Float32GroupedExperts.Config(
+        dim=inner.dim,
+        hidden_dim=inner.hidden_dim,
+        num_experts=inner.num_experts,
+        param_init=inner.param_init,
+    )
+    routed = dataclasses.replace(config.routed_experts, inner_experts=fp32)
+    return dataclasses.replace(config, routed_experts=routed)
 
 
 def build(config, seed: int = 0):

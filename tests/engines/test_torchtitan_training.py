@@ -4,9 +4,7 @@ code of examples/torchtitan_mpi.py. Also reads its DCP checkpoint into moealign'
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +12,8 @@ import torch.distributed.checkpoint as dcp
 
 pytest.importorskip("torchtitan")
 
+from helpers_torchtitan import load_example  # noqa: E402
 from moealign.engines.torchtitan import read_checkpoint, to_moe_layer  # noqa: E402
-
-EXAMPLE = Path(__file__).parents[2] / "examples" / "torchtitan_mpi.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("torchtitan_mpi_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,10 @@ The routing of every MoE layer is read by forward hooks (:class:`RoutingRecorder
 alignment term (:class:`AlignmentTerm`, DESIGN.md §4) and the statistics
 (:func:`routing_metrics`), which go to torchtitan's metrics logger. :func:`precompute` writes
 R_eff into a stock ``Linear`` gate (a checkpoint stock torchtitan loads);
-:func:`read_checkpoint` reads a torchtitan checkpoint's MoE weights into moealign's layout.
+:func:`read_checkpoint` reads a torchtitan checkpoint's MoE weights into moealign's layout;
+:func:`export_hf` writes a torchtitan Qwen3 MoE model (live, or a DCP checkpoint loaded by
+:func:`load_checkpoint`) as a Hugging Face Qwen3-MoE folder, which ``moealign analyze``,
+``compress`` and ``roma --hf-model`` read.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -48,6 +52,7 @@ from torchtitan.models.common.config_utils import (
 )
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import MoE
+from torchtitan.models.common.rope import CosSinRoPE
 
 from moealign.alignment.guardrails import RoutingGuardrail
 from moealign.alignment.term import RoutingAlignment
@@ -60,6 +65,8 @@ from moealign.nn.routers import MPI_EXPERT_MATRICES, OptionError, mpi_rows
 
 __all__ = [
     "AlignmentTerm",
+    "export_hf",
+    "load_checkpoint",
     "MPIGate",
     "MPIMoE",
     "RoutingRecorder",
@@ -624,3 +631,145 @@ def _read_dcp(path: Path) -> dict[str, Tensor]:
     }
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a torchtitan DCP checkpoint folder (``step-N``; model keys at the top level or under
+    ``model.``) into ``model``, built from the configuration that trained it; returns it."""
+    path = Path(path)
+    state = {key.removeprefix("model."): t for key, t in _read_dcp(path).items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"{path}: the checkpoint holds no {missing[:3]} of the model")
+    model.load_state_dict({key: state[key] for key in own})
+    return model
+
+
+@torch.no_grad()
+def export_hf(model: nn.Module, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Write torchtitan's Qwen3 MoE ``model`` (``Qwen3Model``; with ``checkpoint``, a DCP folder
+    first loaded into it by :func:`load_checkpoint`) as a Hugging Face Qwen3-MoE folder:
+    ``config.json`` (transformers' ``Qwen3MoeConfig`` built from the model) and
+    ``model.safetensors`` (torchtitan's own ``Qwen3StateDictAdapter.to_hf``: one tensor per
+    expert). ``AutoModelForCausalLM.from_pretrained(out_dir)`` then computes the same logits.
+
+    An MPI model is exported as :func:`precompute` would make it (``model`` itself is left
+    unchanged): the HF gate ``mlp.gate.weight`` holds R_eff = C · retract(power(R)) / τ, so HF's
+    router routes every token as the MPI router did.
+
+    HF's ``Qwen3MoeSparseMoeBlock`` scores softmax(x Wᵀ) over all experts, takes the top-K and,
+    with ``norm_topk_prob``, renormalises them (torchtitan's ``route_norm``). Only what it
+    expresses exactly is exported; a ``ValueError`` names the first option it cannot:
+    ``score_func`` other than softmax, ``route_scale`` ≠ 1, group-limited routing
+    (``num_expert_groups``), a non-zero ``expert_bias_E``, shared experts, dense layers, a
+    gate or attention bias, RoPE other than ``CosSinRoPE`` without scaling, attention without
+    QK norm, RMSNorm epsilons that differ, or MoE layers of different shapes. The attention
+    mask is not a weight: HF's is causal (torchtitan's SDPA default). Returns ``out_dir``.
+    """
+    from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
+
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    config = _hf_config(model)
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, MPIGate):  # precompute's R_eff, without changing the model
+            state[f"{name}.weight"] = module.effective_weight().to(module.weight.dtype)
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in state.items()}
+    hf_state = Qwen3StateDictAdapter(model.config, None).to_hf(state)
+    exported = sum(t.numel() for t in hf_state.values())
+    expected = sum(p.numel() for p in model.parameters())  # a tied weight counts once
+    if exported != expected:
+        raise ValueError(
+            f"torchtitan's Qwen3 adapter mapped {exported} of the model's {expected} weights: "
+            "a module it does not know (not a Qwen3 MoE layout)"
+        )
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    tensors = {k: t.detach().clone().contiguous() for k, t in hf_state.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _hf_config(model: nn.Module):
+    """transformers' ``Qwen3MoeConfig`` of torchtitan's Qwen3 MoE ``model``, or a ValueError
+    naming the first option HF's Qwen3-MoE cannot express (:func:`export_hf`)."""
+    from transformers import Qwen3MoeConfig
+
+    def refuse(option: str, value, accepted: str) -> NoReturn:
+        raise ValueError(
+            f"{option}={value!r} cannot be exported to Hugging Face Qwen3-MoE; "
+            f"it accepts {accepted}"
+        )
+
+    blocks = list(model.layers.values())
+    shapes = set()
+    for index, block in enumerate(blocks):
+        moe = getattr(block, "moe", None)
+        if moe is None:
+            refuse(f"layers.{index}.feed_forward", "dense layer", "MoE layers only")
+        router, experts = moe.router, moe.routed_experts.inner_experts
+        for option, value, ok, accepted in (
+            ("score_func", router.score_func, router.score_func == "softmax", "'softmax'"),
+            ("route_scale", router.route_scale, router.route_scale == 1.0, "1.0"),
+            (
+                "num_expert_groups",
+                router.num_expert_groups,
+                router.num_expert_groups is None,
+                "None",
+            ),
+            ("shared_experts", "set", moe.shared_experts is None, "None"),
+            ("router.gate.bias", "set", router.gate.bias is None, "no bias"),
+            (
+                "expert_bias_E",
+                "non-zero",
+                moe.expert_bias_E is None or not bool(moe.expert_bias_E.any()),
+                "None or zeros (HF selects by the scores alone)",
+            ),
+        ):
+            if not ok:
+                refuse(f"layers.{index}.moe.{option}", value, accepted)
+        shapes.add((router.num_experts, router.top_k, experts.w1_EFD.shape[1], router.route_norm))
+    if len(shapes) != 1:
+        refuse("moe", sorted(shapes), "one (num_experts, top_k, hidden_dim, route_norm) for all")
+    ((n_experts, top_k, hidden, route_norm),) = shapes
+    attention = blocks[0].attention
+    rope = attention.rope
+    if type(rope) is not CosSinRoPE or rope.config.scaling != "none":
+        refuse("rope", f"{type(rope).__name__}/{rope.config.scaling}", "CosSinRoPE, scaling 'none'")
+    if attention.q_norm is None:
+        refuse("attention.qk_norm", None, "an RMSNorm (Qwen3's QK norm)")
+    biases = [name for name, _ in model.named_parameters() if name.endswith(".bias")]
+    if biases:
+        refuse(biases[0], "set", "no bias")
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.RMSNorm)}
+    if len(eps) != 1:
+        refuse("RMSNorm eps", sorted(eps), "one value for every norm")
+    config = Qwen3MoeConfig(
+        vocab_size=model.config.vocab_size,
+        hidden_size=model.config.dim,
+        intermediate_size=hidden,  # dense MLP width: unused, every layer is MoE
+        num_hidden_layers=len(blocks),
+        num_attention_heads=attention.n_heads,
+        num_key_value_heads=attention.n_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=rope.config.max_seq_len,
+        rms_norm_eps=eps.pop(),
+        tie_word_embeddings=model.config.enable_weight_tying,
+        rope_parameters={"rope_type": "default", "rope_theta": rope.config.theta},
+        attention_bias=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        moe_intermediate_size=hidden,
+        num_experts_per_tok=top_k,
+        num_experts=n_experts,
+        norm_topk_prob=route_norm,
+        architectures=["Qwen3MoeForCausalLM"],
+        dtype=model.lm_head.weight.dtype,
+    )
+    config.head_dim = attention.head_dim  # read by HF's attention, saved in config.json
+    return config
